@@ -1,0 +1,52 @@
+"""The OpenAI error envelope for every error the API answers, including the framework's own."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from batchyard.api.responses import JSONResponse
+from batchyard.errors import APIError
+
+log = logging.getLogger("batchyard.api")
+
+
+def envelope(
+    status: int, message: str, *, type_: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status
+    )
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        param = ".".join(loc) or None
+        msg = f"Invalid value for '{param}': {first.get('msg', 'invalid')}." if param else "Invalid request."
+        return envelope(400, msg, type_="invalid_request_error", param=param, code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return envelope(404, "Not found.", type_="invalid_request_error", code="not_found")
+        if exc.status_code == 405:
+            return envelope(
+                405, "Method not allowed.", type_="invalid_request_error", code="method_not_allowed"
+            )
+        return envelope(exc.status_code, str(exc.detail), type_="invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error", exc_info=exc)
+        return envelope(500, "The server had an error processing your request.", type_="server_error")

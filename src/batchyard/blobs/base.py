@@ -1,0 +1,51 @@
+"""The BlobStore interface: streamed writes with a size cap, ranged reads, composition, deletion.
+
+Keys are chosen by batchyard (`files/<id>`, `parts/<batch>/<shard>.<attempt>.out`), never by a client.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    key: str
+    size: int
+    sha256: str
+
+
+class BlobWriter(ABC):
+    """A blob being written. Nothing is visible under the key until `commit`; `abort` leaves nothing behind."""
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None: ...
+    @abstractmethod
+    async def commit(self) -> BlobInfo: ...
+    @abstractmethod
+    async def abort(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def size(self) -> int: ...
+
+
+class BlobStore(ABC):
+    @abstractmethod
+    async def open_writer(self, key: str, *, max_bytes: int | None = None) -> BlobWriter: ...
+    @abstractmethod
+    async def read_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the blob (callers keep ranges small: one shard)."""
+
+    @abstractmethod
+    def stream(self, key: str, *, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]: ...
+    @abstractmethod
+    async def compose(self, key: str, sources: Sequence[str]) -> BlobInfo:
+        """Write the concatenation of sources under key, streamed, replacing any earlier blob there."""
+
+    @abstractmethod
+    async def delete(self, key: str) -> None: ...
+    @abstractmethod
+    async def exists(self, key: str) -> bool: ...

@@ -1,0 +1,47 @@
+"""Settings shared by the server, the worker and the one-shot runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchyard.domain import limits
+
+
+@dataclass(slots=True)
+class Settings:
+    data_dir: Path = Path("./batchyard-data")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # (model pattern or None for every model, base URL)
+    upstreams: list[tuple[str | None, str]] = field(default_factory=list)
+    upstream_api_key: str | None = None
+    api_keys: list[str] = field(default_factory=list)
+    insecure_no_auth: bool = False
+    run_worker: bool = True
+    # execution
+    concurrency: int = 64  # lines in flight per upstream
+    shard_lines: int = 1000  # lines per shard
+    max_shards: int = 4  # shards one worker runs at once
+    lease_seconds: float = 30.0
+    attempt_timeout: float = 600.0  # overall deadline for one upstream attempt
+    max_retries: int = 6
+    cancel_grace: float = 30.0  # in-flight lines of a cancelled/expired batch get this long to finish
+    poll_interval: float = 0.5
+    # limits
+    max_lines: int = limits.MAX_INPUT_LINES
+    max_batch_file_bytes: int = limits.MAX_BATCH_FILE_BYTES
+    max_file_bytes: int = limits.MAX_FILE_BYTES
+    max_response_bytes: int = 64 * 1024 * 1024
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "batchyard.sqlite3"
+
+    @property
+    def blob_root(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        return max(0.2, self.lease_seconds / 3.0)

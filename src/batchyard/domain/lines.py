@@ -1,0 +1,88 @@
+"""Builders for the output and error file lines (BatchRequestOutput) and usage extraction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from batchyard.domain.models import Usage
+from batchyard.ids import request_line_id
+
+NOT_EXECUTED_MESSAGES = {
+    "batch_expired": "This request could not be executed before the completion window expired.",
+    "batch_cancelled": "This request was not executed because the batch was cancelled.",
+}
+
+
+def response_line(
+    custom_id: str, status_code: int, request_id: str, body: Any, raw_body: bytes | None = None
+) -> bytes:
+    """A line carrying an upstream HTTP response (2xx goes to the output file, others to the error file).
+
+    When the upstream's raw JSON bytes are given and hold no newline, they are spliced in verbatim, which keeps the
+    upstream body byte-exact and saves re-serializing it.
+    """
+    head = orjson.dumps({"id": request_line_id(), "custom_id": custom_id})[:-1]
+    if raw_body is None or b"\n" in raw_body or b"\r" in raw_body:
+        raw_body = orjson.dumps(body)
+    return b"".join(
+        (
+            head,
+            b',"response":{"status_code":',
+            str(status_code).encode(),
+            b',"request_id":',
+            orjson.dumps(request_id),
+            b',"body":',
+            raw_body.strip(),
+            b'},"error":null}\n',
+        )
+    )
+
+
+def error_line(custom_id: str, code: str, message: str) -> bytes:
+    """A line for a request that got no HTTP response (never executed, or failed below HTTP)."""
+    return (
+        orjson.dumps(
+            {
+                "id": request_line_id(),
+                "custom_id": custom_id,
+                "response": None,
+                "error": {"code": code, "message": message},
+            }
+        )
+        + b"\n"
+    )
+
+
+def not_executed_line(custom_id: str, code: str) -> bytes:
+    return error_line(custom_id, code, NOT_EXECUTED_MESSAGES[code])
+
+
+def _int(v: object) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def extract_usage(body: object) -> Usage:
+    """Token usage of one upstream response body: chat/completions/embeddings or responses style."""
+    u = Usage()
+    if not isinstance(body, dict):
+        return u
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        return u
+    if "input_tokens" in usage or "output_tokens" in usage:
+        u.input_tokens = _int(usage.get("input_tokens"))
+        u.output_tokens = _int(usage.get("output_tokens"))
+        in_details = usage.get("input_tokens_details")
+        out_details = usage.get("output_tokens_details")
+    else:
+        u.input_tokens = _int(usage.get("prompt_tokens"))
+        u.output_tokens = _int(usage.get("completion_tokens"))
+        in_details = usage.get("prompt_tokens_details")
+        out_details = usage.get("completion_tokens_details")
+    if isinstance(in_details, dict):
+        u.cached_tokens = _int(in_details.get("cached_tokens"))
+    if isinstance(out_details, dict):
+        u.reasoning_tokens = _int(out_details.get("reasoning_tokens"))
+    return u

@@ -1,0 +1,153 @@
+"""Records the stores keep. Plain dataclasses: no I/O, no framework."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchyard.domain.states import BatchStatus
+
+
+@dataclass(slots=True)
+class FileRecord:
+    id: str
+    owner: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    blob_key: str
+    sha256: str = ""
+    expires_at: int | None = None
+    status: str = "processed"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": self.bytes,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": self.status,
+            "status_details": None,
+        }
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    def add(self, other: Usage) -> None:
+        self.input_tokens += other.input_tokens
+        self.cached_tokens += other.cached_tokens
+        self.output_tokens += other.output_tokens
+        self.reasoning_tokens += other.reasoning_tokens
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "input_tokens": self.input_tokens,
+            "input_tokens_details": {"cached_tokens": self.cached_tokens},
+            "output_tokens": self.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+            "total_tokens": self.input_tokens + self.output_tokens,
+        }
+
+
+@dataclass(slots=True)
+class BatchRecord:
+    id: str
+    owner: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: BatchStatus
+    created_at: int
+    expires_at: int
+    metadata: dict[str, str] | None = None
+    output_expires_after: int | None = None
+    model: str | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    in_progress_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    errors: list[dict[str, Any]] | None = None
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    usage: Usage = field(default_factory=Usage)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "batch",
+            "endpoint": self.endpoint,
+            "model": self.model,
+            "errors": None if self.errors is None else {"object": "list", "data": self.errors},
+            "input_file_id": self.input_file_id,
+            "completion_window": self.completion_window,
+            "status": str(self.status),
+            "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id,
+            "created_at": self.created_at,
+            "in_progress_at": self.in_progress_at,
+            "expires_at": self.expires_at,
+            "finalizing_at": self.finalizing_at,
+            "completed_at": self.completed_at,
+            "failed_at": self.failed_at,
+            "expired_at": self.expired_at,
+            "cancelling_at": self.cancelling_at,
+            "cancelled_at": self.cancelled_at,
+            "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
+            "usage": self.usage.to_wire(),
+            "metadata": self.metadata,
+        }
+
+
+@dataclass(slots=True)
+class ShardRecord:
+    batch_id: str
+    index: int
+    start: int
+    end: int
+    first_line: int
+    line_count: int
+    status: str = "pending"  # pending | running | done
+    attempt: int = 0
+    completed: int = 0
+    failed: int = 0
+    usage: Usage = field(default_factory=Usage)
+    out_key: str | None = None
+    err_key: str | None = None
+
+
+@dataclass(slots=True)
+class ShardClaim:
+    """A shard leased to one worker for one attempt, with what the worker needs to run it."""
+
+    shard: ShardRecord
+    attempt: int
+    worker: str
+    batch_status: BatchStatus
+    endpoint: str
+    expires_at: int
+    input_blob_key: str
+    db_now: float
+
+
+@dataclass(slots=True)
+class ShardResult:
+    completed: int
+    failed: int
+    usage: Usage
+    out_key: str | None
+    err_key: str | None

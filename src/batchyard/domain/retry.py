@@ -1,0 +1,52 @@
+"""Retry decisions for upstream calls, as pure functions (openai-python's rules)."""
+
+from __future__ import annotations
+
+import email.utils
+import random
+
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+MAX_RETRY_AFTER = 60.0
+
+
+def is_retryable_status(status: int) -> bool:
+    return status in RETRYABLE_STATUS or status >= 500
+
+
+def parse_retry_after(headers: dict[str, str] | None, now: float) -> float | None:
+    """Seconds to wait from `retry-after-ms`, `retry-after` (seconds or HTTP date); None if absent/invalid."""
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if ra is None:
+        return None
+    try:
+        return max(0.0, float(ra))
+    except ValueError:
+        pass
+    parsed = email.utils.parsedate_tz(ra)
+    if parsed is None:
+        return None
+    return max(0.0, float(email.utils.mktime_tz(parsed)) - now)
+
+
+def backoff_delay(
+    retries_done: int,
+    retry_after: float | None,
+    *,
+    base: float = 0.5,
+    cap: float = 8.0,
+    rng: random.Random | None = None,
+) -> float:
+    """Delay before the next try: Retry-After when given (capped), else exponential backoff with jitter."""
+    if retry_after is not None and retry_after <= MAX_RETRY_AFTER:
+        return retry_after
+    r = (rng or random).random()
+    delay = min(base * (2.0**retries_done), cap)
+    return delay * (1.0 - 0.25 * r)

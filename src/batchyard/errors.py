@@ -1,0 +1,78 @@
+"""batchyard's exception hierarchy.
+
+    BatchyardError
+    ├── APIError               an OpenAI-shaped error answered to a client (status, message, type, param, code)
+    │   ├── InvalidRequest     400 invalid_request_error
+    │   ├── Unauthorized       401
+    │   ├── NotFound           404
+    │   ├── Conflict           409
+    │   └── PayloadTooLarge    413
+    ├── StoreError             a metadata store failure (driver errors are wrapped once, at the store's edge)
+    └── BlobError              a blob store failure (missing key, I/O error)
+
+Domain code raises these; only the API layer turns them into HTTP responses.
+"""
+
+from __future__ import annotations
+
+
+class BatchyardError(Exception):
+    """Base of every error batchyard raises on purpose."""
+
+
+class APIError(BatchyardError):
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(APIError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class Unauthorized(APIError):
+    status_code = 401
+    error_type = "invalid_request_error"
+
+
+class NotFound(APIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
+class Conflict(APIError):
+    status_code = 409
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLarge(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class StoreError(BatchyardError):
+    """The metadata store failed."""
+
+
+class BlobError(BatchyardError):
+    """The blob store failed."""
+
+
+class BlobNotFound(BlobError):
+    """No blob under that key."""

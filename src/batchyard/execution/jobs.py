@@ -1,0 +1,133 @@
+"""Batch-level jobs: validation (plan shards or fail) and finalization (compose the output and error files)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from batchyard.blobs.base import BlobInfo, BlobStore
+from batchyard.config import Settings
+from batchyard.domain.models import BatchRecord, FileRecord
+from batchyard.domain.states import BatchStatus
+from batchyard.domain.validation import BatchValidator
+from batchyard.errors import BlobNotFound
+from batchyard.store.base import BatchJob, MetadataStore
+from batchyard.upstreams.router import Router
+
+log = logging.getLogger("batchyard.jobs")
+S = BatchStatus
+
+
+def derived_file_id(batch_id: str, kind: str) -> str:
+    """Output/error file ids derived from the batch id, so a finalizer that re-runs after a crash is idempotent."""
+    return "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:24]
+
+
+@contextlib.asynccontextmanager
+async def keep_job_lease(
+    store: MetadataStore, batch_id: str, worker: str, lease_s: float
+) -> AsyncIterator[None]:
+    async def extend() -> None:
+        while True:
+            await asyncio.sleep(max(0.2, lease_s / 3.0))
+            await store.extend_job(batch_id, worker, lease_s)
+
+    task = asyncio.create_task(extend(), name=f"job-lease-{batch_id}")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _file_error(message: str) -> list[dict[str, Any]]:
+    return [{"code": "invalid_request", "message": message, "param": "input_file_id", "line": None}]
+
+
+async def validate(
+    job: BatchJob, store: MetadataStore, blobs: BlobStore, router: Router, settings: Settings, worker: str
+) -> None:
+    batch, f = job.batch, job.input_file
+    if f is None or f.owner != batch.owner:
+        await store.fail_batch(batch.id, worker, _file_error(f"No such File object: {batch.input_file_id}."))
+        return
+    if f.purpose != "batch":
+        msg = f"The input file {f.id} must be uploaded with purpose 'batch', not '{f.purpose}'."
+        await store.fail_batch(batch.id, worker, _file_error(msg))
+        return
+    v = BatchValidator(
+        batch.endpoint,
+        router.is_routable,
+        max_lines=settings.max_lines,
+        max_bytes=settings.max_batch_file_bytes,
+        shard_lines=settings.shard_lines,
+    )
+    async with keep_job_lease(store, batch.id, worker, settings.lease_seconds):
+        try:
+            async for chunk in blobs.stream(f.blob_key):
+                v.feed(chunk)
+        except BlobNotFound:
+            await store.fail_batch(batch.id, worker, _file_error(f"The input file {f.id} has no content."))
+            return
+        result = v.finish()
+    if not result.ok:
+        errors = [
+            {"code": e.code, "message": e.message, "param": e.param, "line": e.line} for e in result.errors
+        ]
+        await store.fail_batch(batch.id, worker, errors)
+        log.info("batch %s failed validation with %d errors", batch.id, result.error_count)
+        return
+    await store.plan_batch(batch.id, worker, result.shards, result.total_lines, result.model)
+    log.info("batch %s planned: %d lines in %d shards", batch.id, result.total_lines, len(result.shards))
+
+
+async def _compose(
+    blobs: BlobStore, batch: BatchRecord, kind: str, keys: list[str], created_at: int
+) -> FileRecord | None:
+    if not keys:
+        return None
+    fid = derived_file_id(batch.id, kind)
+    info: BlobInfo = await blobs.compose(f"files/{fid}", keys)
+    expires = None if batch.output_expires_after is None else created_at + batch.output_expires_after
+    return FileRecord(
+        id=fid,
+        owner=batch.owner,
+        bytes=info.size,
+        created_at=created_at,
+        expires_at=expires,
+        filename=f"{batch.id}_{kind}.jsonl",
+        purpose="batch_output",
+        blob_key=info.key,
+        sha256=info.sha256,
+    )
+
+
+async def finalize(
+    job: BatchJob, store: MetadataStore, blobs: BlobStore, settings: Settings, worker: str
+) -> None:
+    batch = await store.begin_finalizing(job.batch.id, worker)
+    if batch is None:
+        return
+    async with keep_job_lease(store, batch.id, worker, settings.lease_seconds):
+        shards = await store.done_shards(batch.id)
+        now = int(await store.now())
+        out = await _compose(blobs, batch, "output", [s.out_key for s in shards if s.out_key], now)
+        err = await _compose(blobs, batch, "error", [s.err_key for s in shards if s.err_key], now)
+        if batch.status == S.CANCELLING:
+            final = S.CANCELLED
+        elif await store.batch_expired_lines(batch.id) > 0:
+            final = S.EXPIRED
+        else:
+            final = S.COMPLETED
+        if not await store.finish_batch(batch.id, worker, final, out, err):
+            return
+    for s in shards:
+        for key in (s.out_key, s.err_key):
+            if key:
+                await blobs.delete(key)
+    log.info("batch %s %s", batch.id, final)

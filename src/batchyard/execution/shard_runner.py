@@ -1,0 +1,187 @@
+"""Run one leased shard: dispatch its lines through a fixed pool of lanes, write result parts, commit fenced."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import orjson
+
+from batchyard.blobs.base import BlobStore, BlobWriter
+from batchyard.config import Settings
+from batchyard.domain import lines
+from batchyard.domain.models import ShardClaim, ShardResult, Usage
+from batchyard.domain.states import BatchStatus
+from batchyard.domain.validation import iter_lines
+from batchyard.execution.dispatcher import Dispatcher, Outcome, StopSignal
+from batchyard.store.base import Heartbeat, MetadataStore
+
+log = logging.getLogger("batchyard.shard")
+
+
+class LeaseLost(Exception):
+    """Another attempt owns the shard now: this attempt's results must not be committed."""
+
+
+def part_key(claim: ShardClaim, kind: str) -> str:
+    return f"parts/{claim.shard.batch_id}/{claim.shard.index:06d}.{claim.attempt}.{kind}"
+
+
+def stop_code(status: BatchStatus, expires_at: int, db_now: float) -> str | None:
+    if status == BatchStatus.CANCELLING:
+        return "batch_cancelled"
+    if db_now >= expires_at:
+        return "batch_expired"
+    return None
+
+
+class _Attempt:
+    """The mutable state of one shard attempt."""
+
+    def __init__(self, claim: ShardClaim, out: BlobWriter, err: BlobWriter) -> None:
+        self.claim = claim
+        self.out = out
+        self.err = err
+        self.completed = 0
+        self.failed = 0
+        self.expired = 0
+        self.usage = Usage()
+        self.stop = StopSignal()
+        self.hard_stop = False
+        self.lost = False
+
+    async def record(self, outcome: Outcome) -> None:
+        if outcome.ok:
+            await self.out.write(outcome.line)
+            self.completed += 1
+        else:
+            await self.err.write(outcome.line)
+            self.failed += 1
+            if not outcome.executed and self.stop.code == "batch_expired":
+                self.expired += 1
+        if outcome.usage is not None:
+            self.usage.add(outcome.usage)
+
+
+class ShardRunner:
+    def __init__(
+        self, store: MetadataStore, blobs: BlobStore, dispatcher: Dispatcher, settings: Settings
+    ) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.dispatcher = dispatcher
+        self.settings = settings
+
+    async def run(self, claim: ShardClaim) -> bool:
+        """Run the shard to the end; True when this attempt's results were committed."""
+        shard = claim.shard
+        data = await self.blobs.read_range(claim.input_blob_key, shard.start, shard.end)
+        out = await self.blobs.open_writer(part_key(claim, "out"))
+        err = await self.blobs.open_writer(part_key(claim, "err"))
+        att = _Attempt(claim, out, err)
+        code = stop_code(claim.batch_status, claim.expires_at, claim.db_now)
+        if code is not None:
+            att.stop.set(code)
+        todo = iter_lines(data, shard.first_line)
+        try:
+            await self._execute(att, todo)
+        except BaseException:
+            await out.abort()
+            await err.abort()
+            raise
+        if att.lost:
+            await out.abort()
+            await err.abort()
+            log.warning("shard %s/%d attempt %d lost its lease", shard.batch_id, shard.index, claim.attempt)
+            return False
+        return await self._commit(att)
+
+    async def _execute(self, att: _Attempt, todo: Iterator[tuple[int, bytes]]) -> None:
+        lanes: list[asyncio.Task[None]] = []
+        n = max(1, min(self.settings.concurrency, att.claim.shard.line_count))
+        beat = asyncio.create_task(self._heartbeat(att, lanes), name="shard-heartbeat")
+        try:
+            lanes.extend(asyncio.create_task(self._lane(att, todo), name=f"lane-{i}") for i in range(n))
+            results = await asyncio.gather(*lanes, return_exceptions=True)
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+        if att.lost:
+            return
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    async def _lane(self, att: _Attempt, todo: Iterator[tuple[int, bytes]]) -> None:
+        endpoint = att.claim.endpoint
+        for _line_no, raw in todo:
+            if att.lost:
+                return
+            req = orjson.loads(raw)
+            custom_id: str = req["custom_id"]
+            if att.stop.code is not None:
+                await att.record(
+                    Outcome(False, lines.not_executed_line(custom_id, att.stop.code), executed=False)
+                )
+                continue
+            try:
+                outcome = await self.dispatcher.execute(endpoint, custom_id, req["body"], att.stop)
+            except asyncio.CancelledError:
+                # Cancelled by the heartbeat: either the lease is gone (give up) or the grace period for
+                # in-flight lines of a cancelled/expired batch ran out (the line is recorded as not executed).
+                if att.lost or not att.hard_stop or att.stop.code is None:
+                    raise
+                outcome = Outcome(False, lines.not_executed_line(custom_id, att.stop.code), executed=False)
+            await att.record(outcome)
+
+    async def _heartbeat(self, att: _Attempt, lanes: list[asyncio.Task[None]]) -> None:
+        s = self.settings
+        grace_deadline: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(s.heartbeat_seconds, 1.0) if att.stop.code else s.heartbeat_seconds)
+            hb: Heartbeat | None = await self.store.heartbeat_shard(
+                att.claim, s.lease_seconds, att.completed, att.failed, att.usage
+            )
+            if hb is None:
+                att.lost = True
+                for t in lanes:
+                    t.cancel()
+                return
+            code = stop_code(hb.batch_status, hb.expires_at, hb.db_now)
+            if code is not None:
+                att.stop.set(code)
+                if grace_deadline is None:
+                    grace_deadline = loop.time() + s.cancel_grace
+                elif loop.time() >= grace_deadline and not att.hard_stop:
+                    att.hard_stop = True
+                    for t in lanes:
+                        t.cancel()
+
+    async def _commit(self, att: _Attempt) -> bool:
+        claim = att.claim
+        out_key = err_key = None
+        if att.out.size:
+            out_key = (await att.out.commit()).key
+        else:
+            await att.out.abort()
+        if att.err.size:
+            err_key = (await att.err.commit()).key
+        else:
+            await att.err.abort()
+        result = ShardResult(att.completed, att.failed, att.usage, out_key, err_key)
+        ok = await self.store.complete_shard(claim, result, att.expired)
+        if not ok:
+            log.warning(
+                "shard %s/%d attempt %d was fenced off",
+                claim.shard.batch_id,
+                claim.shard.index,
+                claim.attempt,
+            )
+            for key in (out_key, err_key):
+                if key is not None:
+                    await self.blobs.delete(key)
+        return ok

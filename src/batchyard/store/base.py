@@ -1,0 +1,121 @@
+"""The MetadataStore interface: every query batchyard makes, in one place.
+
+Implementations: `sqlite.SQLiteStore` (default). Leases and timestamps use the store's own clock (for SQLite, the
+clock of the machine that holds the database file), never a worker's.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from batchyard.domain.models import BatchRecord, FileRecord, ShardClaim, ShardRecord, ShardResult, Usage
+from batchyard.domain.states import BatchStatus
+from batchyard.domain.validation import ShardPlan
+
+
+@dataclass(slots=True)
+class Page:
+    items: list[Any]
+    has_more: bool
+
+
+@dataclass(slots=True)
+class BatchJob:
+    """A batch leased to one worker for a batch-level job (validation or finalization)."""
+
+    batch: BatchRecord
+    input_file: FileRecord | None
+    db_now: float
+
+
+@dataclass(slots=True)
+class Heartbeat:
+    batch_status: BatchStatus
+    expires_at: int
+    db_now: float
+
+
+class MetadataStore(ABC):
+    # lifecycle
+    @abstractmethod
+    async def open(self) -> None: ...
+    @abstractmethod
+    async def close(self) -> None: ...
+    @abstractmethod
+    async def now(self) -> float: ...
+
+    # files
+    @abstractmethod
+    async def insert_file(self, rec: FileRecord) -> None: ...
+    @abstractmethod
+    async def get_file(self, owner: str | None, file_id: str) -> FileRecord | None: ...
+    @abstractmethod
+    async def list_files(
+        self, owner: str, *, purpose: str | None, limit: int, order: str, after: str | None
+    ) -> Page: ...
+    @abstractmethod
+    async def delete_file(self, owner: str, file_id: str) -> tuple[FileRecord, bool] | None:
+        """Mark deleted; returns the record and whether its blob may be removed now (no live batch uses it)."""
+
+    @abstractmethod
+    async def expired_files(self, limit: int) -> list[FileRecord]: ...
+
+    # batches
+    @abstractmethod
+    async def insert_batch(self, rec: BatchRecord) -> None: ...
+    @abstractmethod
+    async def get_batch(self, owner: str | None, batch_id: str) -> BatchRecord | None: ...
+    @abstractmethod
+    async def list_batches(self, owner: str, *, limit: int, after: str | None) -> Page: ...
+    @abstractmethod
+    async def request_cancel(self, owner: str, batch_id: str) -> BatchRecord | None:
+        """validating/in_progress -> cancelling; returns the batch as it is afterwards (None if unknown)."""
+
+    # batch-level jobs (validation, finalization), leased like shards
+    @abstractmethod
+    async def claim_validation(self, worker: str, lease_s: float) -> BatchJob | None: ...
+    @abstractmethod
+    async def claim_finalization(self, worker: str, lease_s: float) -> BatchJob | None: ...
+    @abstractmethod
+    async def extend_job(self, batch_id: str, worker: str, lease_s: float) -> bool: ...
+    @abstractmethod
+    async def plan_batch(
+        self, batch_id: str, worker: str, shards: Sequence[ShardPlan], total: int, model: str | None
+    ) -> bool:
+        """Insert the shards and move validating -> in_progress (a cancelling batch stays cancelling). Fenced."""
+
+    @abstractmethod
+    async def fail_batch(self, batch_id: str, worker: str, errors: list[dict[str, Any]]) -> bool: ...
+    @abstractmethod
+    async def begin_finalizing(self, batch_id: str, worker: str) -> BatchRecord | None: ...
+    @abstractmethod
+    async def done_shards(self, batch_id: str) -> list[ShardRecord]: ...
+    @abstractmethod
+    async def batch_expired_lines(self, batch_id: str) -> int:
+        """How many lines of the batch ended `batch_expired`."""
+
+    @abstractmethod
+    async def finish_batch(
+        self,
+        batch_id: str,
+        worker: str,
+        status: BatchStatus,
+        output_file: FileRecord | None,
+        error_file: FileRecord | None,
+    ) -> bool: ...
+
+    # shards
+    @abstractmethod
+    async def claim_shard(self, worker: str, lease_s: float) -> ShardClaim | None: ...
+    @abstractmethod
+    async def heartbeat_shard(
+        self, claim: ShardClaim, lease_s: float, completed: int, failed: int, usage: Usage
+    ) -> Heartbeat | None:
+        """Extend the lease and publish progress; None when the lease was lost (another attempt owns it)."""
+
+    @abstractmethod
+    async def complete_shard(self, claim: ShardClaim, result: ShardResult, expired: int) -> bool:
+        """Fenced commit: only the attempt that holds the lease can mark the shard done."""

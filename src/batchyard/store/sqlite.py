@@ -1,0 +1,622 @@
+"""SQLite MetadataStore (the single-machine default): WAL, one connection owned by one thread.
+
+Every call runs on a dedicated thread, so the event loop never blocks on the database and writes are serialized.
+Write transactions use BEGIN IMMEDIATE so that several processes sharing one file (a server and a one-shot `run`)
+serialize instead of failing. Leases use this machine's clock, which is the database's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from batchyard.domain.models import BatchRecord, FileRecord, ShardClaim, ShardRecord, ShardResult, Usage
+from batchyard.domain.states import BatchStatus, check_transition
+from batchyard.domain.validation import ShardPlan
+from batchyard.errors import StoreError
+from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, Page
+
+T = TypeVar("T")
+S = BatchStatus
+
+_FILE_COLS = "id, owner, bytes, created_at, expires_at, filename, purpose, status, blob_key, sha256"
+_BATCH_COLS = (
+    "id, owner, endpoint, input_file_id, completion_window, status, created_at, expires_at, metadata, "
+    "output_expires_after, model, output_file_id, error_file_id, in_progress_at, finalizing_at, completed_at, "
+    "failed_at, expired_at, cancelling_at, cancelled_at, errors, total"
+)
+_SHARD_COLS = (
+    "batch_id, idx, start_off, end_off, first_line, line_count, status, attempt, completed, failed, "
+    "input_tokens, cached_tokens, output_tokens, reasoning_tokens, out_key, err_key"
+)
+_COUNTS = (
+    "SELECT COALESCE(SUM(completed),0), COALESCE(SUM(failed),0), COALESCE(SUM(input_tokens),0), "
+    "COALESCE(SUM(cached_tokens),0), COALESCE(SUM(output_tokens),0), COALESCE(SUM(reasoning_tokens),0) "
+    "FROM shards WHERE batch_id = ?"
+)
+
+
+def migrations() -> list[tuple[int, str]]:
+    """The numbered migrations, in order."""
+    folder = resources.files("batchyard.store") / "migrations" / "sqlite"
+    out = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            out.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
+    return sorted(out)
+
+
+def _file(row: sqlite3.Row) -> FileRecord:
+    return FileRecord(
+        id=row["id"],
+        owner=row["owner"],
+        bytes=row["bytes"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        filename=row["filename"],
+        purpose=row["purpose"],
+        status=row["status"],
+        blob_key=row["blob_key"],
+        sha256=row["sha256"],
+    )
+
+
+def _shard(row: sqlite3.Row) -> ShardRecord:
+    return ShardRecord(
+        batch_id=row["batch_id"],
+        index=row["idx"],
+        start=row["start_off"],
+        end=row["end_off"],
+        first_line=row["first_line"],
+        line_count=row["line_count"],
+        status=row["status"],
+        attempt=row["attempt"],
+        completed=row["completed"],
+        failed=row["failed"],
+        usage=Usage(row["input_tokens"], row["cached_tokens"], row["output_tokens"], row["reasoning_tokens"]),
+        out_key=row["out_key"],
+        err_key=row["err_key"],
+    )
+
+
+class SQLiteStore(MetadataStore):
+    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+        self._path = str(path)
+        self._clock = clock
+        self._db: sqlite3.Connection | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._db is None:
+            raise StoreError("store is not open")
+        try:
+            return fn(self._db)
+        except sqlite3.Error as e:
+            raise StoreError(f"sqlite: {e}") from e
+
+    @contextmanager
+    def _tx(self, db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _open(self) -> None:
+        Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=30000")
+        self._db = db
+        with self._tx(db):
+            db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
+            done = {r[0] for r in db.execute("SELECT version FROM schema_migrations")}
+            for version, sql in migrations():
+                if version not in done:
+                    for stmt in (s.strip() for s in sql.split(";")):
+                        if stmt:
+                            db.execute(stmt)
+                    db.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._pool, self._open)
+        except sqlite3.Error as e:
+            raise StoreError(f"sqlite: {e}") from e
+
+    async def close(self) -> None:
+        def _close(db: sqlite3.Connection) -> None:
+            db.close()
+
+        if self._db is not None:
+            await self._run(_close)
+            self._db = None
+        self._pool.shutdown(wait=True)
+
+    async def now(self) -> float:
+        return self._clock()
+
+    # -- files ----------------------------------------------------------------------------------------------
+    async def insert_file(self, rec: FileRecord) -> None:
+        def q(db: sqlite3.Connection) -> None:
+            db.execute(
+                f"INSERT INTO files ({_FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    rec.id,
+                    rec.owner,
+                    rec.bytes,
+                    rec.created_at,
+                    rec.expires_at,
+                    rec.filename,
+                    rec.purpose,
+                    rec.status,
+                    rec.blob_key,
+                    rec.sha256,
+                ),
+            )
+
+        await self._run(q)
+
+    async def get_file(self, owner: str | None, file_id: str) -> FileRecord | None:
+        def q(db: sqlite3.Connection) -> FileRecord | None:
+            row = db.execute(
+                f"SELECT {_FILE_COLS} FROM files WHERE id = ? AND deleted = 0", (file_id,)
+            ).fetchone()
+            if row is None or (owner is not None and row["owner"] != owner):
+                return None
+            return _file(row)
+
+        return await self._run(q)
+
+    async def list_files(
+        self, owner: str, *, purpose: str | None, limit: int, order: str, after: str | None
+    ) -> Page:
+        def q(db: sqlite3.Connection) -> Page:
+            where, args = ["owner = ?", "deleted = 0"], [owner]
+            if purpose is not None:
+                where.append("purpose = ?")
+                args.append(purpose)
+            if after is not None:
+                cur = db.execute(
+                    "SELECT seq FROM files WHERE id = ? AND owner = ?", (after, owner)
+                ).fetchone()
+                if cur is None:
+                    return Page([], False)
+                where.append("seq > ?" if order == "asc" else "seq < ?")
+                args.append(cur[0])
+            direction = "ASC" if order == "asc" else "DESC"
+            rows = db.execute(
+                f"SELECT {_FILE_COLS} FROM files WHERE {' AND '.join(where)} ORDER BY seq {direction} LIMIT ?",
+                (*args, limit + 1),
+            ).fetchall()
+            return Page([_file(r) for r in rows[:limit]], len(rows) > limit)
+
+        return await self._run(q)
+
+    async def delete_file(self, owner: str, file_id: str) -> tuple[FileRecord, bool] | None:
+        def q(db: sqlite3.Connection) -> tuple[FileRecord, bool] | None:
+            with self._tx(db):
+                row = db.execute(
+                    f"SELECT {_FILE_COLS} FROM files WHERE id = ? AND owner = ? AND deleted = 0",
+                    (file_id, owner),
+                ).fetchone()
+                if row is None:
+                    return None
+                db.execute("UPDATE files SET deleted = 1 WHERE id = ?", (file_id,))
+                live = db.execute(
+                    "SELECT 1 FROM batches WHERE input_file_id = ? AND status IN (?,?,?,?) LIMIT 1",
+                    (file_id, S.VALIDATING, S.IN_PROGRESS, S.FINALIZING, S.CANCELLING),
+                ).fetchone()
+                return _file(row), live is None
+
+        return await self._run(q)
+
+    async def expired_files(self, limit: int) -> list[FileRecord]:
+        now = int(self._clock())
+
+        def q(db: sqlite3.Connection) -> list[FileRecord]:
+            rows = db.execute(
+                f"SELECT {_FILE_COLS} FROM files WHERE deleted = 0 AND expires_at IS NOT NULL AND expires_at <= ? "
+                "LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            return [_file(r) for r in rows]
+
+        return await self._run(q)
+
+    # -- batches --------------------------------------------------------------------------------------------
+    def _batch(self, db: sqlite3.Connection, row: sqlite3.Row) -> BatchRecord:
+        b = BatchRecord(
+            id=row["id"],
+            owner=row["owner"],
+            endpoint=row["endpoint"],
+            input_file_id=row["input_file_id"],
+            completion_window=row["completion_window"],
+            status=S(row["status"]),
+            created_at=row["created_at"],
+            expires_at=row["expires_at"],
+            metadata=json.loads(row["metadata"]) if row["metadata"] is not None else None,
+            output_expires_after=row["output_expires_after"],
+            model=row["model"],
+            output_file_id=row["output_file_id"],
+            error_file_id=row["error_file_id"],
+            in_progress_at=row["in_progress_at"],
+            finalizing_at=row["finalizing_at"],
+            completed_at=row["completed_at"],
+            failed_at=row["failed_at"],
+            expired_at=row["expired_at"],
+            cancelling_at=row["cancelling_at"],
+            cancelled_at=row["cancelled_at"],
+            errors=json.loads(row["errors"]) if row["errors"] is not None else None,
+            total=row["total"],
+        )
+        c = db.execute(_COUNTS, (b.id,)).fetchone()
+        b.completed, b.failed = c[0], c[1]
+        b.usage = Usage(c[2], c[3], c[4], c[5])
+        return b
+
+    def _get_batch(self, db: sqlite3.Connection, batch_id: str) -> BatchRecord | None:
+        row = db.execute(f"SELECT {_BATCH_COLS} FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return None if row is None else self._batch(db, row)
+
+    def _transition(
+        self, db: sqlite3.Connection, batch_id: str, src: BatchStatus, dst: BatchStatus, **fields: Any
+    ) -> bool:
+        stamp = check_transition(src, dst)
+        sets = {"status": str(dst), **fields}
+        if stamp is not None:
+            sets[stamp] = int(self._clock())
+        cols = ", ".join(f"{k} = ?" for k in sets)
+        cur = db.execute(
+            f"UPDATE batches SET {cols} WHERE id = ? AND status = ?", (*sets.values(), batch_id, str(src))
+        )
+        return cur.rowcount == 1
+
+    async def insert_batch(self, rec: BatchRecord) -> None:
+        def q(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO batches (id, owner, endpoint, input_file_id, completion_window, status, created_at, "
+                "expires_at, metadata, output_expires_after) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    rec.id,
+                    rec.owner,
+                    rec.endpoint,
+                    rec.input_file_id,
+                    rec.completion_window,
+                    str(rec.status),
+                    rec.created_at,
+                    rec.expires_at,
+                    None if rec.metadata is None else json.dumps(rec.metadata),
+                    rec.output_expires_after,
+                ),
+            )
+
+        await self._run(q)
+
+    async def get_batch(self, owner: str | None, batch_id: str) -> BatchRecord | None:
+        def q(db: sqlite3.Connection) -> BatchRecord | None:
+            b = self._get_batch(db, batch_id)
+            if b is None or (owner is not None and b.owner != owner):
+                return None
+            return b
+
+        return await self._run(q)
+
+    async def list_batches(self, owner: str, *, limit: int, after: str | None) -> Page:
+        def q(db: sqlite3.Connection) -> Page:
+            where, args = "owner = ?", [owner]
+            if after is not None:
+                cur = db.execute(
+                    "SELECT seq FROM batches WHERE id = ? AND owner = ?", (after, owner)
+                ).fetchone()
+                if cur is None:
+                    return Page([], False)
+                where += " AND seq < ?"
+                args.append(cur[0])
+            rows = db.execute(
+                f"SELECT {_BATCH_COLS} FROM batches WHERE {where} ORDER BY seq DESC LIMIT ?",
+                (*args, limit + 1),
+            ).fetchall()
+            return Page([self._batch(db, r) for r in rows[:limit]], len(rows) > limit)
+
+        return await self._run(q)
+
+    async def request_cancel(self, owner: str, batch_id: str) -> BatchRecord | None:
+        def q(db: sqlite3.Connection) -> BatchRecord | None:
+            with self._tx(db):
+                b = self._get_batch(db, batch_id)
+                if b is None or b.owner != owner:
+                    return None
+                if b.status in (S.VALIDATING, S.IN_PROGRESS):
+                    self._transition(db, batch_id, b.status, S.CANCELLING)
+                    return self._get_batch(db, batch_id)
+                return b
+
+        return await self._run(q)
+
+    # -- batch-level jobs -----------------------------------------------------------------------------------
+    def _claim_job(self, db: sqlite3.Connection, worker: str, lease_s: float, where: str) -> BatchJob | None:
+        now = self._clock()
+        with self._tx(db):
+            row = db.execute(
+                f"SELECT {_BATCH_COLS} FROM batches b WHERE ({where}) "
+                "AND (job_owner IS NULL OR job_lease_until < ?) ORDER BY seq LIMIT 1",
+                (now,),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE batches SET job_owner = ?, job_lease_until = ? WHERE id = ?",
+                (worker, now + lease_s, row["id"]),
+            )
+            batch = self._batch(db, row)
+            frow = db.execute(
+                f"SELECT {_FILE_COLS} FROM files WHERE id = ?", (batch.input_file_id,)
+            ).fetchone()
+            return BatchJob(batch, None if frow is None else _file(frow), now)
+
+    async def claim_validation(self, worker: str, lease_s: float) -> BatchJob | None:
+        where = "b.planned = 0 AND b.status IN ('validating', 'cancelling')"
+        return await self._run(lambda db: self._claim_job(db, worker, lease_s, where))
+
+    async def claim_finalization(self, worker: str, lease_s: float) -> BatchJob | None:
+        where = (
+            "b.planned = 1 AND b.status IN ('in_progress', 'cancelling', 'finalizing') AND NOT EXISTS "
+            "(SELECT 1 FROM shards s WHERE s.batch_id = b.id AND s.status != 'done')"
+        )
+        return await self._run(lambda db: self._claim_job(db, worker, lease_s, where))
+
+    def _holds_job(self, db: sqlite3.Connection, batch_id: str, worker: str) -> BatchRecord | None:
+        row = db.execute(
+            f"SELECT {_BATCH_COLS} FROM batches WHERE id = ? AND job_owner = ?", (batch_id, worker)
+        ).fetchone()
+        return None if row is None else self._batch(db, row)
+
+    async def extend_job(self, batch_id: str, worker: str, lease_s: float) -> bool:
+        def q(db: sqlite3.Connection) -> bool:
+            cur = db.execute(
+                "UPDATE batches SET job_lease_until = ? WHERE id = ? AND job_owner = ?",
+                (self._clock() + lease_s, batch_id, worker),
+            )
+            return cur.rowcount == 1
+
+        return await self._run(q)
+
+    async def plan_batch(
+        self, batch_id: str, worker: str, shards: Sequence[ShardPlan], total: int, model: str | None
+    ) -> bool:
+        def q(db: sqlite3.Connection) -> bool:
+            with self._tx(db):
+                b = self._holds_job(db, batch_id, worker)
+                if b is None or b.status not in (S.VALIDATING, S.CANCELLING):
+                    return False
+                db.executemany(
+                    "INSERT INTO shards (batch_id, idx, start_off, end_off, first_line, line_count) "
+                    "VALUES (?,?,?,?,?,?)",
+                    [(batch_id, p.index, p.start, p.end, p.first_line, p.line_count) for p in shards],
+                )
+                db.execute(
+                    "UPDATE batches SET planned = 1, total = ?, model = ?, job_owner = NULL, job_lease_until = NULL "
+                    "WHERE id = ?",
+                    (total, model, batch_id),
+                )
+                if b.status == S.VALIDATING:
+                    self._transition(db, batch_id, S.VALIDATING, S.IN_PROGRESS)
+                return True
+
+        return await self._run(q)
+
+    async def fail_batch(self, batch_id: str, worker: str, errors: list[dict[str, Any]]) -> bool:
+        def q(db: sqlite3.Connection) -> bool:
+            with self._tx(db):
+                b = self._holds_job(db, batch_id, worker)
+                if b is None or b.status not in (S.VALIDATING, S.CANCELLING):
+                    return False
+                fields = {
+                    "errors": json.dumps(errors),
+                    "planned": 1,
+                    "job_owner": None,
+                    "job_lease_until": None,
+                }
+                if b.status == S.VALIDATING:
+                    return self._transition(db, batch_id, S.VALIDATING, S.FAILED, **fields)
+                return self._transition(db, batch_id, S.CANCELLING, S.CANCELLED, **fields)
+
+        return await self._run(q)
+
+    async def begin_finalizing(self, batch_id: str, worker: str) -> BatchRecord | None:
+        def q(db: sqlite3.Connection) -> BatchRecord | None:
+            with self._tx(db):
+                b = self._holds_job(db, batch_id, worker)
+                if b is None:
+                    return None
+                if b.status == S.IN_PROGRESS:
+                    self._transition(db, batch_id, S.IN_PROGRESS, S.FINALIZING)
+                return self._get_batch(db, batch_id)
+
+        return await self._run(q)
+
+    async def done_shards(self, batch_id: str) -> list[ShardRecord]:
+        def q(db: sqlite3.Connection) -> list[ShardRecord]:
+            rows = db.execute(
+                f"SELECT {_SHARD_COLS} FROM shards WHERE batch_id = ? AND status = 'done' ORDER BY idx",
+                (batch_id,),
+            ).fetchall()
+            return [_shard(r) for r in rows]
+
+        return await self._run(q)
+
+    async def batch_expired_lines(self, batch_id: str) -> int:
+        def q(db: sqlite3.Connection) -> int:
+            row = db.execute(
+                "SELECT COALESCE(SUM(expired), 0) FROM shards WHERE batch_id = ?", (batch_id,)
+            ).fetchone()
+            return int(row[0])
+
+        return await self._run(q)
+
+    async def finish_batch(
+        self,
+        batch_id: str,
+        worker: str,
+        status: BatchStatus,
+        output_file: FileRecord | None,
+        error_file: FileRecord | None,
+    ) -> bool:
+        def q(db: sqlite3.Connection) -> bool:
+            with self._tx(db):
+                b = self._holds_job(db, batch_id, worker)
+                if b is None:
+                    return False
+                for f in (output_file, error_file):
+                    if f is not None:
+                        db.execute(
+                            f"INSERT OR REPLACE INTO files ({_FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                            (
+                                f.id,
+                                f.owner,
+                                f.bytes,
+                                f.created_at,
+                                f.expires_at,
+                                f.filename,
+                                f.purpose,
+                                f.status,
+                                f.blob_key,
+                                f.sha256,
+                            ),
+                        )
+                return self._transition(
+                    db,
+                    batch_id,
+                    b.status,
+                    status,
+                    output_file_id=None if output_file is None else output_file.id,
+                    error_file_id=None if error_file is None else error_file.id,
+                    job_owner=None,
+                    job_lease_until=None,
+                )
+
+        return await self._run(q)
+
+    # -- shards ---------------------------------------------------------------------------------------------
+    async def claim_shard(self, worker: str, lease_s: float) -> ShardClaim | None:
+        def q(db: sqlite3.Connection) -> ShardClaim | None:
+            now = self._clock()
+            with self._tx(db):
+                # Cancelling batches first (they only drain), then the batch with the fewest running shards,
+                # oldest first: a small batch is not starved behind a big one.
+                row = db.execute(
+                    f"SELECT {', '.join('s.' + c.strip() for c in _SHARD_COLS.split(','))}, "
+                    "b.status AS bstatus, b.endpoint, b.expires_at, f.blob_key "
+                    "FROM shards s JOIN batches b ON b.id = s.batch_id JOIN files f ON f.id = b.input_file_id "
+                    "WHERE b.status IN ('in_progress', 'cancelling') "
+                    "AND (s.status = 'pending' OR (s.status = 'running' AND s.lease_until < ?)) "
+                    "ORDER BY b.status = 'cancelling' DESC, "
+                    "(SELECT COUNT(*) FROM shards r WHERE r.batch_id = s.batch_id AND r.status = 'running' "
+                    " AND r.lease_until >= ?), b.seq, s.idx LIMIT 1",
+                    (now, now),
+                ).fetchone()
+                if row is None:
+                    return None
+                attempt = row["attempt"] + 1
+                db.execute(
+                    "UPDATE shards SET status = 'running', attempt = ?, lease_owner = ?, lease_until = ?, "
+                    "completed = 0, failed = 0, expired = 0, input_tokens = 0, cached_tokens = 0, "
+                    "output_tokens = 0, reasoning_tokens = 0 WHERE batch_id = ? AND idx = ?",
+                    (attempt, worker, now + lease_s, row["batch_id"], row["idx"]),
+                )
+                shard = _shard(row)
+                shard.status, shard.attempt = "running", attempt
+                return ShardClaim(
+                    shard=shard,
+                    attempt=attempt,
+                    worker=worker,
+                    batch_status=S(row["bstatus"]),
+                    endpoint=row["endpoint"],
+                    expires_at=row["expires_at"],
+                    input_blob_key=row["blob_key"],
+                    db_now=now,
+                )
+
+        return await self._run(q)
+
+    async def heartbeat_shard(
+        self, claim: ShardClaim, lease_s: float, completed: int, failed: int, usage: Usage
+    ) -> Heartbeat | None:
+        def q(db: sqlite3.Connection) -> Heartbeat | None:
+            now = self._clock()
+            with self._tx(db):
+                cur = db.execute(
+                    "UPDATE shards SET lease_until = ?, completed = ?, failed = ?, input_tokens = ?, "
+                    "cached_tokens = ?, output_tokens = ?, reasoning_tokens = ? "
+                    "WHERE batch_id = ? AND idx = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
+                    (
+                        now + lease_s,
+                        completed,
+                        failed,
+                        usage.input_tokens,
+                        usage.cached_tokens,
+                        usage.output_tokens,
+                        usage.reasoning_tokens,
+                        claim.shard.batch_id,
+                        claim.shard.index,
+                        claim.attempt,
+                        claim.worker,
+                    ),
+                )
+                if cur.rowcount != 1:
+                    return None
+                row = db.execute(
+                    "SELECT status, expires_at FROM batches WHERE id = ?", (claim.shard.batch_id,)
+                ).fetchone()
+                return Heartbeat(S(row["status"]), row["expires_at"], now)
+
+        return await self._run(q)
+
+    async def complete_shard(self, claim: ShardClaim, result: ShardResult, expired: int) -> bool:
+        def q(db: sqlite3.Connection) -> bool:
+            u = result.usage
+            with self._tx(db):
+                cur = db.execute(
+                    "UPDATE shards SET status = 'done', lease_owner = NULL, lease_until = NULL, completed = ?, "
+                    "failed = ?, expired = ?, input_tokens = ?, cached_tokens = ?, output_tokens = ?, "
+                    "reasoning_tokens = ?, out_key = ?, err_key = ? "
+                    "WHERE batch_id = ? AND idx = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
+                    (
+                        result.completed,
+                        result.failed,
+                        expired,
+                        u.input_tokens,
+                        u.cached_tokens,
+                        u.output_tokens,
+                        u.reasoning_tokens,
+                        result.out_key,
+                        result.err_key,
+                        claim.shard.batch_id,
+                        claim.shard.index,
+                        claim.attempt,
+                        claim.worker,
+                    ),
+                )
+                return cur.rowcount == 1
+
+        return await self._run(q)

@@ -1,0 +1,45 @@
+"""The upstream interface: one inference backend that answers OpenAI-shaped requests.
+
+UpstreamError            the call produced no usable HTTP response
+├── kind "connect"       connection refused/reset, DNS, TLS      (retryable)
+├── kind "timeout"       the attempt's overall deadline passed   (retryable)
+└── kind "too_large"     the response body exceeded the cap      (not retryable)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    status: int
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+    request_id: str | None
+
+
+class UpstreamError(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in ("connect", "timeout")
+
+
+class Upstream(ABC):
+    name: str
+
+    @abstractmethod
+    async def call(self, endpoint: str, body: bytes, *, timeout: float) -> UpstreamResponse:
+        """POST body to endpoint (e.g. "/v1/chat/completions"); the whole attempt finishes within timeout."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open connections (called once, inside the event loop)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
