@@ -699,7 +699,7 @@ def test_ascii_whitespace_only_lines_are_blank() -> None:
     res = validate(data)
     assert res.ok
     assert res.total_lines == 1
-    assert res.shards == [ShardPlan(0, 8, len(data), 4, 1)]
+    assert res.shards == [ShardPlan(0, 9, len(data), 4, 1)]
     # Any other control or non-ASCII space makes a request line, which is then invalid.
     assert codes(validate(b"\x00\n" + line(req("a")))) == [("invalid_json_line", None, 1)]
     assert codes(validate("\u00a0\n".encode() + line(req("a")))) == [("invalid_json_line", None, 1)]

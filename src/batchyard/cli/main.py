@@ -161,6 +161,13 @@ def cli() -> None:
     help="Most request lines in one batch input file.",
 )
 @click.option(
+    "--max-batch-file-bytes",
+    default=200 * 1024 * 1024,
+    type=click.IntRange(1),
+    show_envvar=True,
+    help="Largest input file for purpose 'batch' (larger uploads get 413).",
+)
+@click.option(
     "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_envvar=True
 )
 def serve(**opts: Any) -> None:
@@ -189,6 +196,7 @@ def serve(**opts: Any) -> None:
         max_retries=opts["max_retries"],
         cancel_grace=opts["cancel_grace"],
         max_lines=opts["max_lines"],
+        max_batch_file_bytes=opts["max_batch_file_bytes"],
     )
     sys.exit(asyncio.run(_serve(settings)) if sys.platform == "win32" else _serve_uvloop(settings))
 

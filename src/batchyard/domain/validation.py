@@ -143,7 +143,8 @@ def iter_lines(data: bytes, first_line: int) -> Iterator[tuple[int, bytes]]:
 class BatchValidator:
     """Validates a batch input file fed in chunks and plans its shards.
 
-    ``is_routable(model)`` says whether a model can be served; it is called once per distinct model.
+    ``is_routable(model)`` says whether a model can be served; it is called once per distinct model. An exception
+    it raises propagates out of ``feed``/``finish`` and leaves the validator unusable.
     """
 
     def __init__(
