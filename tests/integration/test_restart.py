@@ -104,3 +104,39 @@ def test_kill9_and_restart_is_exactly_once(
     # Lines sent more than once are at most those in flight (the running shards) at each kill.
     total = sum(len(r) for r in all_reqs)
     assert upstream.stats()["total"] <= total + kills * MAX_SHARDS * SHARD
+
+
+def test_graceful_stop_hands_shards_back(
+    make_server: Callable[..., Server], upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """SIGTERM releases the leases, so a restarted server resumes at once instead of after --lease-seconds."""
+    data_dir = tmp_path / "data"
+    args = [
+        "--upstream",
+        upstream.base_url,
+        "--shard-lines",
+        "10",
+        "--concurrency",
+        "4",
+        "--lease-seconds",
+        "300",
+    ]
+    srv = make_server(*args, data_dir=data_dir)
+    client = srv.client()
+    reqs = [chat_line(i, x_fake={"delay": 0.2}) for i in range(80)]
+    bid = client.batches.create(
+        input_file_id=upload(client, reqs), endpoint="/v1/chat/completions", completion_window="24h"
+    ).id
+    deadline = time.monotonic() + 30
+    while upstream.stats()["total"] < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    srv.stop()
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so -15 is a clean exit here
+    assert srv.proc is not None and srv.proc.returncode in (0, -15), srv.log()
+    srv = make_server(*args, data_dir=data_dir)
+    client = srv.client()
+    b = wait_for(client, bid, timeout=60)  # far less than the 300 s lease
+    assert b.status == "completed"
+    assert Counter(x["custom_id"] for x in read_lines(client, b.output_file_id)) == Counter(
+        r["custom_id"] for r in reqs
+    )

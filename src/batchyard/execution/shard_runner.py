@@ -90,6 +90,9 @@ class ShardRunner:
         except BaseException:
             await out.abort()
             await err.abort()
+            # Shutting down or failing: hand the shard back now rather than at lease expiry.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.store.release_shard(claim))
             raise
         if att.lost:
             await out.abort()

@@ -62,7 +62,12 @@ class Worker:
         job = await self.store.claim_validation(self.id, self.settings.lease_seconds)
         if job is None:
             return False
-        await jobs.validate(job, self.store, self.blobs, self.router, self.settings, self.id)
+        try:
+            await jobs.validate(job, self.store, self.blobs, self.router, self.settings, self.id)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.store.release_job(job.batch.id, self.id))
+            raise
         self.wake()
         return True
 
@@ -70,7 +75,12 @@ class Worker:
         job = await self.store.claim_finalization(self.id, self.settings.lease_seconds)
         if job is None:
             return False
-        await jobs.finalize(job, self.store, self.blobs, self.settings, self.id)
+        try:
+            await jobs.finalize(job, self.store, self.blobs, self.settings, self.id)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.store.release_job(job.batch.id, self.id))
+            raise
         return True
 
     async def run_shard_once(self) -> bool:

@@ -117,5 +117,13 @@ class MetadataStore(ABC):
         """Extend the lease and publish progress; None when the lease was lost (another attempt owns it)."""
 
     @abstractmethod
+    async def release_shard(self, claim: ShardClaim) -> None:
+        """Give a claimed shard back at once (graceful shutdown), if this attempt still holds it."""
+
+    @abstractmethod
+    async def release_job(self, batch_id: str, worker: str) -> None:
+        """Give a batch-level job lease back at once."""
+
+    @abstractmethod
     async def complete_shard(self, claim: ShardClaim, result: ShardResult, expired: int) -> bool:
         """Fenced commit: only the attempt that holds the lease can mark the shard done."""

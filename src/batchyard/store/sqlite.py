@@ -592,6 +592,25 @@ class SQLiteStore(MetadataStore):
 
         return await self._run(q)
 
+    async def release_shard(self, claim: ShardClaim) -> None:
+        def q(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE shards SET status = 'pending', lease_owner = NULL, lease_until = NULL "
+                "WHERE batch_id = ? AND idx = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
+                (claim.shard.batch_id, claim.shard.index, claim.attempt, claim.worker),
+            )
+
+        await self._run(q)
+
+    async def release_job(self, batch_id: str, worker: str) -> None:
+        def q(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE batches SET job_owner = NULL, job_lease_until = NULL WHERE id = ? AND job_owner = ?",
+                (batch_id, worker),
+            )
+
+        await self._run(q)
+
     async def complete_shard(self, claim: ShardClaim, result: ShardResult, expired: int) -> bool:
         def q(db: sqlite3.Connection) -> bool:
             u = result.usage
