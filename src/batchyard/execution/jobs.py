@@ -46,7 +46,7 @@ async def keep_job_lease(
 
 
 def _file_error(message: str) -> list[dict[str, Any]]:
-    return [{"code": "invalid_request", "message": message, "param": "input_file_id", "line": None}]
+    return [{"code": "invalid_request", "message": message, "param": "file_id", "line": None}]
 
 
 async def validate(
