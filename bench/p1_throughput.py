@@ -1,0 +1,100 @@
+"""P1 (+P4): a chat batch end to end through batchyard's HTTP API against a zero-cost upstream (nginx answering a fixed
+completion), compared with a minimal aiohttp+uvloop loop (64 coroutines) on the same file and upstream.
+While batchyard runs, another thread measures the latency of GET /v1/batches/{id} (P4).
+
+    python bench/p1_throughput.py [--lines 50000] [--line-bytes 4000] [--concurrency 64]
+
+Needs Debian's nginx (`apt-get install -y nginx-light`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import BatchyardServer, Nginx, make_input, workdir
+from openai import OpenAI
+
+
+def run_reference(inp: Path, out: Path, base_url: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "reference_loop.py"), str(inp), str(out), base_url],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - t0
+
+
+def run_batchyard(inp: Path, base_url: str, out: Path) -> tuple[float, list[float]]:
+    client = OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
+    latencies: list[float] = []
+    stop = threading.Event()
+    t0 = time.perf_counter()
+    with open(inp, "rb") as fh:
+        f = client.files.create(file=("input.jsonl", fh), purpose="batch")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+    def poll() -> None:
+        probe = OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=60)
+        while not stop.is_set():
+            s = time.perf_counter()
+            probe.batches.retrieve(b.id)
+            latencies.append(time.perf_counter() - s)
+            time.sleep(0.02)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    while True:
+        b = client.batches.retrieve(b.id)
+        if b.status in ("completed", "failed", "expired", "cancelled"):
+            break
+        time.sleep(0.05)
+    stop.set()
+    th.join()
+    if b.status != "completed" or b.output_file_id is None:
+        sys.exit(f"batch ended {b.status}: {b.errors}")
+    client.files.content(b.output_file_id).write_to_file(out)
+    return time.perf_counter() - t0, latencies
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lines", type=int, default=50_000)
+    ap.add_argument("--line-bytes", type=int, default=4000)
+    ap.add_argument("--concurrency", type=int, default=64)
+    a = ap.parse_args()
+    wd = workdir()
+    inp = wd / "input.jsonl"
+    size = make_input(inp, a.lines, a.line_bytes)
+    print(f"input: {a.lines} lines, {size / 1e6:.1f} MB")
+    with Nginx(wd) as ng:
+        ref_s = run_reference(inp, wd / "ref-out.jsonl", ng.base_url)
+        with BatchyardServer(wd, "--upstream", ng.base_url, "--concurrency", str(a.concurrency)) as srv:
+            by_s, lat = run_batchyard(inp, srv.base_url, wd / "by-out.jsonl")
+    n_ref = sum(1 for _ in open(wd / "ref-out.jsonl", "rb"))
+    n_by = sum(1 for _ in open(wd / "by-out.jsonl", "rb"))
+    assert n_ref == n_by == a.lines, (n_ref, n_by)
+    print(f"reference loop : {a.lines / ref_s:8.0f} lines/s ({ref_s:.2f}s)")
+    print(
+        f"batchyard e2e  : {a.lines / by_s:8.0f} lines/s ({by_s:.2f}s, upload+validate+run+finalize+download)"
+    )
+    print(f"P1 ratio batchyard/reference: {ref_s / by_s:.2f}  (goal >= 0.8)")
+    if lat:
+        lat.sort()
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        print(
+            f"P4 GET /v1/batches/{{id}} while running: n={len(lat)} median={statistics.median(lat) * 1e3:.1f} ms "
+            f"p99={p99 * 1e3:.1f} ms (goal < 25 ms)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Model routing: exact names beat globs, globs beat the catch-all."""
+
+from __future__ import annotations
+
+from batchyard.upstreams.base import Upstream, UpstreamResponse
+from batchyard.upstreams.router import Router
+
+
+class Named(Upstream):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def call(self, endpoint: str, body: bytes, *, timeout: float) -> UpstreamResponse:
+        raise AssertionError("routing never calls an upstream")
+
+    def __repr__(self) -> str:
+        return f"Named({self.name!r})"
+
+
+A, B, C, D = Named("a"), Named("b"), Named("c"), Named("d")
+
+
+def test_exact_beats_glob_beats_catch_all() -> None:
+    router = Router([(None, C), ("gpt-*", B), ("gpt-4o", A)])
+    assert router.resolve("gpt-4o") is A
+    assert router.resolve("gpt-4o-mini") is B
+    assert router.resolve("llama") is C
+
+
+def test_no_catch_all_means_unroutable() -> None:
+    router = Router([("gpt-4o", A), ("llama-*", B)])
+    assert router.resolve("mistral") is None
+    assert not router.is_routable("mistral")
+    assert router.is_routable("gpt-4o")
+    assert router.is_routable("llama-3")
+
+
+def test_empty_router_routes_nothing() -> None:
+    router = Router([])
+    assert router.resolve("anything") is None
+    assert router.upstreams == []
+    assert router.model_names() == []
+
+
+def test_star_is_the_catch_all() -> None:
+    router = Router([("*", A), ("x", B)])
+    assert router.resolve("anything") is A
+    assert router.resolve("x") is B
+    assert router.model_names() == ["x"]
+
+
+def test_first_catch_all_wins() -> None:
+    assert Router([(None, A), ("*", B), (None, C)]).resolve("m") is A
+
+
+def test_first_exact_route_wins() -> None:
+    assert Router([("m", A), ("m", B)]).resolve("m") is A
+
+
+def test_globs_are_tried_in_order() -> None:
+    router = Router([("llama-3*", A), ("llama-*", B)])
+    assert router.resolve("llama-3.1-8b") is A
+    assert router.resolve("llama-2-7b") is B
+
+
+def test_glob_syntax() -> None:
+    router = Router([("model-?", A), ("[xy]-large", B)])
+    assert router.resolve("model-1") is A
+    assert router.resolve("model-12") is None
+    assert router.resolve("x-large") is B
+    assert router.resolve("z-large") is None
+
+
+def test_matching_is_case_sensitive() -> None:
+    router = Router([("GPT-4o", A), ("llama-*", B)])
+    assert router.resolve("gpt-4o") is None
+    assert router.resolve("LLAMA-3") is None
+
+
+def test_glob_matches_whole_name() -> None:
+    router = Router([("gpt-*", A)])
+    assert router.resolve("my-gpt-4") is None
+
+
+def test_names_with_slashes() -> None:
+    router = Router([("meta-llama/*", A)])
+    assert router.resolve("meta-llama/Llama-3.1-8B-Instruct") is A
+
+
+def test_upstreams_are_deduplicated() -> None:
+    router = Router([("a", A), ("b", A), ("c-*", B), (None, A), ("d", D)])
+    ups = router.upstreams
+    assert len(ups) == 3
+    assert {u.name for u in ups} == {"a", "b", "d"}
+
+
+def test_model_names_are_the_sorted_exact_names() -> None:
+    router = Router([("zeta", A), ("alpha", B), ("g-*", C), (None, D)])
+    assert router.model_names() == ["alpha", "zeta"]
