@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import httpx
 import openai
@@ -22,7 +22,7 @@ from tests.conftest import ROOT, Server, free_port
 from tests.support.batches import chat_line, jsonl, read_lines, upload, wait_for
 from tests.support.fake_upstream import FakeUpstream
 
-CHAT = "/v1/chat/completions"
+CHAT: Final = "/v1/chat/completions"
 NOW_SLACK = 10
 
 
@@ -43,7 +43,9 @@ def _module_server(factory: pytest.TempPathFactory, name: str, args: list[str]) 
 def srv(tmp_path_factory: pytest.TempPathFactory, up: FakeUpstream) -> Iterator[Server]:
     """Every model routed to the fake upstream; fast leases; 10 lines per shard."""
     s = _module_server(
-        tmp_path_factory, "batches", ["--upstream", up.base_url, "--lease-seconds", "2", "--shard-lines", "10"]
+        tmp_path_factory,
+        "batches",
+        ["--upstream", up.base_url, "--lease-seconds", "2", "--shard-lines", "10"],
     )
     yield s
     s.stop()
@@ -88,12 +90,14 @@ def asrv(tmp_path_factory: pytest.TempPathFactory, up: FakeUpstream) -> Iterator
     s.stop()
 
 
-def assert_envelope(resp: httpx.Response, status: int, param: str | None = "<any>", code: str | None = "<any>") -> dict[str, Any]:
+def assert_envelope(
+    resp: httpx.Response, status: int, param: str | None = "<any>", code: str | None = "<any>"
+) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     assert resp.headers["content-type"].startswith("application/json")
     body = resp.json()
     assert set(body) == {"error"}, body
-    err = body["error"]
+    err: dict[str, Any] = body["error"]
     assert set(err) == {"message", "type", "param", "code"}, err
     assert isinstance(err["message"], str) and err["message"]
     assert isinstance(err["type"], str) and err["type"]
@@ -131,8 +135,15 @@ def test_create_returns_the_batch_object(oai: OpenAI, http: httpx.Client, input_
     assert b["metadata"] == {"team": "search", "run": "1"}
     assert b["errors"] is None
     assert b["output_file_id"] is None and b["error_file_id"] is None
-    for k in ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
-              "cancelled_at"):
+    for k in (
+        "in_progress_at",
+        "finalizing_at",
+        "completed_at",
+        "failed_at",
+        "expired_at",
+        "cancelling_at",
+        "cancelled_at",
+    ):
         assert b[k] is None, k
     assert b["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
     assert b["usage"]["total_tokens"] == 0
@@ -144,7 +155,9 @@ def test_create_returns_the_batch_object(oai: OpenAI, http: httpx.Client, input_
     assert done.request_counts is not None and done.request_counts.total == 3
     assert done.request_counts.completed == 3 and done.request_counts.failed == 0
     assert done.model == "test-model"
-    assert done.in_progress_at is not None and done.finalizing_at is not None and done.completed_at is not None
+    assert (
+        done.in_progress_at is not None and done.finalizing_at is not None and done.completed_at is not None
+    )
     assert done.created_at <= done.in_progress_at <= done.finalizing_at <= done.completed_at
     out = read_lines(oai, done.output_file_id)
     assert sorted(x["custom_id"] for x in out) == ["req-0", "req-1", "req-2"]
@@ -155,15 +168,19 @@ def test_create_returns_the_batch_object(oai: OpenAI, http: httpx.Client, input_
 
 
 def test_create_through_the_sdk(oai: OpenAI, input_file: str) -> None:
-    b = oai.batches.create(input_file_id=input_file, endpoint=CHAT, completion_window="24h", metadata={"a": "b"})
+    b = oai.batches.create(
+        input_file_id=input_file, endpoint=CHAT, completion_window="24h", metadata={"a": "b"}
+    )
     assert b.status == "validating"
     assert b.metadata == {"a": "b"}
     assert b.expires_at == b.created_at + 86400
     assert oai.batches.retrieve(b.id).id == b.id
 
 
-@pytest.mark.parametrize(("window", "seconds"), [("24h", 86400), ("90s", 90), ("2h", 7200), ("3d", 3 * 86400),
-                                                 ("30m", 1800), ("7d", 7 * 86400)])
+@pytest.mark.parametrize(
+    ("window", "seconds"),
+    [("24h", 86400), ("90s", 90), ("2h", 7200), ("3d", 3 * 86400), ("30m", 1800), ("7d", 7 * 86400)],
+)
 def test_completion_windows(http: httpx.Client, input_file: str, window: str, seconds: int) -> None:
     resp = create_raw(http, **valid_body(input_file, completion_window=window))
     assert resp.status_code == 200, resp.text
@@ -172,17 +189,32 @@ def test_completion_windows(http: httpx.Client, input_file: str, window: str, se
     assert b["expires_at"] == b["created_at"] + seconds
 
 
-@pytest.mark.parametrize("window", ["8d", "24x", "0h", "", "24", "h", "24H", "-1h", "1.5h", "169h", " 24h", 24, None])
+@pytest.mark.parametrize(
+    "window", ["8d", "24x", "0h", "", "24", "h", "24H", "-1h", "1.5h", "169h", " 24h", 24, None]
+)
 def test_bad_completion_window_is_400(http: httpx.Client, input_file: str, window: Any) -> None:
-    assert_envelope(create_raw(http, **valid_body(input_file, completion_window=window)), 400,
-                    param="completion_window")
+    assert_envelope(
+        create_raw(http, **valid_body(input_file, completion_window=window)), 400, param="completion_window"
+    )
 
 
-@pytest.mark.parametrize("endpoint", ["/v1/foo", "/v1/chat/completions/", "v1/chat/completions", "/v1/images/edits",
-                                      "https://api.openai.com/v1/chat/completions"])
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "/v1/foo",
+        "/v1/chat/completions/",
+        "v1/chat/completions",
+        "/v1/images/edits",
+        "https://api.openai.com/v1/chat/completions",
+    ],
+)
 def test_bad_endpoint_is_400(http: httpx.Client, input_file: str, endpoint: str) -> None:
-    assert_envelope(create_raw(http, **valid_body(input_file, endpoint=endpoint)), 400, param="endpoint",
-                    code="invalid_value")
+    assert_envelope(
+        create_raw(http, **valid_body(input_file, endpoint=endpoint)),
+        400,
+        param="endpoint",
+        code="invalid_value",
+    )
 
 
 def test_bad_endpoint_through_the_sdk(oai: OpenAI, input_file: str) -> None:
@@ -238,8 +270,9 @@ def test_invalid_json_body_is_400(http: httpx.Client, body: bytes) -> None:
 
 def test_wrong_types_are_400(http: httpx.Client, input_file: str) -> None:
     assert_envelope(create_raw(http, **valid_body(123)), 400, param="input_file_id")  # type: ignore[arg-type]
-    assert_envelope(create_raw(http, **valid_body(input_file, endpoint=["/v1/chat/completions"])), 400,
-                    param="endpoint")
+    assert_envelope(
+        create_raw(http, **valid_body(input_file, endpoint=["/v1/chat/completions"])), 400, param="endpoint"
+    )
     assert_envelope(create_raw(http, **valid_body("")), 400, param="input_file_id")
 
 
@@ -247,8 +280,10 @@ def test_wrong_types_are_400(http: httpx.Client, input_file: str) -> None:
 
 
 def test_list_newest_first(oai: OpenAI, input_file: str) -> None:
-    made = [oai.batches.create(input_file_id=input_file, endpoint=CHAT, completion_window="24h").id
-            for _ in range(3)]
+    made = [
+        oai.batches.create(input_file_id=input_file, endpoint=CHAT, completion_window="24h").id
+        for _ in range(3)
+    ]
     page = oai.batches.list(limit=3)
     assert [b.id for b in page.data] == list(reversed(made))
 
@@ -257,7 +292,9 @@ def test_list_pagination_and_limits(make_server: Callable[..., Server]) -> None:
     s = make_server("--no-worker")
     oai = s.client()
     fid = upload(oai, [chat_line(0)])
-    made = [oai.batches.create(input_file_id=fid, endpoint=CHAT, completion_window="24h").id for _ in range(25)]
+    made = [
+        oai.batches.create(input_file_id=fid, endpoint=CHAT, completion_window="24h").id for _ in range(25)
+    ]
     newest_first = list(reversed(made))
     with httpx.Client(base_url=s.root_url, timeout=30) as http:
         default = http.get("/v1/batches").json()
@@ -374,9 +411,9 @@ def test_cancel_while_validating(make_server: Callable[..., Server]) -> None:
 def _assert_file_error(b: Any) -> dict[str, Any]:
     assert b.status == "failed"
     assert b.failed_at is not None
-    assert b.errors is not None and b.errors.object == "list"
+    assert b.errors is not None and b.errors.object == "list" and b.errors.data is not None
     assert len(b.errors.data) == 1
-    e = b.errors.data[0].model_dump()
+    e: dict[str, Any] = b.errors.data[0].model_dump()
     assert e["code"] == "invalid_request"
     assert e["line"] is None
     assert e["message"]
@@ -448,7 +485,7 @@ def _validate(voai: OpenAI, data: bytes, endpoint: str = CHAT) -> Any:
     assert done.failed_at is not None
     assert done.in_progress_at is None
     assert done.output_file_id is None and done.error_file_id is None
-    assert done.errors is not None and done.errors.object == "list"
+    assert done.errors is not None and done.errors.object == "list" and done.errors.data is not None
     return [e.model_dump() for e in done.errors.data]
 
 
@@ -473,8 +510,19 @@ def _bad_line(line: dict[str, Any] | bytes) -> bytes:
         (_line(2, body_model=...), "invalid_request", "body.model"),
         (_line(2, body_messages=...), "invalid_request", "body.messages"),
     ],
-    ids=["invalid-json", "json-array", "no-custom_id", "no-method", "no-url", "no-body", "invalid-url",
-         "model-not-found", "streaming", "no-model", "no-messages"],
+    ids=[
+        "invalid-json",
+        "json-array",
+        "no-custom_id",
+        "no-method",
+        "no-url",
+        "no-body",
+        "invalid-url",
+        "model-not-found",
+        "streaming",
+        "no-model",
+        "no-messages",
+    ],
 )
 def test_line_errors(voai: OpenAI, line: dict[str, Any] | bytes, code: str, param: str | None) -> None:
     errors = _validate(voai, _bad_line(line))
@@ -499,15 +547,24 @@ def test_duplicate_custom_id(voai: OpenAI) -> None:
 
 def test_line_numbers_count_blank_lines(voai: OpenAI) -> None:
     data = (
-        json.dumps(_good(1)).encode() + b"\n\n   \r\n" + b"oops\n" + json.dumps(_good(5)).encode() + b"\r\n"
+        json.dumps(_good(1)).encode()
+        + b"\n\n   \r\n"
+        + b"oops\n"
+        + json.dumps(_good(5)).encode()
+        + b"\r\n"
         + json.dumps(_line(6, body_stream=True)).encode()  # last line, no newline
     )
     errors = _validate(voai, data)
-    assert [(e["line"], e["code"]) for e in errors] == [(4, "invalid_json_line"), (6, "streaming_unsupported")]
+    assert [(e["line"], e["code"]) for e in errors] == [
+        (4, "invalid_json_line"),
+        (6, "streaming_unsupported"),
+    ]
 
 
 def test_several_errors_are_reported_in_line_order(voai: OpenAI) -> None:
-    data = jsonl([_good(1), _line(2, url="/v1/completions"), _good(3), _line(4, method=...), _line(5, custom_id=...)])
+    data = jsonl(
+        [_good(1), _line(2, url="/v1/completions"), _good(3), _line(4, method=...), _line(5, custom_id=...)]
+    )
     errors = _validate(voai, data)
     assert [(e["line"], e["code"], e["param"]) for e in errors] == [
         (2, "invalid_url", "url"),
@@ -540,8 +597,9 @@ def test_too_many_lines(make_server: Callable[..., Server], up: FakeUpstream) ->
     assert errors[0]["line"] is None
     assert errors[0]["code"] == "too_many_lines"
     # exactly at the limit is fine
-    b = oai.batches.create(input_file_id=upload(oai, [chat_line(i) for i in range(5)]), endpoint=CHAT,
-                           completion_window="24h")
+    b = oai.batches.create(
+        input_file_id=upload(oai, [chat_line(i) for i in range(5)]), endpoint=CHAT, completion_window="24h"
+    )
     assert wait_for(oai, b.id).status == "completed"
 
 
@@ -572,11 +630,19 @@ ROUTES: list[tuple[str, str]] = [
 @pytest.mark.parametrize(("method", "path"), ROUTES)
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"authorization": "Bearer wrong"}, {"authorization": "k1"}, {"authorization": "Basic azE6"},
-     {"authorization": "Bearer"}, {"authorization": "Bearer k1k2"}],
+    [
+        {},
+        {"authorization": "Bearer wrong"},
+        {"authorization": "k1"},
+        {"authorization": "Basic azE6"},
+        {"authorization": "Bearer"},
+        {"authorization": "Bearer k1k2"},
+    ],
     ids=["none", "wrong", "no-scheme", "basic", "empty", "concatenated"],
 )
-def test_unauthenticated_is_401_everywhere(asrv: Server, method: str, path: str, headers: dict[str, str]) -> None:
+def test_unauthenticated_is_401_everywhere(
+    asrv: Server, method: str, path: str, headers: dict[str, str]
+) -> None:
     with httpx.Client(base_url=asrv.root_url, timeout=30) as http:
         body: dict[str, Any] = {}
         if method == "POST" and path == "/v1/files":
@@ -634,19 +700,30 @@ def test_owners_are_isolated(asrv: Server) -> None:
     b2 = k2.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h")
     failed = wait_for(k2, b2.id)
     assert failed.status == "failed"
-    assert failed.errors is not None and failed.errors.data[0].code == "invalid_request"
+    assert failed.errors is not None and failed.errors.data
+    assert failed.errors.data[0].code == "invalid_request"
     with pytest.raises(openai.NotFoundError):
         k1.batches.retrieve(b2.id)
 
 
 def _serve_cmd(tmp: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "batchyard.cli.main", "serve", "--port", str(free_port()),
-            "--data-dir", str(tmp / "d"), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "batchyard.cli.main",
+        "serve",
+        "--port",
+        str(free_port()),
+        "--data-dir",
+        str(tmp / "d"),
+        *extra,
+    ]
 
 
 def test_refuses_to_bind_all_interfaces_without_keys(tmp_path: Path) -> None:
-    proc = subprocess.run(_serve_cmd(tmp_path, "--host", "0.0.0.0"), cwd=ROOT, capture_output=True, timeout=60,
-                          text=True)
+    proc = subprocess.run(
+        _serve_cmd(tmp_path, "--host", "0.0.0.0"), cwd=ROOT, capture_output=True, timeout=60, text=True
+    )
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "--api-key" in out

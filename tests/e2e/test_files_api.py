@@ -51,7 +51,7 @@ def assert_envelope(resp: httpx.Response, status: int, param: str | None = "<any
     assert resp.headers["content-type"].startswith("application/json")
     body = resp.json()
     assert set(body) == {"error"}, body
-    err = body["error"]
+    err: dict[str, Any] = body["error"]
     assert set(err) == {"message", "type", "param", "code"}, err
     assert isinstance(err["message"], str) and err["message"]
     assert isinstance(err["type"], str) and err["type"]
@@ -99,7 +99,15 @@ def test_upload_batch_file_returns_the_file_object(oai: OpenAI, http: httpx.Clie
     assert f.status == "processed"
     raw = http.get(f"/v1/files/{f.id}").json()
     assert set(raw) == {
-        "id", "object", "bytes", "created_at", "expires_at", "filename", "purpose", "status", "status_details"
+        "id",
+        "object",
+        "bytes",
+        "created_at",
+        "expires_at",
+        "filename",
+        "purpose",
+        "status",
+        "status_details",
     }
     assert raw["status_details"] is None
 
@@ -120,7 +128,9 @@ def test_upload_empty_file(oai: OpenAI) -> None:
     assert oai.files.content(f.id).content == b""
 
 
-def test_filename_kept_verbatim_and_never_used_as_a_path(srv: Server, oai: OpenAI, http: httpx.Client) -> None:
+def test_filename_kept_verbatim_and_never_used_as_a_path(
+    srv: Server, oai: OpenAI, http: httpx.Client
+) -> None:
     base = srv.data_dir.parent
     before = files_under(base)
     evil = "../../etc/passwd"
@@ -140,12 +150,14 @@ def test_filename_kept_verbatim_and_never_used_as_a_path(srv: Server, oai: OpenA
         assert in_blobs or is_db, f"unexpected file written: {p}"
         assert "passwd" not in rp.name
     assert not any("passwd" in str(p) for p in files_under(base))
-    # the content disposition carries the name as data, not as a path the client would follow blindly
+    # the download hint never carries a path (RFC 6266 section 4.3); the file object keeps the name verbatim
     resp = http.get(f"/v1/files/{f.id}/content")
     assert resp.status_code == 200
     assert resp.content == data
     cd = resp.headers["content-disposition"]
     assert cd.startswith("attachment")
+    assert "/" not in cd and "%2F" not in cd.upper(), cd
+    assert 'filename=".._.._etc_passwd"' in cd
 
 
 def test_unicode_filename_round_trips(oai: OpenAI, http: httpx.Client) -> None:
@@ -208,7 +220,9 @@ def test_list_order_asc_and_desc(oai: OpenAI) -> None:
 def test_list_after_cursor_pages(oai: OpenAI, http: httpx.Client, order: str) -> None:
     for i in range(7):
         oai.files.create(file=(f"p{i}.txt", b"p"), purpose="fine-tune")
-    full = [x["id"] for x in http.get("/v1/files", params={"purpose": "fine-tune", "order": order}).json()["data"]]
+    full = [
+        x["id"] for x in http.get("/v1/files", params={"purpose": "fine-tune", "order": order}).json()["data"]
+    ]
     assert len(full) >= 7
     seen: list[str] = []
     after: str | None = None
@@ -294,7 +308,11 @@ def test_delete_unknown_is_404(http: httpx.Client) -> None:
 
 @pytest.mark.parametrize("seconds", [3600, 86400, 2_592_000])
 def test_expires_after_valid(http: httpx.Client, seconds: int) -> None:
-    fields = {"purpose": "user_data", "expires_after[anchor]": "created_at", "expires_after[seconds]": str(seconds)}
+    fields = {
+        "purpose": "user_data",
+        "expires_after[anchor]": "created_at",
+        "expires_after[seconds]": str(seconds),
+    }
     resp = post_file(http, fields=fields)
     assert resp.status_code == 200, resp.text
     body = resp.json()
@@ -372,7 +390,10 @@ def test_invalid_purpose_through_the_sdk(oai: OpenAI) -> None:
         ("multipart/form-data", b"--x\r\n"),  # no boundary
         ("multipart/form-data; boundary=abc", b""),
         ("multipart/form-data; boundary=abc", b"garbage that is not multipart at all"),
-        ("multipart/form-data; boundary=abc", b"--abc\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nba"),
+        (
+            "multipart/form-data; boundary=abc",
+            b'--abc\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nba',
+        ),
         ("multipart/form-data; boundary=abc", b"--abc\r\nno headers end here" + b"x" * 20000),
     ],
 )

@@ -94,7 +94,11 @@ def validator(name: str) -> Draft202012Validator:
     defs = _defs()
     if name not in defs:
         raise KeyError(f"no schema {name!r}; known: {sorted(defs)}")
-    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$ref": f"#/$defs/{name}", "$defs": defs}
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$ref": f"#/$defs/{name}",
+        "$defs": defs,
+    }
     Draft202012Validator.check_schema(schema)
     return Draft202012Validator(schema)
 
@@ -122,9 +126,3 @@ def spec_required(name: str) -> set[str]:
     components, lines = _raw()
     schema = components.get(name) or lines[name]
     return set(schema.get("required", ()))
-
-
-def spec_enum(name: str, prop: str) -> list[Any]:
-    components, lines = _raw()
-    schema = components.get(name) or lines[name]
-    return list(schema["properties"][prop]["enum"])

@@ -45,7 +45,9 @@ def test_scheme_case_and_spaces(header: str) -> None:
     assert Authenticator(["sk-one"]).owner(request(header)) == owner_of("sk-one")
 
 
-@pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer ", "Basic c2stb25lOg==", "sk-one", "Token sk-one"])
+@pytest.mark.parametrize(
+    "header", [None, "", "Bearer", "Bearer ", "Basic c2stb25lOg==", "sk-one", "Token sk-one"]
+)
 def test_missing_key(header: str | None) -> None:
     with pytest.raises(Unauthorized) as info:
         Authenticator(["sk-one"]).owner(request(header))

@@ -43,7 +43,25 @@ def test_seven_days_is_the_maximum() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["", "24", "h", "0h", "0s", "024h", "-1h", "+1h", "1.5h", "24H", "24 h", " 24h", "24h ", "1w", "24hh", "1e3s", "２４h"],
+    [
+        "",
+        "24",
+        "h",
+        "0h",
+        "0s",
+        "024h",
+        "-1h",
+        "+1h",
+        "1.5h",
+        "24H",
+        "24 h",
+        " 24h",
+        "24h ",
+        "1w",
+        "24hh",
+        "1e3s",
+        "２４h",
+    ],
 )
 def test_invalid_windows(value: str) -> None:
     assert parse_completion_window(value) is None

@@ -94,7 +94,7 @@ def test_error_line_shape() -> None:
 
 
 def test_error_line_escapes_message() -> None:
-    obj = parse(error_line("x\ny", "c", "multi\nline \"message\""))
+    obj = parse(error_line("x\ny", "c", 'multi\nline "message"'))
     assert obj["custom_id"] == "x\ny"
     assert obj["error"]["message"] == 'multi\nline "message"'
 

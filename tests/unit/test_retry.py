@@ -95,7 +95,9 @@ def test_retry_after_over_the_cap_falls_back_to_backoff() -> None:
     assert backoff_delay(10, 3600.0, rng=FixedRandom(0.0)) == 8.0
 
 
-@pytest.mark.parametrize(("retries", "delay"), [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 8.0), (20, 8.0)])
+@pytest.mark.parametrize(
+    ("retries", "delay"), [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 8.0), (20, 8.0)]
+)
 def test_exponential_backoff_without_jitter(retries: int, delay: float) -> None:
     assert backoff_delay(retries, None, rng=FixedRandom(0.0)) == delay
 

@@ -46,8 +46,10 @@ def _expiry(form: ParsedForm, purpose: str, created_at: int) -> int | None:
 
 
 def _disposition(filename: str) -> str:
-    ascii_name = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
-    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{urllib.parse.quote(filename, safe='')}"
+    # The stored filename stays verbatim; the download hint never carries a path (RFC 6266 section 4.3).
+    name = filename.replace("/", "_").replace("\\", "_")
+    ascii_name = "".join(c if c.isascii() and c.isprintable() and c != '"' else "_" for c in name)
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{urllib.parse.quote(name, safe='')}"
 
 
 def router(svc: Services, owner_of: OwnerOf) -> APIRouter:

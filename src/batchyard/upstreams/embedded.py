@@ -1,0 +1,164 @@
+"""The embedded engine behind the `Upstream` interface: no network, models loaded on first use.
+
+Model names (exact): `smollm2-135m-instruct` answers /v1/chat/completions and /v1/completions,
+`multilingual-e5-small` answers /v1/embeddings. Bad requests get an OpenAI error body with a 4xx status, as an HTTP
+upstream would answer them; `UpstreamError` is raised only when there is no answer at all: the attempt's deadline
+passed ("timeout", the engine finishes the request in the background) or a model could not be loaded or was closed
+("connect").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchyard.embedded.embeddings import EmbeddingEngine
+from batchyard.embedded.llm import LLMEngine
+from batchyard.embedded.models import ModelError, Progress, ensure_smollm2, local_gguf
+from batchyard.errors import APIError, InvalidRequest, NotFound
+from batchyard.upstreams.base import Upstream, UpstreamError, UpstreamResponse
+
+CHAT_MODEL = "smollm2-135m-instruct"
+EMBEDDING_MODEL = "multilingual-e5-small"
+CHAT_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+EMBEDDING_ENDPOINTS = ("/v1/embeddings",)
+
+Json = dict[str, Any]
+
+
+class EmbeddedUpstream(Upstream):
+    def __init__(
+        self,
+        *,
+        model_path: str | Path | None = None,
+        cache_dir: Path | None = None,
+        slots: int = 4,
+        context_size: int = 2048,
+        threads: int | None = None,
+        chat: bool = True,
+        embeddings: bool = True,
+        progress: Progress | None = None,
+    ) -> None:
+        """`model_path`: a local GGUF to serve as the chat model instead of the downloaded SmolLM2.
+        `slots`: requests generated at once (continuous batching); `context_size`: tokens per request.
+        `progress(done, total)` is called from a worker thread while the model downloads."""
+        self.name = "embedded"
+        self._model_path = model_path
+        self._cache_dir = cache_dir
+        self._progress = progress
+        self._llm: LLMEngine | None = None
+        self._embedder = EmbeddingEngine(name=EMBEDDING_MODEL, threads=threads) if embeddings else None
+        self._llm_options: Json = {"slots": slots, "context_size": context_size, "threads": threads}
+        self._chat = chat
+        self._loads: dict[str, asyncio.Future[None]] = {}
+        self._closed = False
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m for m, on in ((CHAT_MODEL, self._chat), (EMBEDDING_MODEL, self._embedder)) if on]
+
+    async def start(self) -> None:
+        """Load every enabled model now (downloading the chat model if needed) instead of on the first call."""
+        for model in self.model_names:
+            await self._ensure_loaded(model)
+
+    async def close(self) -> None:
+        self._closed = True
+        for load in self._loads.values():  # a load in progress runs in a thread; let it finish, then free it
+            await asyncio.gather(load, return_exceptions=True)
+        for engine in (self._llm, self._embedder):
+            if engine is not None:
+                await asyncio.to_thread(engine.close)
+
+    async def call(self, endpoint: str, body: bytes, *, timeout: float) -> UpstreamResponse:
+        rid = f"req_{secrets.token_hex(12)}"
+        try:
+            async with asyncio.timeout(timeout):
+                payload = await self._answer(endpoint, body)
+            return _response(200, orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), rid)
+        except APIError as e:
+            return _response(e.status_code, orjson.dumps(e.to_dict()), rid)
+        except TimeoutError as e:
+            raise UpstreamError("timeout", f"embedded engine did not answer within {timeout:g}s") from e
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():
+                raise UpstreamError("connect", "the embedded engine was closed") from None
+            raise
+
+    async def _answer(self, endpoint: str, raw: bytes) -> Json:
+        body = _parse(raw)
+        model = body.get("model")
+        if not isinstance(model, str) or model not in self.model_names:
+            raise NotFound(
+                f"The model `{model}` does not exist in the embedded engine "
+                f"(it serves {', '.join(self.model_names) or 'no models'})",
+                param="model",
+                code="model_not_found",
+            )
+        allowed = CHAT_ENDPOINTS if model == CHAT_MODEL else EMBEDDING_ENDPOINTS
+        if endpoint not in allowed:
+            raise InvalidRequest(
+                f"model `{model}` does not support {endpoint} (it supports {', '.join(allowed)})",
+                param="model",
+            )
+        await self._ensure_loaded(model)
+        if endpoint == "/v1/embeddings":
+            assert self._embedder is not None
+            return await self._embedder.embed(body)
+        assert self._llm is not None
+        if endpoint == "/v1/chat/completions":
+            return await self._llm.chat(body)
+        return await self._llm.complete(body)
+
+    async def _ensure_loaded(self, model: str) -> None:
+        if self._closed:
+            raise UpstreamError("connect", "the embedded engine was closed")
+        load = self._loads.get(model)
+        if load is None or (load.done() and (load.cancelled() or load.exception() is not None)):
+            loader = self._load_chat if model == CHAT_MODEL else self._load_embeddings
+            load = self._loads[model] = asyncio.ensure_future(loader())
+        try:
+            await asyncio.shield(load)  # a caller's deadline must not cancel a load others wait for
+        except (ModelError, RuntimeError, OSError) as e:
+            raise UpstreamError("connect", f"embedded model {model} could not be loaded: {e}") from e
+
+    async def _load_chat(self) -> None:
+        if self._llm is None:
+            path = await asyncio.to_thread(self._resolve_model_path)
+            self._llm = LLMEngine(path, name=CHAT_MODEL, **self._llm_options)
+        await asyncio.to_thread(self._llm.load)
+
+    async def _load_embeddings(self) -> None:
+        assert self._embedder is not None
+        await asyncio.to_thread(self._embedder.load)
+
+    def _resolve_model_path(self) -> Path:
+        if self._model_path is not None:
+            return local_gguf(self._model_path)
+        return ensure_smollm2(self._cache_dir, self._progress)
+
+
+def embedded_routes(upstream: EmbeddedUpstream | None = None) -> list[tuple[str, Upstream]]:
+    """Router entries (exact model names) for the embedded engine; a default one is made when none is given."""
+    up = upstream if upstream is not None else EmbeddedUpstream()
+    return [(name, up) for name in up.model_names]
+
+
+def _parse(raw: bytes) -> Json:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise InvalidRequest(f"the request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def _response(status: int, body: bytes, rid: str) -> UpstreamResponse:
+    headers = {"content-type": "application/json", "x-request-id": rid}
+    return UpstreamResponse(status, headers, body, rid)

@@ -1,0 +1,879 @@
+"""MetadataStore contract, run against SQLiteStore with a fake clock (leases expire when the test says so)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from batchyard.domain.models import BatchRecord, FileRecord, ShardClaim, ShardResult, Usage
+from batchyard.domain.states import BatchStatus, IllegalTransition
+from batchyard.domain.validation import ShardPlan
+from batchyard.errors import StoreError
+from batchyard.store.base import BatchJob, MetadataStore
+from batchyard.store.sqlite import SQLiteStore, migrations
+
+S = BatchStatus
+T0 = 1_700_000_000.25
+LEASE = 10.0
+ALICE, BOB = "key_alice", "key_bob"
+
+
+class Clock:
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "meta" / "batchyard.sqlite3"
+
+
+@pytest.fixture
+async def store(db_path: Path, clock: Clock) -> AsyncIterator[SQLiteStore]:
+    s = SQLiteStore(db_path, clock=clock)
+    await s.open()
+    yield s
+    await s.close()
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+
+_counter = {"n": 0}
+
+
+def _next() -> int:
+    _counter["n"] += 1
+    return _counter["n"]
+
+
+def file_rec(owner: str = ALICE, purpose: str = "batch", *, expires_at: int | None = None) -> FileRecord:
+    n = _next()
+    return FileRecord(
+        id=f"file-{n:06d}",
+        owner=owner,
+        bytes=100 + n,
+        created_at=int(T0) + n,
+        filename=f"in{n}.jsonl",
+        purpose=purpose,
+        blob_key=f"files/file-{n:06d}",
+        sha256=f"{n:064x}",
+        expires_at=expires_at,
+    )
+
+
+def batch_rec(input_file_id: str, owner: str = ALICE, status: BatchStatus = S.VALIDATING) -> BatchRecord:
+    n = _next()
+    return BatchRecord(
+        id=f"batch_{n:06d}",
+        owner=owner,
+        endpoint="/v1/chat/completions",
+        input_file_id=input_file_id,
+        completion_window="24h",
+        status=status,
+        created_at=int(T0),
+        expires_at=int(T0) + 86_400,
+        metadata={"run": str(n)},
+        output_expires_after=3600,
+    )
+
+
+def plans(n: int, lines_each: int = 10) -> list[ShardPlan]:
+    return [
+        ShardPlan(
+            index=i, start=i * 1000, end=(i + 1) * 1000, first_line=i * lines_each + 1, line_count=lines_each
+        )
+        for i in range(n)
+    ]
+
+
+async def new_batch(store: MetadataStore, owner: str = ALICE) -> tuple[FileRecord, BatchRecord]:
+    f = file_rec(owner)
+    await store.insert_file(f)
+    b = batch_rec(f.id, owner)
+    await store.insert_batch(b)
+    return f, b
+
+
+async def planned_batch(store: MetadataStore, shards: int = 3, owner: str = ALICE) -> BatchRecord:
+    """A batch validated and planned into `shards` shards of 10 lines (in_progress)."""
+    _, b = await new_batch(store, owner)
+    job = await store.claim_validation("validator", LEASE)
+    assert job is not None and job.batch.id == b.id
+    assert await store.plan_batch(b.id, "validator", plans(shards), shards * 10, "test-model")
+    got = await store.get_batch(None, b.id)
+    assert got is not None
+    return got
+
+
+def result(completed: int, failed: int, usage: Usage | None = None, tag: str = "") -> ShardResult:
+    return ShardResult(
+        completed=completed,
+        failed=failed,
+        usage=usage or Usage(),
+        out_key=f"parts/{tag}.out" if completed else None,
+        err_key=f"parts/{tag}.err" if failed else None,
+    )
+
+
+async def claim(store: MetadataStore, worker: str) -> ShardClaim:
+    c = await store.claim_shard(worker, LEASE)
+    assert c is not None
+    return c
+
+
+async def run_all_shards(store: MetadataStore, batch: BatchRecord) -> None:
+    while (c := await store.claim_shard("runner", LEASE)) is not None:
+        assert c.shard.batch_id == batch.id
+        assert await store.complete_shard(c, result(c.shard.line_count, 0, tag=str(c.shard.index)), 0)
+
+
+# -- lifecycle ------------------------------------------------------------------------------------------------
+
+
+async def test_now_is_the_store_clock(store: SQLiteStore, clock: Clock) -> None:
+    assert await store.now() == T0
+    clock.advance(5)
+    assert await store.now() == T0 + 5
+
+
+async def test_closed_store_raises_store_error(db_path: Path, clock: Clock) -> None:
+    s = SQLiteStore(db_path, clock=clock)
+    with pytest.raises(StoreError):
+        await s.get_file(None, "file-x")
+    await s.open()
+    await s.close()
+
+
+async def test_migrations_applied_once(db_path: Path, clock: Clock) -> None:
+    versions = [v for v, _ in migrations()]
+    assert versions == sorted(set(versions))
+    assert versions[0] == 1
+    for _ in range(3):
+        s = SQLiteStore(db_path, clock=clock)
+        await s.open()
+        await s.close()
+    with sqlite3.connect(db_path) as db:
+        rows = [r[0] for r in db.execute("SELECT version FROM schema_migrations ORDER BY version")]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        journal = db.execute("PRAGMA journal_mode").fetchone()[0]
+    assert rows == versions
+    assert {"files", "batches", "shards", "schema_migrations"} <= tables
+    assert journal == "wal"
+
+
+async def test_reopen_finds_everything(db_path: Path, clock: Clock) -> None:
+    s1 = SQLiteStore(db_path, clock=clock)
+    await s1.open()
+    b = await planned_batch(s1, shards=2)
+    f = await s1.get_file(ALICE, b.input_file_id)
+    c = await claim(s1, "w1")
+    assert await s1.complete_shard(c, result(10, 0, Usage(5, 1, 7, 2), tag="a"), 0)
+    await s1.close()
+
+    s2 = SQLiteStore(db_path, clock=clock)
+    await s2.open()
+    try:
+        assert await s2.get_file(ALICE, b.input_file_id) == f
+        again = await s2.get_batch(ALICE, b.id)
+        assert again is not None
+        assert again.status == S.IN_PROGRESS
+        assert again.metadata == b.metadata
+        assert (again.total, again.completed, again.failed) == (20, 10, 0)
+        assert again.usage == Usage(5, 1, 7, 2)
+        done = await s2.done_shards(b.id)
+        assert [(d.index, d.out_key) for d in done] == [(0, "parts/a.out")]
+        # the unfinished shard is still claimable; the finished one is not redone
+        c2 = await claim(s2, "w2")
+        assert c2.shard.index == 1
+        assert await s2.claim_shard("w3", LEASE) is None
+    finally:
+        await s2.close()
+
+
+# -- files ----------------------------------------------------------------------------------------------------
+
+
+async def test_insert_and_get_file(store: SQLiteStore) -> None:
+    f = file_rec(expires_at=int(T0) + 3600)
+    await store.insert_file(f)
+    assert await store.get_file(ALICE, f.id) == f
+    assert await store.get_file(None, f.id) == f
+    assert await store.get_file(BOB, f.id) is None
+    assert await store.get_file(ALICE, "file-missing") is None
+
+
+async def test_duplicate_file_id_is_a_store_error(store: SQLiteStore) -> None:
+    f = file_rec()
+    await store.insert_file(f)
+    with pytest.raises(StoreError):
+        await store.insert_file(f)
+
+
+async def test_list_files_owner_isolation_and_order(store: SQLiteStore) -> None:
+    mine = [file_rec() for _ in range(3)]
+    theirs = file_rec(BOB)
+    for f in [mine[0], theirs, mine[1], mine[2]]:
+        await store.insert_file(f)
+    page = await store.list_files(ALICE, purpose=None, limit=10, order="desc", after=None)
+    assert [f.id for f in page.items] == [f.id for f in reversed(mine)]
+    assert page.has_more is False
+    page = await store.list_files(ALICE, purpose=None, limit=10, order="asc", after=None)
+    assert [f.id for f in page.items] == [f.id for f in mine]
+    page = await store.list_files(BOB, purpose=None, limit=10, order="desc", after=None)
+    assert [f.id for f in page.items] == [theirs.id]
+
+
+async def test_list_files_purpose_filter(store: SQLiteStore) -> None:
+    a = file_rec(purpose="batch")
+    b = file_rec(purpose="batch_output")
+    c = file_rec(purpose="batch")
+    for f in (a, b, c):
+        await store.insert_file(f)
+    page = await store.list_files(ALICE, purpose="batch", limit=10, order="asc", after=None)
+    assert [f.id for f in page.items] == [a.id, c.id]
+    page = await store.list_files(ALICE, purpose="batch_output", limit=10, order="asc", after=None)
+    assert [f.id for f in page.items] == [b.id]
+    page = await store.list_files(ALICE, purpose="fine-tune", limit=10, order="asc", after=None)
+    assert page.items == []
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+async def test_list_files_pagination(store: SQLiteStore, order: str) -> None:
+    files = [file_rec() for _ in range(7)]
+    for f in files:
+        await store.insert_file(f)
+    await store.insert_file(file_rec(BOB))
+    expected = [f.id for f in (files if order == "asc" else list(reversed(files)))]
+    seen: list[str] = []
+    pages: list[bool] = []
+    after: str | None = None
+    while True:
+        page = await store.list_files(ALICE, purpose=None, limit=3, order=order, after=after)
+        seen += [f.id for f in page.items]
+        pages.append(page.has_more)
+        if not page.has_more:
+            break
+        after = page.items[-1].id
+    assert seen == expected
+    assert pages == [True, True, False]
+
+
+async def test_list_files_exact_page_has_no_more(store: SQLiteStore) -> None:
+    for _ in range(3):
+        await store.insert_file(file_rec())
+    page = await store.list_files(ALICE, purpose=None, limit=3, order="asc", after=None)
+    assert len(page.items) == 3
+    assert page.has_more is False
+
+
+async def test_list_files_after_foreign_or_unknown_cursor_is_empty(store: SQLiteStore) -> None:
+    theirs = file_rec(BOB)
+    await store.insert_file(theirs)
+    await store.insert_file(file_rec())
+    for cursor in (theirs.id, "file-unknown"):
+        page = await store.list_files(ALICE, purpose=None, limit=10, order="asc", after=cursor)
+        assert (page.items, page.has_more) == ([], False)
+
+
+async def test_delete_file(store: SQLiteStore) -> None:
+    f = file_rec()
+    await store.insert_file(f)
+    assert await store.delete_file(BOB, f.id) is None
+    assert await store.get_file(ALICE, f.id) == f
+    assert await store.delete_file(ALICE, f.id) == (f, True)
+    assert await store.get_file(ALICE, f.id) is None
+    assert await store.get_file(None, f.id) is None
+    assert await store.delete_file(ALICE, f.id) is None
+    page = await store.list_files(ALICE, purpose=None, limit=10, order="asc", after=None)
+    assert page.items == []
+
+
+async def test_deleted_cursor_still_paginates(store: SQLiteStore) -> None:
+    files = [file_rec() for _ in range(3)]
+    for f in files:
+        await store.insert_file(f)
+    await store.delete_file(ALICE, files[1].id)
+    page = await store.list_files(ALICE, purpose=None, limit=10, order="asc", after=files[1].id)
+    assert [f.id for f in page.items] == [files[2].id]
+
+
+@pytest.mark.parametrize(
+    ("status", "removable"),
+    [
+        (S.VALIDATING, False),
+        (S.IN_PROGRESS, False),
+        (S.FINALIZING, False),
+        (S.CANCELLING, False),
+        (S.COMPLETED, True),
+        (S.FAILED, True),
+        (S.EXPIRED, True),
+        (S.CANCELLED, True),
+    ],
+)
+async def test_delete_file_used_by_a_batch(store: SQLiteStore, status: BatchStatus, removable: bool) -> None:
+    f = file_rec()
+    await store.insert_file(f)
+    await store.insert_batch(batch_rec(f.id, status=status))
+    assert await store.delete_file(ALICE, f.id) == (f, removable)
+
+
+async def test_expired_files(store: SQLiteStore, clock: Clock) -> None:
+    soon = file_rec(expires_at=int(T0) + 60)
+    later = file_rec(expires_at=int(T0) + 3600)
+    never = file_rec()
+    for f in (soon, later, never):
+        await store.insert_file(f)
+    assert await store.expired_files(10) == []
+    clock.advance(60)
+    assert [f.id for f in await store.expired_files(10)] == [soon.id]
+    clock.advance(10_000)
+    assert {f.id for f in await store.expired_files(10)} == {soon.id, later.id}
+    assert len(await store.expired_files(1)) == 1
+    await store.delete_file(ALICE, soon.id)
+    assert [f.id for f in await store.expired_files(10)] == [later.id]
+
+
+# -- batches --------------------------------------------------------------------------------------------------
+
+
+async def test_insert_and_get_batch(store: SQLiteStore) -> None:
+    _, b = await new_batch(store)
+    got = await store.get_batch(ALICE, b.id)
+    assert got == b
+    assert got is not None and got.to_wire()["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+    assert await store.get_batch(None, b.id) == b
+    assert await store.get_batch(BOB, b.id) is None
+    assert await store.get_batch(ALICE, "batch_missing") is None
+
+
+async def test_batch_without_metadata(store: SQLiteStore) -> None:
+    f = file_rec()
+    await store.insert_file(f)
+    b = batch_rec(f.id)
+    b.metadata = None
+    b.output_expires_after = None
+    await store.insert_batch(b)
+    assert await store.get_batch(ALICE, b.id) == b
+
+
+async def test_list_batches_newest_first_with_pagination(store: SQLiteStore) -> None:
+    mine = [(await new_batch(store))[1] for _ in range(5)]
+    await new_batch(store, BOB)
+    newest_first = [b.id for b in reversed(mine)]
+    p1 = await store.list_batches(ALICE, limit=2, after=None)
+    assert [b.id for b in p1.items] == newest_first[:2]
+    assert p1.has_more
+    p2 = await store.list_batches(ALICE, limit=2, after=p1.items[-1].id)
+    assert [b.id for b in p2.items] == newest_first[2:4]
+    assert p2.has_more
+    p3 = await store.list_batches(ALICE, limit=2, after=p2.items[-1].id)
+    assert [b.id for b in p3.items] == newest_first[4:]
+    assert not p3.has_more
+    everything = await store.list_batches(ALICE, limit=100, after=None)
+    assert [b.id for b in everything.items] == newest_first
+    assert not everything.has_more
+
+
+async def test_list_batches_owner_isolation(store: SQLiteStore) -> None:
+    _, mine = await new_batch(store)
+    _, theirs = await new_batch(store, BOB)
+    assert [b.id for b in (await store.list_batches(BOB, limit=10, after=None)).items] == [theirs.id]
+    page = await store.list_batches(BOB, limit=10, after=mine.id)
+    assert (page.items, page.has_more) == ([], False)
+    assert (await store.list_batches("key_nobody", limit=10, after=None)).items == []
+
+
+@pytest.mark.parametrize("status", [S.VALIDATING, S.IN_PROGRESS])
+async def test_request_cancel_moves_to_cancelling(
+    store: SQLiteStore, clock: Clock, status: BatchStatus
+) -> None:
+    f = file_rec()
+    await store.insert_file(f)
+    b = batch_rec(f.id, status=status)
+    await store.insert_batch(b)
+    clock.advance(42)
+    got = await store.request_cancel(ALICE, b.id)
+    assert got is not None
+    assert got.status == S.CANCELLING
+    assert got.cancelling_at == int(T0 + 42)
+    assert await store.get_batch(ALICE, b.id) == got
+
+
+@pytest.mark.parametrize(
+    "status", [S.CANCELLING, S.FINALIZING, S.COMPLETED, S.FAILED, S.EXPIRED, S.CANCELLED]
+)
+async def test_request_cancel_leaves_other_states(store: SQLiteStore, status: BatchStatus) -> None:
+    f = file_rec()
+    await store.insert_file(f)
+    b = batch_rec(f.id, status=status)
+    await store.insert_batch(b)
+    got = await store.request_cancel(ALICE, b.id)
+    assert got == b
+    assert got is not None and got.cancelling_at is None
+
+
+async def test_request_cancel_twice_keeps_the_first_stamp(store: SQLiteStore, clock: Clock) -> None:
+    _, b = await new_batch(store)
+    first = await store.request_cancel(ALICE, b.id)
+    clock.advance(100)
+    second = await store.request_cancel(ALICE, b.id)
+    assert first is not None and second is not None
+    assert second.status == S.CANCELLING
+    assert second.cancelling_at == first.cancelling_at == int(T0)
+
+
+async def test_request_cancel_other_owner_or_unknown(store: SQLiteStore) -> None:
+    _, b = await new_batch(store)
+    assert await store.request_cancel(BOB, b.id) is None
+    assert await store.request_cancel(ALICE, "batch_missing") is None
+    got = await store.get_batch(ALICE, b.id)
+    assert got is not None and got.status == S.VALIDATING
+
+
+# -- validation jobs ------------------------------------------------------------------------------------------
+
+
+async def test_claim_validation_returns_the_batch_and_its_file(store: SQLiteStore) -> None:
+    assert await store.claim_validation("w1", LEASE) is None
+    f, b = await new_batch(store)
+    job = await store.claim_validation("w1", LEASE)
+    assert isinstance(job, BatchJob)
+    assert job.batch == b
+    assert job.input_file == f
+    assert job.db_now == T0
+
+
+async def test_claim_validation_oldest_first(store: SQLiteStore) -> None:
+    _, first = await new_batch(store)
+    _, second = await new_batch(store, BOB)
+    j1 = await store.claim_validation("w1", LEASE)
+    j2 = await store.claim_validation("w2", LEASE)
+    assert j1 is not None and j2 is not None
+    assert (j1.batch.id, j2.batch.id) == (first.id, second.id)
+    assert await store.claim_validation("w3", LEASE) is None
+
+
+async def test_validation_lease(store: SQLiteStore, clock: Clock) -> None:
+    _, b = await new_batch(store)
+    assert await store.claim_validation("w1", LEASE) is not None
+    assert await store.claim_validation("w2", LEASE) is None
+    clock.advance(LEASE)
+    assert await store.claim_validation("w2", LEASE) is None  # the lease runs up to and including its end
+    clock.advance(0.01)
+    job = await store.claim_validation("w2", LEASE)
+    assert job is not None and job.batch.id == b.id
+    # the first worker is fenced out
+    assert not await store.plan_batch(b.id, "w1", plans(1), 10, "m")
+    assert not await store.fail_batch(b.id, "w1", [{"code": "x"}])
+    assert not await store.extend_job(b.id, "w1", LEASE)
+    got = await store.get_batch(ALICE, b.id)
+    assert got is not None and got.status == S.VALIDATING
+    assert await store.plan_batch(b.id, "w2", plans(1), 10, "m")
+
+
+async def test_extend_job(store: SQLiteStore, clock: Clock) -> None:
+    _, b = await new_batch(store)
+    assert await store.claim_validation("w1", LEASE) is not None
+    clock.advance(LEASE - 1)
+    assert await store.extend_job(b.id, "w1", LEASE)
+    clock.advance(LEASE - 1)  # past the first lease, within the extended one
+    assert await store.claim_validation("w2", LEASE) is None
+    clock.advance(1.5)
+    assert await store.claim_validation("w2", LEASE) is not None
+
+
+async def test_plan_batch(store: SQLiteStore, clock: Clock) -> None:
+    f, b = await new_batch(store)
+    assert await store.claim_validation("w1", LEASE) is not None
+    assert not await store.plan_batch(b.id, "intruder", plans(3), 30, "m")
+    assert await store.claim_shard("runner", LEASE) is None
+    clock.advance(3)
+    assert await store.plan_batch(b.id, "w1", plans(3), 30, "test-model")
+    got = await store.get_batch(ALICE, b.id)
+    assert got is not None
+    assert got.status == S.IN_PROGRESS
+    assert got.in_progress_at == int(T0 + 3)
+    assert (got.total, got.completed, got.failed) == (30, 0, 0)
+    assert got.model == "test-model"
+    # planned: no longer offered for validation, even after the lease would have run out
+    clock.advance(LEASE * 2)
+    assert await store.claim_validation("w2", LEASE) is None
+    assert not await store.plan_batch(b.id, "w1", plans(3), 30, "test-model")
+    c = await claim(store, "runner")
+    assert (c.shard.batch_id, c.shard.index) == (b.id, 0)
+    assert c.input_blob_key == f.blob_key
+
+
+async def test_plan_cancelling_batch_stays_cancelling(store: SQLiteStore) -> None:
+    _, b = await new_batch(store)
+    assert await store.claim_validation("w1", LEASE) is not None
+    cancelled = await store.request_cancel(ALICE, b.id)
+    assert cancelled is not None and cancelled.status == S.CANCELLING
+    assert await store.plan_batch(b.id, "w1", plans(2), 20, "m")
+    got = await store.get_batch(ALICE, b.id)
+    assert got is not None
+    assert got.status == S.CANCELLING
+    assert got.in_progress_at is None
+    assert got.total == 20
+    c = await claim(store, "runner")
+    assert c.batch_status == S.CANCELLING
+
+
+async def test_claim_validation_of_a_batch_cancelled_before_it_was_validated(store: SQLiteStore) -> None:
+    _, b = await new_batch(store)
+    await store.request_cancel(ALICE, b.id)
+    job = await store.claim_validation("w1", LEASE)
+    assert job is not None
+    assert job.batch.id == b.id
+    assert job.batch.status == S.CANCELLING
+
+
+async def test_fail_batch(store: SQLiteStore, clock: Clock) -> None:
+    _, b = await new_batch(store)
+    assert await store.claim_validation("w1", LEASE) is not None
+    errors = [{"code": "invalid_json", "message": "bad line", "param": None, "line": 3}]
+    assert not await store.fail_batch(b.id, "w2", errors)
+    clock.advance(7)
+    assert await store.fail_batch(b.id, "w1", errors)
+    got = await store.get_batch(ALICE, b.id)
+    assert got is not None
+    assert got.status == S.FAILED
+    assert got.failed_at == int(T0 + 7)
+    assert got.errors == errors
+    assert got.to_wire()["errors"] == {"object": "list", "data": errors}
+    assert await store.claim_validation("w3", LEASE) is None
+    assert await store.claim_finalization("w3", LEASE) is None
+    assert not await store.fail_batch(b.id, "w1", errors)
+
+
+async def test_fail_cancelling_batch_ends_cancelled(store: SQLiteStore) -> None:
+    _, b = await new_batch(store)
+    assert await store.claim_validation("w1", LEASE) is not None
+    await store.request_cancel(ALICE, b.id)
+    assert await store.fail_batch(b.id, "w1", [{"code": "x", "message": "y"}])
+    got = await store.get_batch(ALICE, b.id)
+    assert got is not None
+    assert got.status == S.CANCELLED
+    assert got.cancelled_at == int(T0)
+
+
+# -- shards ---------------------------------------------------------------------------------------------------
+
+
+async def test_claim_shard_gives_each_pending_shard_once(store: SQLiteStore) -> None:
+    b = await planned_batch(store, shards=3)
+    claims = [await claim(store, f"w{i}") for i in range(3)]
+    assert await store.claim_shard("w9", LEASE) is None
+    assert sorted(c.shard.index for c in claims) == [0, 1, 2]
+    for c in claims:
+        i = c.shard.index
+        assert c.attempt == c.shard.attempt == 1
+        assert c.shard.status == "running"
+        assert (c.shard.start, c.shard.end, c.shard.first_line, c.shard.line_count) == (
+            i * 1000,
+            (i + 1) * 1000,
+            i * 10 + 1,
+            10,
+        )
+        assert c.batch_status == S.IN_PROGRESS
+        assert c.endpoint == b.endpoint
+        assert c.expires_at == b.expires_at
+        assert c.db_now == T0
+
+
+async def test_unplanned_batch_has_no_shards_to_claim(store: SQLiteStore) -> None:
+    await new_batch(store)  # validating: no shards yet
+    assert await store.claim_shard("w1", LEASE) is None
+
+
+async def test_expired_shard_lease_is_taken_over(store: SQLiteStore, clock: Clock) -> None:
+    await planned_batch(store, shards=1)
+    old = await claim(store, "w1")
+    assert await store.claim_shard("w2", LEASE) is None
+    clock.advance(LEASE)
+    assert await store.claim_shard("w2", LEASE) is None
+    clock.advance(0.01)
+    new = await claim(store, "w2")
+    assert new.shard.index == old.shard.index
+    assert (old.attempt, new.attempt) == (1, 2)
+    assert new.worker == "w2"
+    clock.advance(LEASE + 0.01)
+    third = await claim(store, "w3")
+    assert third.attempt == 3
+
+
+async def test_heartbeat_extends_the_lease(store: SQLiteStore, clock: Clock) -> None:
+    b = await planned_batch(store, shards=1)
+    c = await claim(store, "w1")
+    clock.advance(LEASE - 1)
+    hb = await store.heartbeat_shard(c, LEASE, 0, 0, Usage())
+    assert hb is not None
+    assert (hb.batch_status, hb.expires_at, hb.db_now) == (S.IN_PROGRESS, b.expires_at, T0 + LEASE - 1)
+    clock.advance(LEASE - 1)  # past the claim's lease, within the heartbeat's
+    assert await store.claim_shard("w2", LEASE) is None
+    clock.advance(1.5)
+    assert await store.claim_shard("w2", LEASE) is not None
+
+
+async def test_heartbeat_reports_cancellation(store: SQLiteStore) -> None:
+    b = await planned_batch(store, shards=1)
+    c = await claim(store, "w1")
+    await store.request_cancel(ALICE, b.id)
+    hb = await store.heartbeat_shard(c, LEASE, 1, 0, Usage())
+    assert hb is not None and hb.batch_status == S.CANCELLING
+
+
+async def test_fencing_after_takeover(store: SQLiteStore, clock: Clock) -> None:
+    b = await planned_batch(store, shards=1)
+    old = await claim(store, "w1")
+    assert await store.heartbeat_shard(old, LEASE, 4, 1, Usage(40, 0, 4, 0)) is not None
+    clock.advance(LEASE + 1)
+    new = await claim(store, "w2")
+    # the takeover starts from zero: the old attempt's progress is gone
+    got = await store.get_batch(ALICE, b.id)
+    assert got is not None and (got.completed, got.failed, got.usage) == (0, 0, Usage())
+
+    assert await store.heartbeat_shard(old, LEASE, 9, 1, Usage(90, 0, 9, 0)) is None
+    assert not await store.complete_shard(old, result(9, 1, Usage(90, 0, 9, 0), tag="old"), 0)
+    got = await store.get_batch(ALICE, b.id)
+    assert got is not None and (got.completed, got.failed) == (0, 0)
+    assert await store.done_shards(b.id) == []
+
+    assert await store.heartbeat_shard(new, LEASE, 2, 0, Usage(20, 0, 2, 0)) is not None
+    assert await store.complete_shard(new, result(8, 2, Usage(100, 10, 8, 1), tag="new"), 0)
+    done = await store.done_shards(b.id)
+    assert len(done) == 1
+    d = done[0]
+    assert (d.status, d.attempt, d.completed, d.failed) == ("done", 2, 8, 2)
+    assert (d.out_key, d.err_key) == ("parts/new.out", "parts/new.err")
+    assert d.usage == Usage(100, 10, 8, 1)
+    # a committed shard cannot be committed again, nor heartbeated, nor claimed
+    assert not await store.complete_shard(new, result(1, 1, tag="again"), 0)
+    assert await store.heartbeat_shard(new, LEASE, 0, 0, Usage()) is None
+    clock.advance(LEASE * 10)
+    assert await store.claim_shard("w3", LEASE) is None
+
+
+async def test_old_attempt_fenced_even_when_the_same_worker_reclaims(
+    store: SQLiteStore, clock: Clock
+) -> None:
+    await planned_batch(store, shards=1)
+    old = await claim(store, "w1")
+    clock.advance(LEASE + 1)
+    new = await claim(store, "w1")
+    assert new.attempt == 2
+    assert await store.heartbeat_shard(old, LEASE, 1, 0, Usage()) is None
+    assert not await store.complete_shard(old, result(10, 0, tag="old"), 0)
+    assert await store.complete_shard(new, result(10, 0, tag="new"), 0)
+
+
+async def test_counts_and_usage_are_sums_over_shards(store: SQLiteStore) -> None:
+    b = await planned_batch(store, shards=3)
+    c0, c1, c2 = [await claim(store, f"w{i}") for i in range(3)]
+    # live progress from heartbeats, before any shard is done
+    assert await store.heartbeat_shard(c0, LEASE, 3, 1, Usage(30, 3, 6, 1)) is not None
+    assert await store.heartbeat_shard(c1, LEASE, 2, 0, Usage(20, 0, 4, 0)) is not None
+    got = await store.get_batch(ALICE, b.id)
+    assert got is not None
+    assert (got.total, got.completed, got.failed) == (30, 5, 1)
+    assert got.usage == Usage(50, 3, 10, 1)
+    listed = (await store.list_batches(ALICE, limit=1, after=None)).items[0]
+    assert (listed.completed, listed.failed, listed.usage) == (5, 1, Usage(50, 3, 10, 1))
+
+    assert await store.complete_shard(c0, result(9, 1, Usage(90, 9, 18, 2), tag="0"), 0)
+    assert await store.complete_shard(c1, result(10, 0, Usage(100, 0, 20, 0), tag="1"), 0)
+    assert await store.complete_shard(c2, result(6, 4, Usage(60, 1, 12, 3), tag="2"), 0)
+    got = await store.get_batch(ALICE, b.id)
+    assert got is not None
+    assert (got.total, got.completed, got.failed) == (30, 25, 5)
+    assert got.usage == Usage(250, 10, 50, 5)
+    assert got.to_wire()["usage"]["total_tokens"] == 300
+
+
+async def test_counts_do_not_mix_batches(store: SQLiteStore) -> None:
+    b1 = await planned_batch(store, shards=1)
+    b2 = await planned_batch(store, shards=1, owner=BOB)
+    c1 = await claim(store, "w1")
+    c2 = await claim(store, "w2")
+    assert {c1.shard.batch_id, c2.shard.batch_id} == {b1.id, b2.id}
+    by_batch = {c.shard.batch_id: c for c in (c1, c2)}
+    assert await store.complete_shard(by_batch[b1.id], result(7, 3, tag="x"), 0)
+    got1, got2 = await store.get_batch(ALICE, b1.id), await store.get_batch(BOB, b2.id)
+    assert got1 is not None and got2 is not None
+    assert (got1.completed, got1.failed) == (7, 3)
+    assert (got2.completed, got2.failed) == (0, 0)
+
+
+async def test_cancelling_batches_are_drained_first(store: SQLiteStore) -> None:
+    b1 = await planned_batch(store, shards=2)
+    b2 = await planned_batch(store, shards=2)
+    await store.request_cancel(ALICE, b2.id)
+    c = await claim(store, "w1")
+    assert c.shard.batch_id == b2.id
+    assert c.batch_status == S.CANCELLING
+    assert b1.id != b2.id
+
+
+async def test_batch_expired_lines(store: SQLiteStore) -> None:
+    b = await planned_batch(store, shards=2)
+    c0, c1 = await claim(store, "w1"), await claim(store, "w2")
+    assert await store.batch_expired_lines(b.id) == 0
+    assert await store.complete_shard(c0, result(4, 6, tag="0"), 6)
+    assert await store.complete_shard(c1, result(0, 10, tag="1"), 10)
+    assert await store.batch_expired_lines(b.id) == 16
+
+
+# -- finalization ---------------------------------------------------------------------------------------------
+
+
+async def test_claim_finalization_only_when_all_shards_are_done(store: SQLiteStore) -> None:
+    b = await planned_batch(store, shards=2)
+    assert await store.claim_finalization("f1", LEASE) is None
+    c0 = await claim(store, "w1")
+    assert await store.complete_shard(c0, result(10, 0, tag="0"), 0)
+    assert await store.claim_finalization("f1", LEASE) is None
+    c1 = await claim(store, "w1")
+    assert await store.claim_finalization("f1", LEASE) is None  # running is not done
+    assert await store.complete_shard(c1, result(10, 0, tag="1"), 0)
+    job = await store.claim_finalization("f1", LEASE)
+    assert job is not None
+    assert job.batch.id == b.id
+    assert job.batch.completed == 20
+    assert await store.claim_finalization("f2", LEASE) is None
+
+
+async def test_finalization_lease_is_taken_over(store: SQLiteStore, clock: Clock) -> None:
+    b = await planned_batch(store, shards=1)
+    await run_all_shards(store, b)
+    assert await store.claim_finalization("f1", LEASE) is not None
+    assert await store.begin_finalizing(b.id, "f1") is not None
+    clock.advance(LEASE + 1)
+    job = await store.claim_finalization("f2", LEASE)
+    assert job is not None and job.batch.status == S.FINALIZING  # a dead finalizer's batch is resumed
+    assert await store.begin_finalizing(b.id, "f1") is None
+    assert not await store.finish_batch(b.id, "f1", S.COMPLETED, None, None)
+    assert await store.finish_batch(b.id, "f2", S.COMPLETED, None, None)
+
+
+async def test_begin_finalizing(store: SQLiteStore, clock: Clock) -> None:
+    b = await planned_batch(store, shards=1)
+    await run_all_shards(store, b)
+    assert await store.claim_finalization("f1", LEASE) is not None
+    assert await store.begin_finalizing(b.id, "other") is None
+    clock.advance(5)
+    got = await store.begin_finalizing(b.id, "f1")
+    assert got is not None
+    assert got.status == S.FINALIZING
+    assert got.finalizing_at == int(T0 + 5)
+    assert got.completed == 10
+    again = await store.begin_finalizing(b.id, "f1")  # idempotent for the holder
+    assert again is not None and again.status == S.FINALIZING and again.finalizing_at == int(T0 + 5)
+
+
+async def test_begin_finalizing_a_cancelling_batch_keeps_it_cancelling(store: SQLiteStore) -> None:
+    b = await planned_batch(store, shards=1)
+    await store.request_cancel(ALICE, b.id)
+    await run_all_shards(store, b)
+    assert await store.claim_finalization("f1", LEASE) is not None
+    got = await store.begin_finalizing(b.id, "f1")
+    assert got is not None
+    assert got.status == S.CANCELLING
+    assert got.finalizing_at is None
+    assert await store.finish_batch(b.id, "f1", S.CANCELLED, None, None)
+    final = await store.get_batch(ALICE, b.id)
+    assert final is not None and final.status == S.CANCELLED and final.cancelled_at == int(T0)
+
+
+async def test_finish_batch(store: SQLiteStore, clock: Clock) -> None:
+    b = await planned_batch(store, shards=2)
+    await run_all_shards(store, b)
+    assert await store.claim_finalization("f1", LEASE) is not None
+    assert await store.begin_finalizing(b.id, "f1") is not None
+    out = FileRecord(
+        id="file-out",
+        owner=ALICE,
+        bytes=1234,
+        created_at=int(T0),
+        filename=f"{b.id}_output.jsonl",
+        purpose="batch_output",
+        blob_key="files/file-out",
+        sha256="ab" * 32,
+        expires_at=int(T0) + 3600,
+    )
+    err = FileRecord(
+        id="file-err",
+        owner=ALICE,
+        bytes=10,
+        created_at=int(T0),
+        filename=f"{b.id}_error.jsonl",
+        purpose="batch_output",
+        blob_key="files/file-err",
+        sha256="cd" * 32,
+    )
+    assert not await store.finish_batch(b.id, "other", S.COMPLETED, out, err)
+    assert await store.get_file(None, out.id) is None
+    clock.advance(9)
+    assert await store.finish_batch(b.id, "f1", S.COMPLETED, out, err)
+    got = await store.get_batch(ALICE, b.id)
+    assert got is not None
+    assert got.status == S.COMPLETED
+    assert got.completed_at == int(T0 + 9)
+    assert (got.output_file_id, got.error_file_id) == ("file-out", "file-err")
+    assert (got.total, got.completed, got.failed) == (20, 20, 0)
+    assert await store.get_file(ALICE, "file-out") == out
+    assert await store.get_file(ALICE, "file-err") == err
+    page = await store.list_files(ALICE, purpose="batch_output", limit=10, order="asc", after=None)
+    assert [f.id for f in page.items] == ["file-out", "file-err"]
+    # finished: no more jobs, and the lease is released
+    clock.advance(LEASE * 10)
+    assert await store.claim_finalization("f2", LEASE) is None
+    assert not await store.finish_batch(b.id, "f1", S.COMPLETED, out, err)
+
+
+async def test_finish_batch_without_files(store: SQLiteStore) -> None:
+    b = await planned_batch(store, shards=1)
+    await run_all_shards(store, b)
+    assert await store.claim_finalization("f1", LEASE) is not None
+    assert await store.begin_finalizing(b.id, "f1") is not None
+    assert await store.finish_batch(b.id, "f1", S.EXPIRED, None, None)
+    got = await store.get_batch(ALICE, b.id)
+    assert got is not None
+    assert (got.status, got.expired_at, got.output_file_id, got.error_file_id) == (
+        S.EXPIRED,
+        int(T0),
+        None,
+        None,
+    )
+
+
+async def test_finish_batch_checks_the_transition(store: SQLiteStore) -> None:
+    b = await planned_batch(store, shards=1)
+    await run_all_shards(store, b)
+    assert await store.claim_finalization("f1", LEASE) is not None
+    # still in_progress: in_progress -> completed skips finalizing
+    with pytest.raises(IllegalTransition):
+        await store.finish_batch(b.id, "f1", S.COMPLETED, None, None)
+    got = await store.get_batch(ALICE, b.id)
+    assert got is not None and got.status == S.IN_PROGRESS
+
+
+async def test_zero_shard_batch_goes_straight_to_finalization(store: SQLiteStore) -> None:
+    _, b = await new_batch(store)
+    assert await store.claim_validation("w1", LEASE) is not None
+    assert await store.plan_batch(b.id, "w1", [], 0, None)
+    job = await store.claim_finalization("f1", LEASE)
+    assert job is not None and job.batch.id == b.id and job.batch.total == 0
