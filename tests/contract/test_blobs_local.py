@@ -256,11 +256,6 @@ async def test_invalid_keys(blobs: BlobStore, root: Path, key: str) -> None:
     assert files_under(root.parent) == []
 
 
-@pytest.mark.xfail(
-    reason="blobs/local.py _path: key '.' resolves to the root itself, so the writer's temp file lands in the "
-    "root's parent directory, outside the store",
-    strict=True,
-)
 async def test_dot_key_is_invalid(blobs: BlobStore, root: Path) -> None:
     try:
         with pytest.raises(BlobError):

@@ -184,7 +184,7 @@ async def test_bad_input_gets_an_openai_error_body(
 
 async def test_deadline_and_close(model_path: Path) -> None:
     up = EmbeddedUpstream(model_path=model_path, slots=1, embeddings=False)
-    long = orjson.dumps(chat("Write a long story about a dragon.", max_tokens=200))
+    long = orjson.dumps(chat("Write a long story about a dragon.", max_tokens=48))
     await up.start()
     with pytest.raises(UpstreamError) as e:
         await up.call("/v1/chat/completions", long, timeout=0.05)

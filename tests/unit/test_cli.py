@@ -259,11 +259,6 @@ def test_config_host_without_keys_is_refused(started: list[Settings], tmp_path: 
     assert started == []
 
 
-@pytest.mark.xfail(
-    reason="cli/main.py _load_config: TOML keys named like the options (upstream, api-key) do not match the "
-    "parameter names (upstreams, api_keys), so they are silently ignored",
-    strict=True,
-)
 def test_config_keys_named_like_repeatable_options(started: list[Settings], tmp_path: Path) -> None:
     cfg = tmp_path / "batchyard.toml"
     cfg.write_text('[serve]\nhost = "0.0.0.0"\napi-key = ["sk-cfg"]\nupstream = ["m=http://a/v1"]\n')

@@ -114,7 +114,7 @@ def parsed(outcome: Outcome) -> dict[str, Any]:
 async def test_success_goes_to_output_with_usage() -> None:
     up = Scripted(ok())
     out = await run(make(up))
-    assert out.ok and out.executed
+    assert out.ok and out.stopped is None
     assert out.usage == Usage(input_tokens=12, cached_tokens=2, output_tokens=5, reasoning_tokens=1)
     obj = parsed(out)
     assert obj["error"] is None
@@ -153,7 +153,7 @@ async def test_client_error_goes_to_error_file_with_body(delays: list[float]) ->
     }
     up = Scripted(status(400, json.dumps(body).encode()))
     out = await run(make(up))
-    assert not out.ok and out.executed
+    assert not out.ok and out.stopped is None
     assert out.usage is None
     obj = parsed(out)
     assert obj["response"] == {"status_code": 400, "request_id": "req_400", "body": body}
@@ -209,7 +209,7 @@ async def test_retry_after_is_honoured(delays: list[float]) -> None:
 async def test_retryable_status_forever_ends_as_error_line(delays: list[float], code: int) -> None:
     up = Scripted(status(code, b'{"error": {"message": "overloaded"}}'))
     out = await run(make(up, max_retries=3))
-    assert not out.ok and out.executed
+    assert not out.ok and out.stopped is None
     assert len(up.calls) == 4  # max_retries + 1
     assert len(delays) == 3
     obj = parsed(out)
@@ -307,7 +307,7 @@ async def test_stopped_line_is_not_executed(code: str) -> None:
     stop.set(code)
     out = await run(make(up), stop=stop)
     assert not out.ok
-    assert out.executed is False
+    assert out.stopped == code
     assert up.calls == []
     assert parsed(out)["error"] == {"code": code, "message": NOT_EXECUTED_MESSAGES[code]}
 
@@ -323,7 +323,7 @@ async def test_stop_between_retries_ends_the_line(delays: list[float]) -> None:
     out = await run(make(up), stop=stop)
     assert not out.ok
     assert len(up.calls) == 1
-    assert out.executed is True  # it was sent once
+    assert out.stopped == "batch_cancelled"  # sent once, then stopped before the retry
     assert parsed(out)["error"]["code"] == "batch_cancelled"
 
 

@@ -67,10 +67,6 @@ def test_invalid_windows(value: str) -> None:
     assert parse_completion_window(value) is None
 
 
-@pytest.mark.xfail(
-    reason="limits.py: `$` in _WINDOW also matches before a trailing newline, so '24h\\n' is accepted",
-    strict=True,
-)
 def test_trailing_newline_is_invalid() -> None:
     assert parse_completion_window("24h\n") is None
 

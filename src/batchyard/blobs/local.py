@@ -81,9 +81,13 @@ class LocalBlobStore(BlobStore):
 
     def _path(self, key: str) -> Path:
         # Keys are ours, but check anyway: a path never escapes the root.
-        if not key or not set(key) <= _SAFE or ".." in key.split("/") or key.startswith("/"):
+        parts = key.split("/")
+        if not key or not set(key) <= _SAFE or any(p in ("", ".", "..") for p in parts):
             raise BlobError(f"invalid blob key {key!r}")
-        return self.root / key
+        path = self.root / key
+        if self.root not in path.parents:
+            raise BlobError(f"invalid blob key {key!r}")
+        return path
 
     async def open_writer(self, key: str, *, max_bytes: int | None = None) -> BlobWriter:
         path = self._path(key)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import os
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, contextmanager
@@ -36,6 +37,7 @@ MAX_PART = 5 * 1024**3
 MAX_PARTS = 10_000
 DEFAULT_PART = 8 * 1024 * 1024
 CHECKSUM_ALGORITHMS = frozenset({"CRC32", "CRC32C", "CRC64NVME", "SHA1", "SHA256"})
+_NEEDS_CRT = frozenset({"CRC32C", "CRC64NVME"})  # botocore computes these only with awscrt (botocore[crt])
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./")
 _NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchUpload"})
 _CONCURRENCY = 8
@@ -202,7 +204,12 @@ class _S3Writer(BlobWriter):
                 created = await s3.create_multipart_upload(Bucket=bucket, Key=self._obj, **extra)
                 self._upload_id = str(created["UploadId"])
             result = await s3.upload_part(
-                Bucket=bucket, Key=self._obj, UploadId=self._upload_id, PartNumber=number, Body=self._take(), **extra
+                Bucket=bucket,
+                Key=self._obj,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=self._take(),
+                **extra,
             )
         self._parts.append(_completed_part(number, result))
 
@@ -210,7 +217,9 @@ class _S3Writer(BlobWriter):
         s3, bucket = await self._store.client(), self._store.bucket
         if self._upload_id is None:
             with _mapped(self._key):
-                await s3.put_object(Bucket=bucket, Key=self._obj, Body=self._take(), **self._store.checksum_args())
+                await s3.put_object(
+                    Bucket=bucket, Key=self._obj, Body=self._take(), **self._store.checksum_args()
+                )
             return
         if self._buf:
             await self._upload_part()
@@ -246,7 +255,8 @@ class S3BlobStore(BlobStore):
 
     `checksums`: False (default) sends no checksum headers, which every S3-compatible server accepts; True sends
     CRC32 like boto3's default; a name from CHECKSUM_ALGORITHMS picks the algorithm. `allow_http` permits an
-    http:// endpoint.
+    http:// endpoint. `part_size` is the upload buffer (one part in memory per writer); `max_attempts` bounds
+    botocore's retries of throttling, 5xx and connection errors.
     """
 
     def __init__(
@@ -262,6 +272,7 @@ class S3BlobStore(BlobStore):
         checksums: bool | str = False,
         allow_http: bool = False,
         part_size: int = DEFAULT_PART,
+        max_attempts: int = 5,
     ) -> None:
         if not bucket or set(bucket) & set("/:@?# "):
             raise ValueError(f"invalid bucket name {bucket!r}")
@@ -269,15 +280,20 @@ class S3BlobStore(BlobStore):
             raise ValueError(f"endpoint {endpoint} is plain http: pass allow_http=True (AWS_ALLOW_HTTP=true)")
         if not MIN_PART <= part_size <= MAX_PART:
             raise ValueError(f"part_size must be between {MIN_PART} and {MAX_PART} bytes")
-        algorithm = "CRC32" if checksums is True else (checksums or None)
-        if algorithm is not None and algorithm.upper() not in CHECKSUM_ALGORITHMS:
-            raise ValueError(f"unknown checksum algorithm {checksums!r}; one of {sorted(CHECKSUM_ALGORITHMS)}")
+        algorithm = "CRC32" if checksums is True else (checksums.upper() if checksums else None)
+        if algorithm is not None and algorithm not in CHECKSUM_ALGORITHMS:
+            raise ValueError(
+                f"unknown checksum algorithm {checksums!r}; one of {sorted(CHECKSUM_ALGORITHMS)}"
+            )
+        if algorithm in _NEEDS_CRT and importlib.util.find_spec("awscrt") is None:
+            raise ValueError(f"checksum algorithm {algorithm} needs botocore[crt] installed")
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint = endpoint
         self.region = region
-        self.checksum_algorithm = algorithm.upper() if algorithm else None
+        self.checksum_algorithm = algorithm
         self.part_size = part_size
+        self.max_attempts = max_attempts
         self._credentials = (access_key, secret_key, session_token)
         self._client: Any = None
         self._stack: AsyncExitStack | None = None
@@ -326,7 +342,7 @@ class S3BlobStore(BlobStore):
             s3={"addressing_style": "path" if self.endpoint else "auto"},
             request_checksum_calculation=mode,
             response_checksum_validation=mode,
-            retries={"mode": "standard", "max_attempts": 5},
+            retries={"mode": "standard", "max_attempts": self.max_attempts},
             connect_timeout=10,
             read_timeout=120,
         )
@@ -387,7 +403,9 @@ class S3BlobStore(BlobStore):
         async for chunk in self._stream(key, chunk_size=chunk_size):
             yield chunk
 
-    async def _stream(self, key: str, *, chunk_size: int = 1 << 20, etag: str | None = None) -> AsyncIterator[bytes]:
+    async def _stream(
+        self, key: str, *, chunk_size: int = 1 << 20, etag: str | None = None
+    ) -> AsyncIterator[bytes]:
         s3, obj = await self.client(), self.object_key(key)
         match = {"IfMatch": etag} if etag else {}
         with _mapped(key):

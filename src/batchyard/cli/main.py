@@ -25,7 +25,16 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise click.BadParameter(f"cannot read {value}: {e}") from e
         section: dict[str, Any] = data.get("serve", data)
-        defaults = {k.replace("-", "_"): v for k, v in section.items() if not isinstance(v, dict)}
+        # Keys are named like the options (`api-key`, `upstream`, `data_dir`): map them to the parameter names.
+        names = {o.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params for o in p.opts if p.name}
+        defaults = {}
+        for k, v in section.items():
+            if isinstance(v, dict):
+                continue
+            name = names.get(k.replace("-", "_"))
+            if name is None:
+                raise click.BadParameter(f"{value}: unknown option {k!r}")
+            defaults[name] = v
         ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 

@@ -24,7 +24,7 @@ _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def parse_completion_window(value: str) -> int | None:
     """Seconds for "24h" (OpenAI) or any "<n>s|m|h|d" up to 7 days (batchyard extension); None if invalid."""
-    m = _WINDOW.match(value)
+    m = _WINDOW.fullmatch(value)
     if m is None:
         return None
     seconds = int(m.group(1)) * _UNIT[m.group(2)]

@@ -190,6 +190,7 @@ def _extract(archive: Path, target: Path, source: ModelSource) -> None:
                 _copy_checked(src, out, source)
                 out.flush()
                 os.fsync(out.fileno())
+        part.chmod(0o644)  # mkstemp made it 0600; the model is no secret and a cache may be shared
         os.replace(part, target)
     except zipfile.BadZipFile as e:
         raise ModelError(f"the downloaded archive is not a valid zip file: {e}") from e

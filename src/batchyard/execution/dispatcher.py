@@ -21,7 +21,7 @@ class Outcome:
     ok: bool  # True: goes to the output file
     line: bytes
     usage: Usage | None = None
-    executed: bool = True  # False: never sent (the batch was cancelled or expired)
+    stopped: str | None = None  # batch_cancelled / batch_expired: the line was not executed to the end
 
 
 class StopSignal:
@@ -70,7 +70,7 @@ class Dispatcher:
         retries = 0
         while True:
             if stop.code is not None:
-                return Outcome(False, lines.not_executed_line(custom_id, stop.code), executed=retries > 0)
+                return Outcome(False, lines.not_executed_line(custom_id, stop.code), stopped=stop.code)
             try:
                 async with slot:
                     resp = await upstream.call(endpoint, payload, timeout=self._attempt_timeout)

@@ -59,7 +59,7 @@ class _Attempt:
         else:
             await self.err.write(outcome.line)
             self.failed += 1
-            if not outcome.executed and self.stop.code == "batch_expired":
+            if outcome.stopped == "batch_expired":
                 self.expired += 1
         if outcome.usage is not None:
             self.usage.add(outcome.usage)
@@ -127,7 +127,7 @@ class ShardRunner:
             custom_id: str = req["custom_id"]
             if att.stop.code is not None:
                 await att.record(
-                    Outcome(False, lines.not_executed_line(custom_id, att.stop.code), executed=False)
+                    Outcome(False, lines.not_executed_line(custom_id, att.stop.code), stopped=att.stop.code)
                 )
                 continue
             try:
@@ -137,7 +137,7 @@ class ShardRunner:
                 # in-flight lines of a cancelled/expired batch ran out (the line is recorded as not executed).
                 if att.lost or not att.hard_stop or att.stop.code is None:
                     raise
-                outcome = Outcome(False, lines.not_executed_line(custom_id, att.stop.code), executed=False)
+                outcome = Outcome(False, lines.not_executed_line(custom_id, att.stop.code), stopped=att.stop.code)
             await att.record(outcome)
 
     async def _heartbeat(self, att: _Attempt, lanes: list[asyncio.Task[None]]) -> None:

