@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import FastAPI
@@ -36,6 +37,55 @@ def build_router(settings: Settings) -> Router:
     return Router(routes)
 
 
+class WorkerThread:
+    """A worker running on a dedicated thread with its own event loop (uvloop where available)."""
+
+    def __init__(self, worker: Worker, router: Router, on_death: Callable[[], None]) -> None:
+        self.worker = worker
+        self.router = router
+        self.on_death = on_death
+        self._thread = threading.Thread(target=self._main, name="batchyard-worker", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._ready = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(30)
+
+    def _main(self) -> None:
+        try:
+            import uvloop
+
+            uvloop.run(self._run())
+        except ImportError:  # pragma: no cover - platforms without uvloop
+            asyncio.run(self._run())
+
+    async def _run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._ready.set()
+        try:
+            for up in self.router.upstreams:
+                await up.start()
+            await self.worker.run()
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("worker stopped")
+            self.on_death()
+        finally:
+            for up in self.router.upstreams:
+                await up.close()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(task.cancel)
+        self._thread.join(timeout)
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -57,33 +107,31 @@ class Runtime:
         return Services(self.store, self.blobs, self.router, self.settings, notify)
 
     @contextlib.asynccontextmanager
-    async def running(self, on_worker_death: asyncio.Event | None = None) -> AsyncIterator[None]:
+    async def running(self, on_worker_death: Callable[[], None] | None = None) -> AsyncIterator[None]:
+        """Open the store; run the worker (if any) on its own thread and event loop until the block exits.
+
+        The worker gets its own loop so that a busy batch never delays the API: GET /v1/batches/{id} stays fast
+        while thousands of lines are in flight.
+        """
         await self.store.open()
-        for up in self.router.upstreams:
-            await up.start()
-        task: asyncio.Task[None] | None = None
+        thread: WorkerThread | None = None
         if self.worker is not None:
-            task = asyncio.create_task(self.worker.run(), name="worker")
+            api_loop = asyncio.get_running_loop()
 
-            def died(t: asyncio.Task[None]) -> None:
-                if not t.cancelled() and t.exception() is not None:
-                    log.error("worker stopped", exc_info=t.exception())
-                    if on_worker_death is not None:
-                        on_worker_death.set()
+            def died() -> None:
+                if on_worker_death is not None:
+                    api_loop.call_soon_threadsafe(on_worker_death)
 
-            task.add_done_callback(died)
+            thread = WorkerThread(self.worker, self.router, died)
+            thread.start()
         try:
             yield
         finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            for up in self.router.upstreams:
-                await up.close()
+            if thread is not None:
+                await asyncio.to_thread(thread.stop)
             await self.store.close()
 
-    def app(self, on_worker_death: asyncio.Event | None = None) -> FastAPI:
+    def app(self, on_worker_death: Callable[[], None] | None = None) -> FastAPI:
         app = create_app(self.services())
 
         @contextlib.asynccontextmanager

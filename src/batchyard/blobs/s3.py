@@ -396,8 +396,11 @@ class S3BlobStore(BlobStore):
                 if e.response.get("Error", {}).get("Code") == "InvalidRange":
                     return b""  # start at or past the end, like reading past EOF
                 raise
-            async with resp["Body"] as body:
+            body = resp["Body"]
+            try:
                 return bytes(await body.read())
+            finally:
+                body.close()  # plain close(): aiobotocore 2.x's `async with` yields the raw aiohttp response
 
     async def stream(self, key: str, *, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
         async for chunk in self._stream(key, chunk_size=chunk_size):
@@ -410,13 +413,16 @@ class S3BlobStore(BlobStore):
         match = {"IfMatch": etag} if etag else {}
         with _mapped(key):
             resp = await s3.get_object(Bucket=self.bucket, Key=obj, **match)
-        async with resp["Body"] as body:
+        body = resp["Body"]
+        try:
             while True:
                 with _mapped(key):
                     chunk = await _read_full(body, chunk_size)
                 if not chunk:
                     return
                 yield chunk
+        finally:
+            body.close()
 
     async def compose(self, key: str, sources: Sequence[str]) -> BlobInfo:
         self.object_key(key)

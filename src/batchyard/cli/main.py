@@ -26,7 +26,9 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
             raise click.BadParameter(f"cannot read {value}: {e}") from e
         section: dict[str, Any] = data.get("serve", data)
         # Keys are named like the options (`api-key`, `upstream`, `data_dir`): map them to the parameter names.
-        names = {o.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params for o in p.opts if p.name}
+        names = {
+            o.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params for o in p.opts if p.name
+        }
         defaults = {}
         for k, v in section.items():
             if isinstance(v, dict):
@@ -224,7 +226,7 @@ async def _serve(settings: Settings) -> int:
     died = asyncio.Event()
     rt = Runtime.create(settings)
     config = uvicorn.Config(
-        rt.app(died),
+        rt.app(died.set),
         host=settings.host,
         port=settings.port,
         log_level="warning",

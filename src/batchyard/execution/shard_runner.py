@@ -137,7 +137,9 @@ class ShardRunner:
                 # in-flight lines of a cancelled/expired batch ran out (the line is recorded as not executed).
                 if att.lost or not att.hard_stop or att.stop.code is None:
                     raise
-                outcome = Outcome(False, lines.not_executed_line(custom_id, att.stop.code), stopped=att.stop.code)
+                outcome = Outcome(
+                    False, lines.not_executed_line(custom_id, att.stop.code), stopped=att.stop.code
+                )
             await att.record(outcome)
 
     async def _heartbeat(self, att: _Attempt, lanes: list[asyncio.Task[None]]) -> None:

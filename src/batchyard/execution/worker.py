@@ -42,10 +42,21 @@ class Worker:
         )
         self.runner = ShardRunner(store, blobs, self.dispatcher, settings)
         self._wake = asyncio.Event()
+        self._event_loop: asyncio.AbstractEventLoop | None = None
 
     def wake(self) -> None:
-        """Poll now (called by an in-process API when it creates or cancels a batch)."""
-        self._wake.set()
+        """Poll now. Safe to call from any thread (the API runs on another event loop than the worker)."""
+        loop = self._event_loop
+        if loop is None:
+            return
+        try:
+            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if current is loop:
+            self._wake.set()
+        else:
+            loop.call_soon_threadsafe(self._wake.set)
 
     async def _idle(self) -> None:
         with contextlib.suppress(TimeoutError):
@@ -101,6 +112,7 @@ class Worker:
 
     async def run(self) -> None:
         """Run every loop until cancelled; an exception in one loop cancels the others and propagates."""
+        self._event_loop = asyncio.get_running_loop()
         log.info("worker %s started", self.id)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._loop(self.validate_once), name="validator")

@@ -66,7 +66,9 @@ class HTTPUpstream(Upstream):
         assert self._session is not None
         try:
             async with asyncio.timeout(timeout):
-                async with self._session.post(self.url_for(endpoint), data=body, allow_redirects=False) as resp:
+                async with self._session.post(
+                    self.url_for(endpoint), data=body, allow_redirects=False
+                ) as resp:
                     length = resp.content_length
                     if length is not None and length <= self._max_body:
                         data = await resp.read()
