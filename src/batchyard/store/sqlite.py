@@ -602,6 +602,19 @@ class SQLiteStore(MetadataStore):
 
         await self._run(q)
 
+    async def release_all(self) -> None:
+        """Give back every lease (only for a single-process owner of this database, such as `batchyard run`)."""
+
+        def q(db: sqlite3.Connection) -> None:
+            with self._tx(db):
+                db.execute(
+                    "UPDATE shards SET status = 'pending', lease_owner = NULL, lease_until = NULL "
+                    "WHERE status = 'running'"
+                )
+                db.execute("UPDATE batches SET job_owner = NULL, job_lease_until = NULL")
+
+        await self._run(q)
+
     async def release_job(self, batch_id: str, worker: str) -> None:
         def q(db: sqlite3.Connection) -> None:
             db.execute(

@@ -1,0 +1,44 @@
+"""A dependency-free progress bar for the terminal (stderr); plain periodic lines when stderr is not a TTY."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+class ProgressBar:
+    def __init__(self, total: int, label: str = "", stream: TextIO | None = None, width: int = 30) -> None:
+        self.total = max(total, 0)
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.start = time.monotonic()
+        self._last_plain = 0.0
+        self._tty = self.stream.isatty()
+        self._first: int | None = None
+
+    def update(self, done: int, failed: int = 0, status: str = "") -> None:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        frac = min(1.0, done / self.total) if self.total else 0.0
+        filled = int(frac * self.width)
+        bar = "#" * filled + "-" * (self.width - filled)
+        if self._first is None:
+            self._first = done  # resumed runs: the rate counts this run's lines only
+        rate = (done - self._first) / elapsed
+        text = (
+            f"{self.label} [{bar}] {done}/{self.total} lines ({frac * 100:5.1f}%)  failed {failed}  "
+            f"{rate:7.1f} lines/s  {status}"
+        )
+        if self._tty:
+            self.stream.write("\r" + text.ljust(110)[:160])
+            self.stream.flush()
+        elif time.monotonic() - self._last_plain >= 2.0 or done >= self.total:
+            self._last_plain = time.monotonic()
+            self.stream.write(text.rstrip() + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self._tty:
+            self.stream.write("\n")
+            self.stream.flush()
