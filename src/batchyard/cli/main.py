@@ -139,6 +139,12 @@ _EXECUTION_OPTIONS = [
         type=click.IntRange(1, 100_000_000),
         help="Most request lines in one batch input file.",
     ),
+    _opt(
+        "--max-response-bytes",
+        default=64 * 1024 * 1024,
+        type=click.IntRange(1024),
+        help="Largest upstream response body; a larger one ends the line as upstream_too_large.",
+    ),
     _opt("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"])),
 ]
 
@@ -164,6 +170,7 @@ def settings_from(opts: dict[str, Any], **extra: Any) -> Settings:
         max_retries=opts["max_retries"],
         cancel_grace=opts["cancel_grace"],
         max_lines=opts["max_lines"],
+        max_response_bytes=opts["max_response_bytes"],
         **extra,
     )
 

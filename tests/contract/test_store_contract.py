@@ -1,9 +1,10 @@
-"""MetadataStore contract, run against SQLiteStore with a fake clock (leases expire when the test says so)."""
+"""MetadataStore contract, run against every backend (SQLite, PostgreSQL) with a fake clock (leases expire when the
+test says so). The `store` fixture and its parametrization live in conftest.py."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
+import time
 from pathlib import Path
 
 import pytest
@@ -14,40 +15,11 @@ from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.store.base import BatchJob, MetadataStore
 from batchyard.store.sqlite import SQLiteStore, migrations
+from tests.contract.conftest import T0, Clock, StoreFactory
 
 S = BatchStatus
-T0 = 1_700_000_000.25
 LEASE = 10.0
 ALICE, BOB = "key_alice", "key_bob"
-
-
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "meta" / "batchyard.sqlite3"
-
-
-@pytest.fixture
-async def store(db_path: Path, clock: Clock) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(db_path, clock=clock)
-    await s.open()
-    yield s
-    await s.close()
 
 
 # -- helpers --------------------------------------------------------------------------------------------------
@@ -144,14 +116,42 @@ async def run_all_shards(store: MetadataStore, batch: BatchRecord) -> None:
 # -- lifecycle ------------------------------------------------------------------------------------------------
 
 
-async def test_now_is_the_store_clock(store: SQLiteStore, clock: Clock) -> None:
+async def test_now_is_the_store_clock(store: MetadataStore, clock: Clock) -> None:
     assert await store.now() == T0
     clock.advance(5)
     assert await store.now() == T0 + 5
 
 
-async def test_closed_store_raises_store_error(db_path: Path, clock: Clock) -> None:
-    s = SQLiteStore(db_path, clock=clock)
+async def test_without_a_clock_the_store_keeps_time_itself(make_store: StoreFactory) -> None:
+    # SQLite: this machine's clock; PostgreSQL: the database server's (here on this machine too).
+    s = make_store()
+    await s.open()
+    try:
+        before = time.time()
+        now = await s.now()
+        assert before - 5 < now < time.time() + 5
+        _, b = await new_batch(s)
+        job = await s.claim_validation("w1", LEASE)
+        assert job is not None and now <= job.db_now < now + 5
+        assert await s.claim_validation("w2", LEASE) is None
+        assert await s.plan_batch(b.id, "w1", plans(1), 10, "m")
+        got = await s.get_batch(ALICE, b.id)
+        assert got is not None and got.in_progress_at is not None
+        assert int(now) <= got.in_progress_at <= int(time.time()) + 5
+        # a lease that ended before it began is taken over at once; heartbeats report the store's time
+        first = await s.claim_shard("w1", -1.0)
+        assert first is not None and now <= first.db_now
+        second = await claim(s, "w2")
+        assert second.attempt == 2 and second.db_now >= first.db_now
+        hb = await s.heartbeat_shard(second, LEASE, 1, 0, Usage())
+        assert hb is not None and hb.db_now >= second.db_now
+        assert await s.heartbeat_shard(first, LEASE, 1, 0, Usage()) is None
+    finally:
+        await s.close()
+
+
+async def test_closed_store_raises_store_error(make_store: StoreFactory, clock: Clock) -> None:
+    s = make_store(clock)
     with pytest.raises(StoreError):
         await s.get_file(None, "file-x")
     await s.open()
@@ -159,6 +159,7 @@ async def test_closed_store_raises_store_error(db_path: Path, clock: Clock) -> N
 
 
 async def test_migrations_applied_once(db_path: Path, clock: Clock) -> None:
+    """SQLite only (the file's journal mode); both backends: tests/contract/test_migrations.py."""
     versions = [v for v, _ in migrations()]
     assert versions == sorted(set(versions))
     assert versions[0] == 1
@@ -175,8 +176,8 @@ async def test_migrations_applied_once(db_path: Path, clock: Clock) -> None:
     assert journal == "wal"
 
 
-async def test_reopen_finds_everything(db_path: Path, clock: Clock) -> None:
-    s1 = SQLiteStore(db_path, clock=clock)
+async def test_reopen_finds_everything(make_store: StoreFactory, clock: Clock) -> None:
+    s1 = make_store(clock)
     await s1.open()
     b = await planned_batch(s1, shards=2)
     f = await s1.get_file(ALICE, b.input_file_id)
@@ -184,7 +185,7 @@ async def test_reopen_finds_everything(db_path: Path, clock: Clock) -> None:
     assert await s1.complete_shard(c, result(10, 0, Usage(5, 1, 7, 2), tag="a"), 0)
     await s1.close()
 
-    s2 = SQLiteStore(db_path, clock=clock)
+    s2 = make_store(clock)
     await s2.open()
     try:
         assert await s2.get_file(ALICE, b.input_file_id) == f
@@ -207,7 +208,7 @@ async def test_reopen_finds_everything(db_path: Path, clock: Clock) -> None:
 # -- files ----------------------------------------------------------------------------------------------------
 
 
-async def test_insert_and_get_file(store: SQLiteStore) -> None:
+async def test_insert_and_get_file(store: MetadataStore) -> None:
     f = file_rec(expires_at=int(T0) + 3600)
     await store.insert_file(f)
     assert await store.get_file(ALICE, f.id) == f
@@ -216,14 +217,14 @@ async def test_insert_and_get_file(store: SQLiteStore) -> None:
     assert await store.get_file(ALICE, "file-missing") is None
 
 
-async def test_duplicate_file_id_is_a_store_error(store: SQLiteStore) -> None:
+async def test_duplicate_file_id_is_a_store_error(store: MetadataStore) -> None:
     f = file_rec()
     await store.insert_file(f)
     with pytest.raises(StoreError):
         await store.insert_file(f)
 
 
-async def test_list_files_owner_isolation_and_order(store: SQLiteStore) -> None:
+async def test_list_files_owner_isolation_and_order(store: MetadataStore) -> None:
     mine = [file_rec() for _ in range(3)]
     theirs = file_rec(BOB)
     for f in [mine[0], theirs, mine[1], mine[2]]:
@@ -237,7 +238,7 @@ async def test_list_files_owner_isolation_and_order(store: SQLiteStore) -> None:
     assert [f.id for f in page.items] == [theirs.id]
 
 
-async def test_list_files_purpose_filter(store: SQLiteStore) -> None:
+async def test_list_files_purpose_filter(store: MetadataStore) -> None:
     a = file_rec(purpose="batch")
     b = file_rec(purpose="batch_output")
     c = file_rec(purpose="batch")
@@ -252,7 +253,7 @@ async def test_list_files_purpose_filter(store: SQLiteStore) -> None:
 
 
 @pytest.mark.parametrize("order", ["asc", "desc"])
-async def test_list_files_pagination(store: SQLiteStore, order: str) -> None:
+async def test_list_files_pagination(store: MetadataStore, order: str) -> None:
     files = [file_rec() for _ in range(7)]
     for f in files:
         await store.insert_file(f)
@@ -272,7 +273,7 @@ async def test_list_files_pagination(store: SQLiteStore, order: str) -> None:
     assert pages == [True, True, False]
 
 
-async def test_list_files_exact_page_has_no_more(store: SQLiteStore) -> None:
+async def test_list_files_exact_page_has_no_more(store: MetadataStore) -> None:
     for _ in range(3):
         await store.insert_file(file_rec())
     page = await store.list_files(ALICE, purpose=None, limit=3, order="asc", after=None)
@@ -280,7 +281,7 @@ async def test_list_files_exact_page_has_no_more(store: SQLiteStore) -> None:
     assert page.has_more is False
 
 
-async def test_list_files_after_foreign_or_unknown_cursor_is_empty(store: SQLiteStore) -> None:
+async def test_list_files_after_foreign_or_unknown_cursor_is_empty(store: MetadataStore) -> None:
     theirs = file_rec(BOB)
     await store.insert_file(theirs)
     await store.insert_file(file_rec())
@@ -289,7 +290,7 @@ async def test_list_files_after_foreign_or_unknown_cursor_is_empty(store: SQLite
         assert (page.items, page.has_more) == ([], False)
 
 
-async def test_delete_file(store: SQLiteStore) -> None:
+async def test_delete_file(store: MetadataStore) -> None:
     f = file_rec()
     await store.insert_file(f)
     assert await store.delete_file(BOB, f.id) is None
@@ -302,7 +303,7 @@ async def test_delete_file(store: SQLiteStore) -> None:
     assert page.items == []
 
 
-async def test_deleted_cursor_still_paginates(store: SQLiteStore) -> None:
+async def test_deleted_cursor_still_paginates(store: MetadataStore) -> None:
     files = [file_rec() for _ in range(3)]
     for f in files:
         await store.insert_file(f)
@@ -324,14 +325,14 @@ async def test_deleted_cursor_still_paginates(store: SQLiteStore) -> None:
         (S.CANCELLED, True),
     ],
 )
-async def test_delete_file_used_by_a_batch(store: SQLiteStore, status: BatchStatus, removable: bool) -> None:
+async def test_delete_file_used_by_a_batch(store: MetadataStore, status: BatchStatus, removable: bool) -> None:
     f = file_rec()
     await store.insert_file(f)
     await store.insert_batch(batch_rec(f.id, status=status))
     assert await store.delete_file(ALICE, f.id) == (f, removable)
 
 
-async def test_expired_files(store: SQLiteStore, clock: Clock) -> None:
+async def test_expired_files(store: MetadataStore, clock: Clock) -> None:
     soon = file_rec(expires_at=int(T0) + 60)
     later = file_rec(expires_at=int(T0) + 3600)
     never = file_rec()
@@ -350,7 +351,7 @@ async def test_expired_files(store: SQLiteStore, clock: Clock) -> None:
 # -- batches --------------------------------------------------------------------------------------------------
 
 
-async def test_insert_and_get_batch(store: SQLiteStore) -> None:
+async def test_insert_and_get_batch(store: MetadataStore) -> None:
     _, b = await new_batch(store)
     got = await store.get_batch(ALICE, b.id)
     assert got == b
@@ -360,7 +361,7 @@ async def test_insert_and_get_batch(store: SQLiteStore) -> None:
     assert await store.get_batch(ALICE, "batch_missing") is None
 
 
-async def test_batch_without_metadata(store: SQLiteStore) -> None:
+async def test_batch_without_metadata(store: MetadataStore) -> None:
     f = file_rec()
     await store.insert_file(f)
     b = batch_rec(f.id)
@@ -370,7 +371,7 @@ async def test_batch_without_metadata(store: SQLiteStore) -> None:
     assert await store.get_batch(ALICE, b.id) == b
 
 
-async def test_list_batches_newest_first_with_pagination(store: SQLiteStore) -> None:
+async def test_list_batches_newest_first_with_pagination(store: MetadataStore) -> None:
     mine = [(await new_batch(store))[1] for _ in range(5)]
     await new_batch(store, BOB)
     newest_first = [b.id for b in reversed(mine)]
@@ -388,7 +389,7 @@ async def test_list_batches_newest_first_with_pagination(store: SQLiteStore) -> 
     assert not everything.has_more
 
 
-async def test_list_batches_owner_isolation(store: SQLiteStore) -> None:
+async def test_list_batches_owner_isolation(store: MetadataStore) -> None:
     _, mine = await new_batch(store)
     _, theirs = await new_batch(store, BOB)
     assert [b.id for b in (await store.list_batches(BOB, limit=10, after=None)).items] == [theirs.id]
@@ -399,7 +400,7 @@ async def test_list_batches_owner_isolation(store: SQLiteStore) -> None:
 
 @pytest.mark.parametrize("status", [S.VALIDATING, S.IN_PROGRESS])
 async def test_request_cancel_moves_to_cancelling(
-    store: SQLiteStore, clock: Clock, status: BatchStatus
+    store: MetadataStore, clock: Clock, status: BatchStatus
 ) -> None:
     f = file_rec()
     await store.insert_file(f)
@@ -416,7 +417,7 @@ async def test_request_cancel_moves_to_cancelling(
 @pytest.mark.parametrize(
     "status", [S.CANCELLING, S.FINALIZING, S.COMPLETED, S.FAILED, S.EXPIRED, S.CANCELLED]
 )
-async def test_request_cancel_leaves_other_states(store: SQLiteStore, status: BatchStatus) -> None:
+async def test_request_cancel_leaves_other_states(store: MetadataStore, status: BatchStatus) -> None:
     f = file_rec()
     await store.insert_file(f)
     b = batch_rec(f.id, status=status)
@@ -426,7 +427,7 @@ async def test_request_cancel_leaves_other_states(store: SQLiteStore, status: Ba
     assert got is not None and got.cancelling_at is None
 
 
-async def test_request_cancel_twice_keeps_the_first_stamp(store: SQLiteStore, clock: Clock) -> None:
+async def test_request_cancel_twice_keeps_the_first_stamp(store: MetadataStore, clock: Clock) -> None:
     _, b = await new_batch(store)
     first = await store.request_cancel(ALICE, b.id)
     clock.advance(100)
@@ -436,7 +437,7 @@ async def test_request_cancel_twice_keeps_the_first_stamp(store: SQLiteStore, cl
     assert second.cancelling_at == first.cancelling_at == int(T0)
 
 
-async def test_request_cancel_other_owner_or_unknown(store: SQLiteStore) -> None:
+async def test_request_cancel_other_owner_or_unknown(store: MetadataStore) -> None:
     _, b = await new_batch(store)
     assert await store.request_cancel(BOB, b.id) is None
     assert await store.request_cancel(ALICE, "batch_missing") is None
@@ -447,7 +448,7 @@ async def test_request_cancel_other_owner_or_unknown(store: SQLiteStore) -> None
 # -- validation jobs ------------------------------------------------------------------------------------------
 
 
-async def test_claim_validation_returns_the_batch_and_its_file(store: SQLiteStore) -> None:
+async def test_claim_validation_returns_the_batch_and_its_file(store: MetadataStore) -> None:
     assert await store.claim_validation("w1", LEASE) is None
     f, b = await new_batch(store)
     job = await store.claim_validation("w1", LEASE)
@@ -457,7 +458,7 @@ async def test_claim_validation_returns_the_batch_and_its_file(store: SQLiteStor
     assert job.db_now == T0
 
 
-async def test_claim_validation_oldest_first(store: SQLiteStore) -> None:
+async def test_claim_validation_oldest_first(store: MetadataStore) -> None:
     _, first = await new_batch(store)
     _, second = await new_batch(store, BOB)
     j1 = await store.claim_validation("w1", LEASE)
@@ -467,7 +468,7 @@ async def test_claim_validation_oldest_first(store: SQLiteStore) -> None:
     assert await store.claim_validation("w3", LEASE) is None
 
 
-async def test_validation_lease(store: SQLiteStore, clock: Clock) -> None:
+async def test_validation_lease(store: MetadataStore, clock: Clock) -> None:
     _, b = await new_batch(store)
     assert await store.claim_validation("w1", LEASE) is not None
     assert await store.claim_validation("w2", LEASE) is None
@@ -485,7 +486,7 @@ async def test_validation_lease(store: SQLiteStore, clock: Clock) -> None:
     assert await store.plan_batch(b.id, "w2", plans(1), 10, "m")
 
 
-async def test_extend_job(store: SQLiteStore, clock: Clock) -> None:
+async def test_extend_job(store: MetadataStore, clock: Clock) -> None:
     _, b = await new_batch(store)
     assert await store.claim_validation("w1", LEASE) is not None
     clock.advance(LEASE - 1)
@@ -496,7 +497,7 @@ async def test_extend_job(store: SQLiteStore, clock: Clock) -> None:
     assert await store.claim_validation("w2", LEASE) is not None
 
 
-async def test_plan_batch(store: SQLiteStore, clock: Clock) -> None:
+async def test_plan_batch(store: MetadataStore, clock: Clock) -> None:
     f, b = await new_batch(store)
     assert await store.claim_validation("w1", LEASE) is not None
     assert not await store.plan_batch(b.id, "intruder", plans(3), 30, "m")
@@ -518,7 +519,7 @@ async def test_plan_batch(store: SQLiteStore, clock: Clock) -> None:
     assert c.input_blob_key == f.blob_key
 
 
-async def test_plan_cancelling_batch_stays_cancelling(store: SQLiteStore) -> None:
+async def test_plan_cancelling_batch_stays_cancelling(store: MetadataStore) -> None:
     _, b = await new_batch(store)
     assert await store.claim_validation("w1", LEASE) is not None
     cancelled = await store.request_cancel(ALICE, b.id)
@@ -533,7 +534,7 @@ async def test_plan_cancelling_batch_stays_cancelling(store: SQLiteStore) -> Non
     assert c.batch_status == S.CANCELLING
 
 
-async def test_claim_validation_of_a_batch_cancelled_before_it_was_validated(store: SQLiteStore) -> None:
+async def test_claim_validation_of_a_batch_cancelled_before_it_was_validated(store: MetadataStore) -> None:
     _, b = await new_batch(store)
     await store.request_cancel(ALICE, b.id)
     job = await store.claim_validation("w1", LEASE)
@@ -542,7 +543,7 @@ async def test_claim_validation_of_a_batch_cancelled_before_it_was_validated(sto
     assert job.batch.status == S.CANCELLING
 
 
-async def test_fail_batch(store: SQLiteStore, clock: Clock) -> None:
+async def test_fail_batch(store: MetadataStore, clock: Clock) -> None:
     _, b = await new_batch(store)
     assert await store.claim_validation("w1", LEASE) is not None
     errors = [{"code": "invalid_json", "message": "bad line", "param": None, "line": 3}]
@@ -560,7 +561,7 @@ async def test_fail_batch(store: SQLiteStore, clock: Clock) -> None:
     assert not await store.fail_batch(b.id, "w1", errors)
 
 
-async def test_fail_cancelling_batch_ends_cancelled(store: SQLiteStore) -> None:
+async def test_fail_cancelling_batch_ends_cancelled(store: MetadataStore) -> None:
     _, b = await new_batch(store)
     assert await store.claim_validation("w1", LEASE) is not None
     await store.request_cancel(ALICE, b.id)
@@ -574,7 +575,7 @@ async def test_fail_cancelling_batch_ends_cancelled(store: SQLiteStore) -> None:
 # -- shards ---------------------------------------------------------------------------------------------------
 
 
-async def test_claim_shard_gives_each_pending_shard_once(store: SQLiteStore) -> None:
+async def test_claim_shard_gives_each_pending_shard_once(store: MetadataStore) -> None:
     b = await planned_batch(store, shards=3)
     claims = [await claim(store, f"w{i}") for i in range(3)]
     assert await store.claim_shard("w9", LEASE) is None
@@ -595,12 +596,12 @@ async def test_claim_shard_gives_each_pending_shard_once(store: SQLiteStore) -> 
         assert c.db_now == T0
 
 
-async def test_unplanned_batch_has_no_shards_to_claim(store: SQLiteStore) -> None:
+async def test_unplanned_batch_has_no_shards_to_claim(store: MetadataStore) -> None:
     await new_batch(store)  # validating: no shards yet
     assert await store.claim_shard("w1", LEASE) is None
 
 
-async def test_expired_shard_lease_is_taken_over(store: SQLiteStore, clock: Clock) -> None:
+async def test_expired_shard_lease_is_taken_over(store: MetadataStore, clock: Clock) -> None:
     await planned_batch(store, shards=1)
     old = await claim(store, "w1")
     assert await store.claim_shard("w2", LEASE) is None
@@ -616,7 +617,7 @@ async def test_expired_shard_lease_is_taken_over(store: SQLiteStore, clock: Cloc
     assert third.attempt == 3
 
 
-async def test_heartbeat_extends_the_lease(store: SQLiteStore, clock: Clock) -> None:
+async def test_heartbeat_extends_the_lease(store: MetadataStore, clock: Clock) -> None:
     b = await planned_batch(store, shards=1)
     c = await claim(store, "w1")
     clock.advance(LEASE - 1)
@@ -629,7 +630,7 @@ async def test_heartbeat_extends_the_lease(store: SQLiteStore, clock: Clock) -> 
     assert await store.claim_shard("w2", LEASE) is not None
 
 
-async def test_heartbeat_reports_cancellation(store: SQLiteStore) -> None:
+async def test_heartbeat_reports_cancellation(store: MetadataStore) -> None:
     b = await planned_batch(store, shards=1)
     c = await claim(store, "w1")
     await store.request_cancel(ALICE, b.id)
@@ -637,7 +638,7 @@ async def test_heartbeat_reports_cancellation(store: SQLiteStore) -> None:
     assert hb is not None and hb.batch_status == S.CANCELLING
 
 
-async def test_fencing_after_takeover(store: SQLiteStore, clock: Clock) -> None:
+async def test_fencing_after_takeover(store: MetadataStore, clock: Clock) -> None:
     b = await planned_batch(store, shards=1)
     old = await claim(store, "w1")
     assert await store.heartbeat_shard(old, LEASE, 4, 1, Usage(40, 0, 4, 0)) is not None
@@ -669,7 +670,7 @@ async def test_fencing_after_takeover(store: SQLiteStore, clock: Clock) -> None:
 
 
 async def test_old_attempt_fenced_even_when_the_same_worker_reclaims(
-    store: SQLiteStore, clock: Clock
+    store: MetadataStore, clock: Clock
 ) -> None:
     await planned_batch(store, shards=1)
     old = await claim(store, "w1")
@@ -681,7 +682,7 @@ async def test_old_attempt_fenced_even_when_the_same_worker_reclaims(
     assert await store.complete_shard(new, result(10, 0, tag="new"), 0)
 
 
-async def test_counts_and_usage_are_sums_over_shards(store: SQLiteStore) -> None:
+async def test_counts_and_usage_are_sums_over_shards(store: MetadataStore) -> None:
     b = await planned_batch(store, shards=3)
     c0, c1, c2 = [await claim(store, f"w{i}") for i in range(3)]
     # live progress from heartbeats, before any shard is done
@@ -704,7 +705,7 @@ async def test_counts_and_usage_are_sums_over_shards(store: SQLiteStore) -> None
     assert got.to_wire()["usage"]["total_tokens"] == 300
 
 
-async def test_counts_do_not_mix_batches(store: SQLiteStore) -> None:
+async def test_counts_do_not_mix_batches(store: MetadataStore) -> None:
     b1 = await planned_batch(store, shards=1)
     b2 = await planned_batch(store, shards=1, owner=BOB)
     c1 = await claim(store, "w1")
@@ -718,7 +719,7 @@ async def test_counts_do_not_mix_batches(store: SQLiteStore) -> None:
     assert (got2.completed, got2.failed) == (0, 0)
 
 
-async def test_cancelling_batches_are_drained_first(store: SQLiteStore) -> None:
+async def test_cancelling_batches_are_drained_first(store: MetadataStore) -> None:
     b1 = await planned_batch(store, shards=2)
     b2 = await planned_batch(store, shards=2)
     await store.request_cancel(ALICE, b2.id)
@@ -728,7 +729,7 @@ async def test_cancelling_batches_are_drained_first(store: SQLiteStore) -> None:
     assert b1.id != b2.id
 
 
-async def test_batch_expired_lines(store: SQLiteStore) -> None:
+async def test_batch_expired_lines(store: MetadataStore) -> None:
     b = await planned_batch(store, shards=2)
     c0, c1 = await claim(store, "w1"), await claim(store, "w2")
     assert await store.batch_expired_lines(b.id) == 0
@@ -740,7 +741,7 @@ async def test_batch_expired_lines(store: SQLiteStore) -> None:
 # -- finalization ---------------------------------------------------------------------------------------------
 
 
-async def test_claim_finalization_only_when_all_shards_are_done(store: SQLiteStore) -> None:
+async def test_claim_finalization_only_when_all_shards_are_done(store: MetadataStore) -> None:
     b = await planned_batch(store, shards=2)
     assert await store.claim_finalization("f1", LEASE) is None
     c0 = await claim(store, "w1")
@@ -756,7 +757,7 @@ async def test_claim_finalization_only_when_all_shards_are_done(store: SQLiteSto
     assert await store.claim_finalization("f2", LEASE) is None
 
 
-async def test_finalization_lease_is_taken_over(store: SQLiteStore, clock: Clock) -> None:
+async def test_finalization_lease_is_taken_over(store: MetadataStore, clock: Clock) -> None:
     b = await planned_batch(store, shards=1)
     await run_all_shards(store, b)
     assert await store.claim_finalization("f1", LEASE) is not None
@@ -769,7 +770,7 @@ async def test_finalization_lease_is_taken_over(store: SQLiteStore, clock: Clock
     assert await store.finish_batch(b.id, "f2", S.COMPLETED, None, None)
 
 
-async def test_begin_finalizing(store: SQLiteStore, clock: Clock) -> None:
+async def test_begin_finalizing(store: MetadataStore, clock: Clock) -> None:
     b = await planned_batch(store, shards=1)
     await run_all_shards(store, b)
     assert await store.claim_finalization("f1", LEASE) is not None
@@ -784,7 +785,7 @@ async def test_begin_finalizing(store: SQLiteStore, clock: Clock) -> None:
     assert again is not None and again.status == S.FINALIZING and again.finalizing_at == int(T0 + 5)
 
 
-async def test_begin_finalizing_a_cancelling_batch_keeps_it_cancelling(store: SQLiteStore) -> None:
+async def test_begin_finalizing_a_cancelling_batch_keeps_it_cancelling(store: MetadataStore) -> None:
     b = await planned_batch(store, shards=1)
     await store.request_cancel(ALICE, b.id)
     await run_all_shards(store, b)
@@ -798,7 +799,7 @@ async def test_begin_finalizing_a_cancelling_batch_keeps_it_cancelling(store: SQ
     assert final is not None and final.status == S.CANCELLED and final.cancelled_at == int(T0)
 
 
-async def test_finish_batch(store: SQLiteStore, clock: Clock) -> None:
+async def test_finish_batch(store: MetadataStore, clock: Clock) -> None:
     b = await planned_batch(store, shards=2)
     await run_all_shards(store, b)
     assert await store.claim_finalization("f1", LEASE) is not None
@@ -844,7 +845,7 @@ async def test_finish_batch(store: SQLiteStore, clock: Clock) -> None:
     assert not await store.finish_batch(b.id, "f1", S.COMPLETED, out, err)
 
 
-async def test_finish_batch_without_files(store: SQLiteStore) -> None:
+async def test_finish_batch_without_files(store: MetadataStore) -> None:
     b = await planned_batch(store, shards=1)
     await run_all_shards(store, b)
     assert await store.claim_finalization("f1", LEASE) is not None
@@ -860,7 +861,7 @@ async def test_finish_batch_without_files(store: SQLiteStore) -> None:
     )
 
 
-async def test_finish_batch_checks_the_transition(store: SQLiteStore) -> None:
+async def test_finish_batch_checks_the_transition(store: MetadataStore) -> None:
     b = await planned_batch(store, shards=1)
     await run_all_shards(store, b)
     assert await store.claim_finalization("f1", LEASE) is not None
@@ -871,7 +872,7 @@ async def test_finish_batch_checks_the_transition(store: SQLiteStore) -> None:
     assert got is not None and got.status == S.IN_PROGRESS
 
 
-async def test_zero_shard_batch_goes_straight_to_finalization(store: SQLiteStore) -> None:
+async def test_zero_shard_batch_goes_straight_to_finalization(store: MetadataStore) -> None:
     _, b = await new_batch(store)
     assert await store.claim_validation("w1", LEASE) is not None
     assert await store.plan_batch(b.id, "w1", [], 0, None)

@@ -1,0 +1,618 @@
+"""PostgreSQL MetadataStore (many API replicas and workers sharing one database): asyncpg pool, SKIP LOCKED claims.
+
+It behaves like `sqlite.SQLiteStore` call for call; the contract suite runs against both. Differences of mechanism:
+
+- Leases and timestamps use the database's clock (`now()`, the start of the current transaction, so a claim's
+  filter, its new lease and the `db_now` it reports agree), unless a `clock` is given (tests): then its value is sent
+  as a query parameter in place of `now()`. Every query says `COALESCE($n::float8, <database now>)`.
+- Claims (shards and batch-level jobs) take their row with `FOR UPDATE SKIP LOCKED`, so concurrent workers never
+  wait on each other and never get the same row; the fenced updates (attempt + lease_owner + status) are single
+  statements.
+- Migrations run in one transaction under a transaction-scoped advisory lock, so processes starting together apply
+  each numbered file exactly once.
+- Driver errors (asyncpg's, and OSError from the socket) become StoreError in one place: `_conn`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from batchyard.domain.models import BatchRecord, FileRecord, ShardClaim, ShardRecord, ShardResult, Usage
+from batchyard.domain.states import BatchStatus, check_transition
+from batchyard.domain.validation import ShardPlan
+from batchyard.errors import StoreError
+from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, Page
+
+S = BatchStatus
+Row = Any  # asyncpg.Record: asyncpg ships no type information
+
+# pg_advisory_xact_lock key held while migrating ("batchyrd" as 8 bytes). Advisory locks are per database.
+MIGRATION_LOCK = int.from_bytes(b"batchyrd", "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+_FILE_COLS = "id, owner, bytes, created_at, expires_at, filename, purpose, status, blob_key, sha256"
+_BATCH_COLS = (
+    "id, owner, endpoint, input_file_id, completion_window, status, created_at, expires_at, metadata, "
+    "output_expires_after, model, output_file_id, error_file_id, in_progress_at, finalizing_at, completed_at, "
+    "failed_at, expired_at, cancelling_at, cancelled_at, errors, total"
+)
+_SHARD_COLS = (
+    "batch_id, idx, start_off, end_off, first_line, line_count, status, attempt, completed, failed, "
+    "input_tokens, cached_tokens, output_tokens, reasoning_tokens, out_key, err_key"
+)
+
+
+def _prefixed(alias: str, cols: str) -> str:
+    return ", ".join(f"{alias}.{c.strip()}" for c in cols.split(","))
+
+
+# A batch with its live counts and usage: sums over its shards (the running shards' heartbeats included).
+_BATCH_SELECT = (
+    f"SELECT {_prefixed('b', _BATCH_COLS)}, c.* FROM batches b CROSS JOIN LATERAL ("
+    "SELECT COALESCE(SUM(s.completed), 0)::bigint AS sum_completed, COALESCE(SUM(s.failed), 0)::bigint AS sum_failed, "
+    "COALESCE(SUM(s.input_tokens), 0)::bigint AS sum_input, COALESCE(SUM(s.cached_tokens), 0)::bigint AS sum_cached, "
+    "COALESCE(SUM(s.output_tokens), 0)::bigint AS sum_output, "
+    "COALESCE(SUM(s.reasoning_tokens), 0)::bigint AS sum_reasoning "
+    "FROM shards s WHERE s.batch_id = b.id) c"
+)
+_LIVE = [S.VALIDATING, S.IN_PROGRESS, S.FINALIZING, S.CANCELLING]
+
+
+def _now(param: str) -> str:
+    """The store's clock in SQL: the test clock's value when one is sent in `param`, else the database's."""
+    return f"COALESCE({param}::float8, extract(epoch FROM now())::float8)"
+
+
+def migrations() -> list[tuple[int, str]]:
+    """The numbered migrations, in order."""
+    folder = resources.files("batchyard.store") / "migrations" / "postgres"
+    out = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            out.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
+    return sorted(out)
+
+
+async def migrate(conn: Any) -> list[int]:
+    """Apply the migrations not applied yet, under an advisory lock; returns the versions applied now."""
+    applied: list[int] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
+        done = {int(r["version"]) for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, sql in migrations():
+            if version not in done:
+                await conn.execute(sql)  # no arguments: the simple protocol runs every statement of the file
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+                applied.append(version)
+    return applied
+
+
+@contextmanager
+def _driver_errors() -> Iterator[None]:
+    """The one place where asyncpg's exceptions become ours."""
+    try:
+        yield
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
+        raise StoreError(f"postgres: {type(e).__name__}: {e}") from e
+
+
+def _rowcount(status: str) -> int:
+    """asyncpg's command tag ("UPDATE 1", "INSERT 0 3") -> rows affected."""
+    return int(status.rsplit(" ", 1)[1])
+
+
+class _Args:
+    """Numbered placeholders for a query built piece by piece: `args(value)` -> "$n"."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+
+    def __call__(self, value: Any) -> str:
+        self.values.append(value)
+        return f"${len(self.values)}"
+
+
+def _file(row: Row) -> FileRecord:
+    return FileRecord(
+        id=row["id"],
+        owner=row["owner"],
+        bytes=row["bytes"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        filename=row["filename"],
+        purpose=row["purpose"],
+        status=row["status"],
+        blob_key=row["blob_key"],
+        sha256=row["sha256"],
+    )
+
+
+def _file_args(f: FileRecord) -> tuple[Any, ...]:
+    return (f.id, f.owner, f.bytes, f.created_at, f.expires_at, f.filename, f.purpose, f.status, f.blob_key, f.sha256)
+
+
+def _shard(row: Row) -> ShardRecord:
+    return ShardRecord(
+        batch_id=row["batch_id"],
+        index=row["idx"],
+        start=row["start_off"],
+        end=row["end_off"],
+        first_line=row["first_line"],
+        line_count=row["line_count"],
+        status=row["status"],
+        attempt=row["attempt"],
+        completed=row["completed"],
+        failed=row["failed"],
+        usage=Usage(row["input_tokens"], row["cached_tokens"], row["output_tokens"], row["reasoning_tokens"]),
+        out_key=row["out_key"],
+        err_key=row["err_key"],
+    )
+
+
+def _batch(row: Row) -> BatchRecord:
+    """A row of _BATCH_SELECT -> BatchRecord."""
+    return BatchRecord(
+        id=row["id"],
+        owner=row["owner"],
+        endpoint=row["endpoint"],
+        input_file_id=row["input_file_id"],
+        completion_window=row["completion_window"],
+        status=S(row["status"]),
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        metadata=json.loads(row["metadata"]) if row["metadata"] is not None else None,
+        output_expires_after=row["output_expires_after"],
+        model=row["model"],
+        output_file_id=row["output_file_id"],
+        error_file_id=row["error_file_id"],
+        in_progress_at=row["in_progress_at"],
+        finalizing_at=row["finalizing_at"],
+        completed_at=row["completed_at"],
+        failed_at=row["failed_at"],
+        expired_at=row["expired_at"],
+        cancelling_at=row["cancelling_at"],
+        cancelled_at=row["cancelled_at"],
+        errors=json.loads(row["errors"]) if row["errors"] is not None else None,
+        total=row["total"],
+        completed=row["sum_completed"],
+        failed=row["sum_failed"],
+        usage=Usage(row["sum_input"], row["sum_cached"], row["sum_output"], row["sum_reasoning"]),
+    )
+
+
+class PostgresStore(MetadataStore):
+    def __init__(self, dsn: str, *, clock: Callable[[], float] | None = None) -> None:
+        self._dsn = dsn
+        self._clock = clock
+        self._pool: Any = None
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+    def _t(self) -> float | None:
+        """The test clock's reading, or None: the database's clock decides."""
+        return None if self._clock is None else self._clock()
+
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[Any]:
+        if self._pool is None:
+            raise StoreError("store is not open")
+        with _driver_errors():
+            async with self._pool.acquire() as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[Any]:
+        async with self._conn() as conn, conn.transaction():
+            yield conn
+
+    async def open(self) -> None:
+        with _driver_errors():
+            pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=10)
+            try:
+                async with pool.acquire() as conn:
+                    await migrate(conn)
+            except BaseException:
+                await pool.close()
+                raise
+        self._pool = pool
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            with _driver_errors():
+                await pool.close()
+
+    async def now(self) -> float:
+        if self._clock is not None:
+            return self._clock()
+        async with self._conn() as conn:
+            return float(await conn.fetchval(f"SELECT {_now('$1')}", None))
+
+    # -- files ----------------------------------------------------------------------------------------------
+    async def insert_file(self, rec: FileRecord) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                f"INSERT INTO files ({_FILE_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)", *_file_args(rec)
+            )
+
+    async def get_file(self, owner: str | None, file_id: str) -> FileRecord | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(f"SELECT {_FILE_COLS} FROM files WHERE id = $1 AND NOT deleted", file_id)
+        if row is None or (owner is not None and row["owner"] != owner):
+            return None
+        return _file(row)
+
+    async def list_files(
+        self, owner: str, *, purpose: str | None, limit: int, order: str, after: str | None
+    ) -> Page:
+        args = _Args()
+        o = args(owner)
+        where = [f"owner = {o}", "NOT deleted"]
+        if purpose is not None:
+            where.append(f"purpose = {args(purpose)}")
+        if after is not None:
+            # An unknown or foreign cursor yields NULL: no row compares with it, the page is empty.
+            op = ">" if order == "asc" else "<"
+            where.append(f"seq {op} (SELECT seq FROM files WHERE id = {args(after)} AND owner = {o})")
+        direction = "ASC" if order == "asc" else "DESC"
+        sql = (
+            f"SELECT {_FILE_COLS} FROM files WHERE {' AND '.join(where)} "
+            f"ORDER BY seq {direction} LIMIT {args(limit + 1)}"
+        )
+        async with self._conn() as conn:
+            rows = await conn.fetch(sql, *args.values)
+        return Page([_file(r) for r in rows[:limit]], len(rows) > limit)
+
+    async def delete_file(self, owner: str, file_id: str) -> tuple[FileRecord, bool] | None:
+        async with self._tx() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_FILE_COLS} FROM files WHERE id = $1 AND owner = $2 AND NOT deleted FOR UPDATE",
+                file_id,
+                owner,
+            )
+            if row is None:
+                return None
+            await conn.execute("UPDATE files SET deleted = TRUE WHERE id = $1", file_id)
+            live = await conn.fetchval(
+                "SELECT 1 FROM batches WHERE input_file_id = $1 AND status = ANY($2::text[]) LIMIT 1",
+                file_id,
+                [str(s) for s in _LIVE],
+            )
+            return _file(row), live is None
+
+    async def expired_files(self, limit: int) -> list[FileRecord]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_FILE_COLS} FROM files WHERE NOT deleted AND expires_at IS NOT NULL "
+                f"AND expires_at <= trunc({_now('$1')})::bigint LIMIT $2",
+                self._t(),
+                limit,
+            )
+        return [_file(r) for r in rows]
+
+    # -- batches --------------------------------------------------------------------------------------------
+    async def _get_batch(self, conn: Any, batch_id: str, *, lock: bool = False) -> BatchRecord | None:
+        row = await conn.fetchrow(
+            f"{_BATCH_SELECT} WHERE b.id = $1{' FOR UPDATE OF b' if lock else ''}", batch_id
+        )
+        return None if row is None else _batch(row)
+
+    async def _transition(
+        self, conn: Any, batch_id: str, src: BatchStatus, dst: BatchStatus, **fields: Any
+    ) -> bool:
+        stamp = check_transition(src, dst)
+        args = _Args()
+        sets = [f"{k} = {args(v)}" for k, v in {"status": str(dst), **fields}.items()]
+        if stamp is not None:
+            sets.append(f"{stamp} = trunc({_now(args(self._t()))})::bigint")
+        status = await conn.execute(
+            f"UPDATE batches SET {', '.join(sets)} WHERE id = {args(batch_id)} AND status = {args(str(src))}",
+            *args.values,
+        )
+        return _rowcount(status) == 1
+
+    async def insert_batch(self, rec: BatchRecord) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "INSERT INTO batches (id, owner, endpoint, input_file_id, completion_window, status, created_at, "
+                "expires_at, metadata, output_expires_after) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
+                rec.id,
+                rec.owner,
+                rec.endpoint,
+                rec.input_file_id,
+                rec.completion_window,
+                str(rec.status),
+                rec.created_at,
+                rec.expires_at,
+                None if rec.metadata is None else json.dumps(rec.metadata),
+                rec.output_expires_after,
+            )
+
+    async def get_batch(self, owner: str | None, batch_id: str) -> BatchRecord | None:
+        async with self._conn() as conn:
+            b = await self._get_batch(conn, batch_id)
+        if b is None or (owner is not None and b.owner != owner):
+            return None
+        return b
+
+    async def list_batches(self, owner: str, *, limit: int, after: str | None) -> Page:
+        where = "b.owner = $1"
+        args: list[Any] = [owner, limit + 1]
+        if after is not None:
+            where += " AND b.seq < (SELECT seq FROM batches WHERE id = $3 AND owner = $1)"
+            args.append(after)
+        async with self._conn() as conn:
+            rows = await conn.fetch(f"{_BATCH_SELECT} WHERE {where} ORDER BY b.seq DESC LIMIT $2", *args)
+        return Page([_batch(r) for r in rows[:limit]], len(rows) > limit)
+
+    async def request_cancel(self, owner: str, batch_id: str) -> BatchRecord | None:
+        async with self._tx() as conn:
+            b = await self._get_batch(conn, batch_id, lock=True)
+            if b is None or b.owner != owner:
+                return None
+            if b.status in (S.VALIDATING, S.IN_PROGRESS):
+                await self._transition(conn, batch_id, b.status, S.CANCELLING)
+                return await self._get_batch(conn, batch_id)
+            return b
+
+    # -- batch-level jobs -----------------------------------------------------------------------------------
+    async def _claim_job(self, worker: str, lease_s: float, where: str) -> BatchJob | None:
+        async with self._tx() as conn:
+            picked = await conn.fetchrow(
+                f"SELECT b.id, t.db_now FROM batches b CROSS JOIN (SELECT {_now('$1')} AS db_now) t "
+                f"WHERE ({where}) AND (b.job_owner IS NULL OR b.job_lease_until < t.db_now) "
+                "ORDER BY b.seq LIMIT 1 FOR UPDATE OF b SKIP LOCKED",
+                self._t(),
+            )
+            if picked is None:
+                return None
+            now = float(picked["db_now"])
+            await conn.execute(
+                "UPDATE batches SET job_owner = $1, job_lease_until = $2 WHERE id = $3",
+                worker,
+                now + lease_s,
+                picked["id"],
+            )
+            batch = await self._get_batch(conn, picked["id"])
+            assert batch is not None
+            frow = await conn.fetchrow(f"SELECT {_FILE_COLS} FROM files WHERE id = $1", batch.input_file_id)
+            return BatchJob(batch, None if frow is None else _file(frow), now)
+
+    async def claim_validation(self, worker: str, lease_s: float) -> BatchJob | None:
+        where = "NOT b.planned AND b.status IN ('validating', 'cancelling')"
+        return await self._claim_job(worker, lease_s, where)
+
+    async def claim_finalization(self, worker: str, lease_s: float) -> BatchJob | None:
+        where = (
+            "b.planned AND b.status IN ('in_progress', 'cancelling', 'finalizing') AND NOT EXISTS "
+            "(SELECT 1 FROM shards s WHERE s.batch_id = b.id AND s.status <> 'done')"
+        )
+        return await self._claim_job(worker, lease_s, where)
+
+    async def _holds_job(self, conn: Any, batch_id: str, worker: str) -> BatchRecord | None:
+        """The batch, locked for this transaction, if `worker` holds its job lease."""
+        row = await conn.fetchrow(
+            f"{_BATCH_SELECT} WHERE b.id = $1 AND b.job_owner = $2 FOR UPDATE OF b", batch_id, worker
+        )
+        return None if row is None else _batch(row)
+
+    async def extend_job(self, batch_id: str, worker: str, lease_s: float) -> bool:
+        async with self._conn() as conn:
+            status = await conn.execute(
+                f"UPDATE batches SET job_lease_until = {_now('$1')} + $2 WHERE id = $3 AND job_owner = $4",
+                self._t(),
+                lease_s,
+                batch_id,
+                worker,
+            )
+        return _rowcount(status) == 1
+
+    async def plan_batch(
+        self, batch_id: str, worker: str, shards: Sequence[ShardPlan], total: int, model: str | None
+    ) -> bool:
+        async with self._tx() as conn:
+            b = await self._holds_job(conn, batch_id, worker)
+            if b is None or b.status not in (S.VALIDATING, S.CANCELLING):
+                return False
+            # One statement whatever the number of shards (a 100M-line batch has ~100k).
+            await conn.execute(
+                "INSERT INTO shards (batch_id, idx, start_off, end_off, first_line, line_count) "
+                "SELECT $1, * FROM unnest($2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[])",
+                batch_id,
+                [p.index for p in shards],
+                [p.start for p in shards],
+                [p.end for p in shards],
+                [p.first_line for p in shards],
+                [p.line_count for p in shards],
+            )
+            await conn.execute(
+                "UPDATE batches SET planned = TRUE, total = $1, model = $2, job_owner = NULL, "
+                "job_lease_until = NULL WHERE id = $3",
+                total,
+                model,
+                batch_id,
+            )
+            if b.status == S.VALIDATING:
+                await self._transition(conn, batch_id, S.VALIDATING, S.IN_PROGRESS)
+            return True
+
+    async def fail_batch(self, batch_id: str, worker: str, errors: list[dict[str, Any]]) -> bool:
+        async with self._tx() as conn:
+            b = await self._holds_job(conn, batch_id, worker)
+            if b is None or b.status not in (S.VALIDATING, S.CANCELLING):
+                return False
+            fields = {"errors": json.dumps(errors), "planned": True, "job_owner": None, "job_lease_until": None}
+            if b.status == S.VALIDATING:
+                return await self._transition(conn, batch_id, S.VALIDATING, S.FAILED, **fields)
+            return await self._transition(conn, batch_id, S.CANCELLING, S.CANCELLED, **fields)
+
+    async def begin_finalizing(self, batch_id: str, worker: str) -> BatchRecord | None:
+        async with self._tx() as conn:
+            b = await self._holds_job(conn, batch_id, worker)
+            if b is None:
+                return None
+            if b.status == S.IN_PROGRESS:
+                await self._transition(conn, batch_id, S.IN_PROGRESS, S.FINALIZING)
+            return await self._get_batch(conn, batch_id)
+
+    async def done_shards(self, batch_id: str) -> list[ShardRecord]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_SHARD_COLS} FROM shards WHERE batch_id = $1 AND status = 'done' ORDER BY idx", batch_id
+            )
+        return [_shard(r) for r in rows]
+
+    async def batch_expired_lines(self, batch_id: str) -> int:
+        async with self._conn() as conn:
+            n = await conn.fetchval("SELECT COALESCE(SUM(expired), 0) FROM shards WHERE batch_id = $1", batch_id)
+        return int(n)
+
+    async def finish_batch(
+        self,
+        batch_id: str,
+        worker: str,
+        status: BatchStatus,
+        output_file: FileRecord | None,
+        error_file: FileRecord | None,
+    ) -> bool:
+        async with self._tx() as conn:
+            b = await self._holds_job(conn, batch_id, worker)
+            if b is None:
+                return False
+            for f in (output_file, error_file):
+                if f is not None:
+                    # SQLite's INSERT OR REPLACE: the old row goes, a new one (new seq, not deleted) comes.
+                    await conn.execute("DELETE FROM files WHERE id = $1", f.id)
+                    await conn.execute(
+                        f"INSERT INTO files ({_FILE_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)", *_file_args(f)
+                    )
+            return await self._transition(
+                conn,
+                batch_id,
+                b.status,
+                status,
+                output_file_id=None if output_file is None else output_file.id,
+                error_file_id=None if error_file is None else error_file.id,
+                job_owner=None,
+                job_lease_until=None,
+            )
+
+    # -- shards ---------------------------------------------------------------------------------------------
+    async def claim_shard(self, worker: str, lease_s: float) -> ShardClaim | None:
+        async with self._tx() as conn:
+            # Cancelling batches first (they only drain), then the batch with the fewest running shards, oldest
+            # first: a small batch is not starved behind a big one. A row another worker is claiming is skipped.
+            row = await conn.fetchrow(
+                f"SELECT {_prefixed('s', _SHARD_COLS)}, b.status AS bstatus, b.endpoint, b.expires_at, f.blob_key, "
+                "t.db_now FROM shards s JOIN batches b ON b.id = s.batch_id JOIN files f ON f.id = b.input_file_id "
+                f"CROSS JOIN (SELECT {_now('$1')} AS db_now) t "
+                "WHERE b.status IN ('in_progress', 'cancelling') "
+                "AND (s.status = 'pending' OR (s.status = 'running' AND s.lease_until < t.db_now)) "
+                "ORDER BY b.status = 'cancelling' DESC, "
+                "(SELECT count(*) FROM shards r WHERE r.batch_id = s.batch_id AND r.status = 'running' "
+                " AND r.lease_until >= t.db_now), b.seq, s.idx "
+                "LIMIT 1 FOR UPDATE OF s SKIP LOCKED",
+                self._t(),
+            )
+            if row is None:
+                return None
+            now = float(row["db_now"])
+            attempt = int(row["attempt"]) + 1
+            await conn.execute(
+                "UPDATE shards SET status = 'running', attempt = $1, lease_owner = $2, lease_until = $3, "
+                "completed = 0, failed = 0, expired = 0, input_tokens = 0, cached_tokens = 0, "
+                "output_tokens = 0, reasoning_tokens = 0 WHERE batch_id = $4 AND idx = $5",
+                attempt,
+                worker,
+                now + lease_s,
+                row["batch_id"],
+                row["idx"],
+            )
+        shard = _shard(row)
+        shard.status, shard.attempt = "running", attempt
+        return ShardClaim(
+            shard=shard,
+            attempt=attempt,
+            worker=worker,
+            batch_status=S(row["bstatus"]),
+            endpoint=row["endpoint"],
+            expires_at=row["expires_at"],
+            input_blob_key=row["blob_key"],
+            db_now=now,
+        )
+
+    async def heartbeat_shard(
+        self, claim: ShardClaim, lease_s: float, completed: int, failed: int, usage: Usage
+    ) -> Heartbeat | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                "UPDATE shards s SET lease_until = t.db_now + $2, completed = $3, failed = $4, input_tokens = $5, "
+                "cached_tokens = $6, output_tokens = $7, reasoning_tokens = $8 "
+                f"FROM batches b, (SELECT {_now('$1')} AS db_now) t "
+                "WHERE b.id = s.batch_id AND s.batch_id = $9 AND s.idx = $10 AND s.attempt = $11 "
+                "AND s.lease_owner = $12 AND s.status = 'running' "
+                "RETURNING b.status, b.expires_at, t.db_now",
+                self._t(),
+                lease_s,
+                completed,
+                failed,
+                usage.input_tokens,
+                usage.cached_tokens,
+                usage.output_tokens,
+                usage.reasoning_tokens,
+                claim.shard.batch_id,
+                claim.shard.index,
+                claim.attempt,
+                claim.worker,
+            )
+        if row is None:
+            return None
+        return Heartbeat(S(row["status"]), row["expires_at"], float(row["db_now"]))
+
+    async def release_shard(self, claim: ShardClaim) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE shards SET status = 'pending', lease_owner = NULL, lease_until = NULL "
+                "WHERE batch_id = $1 AND idx = $2 AND attempt = $3 AND lease_owner = $4 AND status = 'running'",
+                claim.shard.batch_id,
+                claim.shard.index,
+                claim.attempt,
+                claim.worker,
+            )
+
+    async def release_job(self, batch_id: str, worker: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE batches SET job_owner = NULL, job_lease_until = NULL WHERE id = $1 AND job_owner = $2",
+                batch_id,
+                worker,
+            )
+
+    async def complete_shard(self, claim: ShardClaim, result: ShardResult, expired: int) -> bool:
+        u = result.usage
+        async with self._conn() as conn:
+            status = await conn.execute(
+                "UPDATE shards SET status = 'done', lease_owner = NULL, lease_until = NULL, completed = $1, "
+                "failed = $2, expired = $3, input_tokens = $4, cached_tokens = $5, output_tokens = $6, "
+                "reasoning_tokens = $7, out_key = $8, err_key = $9 "
+                "WHERE batch_id = $10 AND idx = $11 AND attempt = $12 AND lease_owner = $13 AND status = 'running'",
+                result.completed,
+                result.failed,
+                expired,
+                u.input_tokens,
+                u.cached_tokens,
+                u.output_tokens,
+                u.reasoning_tokens,
+                result.out_key,
+                result.err_key,
+                claim.shard.batch_id,
+                claim.shard.index,
+                claim.attempt,
+                claim.worker,
+            )
+        return _rowcount(status) == 1
