@@ -19,6 +19,8 @@ class Settings:
     api_keys: list[str] = field(default_factory=list)
     insecure_no_auth: bool = False
     run_worker: bool = True
+    database_url: str | None = None  # sqlite:///path or postgresql://...; default: SQLite in data_dir
+    storage_url: str | None = None  # file:///path or s3://bucket/prefix; default: data_dir/blobs
     # execution
     concurrency: int = 64  # lines in flight per upstream
     shard_lines: int = 1000  # lines per shard

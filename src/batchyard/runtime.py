@@ -13,9 +13,11 @@ from fastapi import FastAPI
 
 from batchyard.api.app import create_app
 from batchyard.api.services import Services
+from batchyard.blobs.base import BlobStore
 from batchyard.blobs.local import LocalBlobStore
 from batchyard.config import Settings
 from batchyard.execution.worker import Worker
+from batchyard.store.base import MetadataStore
 from batchyard.store.sqlite import SQLiteStore
 from batchyard.upstreams.base import Upstream
 from batchyard.upstreams.http import HTTPUpstream
@@ -77,6 +79,7 @@ class WorkerThread:
         finally:
             for up in self.router.upstreams:
                 await up.close()
+            await self.worker.blobs.aclose()
 
     def stop(self, timeout: float = 60.0) -> None:
         loop, task = self._loop, self._task
@@ -86,18 +89,46 @@ class WorkerThread:
         self._thread.join(timeout)
 
 
+def open_store(settings: Settings) -> MetadataStore:
+    """The metadata store named by --database-url (SQLite in the data dir by default)."""
+    url = settings.database_url
+    if not url:
+        return SQLiteStore(settings.database_path)
+    if url.startswith("sqlite:///"):
+        return SQLiteStore(url.removeprefix("sqlite:///") or settings.database_path)
+    if url.startswith(("postgresql://", "postgres://")):
+        from batchyard.store.postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ValueError(f"unsupported --database-url {url!r}: use sqlite:///PATH or postgresql://...")
+
+
+def open_blobs(settings: Settings) -> BlobStore:
+    """The blob store named by --storage-url (a local directory in the data dir by default)."""
+    url = settings.storage_url
+    if not url:
+        return LocalBlobStore(settings.blob_root)
+    if url.startswith("file://"):
+        return LocalBlobStore(url.removeprefix("file://") or settings.blob_root)
+    if url.startswith("s3://"):
+        from batchyard.blobs.s3 import S3BlobStore
+
+        return S3BlobStore.from_url(url)
+    raise ValueError(f"unsupported --storage-url {url!r}: use file:///PATH or s3://BUCKET/PREFIX")
+
+
 @dataclass
 class Runtime:
     settings: Settings
-    store: SQLiteStore
-    blobs: LocalBlobStore
+    store: MetadataStore
+    blobs: BlobStore
     router: Router
     worker: Worker | None
 
     @classmethod
     def create(cls, settings: Settings) -> Runtime:
-        store = SQLiteStore(settings.database_path)
-        blobs = LocalBlobStore(settings.blob_root)
+        store = open_store(settings)
+        blobs = open_blobs(settings)
         router = build_router(settings)
         worker = Worker(store, blobs, router, settings) if settings.run_worker else None
         return cls(settings, store, blobs, router, worker)
@@ -129,6 +160,7 @@ class Runtime:
         finally:
             if thread is not None:
                 await asyncio.to_thread(thread.stop)
+            await self.blobs.aclose()
             await self.store.close()
 
     def app(self, on_worker_death: Callable[[], None] | None = None) -> FastAPI:

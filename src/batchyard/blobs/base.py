@@ -49,3 +49,6 @@ class BlobStore(ABC):
     async def delete(self, key: str) -> None: ...
     @abstractmethod
     async def exists(self, key: str) -> bool: ...
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release the calling event loop's connections (stores that hold per-loop clients override this)."""

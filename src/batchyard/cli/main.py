@@ -148,6 +148,41 @@ _EXECUTION_OPTIONS = [
     _opt("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"])),
 ]
 
+# Where a server or worker keeps its state (serve, worker).
+_STATE_OPTIONS = [
+    _opt(
+        "--data-dir",
+        default="./batchyard-data",
+        type=click.Path(file_okay=False),
+        help="Directory for the SQLite database and stored files (when no URL below says otherwise).",
+    ),
+    _opt(
+        "--database-url",
+        default=None,
+        help="Metadata store: sqlite:///PATH (default: DATA_DIR/batchyard.sqlite3) or postgresql://USER@HOST/DB.",
+    ),
+    _opt(
+        "--storage-url",
+        default=None,
+        help="Blob store: file:///PATH (default: DATA_DIR/blobs) or s3://BUCKET/PREFIX (endpoint and credentials "
+        "from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).",
+    ),
+]
+
+
+def state_options(f: F) -> F:
+    for option in reversed(_STATE_OPTIONS):
+        f = option(f)
+    return f
+
+
+def state_settings(opts: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "data_dir": Path(opts["data_dir"]),
+        "database_url": opts["database_url"],
+        "storage_url": opts["storage_url"],
+    }
+
 
 def execution_options(f: F) -> F:
     for option in reversed(_EXECUTION_OPTIONS):
@@ -177,14 +212,9 @@ def settings_from(opts: dict[str, Any], **extra: Any) -> Settings:
 
 @cli.command(context_settings={**CONTEXT, "auto_envvar_prefix": "BATCHYARD"})
 @execution_options
+@state_options
 @_opt("--host", default="127.0.0.1", help="Address to bind.")
 @_opt("--port", default=8000, type=int, help="Port to bind.")
-@_opt(
-    "--data-dir",
-    default="./batchyard-data",
-    type=click.Path(file_okay=False),
-    help="Directory for the SQLite database and stored files.",
-)
 @_opt(
     "--api-key",
     "api_keys",
@@ -208,7 +238,7 @@ def serve(**opts: Any) -> None:
         )
     settings = settings_from(
         opts,
-        data_dir=Path(opts["data_dir"]),
+        **state_settings(opts),
         host=opts["host"],
         port=opts["port"],
         api_keys=list(opts["api_keys"]),
@@ -270,6 +300,48 @@ def run(input_path: Path, output: Path, errors: Path | None, quiet: bool, **opts
         f"{time.monotonic() - started:.1f}s -> {where}",
         err=True,
     )
+
+
+@cli.command(context_settings={**CONTEXT, "auto_envvar_prefix": "BATCHYARD"})
+@execution_options
+@state_options
+def worker(**opts: Any) -> None:
+    """Run a worker only (no API): validate, execute and finalize batches from a shared store.
+
+    Start any number of them, on any machines, against the same --database-url and --storage-url.
+    """
+    settings = settings_from(opts, **state_settings(opts))
+    sys.exit(_run_loop(_work(settings)))
+
+
+async def _work(settings: Settings) -> int:
+    import signal
+
+    from batchyard.runtime import Runtime
+
+    rt = Runtime.create(settings)
+    assert rt.worker is not None
+    await rt.store.open()
+    for up in rt.router.upstreams:
+        await up.start()
+    task = asyncio.create_task(rt.worker.run(), name="worker")
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    code = 0
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        logging.getLogger("batchyard").exception("worker stopped")
+        code = 1
+    finally:
+        for up in rt.router.upstreams:
+            await up.close()
+        await rt.blobs.aclose()
+        await rt.store.close()
+    return code
 
 
 def _run_loop(coro: Coroutine[Any, Any, T]) -> T:
