@@ -1,0 +1,104 @@
+"""API replicas (`serve --no-worker`) and separate `batchyard worker` processes sharing one store."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Server
+from tests.support.batches import chat_line, read_lines, upload, wait_for
+from tests.support.fake_upstream import FakeUpstream, expected_text
+from tests.support.processes import WorkerProcess
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[list[WorkerProcess]]:
+    procs: list[WorkerProcess] = []
+    yield procs
+    for p in procs:
+        p.stop()
+
+
+def test_two_api_replicas_and_workers_share_sqlite(
+    make_server: Callable[..., Server], upstream: FakeUpstream, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    data = tmp_path / "shared"
+    common = ["--upstream", upstream.base_url, "--lease-seconds", "2", "--shard-lines", "10"]
+    api1 = make_server(*common, "--no-worker", data_dir=data)
+    api2 = make_server(*common, "--no-worker", data_dir=data)
+    reqs = [chat_line(i, x_fake={"delay": 0.05}) for i in range(120)]
+    fid = upload(api1.client(), reqs)
+    assert api2.client().files.retrieve(fid).bytes > 0  # uploaded through one replica, served by the other
+    b = api2.client().batches.create(
+        input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    time.sleep(1.0)
+    assert api1.client().batches.retrieve(b.id).status == "validating"  # no worker anywhere yet
+    for i in range(2):
+        workers.append(
+            WorkerProcess(
+                ["--data-dir", str(data), *common, "--concurrency", "4"], tmp_path / f"w{i}.log"
+            ).start()
+        )
+    done = wait_for(api1.client(), b.id, timeout=60)
+    assert done.status == "completed", [w.log() for w in workers]
+    out = read_lines(api2.client(), done.output_file_id)
+    assert Counter(x["custom_id"] for x in out) == Counter(r["custom_id"] for r in reqs)
+
+
+@pytest.mark.slow
+def test_killing_workers_repeatedly_keeps_exactly_once(
+    make_server: Callable[..., Server], upstream: FakeUpstream, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    rng = random.Random(11)
+    data = tmp_path / "shared"
+    common = ["--upstream", upstream.base_url, "--lease-seconds", "1.5", "--shard-lines", "20"]
+    api = make_server(*common, "--no-worker", data_dir=data)
+    client = api.client()
+    reqs = [chat_line(i, x_fake={"delay": 0.1}) for i in range(600)]
+    b = client.batches.create(
+        input_file_id=upload(client, reqs), endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    wargs = ["--data-dir", str(data), *common, "--concurrency", "8", "--max-shards", "2"]
+    for i in range(3):
+        workers.append(WorkerProcess(wargs, tmp_path / f"w{i}.log").start())
+    kills = 0
+    paused: WorkerProcess | None = None
+    deadline = time.monotonic() + 60
+    while kills < 6 and time.monotonic() < deadline:
+        time.sleep(rng.uniform(0.4, 1.0))
+        if client.batches.retrieve(b.id).status == "completed":
+            break
+        victim = rng.choice([w for w in workers if w.proc and w.proc.poll() is None])
+        victim.kill()
+        kills += 1
+        workers.append(WorkerProcess(wargs, tmp_path / f"w{len(workers)}.log").start())
+        if paused is None and kills == 2:
+            # A worker paused past its lease must not be able to commit after it resumes.
+            paused = rng.choice([w for w in workers if w.proc and w.proc.poll() is None])
+            paused.signal(signal.SIGSTOP)
+    if paused is not None:
+        time.sleep(2.0)  # longer than the lease: its shards are taken over
+        paused.signal(signal.SIGCONT)
+    assert kills >= 3, "the batch finished before enough kills"
+    done = wait_for(client, b.id, timeout=120)
+    assert done.status == "completed"
+    out = read_lines(client, done.output_file_id)
+    assert read_lines(client, done.error_file_id) == []
+    assert Counter(x["custom_id"] for x in out) == Counter(r["custom_id"] for r in reqs)
+    by_id = {r["custom_id"]: r for r in reqs}
+    for x in out:
+        assert x["response"]["body"]["choices"][0]["message"]["content"] == expected_text(
+            by_id[x["custom_id"]]["body"]
+        )
+    assert done.request_counts is not None and done.request_counts.completed == len(reqs)
+    # Lines dispatched more than once are at most those in flight at the kills (2 shards x 20 lines per kill),
+    # plus the paused worker's shards.
+    redone = sum(c - 1 for c in upstream.stats()["by_key"].values() if c > 1)
+    assert redone <= (kills + 1) * 2 * 20
