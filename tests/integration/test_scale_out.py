@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import random
 import signal
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,32 @@ from tests.support.fake_upstream import FakeUpstream, expected_text
 from tests.support.processes import WorkerProcess
 
 
+@dataclass
+class Backend:
+    name: str
+    args: list[str]  # --data-dir / --database-url / --storage-url
+    env: dict[str, str]
+
+
+@pytest.fixture(params=["sqlite+local", "postgres+s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite+local":
+        return Backend(request.param, ["--data-dir", str(tmp_path / "shared")], {})
+    cluster = request.getfixturevalue("pg_cluster")
+    weed = request.getfixturevalue("seaweed")
+    dsn = asyncio.run(cluster.create_database())
+    prefix = uuid.uuid4().hex[:12]
+    args = [
+        "--data-dir",
+        str(tmp_path / "local"),
+        "--database-url",
+        dsn,
+        "--storage-url",
+        f"s3://{weed.bucket}/{prefix}",
+    ]
+    return Backend(request.param, args, {**os.environ, **weed.env()})
+
+
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[list[WorkerProcess]]:
     procs: list[WorkerProcess] = []
@@ -25,13 +55,16 @@ def workers(tmp_path: Path) -> Iterator[list[WorkerProcess]]:
         p.stop()
 
 
-def test_two_api_replicas_and_workers_share_sqlite(
-    make_server: Callable[..., Server], upstream: FakeUpstream, workers: list[WorkerProcess], tmp_path: Path
+def test_two_api_replicas_and_workers_share_state(
+    make_server: Callable[..., Server],
+    upstream: FakeUpstream,
+    workers: list[WorkerProcess],
+    tmp_path: Path,
+    backend: Backend,
 ) -> None:
-    data = tmp_path / "shared"
-    common = ["--upstream", upstream.base_url, "--lease-seconds", "2", "--shard-lines", "10"]
-    api1 = make_server(*common, "--no-worker", data_dir=data)
-    api2 = make_server(*common, "--no-worker", data_dir=data)
+    common = ["--upstream", upstream.base_url, "--lease-seconds", "2", "--shard-lines", "10", *backend.args]
+    api1 = make_server(*common, "--no-worker", env=backend.env)
+    api2 = make_server(*common, "--no-worker", env=backend.env)
     reqs = [chat_line(i, x_fake={"delay": 0.05}) for i in range(120)]
     fid = upload(api1.client(), reqs)
     assert api2.client().files.retrieve(fid).bytes > 0  # uploaded through one replica, served by the other
@@ -43,7 +76,7 @@ def test_two_api_replicas_and_workers_share_sqlite(
     for i in range(2):
         workers.append(
             WorkerProcess(
-                ["--data-dir", str(data), *common, "--concurrency", "4"], tmp_path / f"w{i}.log"
+                [*common, "--concurrency", "4"], tmp_path / f"w{i}.log", backend.env or None
             ).start()
         )
     done = wait_for(api1.client(), b.id, timeout=60)
@@ -54,20 +87,23 @@ def test_two_api_replicas_and_workers_share_sqlite(
 
 @pytest.mark.slow
 def test_killing_workers_repeatedly_keeps_exactly_once(
-    make_server: Callable[..., Server], upstream: FakeUpstream, workers: list[WorkerProcess], tmp_path: Path
+    make_server: Callable[..., Server],
+    upstream: FakeUpstream,
+    workers: list[WorkerProcess],
+    tmp_path: Path,
+    backend: Backend,
 ) -> None:
     rng = random.Random(11)
-    data = tmp_path / "shared"
-    common = ["--upstream", upstream.base_url, "--lease-seconds", "1.5", "--shard-lines", "20"]
-    api = make_server(*common, "--no-worker", data_dir=data)
+    common = ["--upstream", upstream.base_url, "--lease-seconds", "1.5", "--shard-lines", "20", *backend.args]
+    api = make_server(*common, "--no-worker", env=backend.env)
     client = api.client()
     reqs = [chat_line(i, x_fake={"delay": 0.1}) for i in range(600)]
     b = client.batches.create(
         input_file_id=upload(client, reqs), endpoint="/v1/chat/completions", completion_window="24h"
     )
-    wargs = ["--data-dir", str(data), *common, "--concurrency", "8", "--max-shards", "2"]
+    wargs = [*common, "--concurrency", "8", "--max-shards", "2"]
     for i in range(3):
-        workers.append(WorkerProcess(wargs, tmp_path / f"w{i}.log").start())
+        workers.append(WorkerProcess(wargs, tmp_path / f"w{i}.log", backend.env or None).start())
     kills = 0
     paused: WorkerProcess | None = None
     deadline = time.monotonic() + 60
@@ -78,7 +114,7 @@ def test_killing_workers_repeatedly_keeps_exactly_once(
         victim = rng.choice([w for w in workers if w.proc and w.proc.poll() is None])
         victim.kill()
         kills += 1
-        workers.append(WorkerProcess(wargs, tmp_path / f"w{len(workers)}.log").start())
+        workers.append(WorkerProcess(wargs, tmp_path / f"w{len(workers)}.log", backend.env or None).start())
         if paused is None and kills == 2:
             # A worker paused past its lease must not be able to commit after it resumes.
             paused = rng.choice([w for w in workers if w.proc and w.proc.poll() is None])

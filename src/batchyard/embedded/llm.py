@@ -33,10 +33,6 @@ from batchyard.errors import APIError, InvalidRequest
 MAX_N = 128
 MAX_PARTS = 2048  # prompts × n in one request
 PROMPT_CACHE_MIB = 256  # llama.cpp keeps finished prompts' KV state in RAM for reuse (its default is 8 GiB)
-# ggml's worker threads busy-wait between graph nodes by default (poll 50); on a CPU shared with anything else
-# (our own event loop, the embeddings engine, other processes) that collapsed a 2-core machine from ~100 to ~10-30
-# tok/s in our measurements, while sleeping threads (poll 0) kept 60-100. See docs/embedded.md.
-THREAD_POLL = 0
 
 Json = dict[str, Any]
 
@@ -80,10 +76,9 @@ class LLMEngine:
             params.n_ctx = self.context_size * self.slots  # llama.cpp splits n_ctx evenly between the slots
             params.cache_ram_mib = PROMPT_CACHE_MIB
             params.verbosity = 0
-            for cpu in (params.cpuparams, params.cpuparams_batch):
-                cpu.poll = THREAD_POLL
-                if self.threads:
-                    cpu.n_threads = self.threads
+            if self.threads:
+                params.cpuparams.n_threads = self.threads
+                params.cpuparams_batch.n_threads = self.threads
             self._lock_down_http(params)
             try:
                 server = xllamacpp.Server(params)

@@ -10,7 +10,13 @@ It behaves like `sqlite.SQLiteStore` call for call; the contract suite runs agai
   statements.
 - Migrations run in one transaction under a transaction-scoped advisory lock, so processes starting together apply
   each numbered file exactly once.
-- Driver errors (asyncpg's, and OSError from the socket) become StoreError in one place: `_conn`.
+- Driver errors (asyncpg's, and OSError from the socket) become StoreError in one place, `_driver_errors`, which
+  wraps every use of a connection (`_conn`, `_tx`) and the pool's opening and closing.
+- SQLite's `INSERT OR REPLACE` (finish_batch's output files) is a DELETE and an INSERT here, so the replaced file gets
+  a new `seq` and is undeleted, as on SQLite.
+- Every list pages by `seq`. SQLite commits one writer at a time, so `seq` order is commit order; here two
+  transactions may commit their inserts out of `seq` order, and a client paging at that instant can miss the row that
+  committed second. Files and batches are inserted one per API request, so this is the usual cursor-paging caveat.
 """
 
 from __future__ import annotations
@@ -134,7 +140,18 @@ def _file(row: Row) -> FileRecord:
 
 
 def _file_args(f: FileRecord) -> tuple[Any, ...]:
-    return (f.id, f.owner, f.bytes, f.created_at, f.expires_at, f.filename, f.purpose, f.status, f.blob_key, f.sha256)
+    return (
+        f.id,
+        f.owner,
+        f.bytes,
+        f.created_at,
+        f.expires_at,
+        f.filename,
+        f.purpose,
+        f.status,
+        f.blob_key,
+        f.sha256,
+    )
 
 
 def _shard(row: Row) -> ShardRecord:
@@ -242,7 +259,9 @@ class PostgresStore(MetadataStore):
 
     async def get_file(self, owner: str | None, file_id: str) -> FileRecord | None:
         async with self._conn() as conn:
-            row = await conn.fetchrow(f"SELECT {_FILE_COLS} FROM files WHERE id = $1 AND NOT deleted", file_id)
+            row = await conn.fetchrow(
+                f"SELECT {_FILE_COLS} FROM files WHERE id = $1 AND NOT deleted", file_id
+            )
         if row is None or (owner is not None and row["owner"] != owner):
             return None
         return _file(row)
@@ -446,7 +465,12 @@ class PostgresStore(MetadataStore):
             b = await self._holds_job(conn, batch_id, worker)
             if b is None or b.status not in (S.VALIDATING, S.CANCELLING):
                 return False
-            fields = {"errors": json.dumps(errors), "planned": True, "job_owner": None, "job_lease_until": None}
+            fields = {
+                "errors": json.dumps(errors),
+                "planned": True,
+                "job_owner": None,
+                "job_lease_until": None,
+            }
             if b.status == S.VALIDATING:
                 return await self._transition(conn, batch_id, S.VALIDATING, S.FAILED, **fields)
             return await self._transition(conn, batch_id, S.CANCELLING, S.CANCELLED, **fields)
@@ -463,13 +487,16 @@ class PostgresStore(MetadataStore):
     async def done_shards(self, batch_id: str) -> list[ShardRecord]:
         async with self._conn() as conn:
             rows = await conn.fetch(
-                f"SELECT {_SHARD_COLS} FROM shards WHERE batch_id = $1 AND status = 'done' ORDER BY idx", batch_id
+                f"SELECT {_SHARD_COLS} FROM shards WHERE batch_id = $1 AND status = 'done' ORDER BY idx",
+                batch_id,
             )
         return [_shard(r) for r in rows]
 
     async def batch_expired_lines(self, batch_id: str) -> int:
         async with self._conn() as conn:
-            n = await conn.fetchval("SELECT COALESCE(SUM(expired), 0) FROM shards WHERE batch_id = $1", batch_id)
+            n = await conn.fetchval(
+                "SELECT COALESCE(SUM(expired), 0) FROM shards WHERE batch_id = $1", batch_id
+            )
         return int(n)
 
     async def finish_batch(
@@ -489,7 +516,8 @@ class PostgresStore(MetadataStore):
                     # SQLite's INSERT OR REPLACE: the old row goes, a new one (new seq, not deleted) comes.
                     await conn.execute("DELETE FROM files WHERE id = $1", f.id)
                     await conn.execute(
-                        f"INSERT INTO files ({_FILE_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)", *_file_args(f)
+                        f"INSERT INTO files ({_FILE_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
+                        *_file_args(f),
                     )
             return await self._transition(
                 conn,

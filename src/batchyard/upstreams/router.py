@@ -22,6 +22,8 @@ class Router:
                 self._exact.setdefault(pattern, upstream)
 
     def resolve(self, model: str) -> Upstream | None:
+        if "\x00" in model:  # no backend names a model with NUL, and PostgreSQL text cannot hold it
+            return None
         up = self._exact.get(model)
         if up is not None:
             return up
