@@ -54,7 +54,9 @@ class EmbeddedUpstream(Upstream):
         self._progress = progress
         self._llm: LLMEngine | None = None
         self._embedder = EmbeddingEngine(name=EMBEDDING_MODEL, threads=threads) if embeddings else None
-        self._llm_options: Json = {"slots": slots, "context_size": context_size, "threads": threads}
+        self._slots = slots
+        self._context_size = context_size
+        self._threads = threads
         self._chat = chat
         self._loads: dict[str, asyncio.Future[None]] = {}
         self._closed = False
@@ -132,7 +134,13 @@ class EmbeddedUpstream(Upstream):
     async def _load_chat(self) -> None:
         if self._llm is None:
             path = await asyncio.to_thread(self._resolve_model_path)
-            self._llm = LLMEngine(path, name=CHAT_MODEL, **self._llm_options)
+            self._llm = LLMEngine(
+                path,
+                name=CHAT_MODEL,
+                slots=self._slots,
+                context_size=self._context_size,
+                threads=self._threads,
+            )
         await asyncio.to_thread(self._llm.load)
 
     async def _load_embeddings(self) -> None:
