@@ -16,6 +16,10 @@ class Settings:
     # (model pattern or None for every model, base URL)
     upstreams: list[tuple[str | None, str]] = field(default_factory=list)
     upstream_api_key: str | None = None
+    # the embedded engine: None = on when no upstream is configured
+    embedded: bool | None = None
+    model_path: str | None = None  # a local GGUF served as the chat model instead of SmolLM2-135M
+    embedded_slots: int = 4
     api_keys: list[str] = field(default_factory=list)
     insecure_no_auth: bool = False
     run_worker: bool = True

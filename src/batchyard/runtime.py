@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -27,15 +28,26 @@ log = logging.getLogger("batchyard")
 
 
 def build_router(settings: Settings) -> Router:
+    """Routes for --upstream, plus the embedded engine's exact model names when it is on."""
     by_url: dict[str, Upstream] = {}
     routes: list[tuple[str | None, Upstream]] = []
+    embedded = settings.embedded if settings.embedded is not None else not settings.upstreams
+    if embedded:
+        from batchyard.upstreams.embedded import CHAT_MODEL, EmbeddedUpstream, embedded_routes
+
+        engine = EmbeddedUpstream(
+            model_path=settings.model_path,
+            slots=settings.embedded_slots,
+            chat_model=Path(settings.model_path).stem if settings.model_path else CHAT_MODEL,
+        )
+        routes.extend(embedded_routes(engine))
     for pattern, url in settings.upstreams:
-        up = by_url.get(url)
-        if up is None:
-            up = by_url[url] = HTTPUpstream(
+        http = by_url.get(url)
+        if http is None:
+            http = by_url[url] = HTTPUpstream(
                 url, api_key=settings.upstream_api_key, max_body=settings.max_response_bytes
             )
-        routes.append((pattern, up))
+        routes.append((pattern, http))
     return Router(routes)
 
 

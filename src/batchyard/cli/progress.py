@@ -8,8 +8,11 @@ from typing import TextIO
 
 
 class ProgressBar:
-    def __init__(self, total: int, label: str = "", stream: TextIO | None = None, width: int = 30) -> None:
+    def __init__(
+        self, total: int, label: str = "", stream: TextIO | None = None, width: int = 30, unit: str = "lines"
+    ) -> None:
         self.total = max(total, 0)
+        self.unit = unit
         self.label = label
         self.stream = stream or sys.stderr
         self.width = width

@@ -42,6 +42,7 @@ class EmbeddedUpstream(Upstream):
         chat: bool = True,
         embeddings: bool = True,
         progress: Progress | None = None,
+        chat_model: str = CHAT_MODEL,
     ) -> None:
         """`model_path`: a local GGUF to serve as the chat model instead of the downloaded SmolLM2.
         `slots`: requests generated at once (continuous batching); `context_size`: tokens per request.
@@ -49,6 +50,7 @@ class EmbeddedUpstream(Upstream):
         if slots < 1 or context_size < 64:
             raise ValueError("slots must be at least 1 and context_size at least 64")
         self.name = "embedded"
+        self.chat_model = chat_model
         self._model_path = model_path
         self._cache_dir = cache_dir
         self._progress = progress
@@ -63,7 +65,7 @@ class EmbeddedUpstream(Upstream):
 
     @property
     def model_names(self) -> list[str]:
-        return [m for m, on in ((CHAT_MODEL, self._chat), (EMBEDDING_MODEL, self._embedder)) if on]
+        return [m for m, on in ((self.chat_model, self._chat), (EMBEDDING_MODEL, self._embedder)) if on]
 
     async def start(self) -> None:
         """Load every enabled model now (downloading the chat model if needed) instead of on the first call."""
@@ -104,7 +106,7 @@ class EmbeddedUpstream(Upstream):
                 param="model",
                 code="model_not_found",
             )
-        allowed = CHAT_ENDPOINTS if model == CHAT_MODEL else EMBEDDING_ENDPOINTS
+        allowed = CHAT_ENDPOINTS if model == self.chat_model else EMBEDDING_ENDPOINTS
         if endpoint not in allowed:
             raise InvalidRequest(
                 f"model `{model}` does not support {endpoint} (it supports {', '.join(allowed)})",
@@ -124,7 +126,7 @@ class EmbeddedUpstream(Upstream):
             raise UpstreamError("connect", "the embedded engine was closed")
         load = self._loads.get(model)
         if load is None or (load.done() and (load.cancelled() or load.exception() is not None)):
-            loader = self._load_chat if model == CHAT_MODEL else self._load_embeddings
+            loader = self._load_chat if model == self.chat_model else self._load_embeddings
             load = self._loads[model] = asyncio.ensure_future(loader())
         try:
             await asyncio.shield(load)  # a caller's deadline must not cancel a load others wait for
@@ -136,7 +138,7 @@ class EmbeddedUpstream(Upstream):
             path = await asyncio.to_thread(self._resolve_model_path)
             self._llm = LLMEngine(
                 path,
-                name=CHAT_MODEL,
+                name=self.chat_model,
                 slots=self._slots,
                 context_size=self._context_size,
                 threads=self._threads,
