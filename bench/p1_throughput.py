@@ -79,8 +79,8 @@ def main() -> None:
         ref_s = run_reference(inp, wd / "ref-out.jsonl", ng.base_url)
         with BatchyardServer(wd, "--upstream", ng.base_url, "--concurrency", str(a.concurrency)) as srv:
             by_s, lat = run_batchyard(inp, srv.base_url, wd / "by-out.jsonl")
-    n_ref = sum(1 for _ in open(wd / "ref-out.jsonl", "rb"))
-    n_by = sum(1 for _ in open(wd / "by-out.jsonl", "rb"))
+    n_ref = (wd / "ref-out.jsonl").read_bytes().count(b"\n")
+    n_by = (wd / "by-out.jsonl").read_bytes().count(b"\n")
     assert n_ref == n_by == a.lines, (n_ref, n_by)
     print(f"reference loop : {a.lines / ref_s:8.0f} lines/s ({ref_s:.2f}s)")
     print(
