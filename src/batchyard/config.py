@@ -26,7 +26,8 @@ class Settings:
     database_url: str | None = None  # sqlite:///path or postgresql://...; default: SQLite in data_dir
     storage_url: str | None = None  # file:///path or s3://bucket/prefix; default: data_dir/blobs
     # execution
-    concurrency: int = 64  # lines in flight per upstream
+    concurrency: int | None = None  # lines in flight per upstream; None: adaptive, up to max_concurrency
+    max_concurrency: int = 512
     shard_lines: int = 1000  # lines per shard
     max_shards: int = 4  # shards one worker runs at once
     lease_seconds: float = 30.0
@@ -47,6 +48,11 @@ class Settings:
     @property
     def blob_root(self) -> Path:
         return self.data_dir / "blobs"
+
+    @property
+    def lanes_per_shard(self) -> int:
+        """Coroutines a shard runs its lines on: enough to fill the largest concurrency limit."""
+        return self.concurrency if self.concurrency is not None else self.max_concurrency
 
     @property
     def heartbeat_seconds(self) -> float:

@@ -1,4 +1,6 @@
-"""MetadataStore backends for the contract suite: every `store` test runs once on SQLite and once on PostgreSQL.
+"""MetadataStore backends for the contract suite: every `store` test runs on SQLite, on PostgreSQL and on the in-memory
+fake (test_store_contract.py widens `backend` to BACKENDS; the other suites here, such as the migrations, need a real
+database and see only DATABASES).
 
 One throwaway PostgreSQL cluster serves the whole session; each PostgreSQL test gets a new, empty database (the store
 applies its migrations on open) that is dropped afterwards. Without the PostgreSQL binaries the postgres half is
@@ -13,12 +15,14 @@ from pathlib import Path
 import pytest
 
 from batchyard.store.base import MetadataStore
+from batchyard.store.memory import MemoryStore
 from batchyard.store.postgres import PostgresStore
 from batchyard.store.sqlite import SQLiteStore
 from tests.support.postgres import PostgresCluster
 
 T0 = 1_700_000_000.25
-BACKENDS = ["sqlite", "postgres"]
+DATABASES = ["sqlite", "postgres"]  # the backends with a database behind them
+BACKENDS = [*DATABASES, "memory"]  # every MetadataStore
 
 StoreFactory = Callable[..., MetadataStore]
 
@@ -41,7 +45,7 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=DATABASES)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -53,7 +57,7 @@ def db_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def pg_dsn(backend: str, request: pytest.FixtureRequest) -> AsyncIterator[str | None]:
-    """A new, empty PostgreSQL database for this test (None on the sqlite backend)."""
+    """A new, empty PostgreSQL database for this test (None on the other backends)."""
     if backend != "postgres":
         yield None
         return
@@ -65,9 +69,14 @@ async def pg_dsn(backend: str, request: pytest.FixtureRequest) -> AsyncIterator[
 
 @pytest.fixture
 def make_store(backend: str, db_path: Path, pg_dsn: str | None) -> StoreFactory:
-    """Unopened stores on this test's database: `make_store(clock)`; without a clock, the database's own."""
+    """Unopened stores on this test's database: `make_store(clock)`; without a clock, the database's own.
+
+    On "memory" each call makes a new, empty MemoryStore: there is no database for two stores to share.
+    """
 
     def make(clock: Callable[[], float] | None = None) -> MetadataStore:
+        if backend == "memory":
+            return MemoryStore(clock=clock)
         if backend == "sqlite":
             return SQLiteStore(db_path) if clock is None else SQLiteStore(db_path, clock=clock)
         assert pg_dsn is not None

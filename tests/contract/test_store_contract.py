@@ -1,5 +1,7 @@
-"""MetadataStore contract, run against every backend (SQLite, PostgreSQL) with a fake clock (leases expire when the
-test says so). The `store` fixture and its parametrization live in conftest.py."""
+"""MetadataStore contract, run against every backend (SQLite, PostgreSQL, the in-memory fake) with a fake clock (leases
+expire when the test says so). The `store` fixture lives in conftest.py; this module widens its `backend` to all of
+BACKENDS. Tests of what only a database gives (a reopened store finds its data, several stores share one database)
+skip the fake with the reason."""
 
 from __future__ import annotations
 
@@ -16,11 +18,22 @@ from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.store.base import BatchJob, MetadataStore
 from batchyard.store.sqlite import SQLiteStore, migrations
-from tests.contract.conftest import T0, Clock, StoreFactory
+from tests.contract.conftest import BACKENDS, T0, Clock, StoreFactory
 
 S = BatchStatus
 LEASE = 10.0
 ALICE, BOB = "key_alice", "key_bob"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every MetadataStore, the in-memory fake included (conftest's `backend` has only the databases)."""
+    return str(request.param)
+
+
+def needs_a_database(backend: str, why: str) -> None:
+    if backend == "memory":
+        pytest.skip(f"memory: {why}")
 
 
 # -- helpers --------------------------------------------------------------------------------------------------
@@ -177,7 +190,8 @@ async def test_migrations_applied_once(db_path: Path, clock: Clock) -> None:
     assert journal == "wal"
 
 
-async def test_reopen_finds_everything(make_store: StoreFactory, clock: Clock) -> None:
+async def test_reopen_finds_everything(backend: str, make_store: StoreFactory, clock: Clock) -> None:
+    needs_a_database(backend, "nothing outlives the store object, a new one starts empty")
     s1 = make_store(clock)
     await s1.open()
     b = await planned_batch(s1, shards=2)
@@ -599,7 +613,10 @@ async def test_claim_shard_gives_each_pending_shard_once(store: MetadataStore) -
         assert c.db_now == T0
 
 
-async def test_concurrent_claims_never_share_a_shard(make_store: StoreFactory, clock: Clock) -> None:
+async def test_concurrent_claims_never_share_a_shard(
+    backend: str, make_store: StoreFactory, clock: Clock
+) -> None:
+    needs_a_database(backend, "several stores sharing one database; each MemoryStore has its own state")
     # Six stores, each with its own connections as worker processes have, claim from one batch at once.
     stores = [make_store(clock) for _ in range(6)]
     for s in stores:

@@ -30,9 +30,9 @@ _COMPONENTS = "#/components/schemas/"
 
 
 def _reference_dir() -> Path:
-    """/work/shared/reference, or a `shared/reference` beside or inside the repository."""
+    """tests/reference (a copy kept in the repository), else a `shared/reference` beside or inside it."""
     repo = Path(__file__).resolve().parents[2]
-    for cand in (repo / "shared" / "reference", repo.parent / "shared" / "reference"):
+    for cand in (repo / "tests" / "reference", repo / "shared" / "reference", repo.parent / "shared" / "reference"):
         if (cand / OPENAPI_FILE).is_file():
             return cand
     raise FileNotFoundError(f"reference schemas not found near {repo}")

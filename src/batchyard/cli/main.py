@@ -77,6 +77,21 @@ def cli() -> None:
     """
 
 
+class ConcurrencyType(click.ParamType):  # type: ignore[type-arg]
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
+        if value is None or value == "auto":
+            return None
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
+        if not 1 <= n <= 65536:
+            self.fail(f"{n} is not between 1 and 65536", param, ctx)
+        return n
+
+
 def _opt(*decls: str, **kw: Any) -> Callable[[F], F]:
     return click.option(*decls, show_envvar=True, **kw)
 
@@ -119,7 +134,19 @@ _EXECUTION_OPTIONS = [
         type=click.IntRange(1, 64),
         help="Requests the embedded engine generates at once.",
     ),
-    _opt("--concurrency", default=64, type=click.IntRange(1, 4096), help="Requests in flight per upstream."),
+    _opt(
+        "--concurrency",
+        default="auto",
+        type=ConcurrencyType(),
+        help="Requests in flight per upstream: a number, or 'auto' to find the upstream's capacity (AIMD on "
+        "429/503/timeouts and rising latency).",
+    ),
+    _opt(
+        "--max-concurrency",
+        default=512,
+        type=click.IntRange(1, 65536),
+        help="Ceiling of the automatic concurrency.",
+    ),
     _opt(
         "--shard-lines",
         default=1000,
@@ -219,6 +246,7 @@ def settings_from(opts: dict[str, Any], **extra: Any) -> Settings:
         model_path=opts["model_path"],
         embedded_slots=opts["embedded_slots"],
         concurrency=opts["concurrency"],
+        max_concurrency=opts["max_concurrency"],
         shard_lines=opts["shard_lines"],
         max_shards=opts["max_shards"],
         lease_seconds=opts["lease_seconds"],

@@ -12,7 +12,8 @@ import orjson
 from batchyard.domain import lines
 from batchyard.domain.models import Usage
 from batchyard.domain.retry import backoff_delay, is_retryable_status, parse_retry_after
-from batchyard.upstreams.base import Upstream, UpstreamError
+from batchyard.execution.limiter import AdaptiveLimiter, Limiter, Signal
+from batchyard.upstreams.base import Upstream, UpstreamError, UpstreamResponse
 from batchyard.upstreams.router import Router
 
 
@@ -42,21 +43,46 @@ class Dispatcher:
         self,
         router: Router,
         *,
-        concurrency: int,
+        concurrency: int | None,
         attempt_timeout: float,
         max_retries: int,
+        max_concurrency: int = 512,
     ) -> None:
+        """`concurrency`: requests in flight per upstream, or None to find it adaptively (up to max_concurrency)."""
         self.router = router
         self._concurrency = concurrency
+        self._max_concurrency = max_concurrency
         self._attempt_timeout = attempt_timeout
         self._max_retries = max_retries
-        self._slots: dict[int, asyncio.Semaphore] = {}
+        self._limiters: dict[int, Limiter] = {}
 
-    def _slot(self, upstream: Upstream) -> asyncio.Semaphore:
-        sem = self._slots.get(id(upstream))
-        if sem is None:
-            sem = self._slots[id(upstream)] = asyncio.Semaphore(self._concurrency)
-        return sem
+    def limiter(self, upstream: Upstream) -> Limiter:
+        lim = self._limiters.get(id(upstream))
+        if lim is None:
+            if self._concurrency is None:
+                lim = AdaptiveLimiter(initial=min(16, self._max_concurrency), max_limit=self._max_concurrency)
+            else:
+                lim = Limiter(self._concurrency)
+            self._limiters[id(upstream)] = lim
+        return lim
+
+    async def _attempt(
+        self, upstream: Upstream, limiter: Limiter, endpoint: str, payload: bytes, stop: StopSignal
+    ) -> UpstreamResponse | UpstreamError | None:
+        """One try under the upstream's concurrency limit, reporting how it went to the limiter."""
+        started = await limiter.acquire()
+        signal = Signal.ERROR
+        try:
+            if stop.code is not None:
+                return None
+            resp = await upstream.call(endpoint, payload, timeout=self._attempt_timeout)
+            signal = _signal_of(resp.status)
+            return resp
+        except UpstreamError as e:
+            signal = Signal.OVERLOAD if e.kind == "timeout" else Signal.ERROR
+            return e
+        finally:
+            limiter.release(started, signal)
 
     async def execute(self, endpoint: str, custom_id: str, body: dict[str, Any], stop: StopSignal) -> Outcome:
         model = body.get("model")
@@ -66,20 +92,20 @@ class Dispatcher:
                 False, lines.error_line(custom_id, "model_not_found", f"No upstream serves {model!r}.")
             )
         payload = orjson.dumps(body)
-        slot = self._slot(upstream)
+        limiter = self.limiter(upstream)
         retries = 0
         while True:
             if stop.code is not None:
                 return Outcome(False, lines.not_executed_line(custom_id, stop.code), stopped=stop.code)
-            try:
-                async with slot:
-                    resp = await upstream.call(endpoint, payload, timeout=self._attempt_timeout)
-            except UpstreamError as e:
-                if e.retryable and retries < self._max_retries:
+            resp = await self._attempt(upstream, limiter, endpoint, payload, stop)
+            if resp is None:  # stopped while waiting for a slot: never sent
+                return Outcome(False, lines.not_executed_line(custom_id, stop.code or ""), stopped=stop.code)
+            if isinstance(resp, UpstreamError):
+                if resp.retryable and retries < self._max_retries:
                     await asyncio.sleep(backoff_delay(retries, None))
                     retries += 1
                     continue
-                return Outcome(False, lines.error_line(custom_id, f"upstream_{e.kind}", e.message))
+                return Outcome(False, lines.error_line(custom_id, f"upstream_{resp.kind}", resp.message))
             if 200 <= resp.status < 300:
                 try:
                     parsed = orjson.loads(resp.body)
@@ -99,6 +125,12 @@ class Dispatcher:
                 False,
                 lines.response_line(custom_id, resp.status, resp.request_id or "", _error_body(resp.body)),
             )
+
+
+def _signal_of(status: int) -> Signal:
+    if status in (429, 503):
+        return Signal.OVERLOAD
+    return Signal.ERROR if status >= 500 else Signal.OK
 
 
 def _error_body(raw: bytes) -> dict[str, Any]:

@@ -103,7 +103,7 @@ class ShardRunner:
 
     async def _execute(self, att: _Attempt, todo: Iterator[tuple[int, bytes]]) -> None:
         lanes: list[asyncio.Task[None]] = []
-        n = max(1, min(self.settings.concurrency, att.claim.shard.line_count))
+        n = max(1, min(self.settings.lanes_per_shard, att.claim.shard.line_count))
         beat = asyncio.create_task(self._heartbeat(att, lanes), name="shard-heartbeat")
         try:
             lanes.extend(asyncio.create_task(self._lane(att, todo), name=f"lane-{i}") for i in range(n))

@@ -37,6 +37,7 @@ class Worker:
         self.dispatcher = Dispatcher(
             router,
             concurrency=settings.concurrency,
+            max_concurrency=settings.max_concurrency,
             attempt_timeout=settings.attempt_timeout,
             max_retries=settings.max_retries,
         )

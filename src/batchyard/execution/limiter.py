@@ -1,0 +1,117 @@
+"""Concurrency limits per upstream: fixed, or adaptive (AIMD with a latency gradient).
+
+The adaptive limit finds an upstream's capacity without tuning: it doubles per round trip at first (slow start), then
+grows by about one request per round trip while requests succeed with the limit in use, and shrinks multiplicatively on overload: a 429/503, a timeout, or short-term
+latency rising well above its long-term average (the upstream queues: someone else is using it, or we push too hard).
+Shrinking happens at most once per round trip, so one burst of 429s counts as one signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from enum import Enum
+
+
+class Signal(Enum):
+    OK = "ok"  # a response the upstream produced normally (2xx, or a 4xx about the request itself)
+    OVERLOAD = "overload"  # 429, 503, a timeout: the upstream wants less
+    ERROR = "error"  # other failures (5xx, connection errors): no information about capacity
+
+
+class Limiter:
+    """Bounds requests in flight. FIFO among waiters; cancellation-safe."""
+
+    def __init__(self, limit: float) -> None:
+        self._limit = float(limit)
+        self.in_flight = 0
+        self._handed = 0  # slots given to waiters that have not resumed yet
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def limit(self) -> int:
+        return max(1, int(self._limit))
+
+    async def acquire(self) -> float:
+        """Wait for a slot; returns a start time to pass back to `release`."""
+        if self.in_flight + self._handed >= self.limit or self._waiters:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            except BaseException:
+                if fut.done() and not fut.cancelled():
+                    self._handed -= 1
+                    self._wake()  # we were handed a slot we will not use: pass it on
+                elif fut in self._waiters:
+                    self._waiters.remove(fut)
+                raise
+            self._handed -= 1
+        self.in_flight += 1
+        return time.monotonic()
+
+    def release(self, started: float, signal: Signal) -> None:
+        self.in_flight -= 1
+        self.observe(time.monotonic() - started, signal)
+        self._wake()
+
+    def observe(self, rtt: float, signal: Signal) -> None:
+        """Fixed limits learn nothing."""
+
+    def _wake(self) -> None:
+        free = self.limit - self.in_flight - self._handed
+        while free > 0 and self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                self._handed += 1
+                free -= 1
+
+
+class AdaptiveLimiter(Limiter):
+    def __init__(
+        self,
+        *,
+        initial: int = 16,
+        min_limit: int = 1,
+        max_limit: int = 1024,
+        backoff: float = 0.9,
+        tolerance: float = 2.0,
+    ) -> None:
+        super().__init__(initial)
+        self.min_limit = min_limit
+        self.max_limit = max_limit
+        self.backoff = backoff
+        self.tolerance = tolerance
+        self._short: float | None = None  # EWMA of recent round trips
+        self._long: float | None = None  # EWMA over a long horizon
+        self._last_decrease = 0.0
+        self._slow_start = True  # double per round trip until the first overload, like TCP
+
+    def observe(self, rtt: float, signal: Signal) -> None:
+        now = time.monotonic()
+        if signal is Signal.OVERLOAD:
+            self._decrease(now)
+            return
+        if signal is Signal.ERROR:
+            return
+        self._short = rtt if self._short is None else self._short + 0.1 * (rtt - self._short)
+        self._long = rtt if self._long is None else self._long + 0.01 * (rtt - self._long)
+        if self._short > self.tolerance * self._long:
+            self._decrease(now)
+        elif self.in_flight + 1 >= self.limit * 0.8:
+            # while the limit is actually in use: slow start doubles it per round trip, then additive increase
+            # adds about one request per round trip
+            step = 1.0 if self._slow_start else 1.0 / max(self._limit, 1.0)
+            self._limit = min(float(self.max_limit), self._limit + step)
+
+    def _decrease(self, now: float) -> None:
+        rtt = self._short or 0.05
+        if now - self._last_decrease < rtt:
+            return
+        self._last_decrease = now
+        if self._slow_start:
+            self._slow_start = False
+            self._limit = max(float(self.min_limit), self._limit / 2.0)  # it overshot by up to 2x
+        self._limit = max(float(self.min_limit), self._limit * self.backoff)

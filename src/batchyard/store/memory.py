@@ -1,0 +1,422 @@
+"""In-memory MetadataStore: a fake for unit tests of the layers above the store (like procrastinate's `testing.py`).
+
+It behaves like `sqlite.SQLiteStore` call for call and runs the same contract suite; nothing outlives the object.
+Every method is `async` and never awaits while it reads and writes, so one event loop needs no lock. Records go in
+and come out as copies: a caller cannot change the store's state by mutating what it passed or got back. Like the
+SQL stores, `metadata` and `errors` are kept as JSON text (values are normalized the same way) and `insert_batch`
+keeps only the columns the SQL stores insert (counts and usage are always sums over the batch's shards).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from batchyard.domain.models import BatchRecord, FileRecord, ShardClaim, ShardRecord, ShardResult, Usage
+from batchyard.domain.states import BatchStatus, check_transition
+from batchyard.domain.validation import ShardPlan
+from batchyard.errors import StoreError
+from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, Page
+
+S = BatchStatus
+_LIVE = frozenset({S.VALIDATING, S.IN_PROGRESS, S.FINALIZING, S.CANCELLING})
+_CLAIMABLE = frozenset({S.IN_PROGRESS, S.CANCELLING})
+
+
+@dataclass(slots=True)
+class _File:
+    seq: int
+    rec: FileRecord
+    deleted: bool = False
+
+
+@dataclass(slots=True)
+class _Batch:
+    seq: int
+    rec: BatchRecord  # metadata, errors, counts and usage unused here: see the JSON fields and the shards
+    metadata: str | None = None
+    errors: str | None = None
+    planned: bool = False
+    job_owner: str | None = None
+    job_lease_until: float | None = None
+
+
+@dataclass(slots=True)
+class _Shard:
+    rec: ShardRecord
+    expired: int = 0
+    lease_owner: str | None = None
+    lease_until: float | None = None
+
+
+@dataclass(slots=True)
+class _State:
+    files: dict[str, _File] = field(default_factory=dict)
+    batches: dict[str, _Batch] = field(default_factory=dict)
+    shards: dict[str, dict[int, _Shard]] = field(default_factory=dict)  # batch id -> index -> shard
+    seq: int = 0
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _shard_copy(rec: ShardRecord) -> ShardRecord:
+    return replace(rec, usage=replace(rec.usage))
+
+
+class MemoryStore(MetadataStore):
+    def __init__(self, *, clock: Callable[[], float] | None = None) -> None:
+        self._clock: Callable[[], float] = time.time if clock is None else clock
+        self._data = _State()
+        self._open = False
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+    @property
+    def _s(self) -> _State:
+        if not self._open:
+            raise StoreError("store is not open")
+        return self._data
+
+    def _next_seq(self) -> int:
+        self._s.seq += 1
+        return self._s.seq
+
+    def _batch_out(self, b: _Batch) -> BatchRecord:
+        """A copy of the batch with its counts and usage summed over its shards."""
+        completed = failed = 0
+        usage = Usage()
+        for sh in self._s.shards.get(b.rec.id, {}).values():
+            completed += sh.rec.completed
+            failed += sh.rec.failed
+            usage.add(sh.rec.usage)
+        return replace(
+            b.rec,
+            metadata=_loads(b.metadata),
+            errors=_loads(b.errors),
+            completed=completed,
+            failed=failed,
+            usage=usage,
+        )
+
+    def _transition(self, b: _Batch, dst: BatchStatus, **fields: Any) -> bool:
+        stamp = check_transition(b.rec.status, dst)  # raises before anything changes
+        b.rec.status = dst
+        if stamp is not None:
+            setattr(b.rec, stamp, int(self._clock()))
+        for name, value in fields.items():
+            setattr(b, name, value)
+        return True
+
+    def _holds_job(self, batch_id: str, worker: str) -> _Batch | None:
+        b = self._s.batches.get(batch_id)
+        return b if b is not None and b.job_owner == worker else None
+
+    def _put_file(self, rec: FileRecord) -> None:
+        self._s.files[rec.id] = _File(self._next_seq(), replace(rec))
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    async def open(self) -> None:
+        self._open = True
+
+    async def close(self) -> None:
+        self._open = False
+
+    async def now(self) -> float:
+        return self._clock()
+
+    # -- files ----------------------------------------------------------------------------------------------
+    async def insert_file(self, rec: FileRecord) -> None:
+        if rec.id in self._s.files:  # deleted files keep their id, as the UNIQUE column does
+            raise StoreError(f"memory: file {rec.id!r} exists")
+        self._put_file(rec)
+
+    async def get_file(self, owner: str | None, file_id: str) -> FileRecord | None:
+        f = self._s.files.get(file_id)
+        if f is None or f.deleted or (owner is not None and f.rec.owner != owner):
+            return None
+        return replace(f.rec)
+
+    async def list_files(
+        self, owner: str, *, purpose: str | None, limit: int, order: str, after: str | None
+    ) -> Page:
+        rows = sorted(self._s.files.values(), key=lambda f: f.seq, reverse=order != "asc")
+        if after is not None:
+            cur = self._s.files.get(after)  # a deleted file is still a cursor
+            if cur is None or cur.rec.owner != owner:
+                return Page([], False)
+            rows = [f for f in rows if (f.seq > cur.seq if order == "asc" else f.seq < cur.seq)]
+        rows = [
+            f
+            for f in rows
+            if f.rec.owner == owner and not f.deleted and (purpose is None or f.rec.purpose == purpose)
+        ]
+        return Page([replace(f.rec) for f in rows[:limit]], len(rows) > limit)
+
+    async def delete_file(self, owner: str, file_id: str) -> tuple[FileRecord, bool] | None:
+        f = self._s.files.get(file_id)
+        if f is None or f.deleted or f.rec.owner != owner:
+            return None
+        f.deleted = True
+        live = any(b.rec.input_file_id == file_id and b.rec.status in _LIVE for b in self._s.batches.values())
+        return replace(f.rec), not live
+
+    async def expired_files(self, limit: int) -> list[FileRecord]:
+        now = int(self._clock())
+        rows = sorted(self._s.files.values(), key=lambda f: f.seq)
+        hits = [f for f in rows if not f.deleted and f.rec.expires_at is not None and f.rec.expires_at <= now]
+        return [replace(f.rec) for f in hits[:limit]]
+
+    # -- batches --------------------------------------------------------------------------------------------
+    async def insert_batch(self, rec: BatchRecord) -> None:
+        if rec.id in self._s.batches:
+            raise StoreError(f"memory: batch {rec.id!r} exists")
+        kept = BatchRecord(  # the columns the SQL stores insert; the rest start empty
+            id=rec.id,
+            owner=rec.owner,
+            endpoint=rec.endpoint,
+            input_file_id=rec.input_file_id,
+            completion_window=rec.completion_window,
+            status=S(rec.status),
+            created_at=rec.created_at,
+            expires_at=rec.expires_at,
+            output_expires_after=rec.output_expires_after,
+        )
+        self._s.batches[rec.id] = _Batch(self._next_seq(), kept, metadata=_dumps(rec.metadata))
+
+    async def get_batch(self, owner: str | None, batch_id: str) -> BatchRecord | None:
+        b = self._s.batches.get(batch_id)
+        if b is None or (owner is not None and b.rec.owner != owner):
+            return None
+        return self._batch_out(b)
+
+    async def list_batches(self, owner: str, *, limit: int, after: str | None) -> Page:
+        rows = [b for b in self._s.batches.values() if b.rec.owner == owner]
+        if after is not None:
+            cur = self._s.batches.get(after)
+            if cur is None or cur.rec.owner != owner:
+                return Page([], False)
+            rows = [b for b in rows if b.seq < cur.seq]
+        rows.sort(key=lambda b: b.seq, reverse=True)
+        return Page([self._batch_out(b) for b in rows[:limit]], len(rows) > limit)
+
+    async def request_cancel(self, owner: str, batch_id: str) -> BatchRecord | None:
+        b = self._s.batches.get(batch_id)
+        if b is None or b.rec.owner != owner:
+            return None
+        if b.rec.status in (S.VALIDATING, S.IN_PROGRESS):
+            self._transition(b, S.CANCELLING)
+        return self._batch_out(b)
+
+    # -- batch-level jobs -----------------------------------------------------------------------------------
+    def _claim_job(self, worker: str, lease_s: float, wanted: Callable[[_Batch], bool]) -> BatchJob | None:
+        now = self._clock()
+        free = (
+            b
+            for b in sorted(self._s.batches.values(), key=lambda b: b.seq)
+            if wanted(b)
+            and (b.job_owner is None or (b.job_lease_until is not None and b.job_lease_until < now))
+        )
+        b = next(free, None)
+        if b is None:
+            return None
+        b.job_owner, b.job_lease_until = worker, now + lease_s
+        f = self._s.files.get(b.rec.input_file_id)  # deleted or not
+        return BatchJob(self._batch_out(b), None if f is None else replace(f.rec), now)
+
+    def _all_done(self, b: _Batch) -> bool:
+        return all(sh.rec.status == "done" for sh in self._s.shards.get(b.rec.id, {}).values())
+
+    async def claim_validation(self, worker: str, lease_s: float) -> BatchJob | None:
+        return self._claim_job(
+            worker, lease_s, lambda b: not b.planned and b.rec.status in (S.VALIDATING, S.CANCELLING)
+        )
+
+    async def claim_finalization(self, worker: str, lease_s: float) -> BatchJob | None:
+        statuses = (S.IN_PROGRESS, S.CANCELLING, S.FINALIZING)
+        return self._claim_job(
+            worker, lease_s, lambda b: b.planned and b.rec.status in statuses and self._all_done(b)
+        )
+
+    async def extend_job(self, batch_id: str, worker: str, lease_s: float) -> bool:
+        b = self._holds_job(batch_id, worker)
+        if b is None:
+            return False
+        b.job_lease_until = self._clock() + lease_s
+        return True
+
+    async def plan_batch(
+        self, batch_id: str, worker: str, shards: Sequence[ShardPlan], total: int, model: str | None
+    ) -> bool:
+        b = self._holds_job(batch_id, worker)
+        if b is None or b.rec.status not in (S.VALIDATING, S.CANCELLING):
+            return False
+        mine = self._s.shards.get(batch_id, {})
+        indexes = [p.index for p in shards]
+        if len(set(indexes)) != len(indexes) or any(i in mine for i in indexes):
+            raise StoreError(f"memory: shard index planned twice for batch {batch_id!r}")
+        if b.rec.status == S.VALIDATING:
+            self._transition(b, S.IN_PROGRESS)
+        added = {
+            p.index: _Shard(ShardRecord(batch_id, p.index, p.start, p.end, p.first_line, p.line_count))
+            for p in shards
+        }
+        self._s.shards[batch_id] = {**mine, **added}
+        b.planned, b.job_owner, b.job_lease_until = True, None, None
+        b.rec.total, b.rec.model = total, model
+        return True
+
+    async def fail_batch(self, batch_id: str, worker: str, errors: list[dict[str, Any]]) -> bool:
+        b = self._holds_job(batch_id, worker)
+        if b is None or b.rec.status not in (S.VALIDATING, S.CANCELLING):
+            return False
+        dst = S.FAILED if b.rec.status == S.VALIDATING else S.CANCELLED
+        text = _dumps(errors)
+        return self._transition(b, dst, errors=text, planned=True, job_owner=None, job_lease_until=None)
+
+    async def begin_finalizing(self, batch_id: str, worker: str) -> BatchRecord | None:
+        b = self._holds_job(batch_id, worker)
+        if b is None:
+            return None
+        if b.rec.status == S.IN_PROGRESS:
+            self._transition(b, S.FINALIZING)
+        return self._batch_out(b)
+
+    async def done_shards(self, batch_id: str) -> list[ShardRecord]:
+        mine = self._s.shards.get(batch_id, {})
+        return [_shard_copy(mine[i].rec) for i in sorted(mine) if mine[i].rec.status == "done"]
+
+    async def batch_expired_lines(self, batch_id: str) -> int:
+        return sum(sh.expired for sh in self._s.shards.get(batch_id, {}).values())
+
+    async def finish_batch(
+        self,
+        batch_id: str,
+        worker: str,
+        status: BatchStatus,
+        output_file: FileRecord | None,
+        error_file: FileRecord | None,
+    ) -> bool:
+        b = self._holds_job(batch_id, worker)
+        if b is None:
+            return False
+        check_transition(b.rec.status, status)  # nothing is written when the transition is illegal
+        for f in (output_file, error_file):
+            if f is not None:  # INSERT OR REPLACE: the old row goes, a new one (new seq, not deleted) comes
+                self._s.files.pop(f.id, None)
+                self._put_file(f)
+        b.rec.output_file_id = None if output_file is None else output_file.id
+        b.rec.error_file_id = None if error_file is None else error_file.id
+        return self._transition(b, status, job_owner=None, job_lease_until=None)
+
+    # -- shards ---------------------------------------------------------------------------------------------
+    def _pick_shard(self, now: float) -> tuple[_Batch, _Shard] | None:
+        """Cancelling batches first (they only drain), then the batch with the fewest running shards, oldest
+        first, then the lowest shard index: a small batch is not starved behind a big one."""
+        best: tuple[tuple[bool, int, int], _Batch, _Shard] | None = None
+        for b in self._s.batches.values():
+            if b.rec.status not in _CLAIMABLE or b.rec.input_file_id not in self._s.files:
+                continue
+            mine = self._s.shards.get(b.rec.id, {})
+            free = [
+                sh
+                for sh in mine.values()
+                if sh.rec.status == "pending"
+                or (sh.rec.status == "running" and sh.lease_until is not None and sh.lease_until < now)
+            ]
+            if not free:
+                continue
+            running = sum(
+                1
+                for sh in mine.values()
+                if sh.rec.status == "running" and sh.lease_until is not None and sh.lease_until >= now
+            )
+            key = (b.rec.status != S.CANCELLING, running, b.seq)
+            if best is None or key < best[0]:
+                best = (key, b, min(free, key=lambda sh: sh.rec.index))
+        return None if best is None else (best[1], best[2])
+
+    async def claim_shard(self, worker: str, lease_s: float) -> ShardClaim | None:
+        now = self._clock()
+        picked = self._pick_shard(now)
+        if picked is None:
+            return None
+        b, sh = picked
+        shard = _shard_copy(sh.rec)  # as read before the reset, like the SQL stores' claim row
+        attempt = sh.rec.attempt + 1
+        shard.status, shard.attempt = "running", attempt
+        sh.rec.status, sh.rec.attempt, sh.lease_owner, sh.lease_until = (
+            "running",
+            attempt,
+            worker,
+            now + lease_s,
+        )
+        sh.rec.completed = sh.rec.failed = sh.expired = 0
+        sh.rec.usage = Usage()
+        return ShardClaim(
+            shard=shard,
+            attempt=attempt,
+            worker=worker,
+            batch_status=b.rec.status,
+            endpoint=b.rec.endpoint,
+            expires_at=b.rec.expires_at,
+            input_blob_key=self._s.files[b.rec.input_file_id].rec.blob_key,
+            db_now=now,
+        )
+
+    def _fenced(self, claim: ShardClaim) -> _Shard | None:
+        """The claimed shard, if this attempt still holds it."""
+        sh = self._s.shards.get(claim.shard.batch_id, {}).get(claim.shard.index)
+        if sh is None or sh.rec.status != "running":
+            return None
+        if sh.rec.attempt != claim.attempt or sh.lease_owner != claim.worker:
+            return None
+        return sh
+
+    async def heartbeat_shard(
+        self, claim: ShardClaim, lease_s: float, completed: int, failed: int, usage: Usage
+    ) -> Heartbeat | None:
+        now = self._clock()
+        sh = self._fenced(claim)
+        if sh is None:
+            return None
+        sh.lease_until = now + lease_s
+        sh.rec.completed, sh.rec.failed, sh.rec.usage = completed, failed, replace(usage)
+        b = self._s.batches[claim.shard.batch_id]
+        return Heartbeat(b.rec.status, b.rec.expires_at, now)
+
+    async def release_shard(self, claim: ShardClaim) -> None:
+        sh = self._fenced(claim)
+        if sh is not None:  # progress stays until the next claim resets it, as in the SQL stores
+            sh.rec.status, sh.lease_owner, sh.lease_until = "pending", None, None
+
+    async def release_all(self) -> None:
+        """Give back every lease (only for a single-process owner of this store, as `SQLiteStore.release_all`)."""
+        for mine in self._s.shards.values():
+            for sh in mine.values():
+                if sh.rec.status == "running":
+                    sh.rec.status, sh.lease_owner, sh.lease_until = "pending", None, None
+        for b in self._s.batches.values():
+            b.job_owner, b.job_lease_until = None, None
+
+    async def release_job(self, batch_id: str, worker: str) -> None:
+        b = self._holds_job(batch_id, worker)
+        if b is not None:
+            b.job_owner, b.job_lease_until = None, None
+
+    async def complete_shard(self, claim: ShardClaim, result: ShardResult, expired: int) -> bool:
+        sh = self._fenced(claim)
+        if sh is None:
+            return False
+        sh.rec.status, sh.lease_owner, sh.lease_until = "done", None, None
+        sh.rec.completed, sh.rec.failed, sh.expired = result.completed, result.failed, expired
+        sh.rec.usage = replace(result.usage)
+        sh.rec.out_key, sh.rec.err_key = result.out_key, result.err_key
+        return True
