@@ -4,8 +4,68 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from batchyard.domain import limits
+
+
+@dataclass(slots=True)
+class UpstreamSpec:
+    """One `[[upstreams]]` table of the TOML config."""
+
+    base_url: str
+    name: str | None = None
+    api_key_env: str | None = None  # the key is read from this environment variable, never from the file
+    models: list[str] = field(default_factory=lambda: ["*"])  # names or globs
+    weight: float = 1.0
+    max_concurrency: int | None = None  # None ("auto"): adaptive
+    rpm: int | None = None
+    tpm: int | None = None
+    timeout: float | None = None
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any], index: int) -> UpstreamSpec:
+        where = f"[[upstreams]] #{index + 1}"
+        known = {
+            "base_url",
+            "name",
+            "api_key_env",
+            "models",
+            "weight",
+            "max_concurrency",
+            "rpm",
+            "tpm",
+            "timeout",
+        }
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+        url = raw.get("base_url")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"{where}: base_url must be an http(s) URL")
+        models = raw.get("models", ["*"])
+        if isinstance(models, str):
+            models = [models]
+        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+            raise ValueError(f"{where}: models must be a list of names or globs")
+        mc = raw.get("max_concurrency", "auto")
+        if mc != "auto" and not (isinstance(mc, int) and mc >= 1):
+            raise ValueError(f'{where}: max_concurrency must be a positive integer or "auto"')
+        for key in ("weight", "rpm", "tpm", "timeout"):
+            v = raw.get(key)
+            if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or v <= 0):
+                raise ValueError(f"{where}: {key} must be a positive number")
+        return cls(
+            base_url=url,
+            name=raw.get("name"),
+            api_key_env=raw.get("api_key_env"),
+            models=list(models),
+            weight=float(raw.get("weight", 1.0)),
+            max_concurrency=None if mc == "auto" else int(mc),
+            rpm=raw.get("rpm"),
+            tpm=raw.get("tpm"),
+            timeout=raw.get("timeout"),
+        )
 
 
 @dataclass(slots=True)
@@ -16,6 +76,7 @@ class Settings:
     # (model pattern or None for every model, base URL)
     upstreams: list[tuple[str | None, str]] = field(default_factory=list)
     upstream_api_key: str | None = None
+    upstream_specs: list[UpstreamSpec] = field(default_factory=list)  # [[upstreams]] from the config file
     # the embedded engine: None = on when no upstream is configured
     embedded: bool | None = None
     model_path: str | None = None  # a local GGUF served as the chat model instead of SmolLM2-135M

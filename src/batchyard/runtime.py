@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -17,11 +18,13 @@ from batchyard.api.services import Services
 from batchyard.blobs.base import BlobStore
 from batchyard.blobs.local import LocalBlobStore
 from batchyard.config import Settings
+from batchyard.execution.limiter import Limiter
 from batchyard.execution.worker import Worker
 from batchyard.store.base import MetadataStore
 from batchyard.store.sqlite import SQLiteStore
 from batchyard.upstreams.base import Upstream
 from batchyard.upstreams.http import HTTPUpstream
+from batchyard.upstreams.pool import Member, TokenBucket
 from batchyard.upstreams.router import Router
 
 log = logging.getLogger("batchyard")
@@ -30,8 +33,12 @@ log = logging.getLogger("batchyard")
 def build_router(settings: Settings) -> Router:
     """Routes for --upstream, plus the embedded engine's exact model names when it is on."""
     by_url: dict[str, Upstream] = {}
-    routes: list[tuple[str | None, Upstream]] = []
-    embedded = settings.embedded if settings.embedded is not None else not settings.upstreams
+    routes: list[tuple[str | None, Upstream | Member]] = []
+    embedded = (
+        settings.embedded
+        if settings.embedded is not None
+        else not (settings.upstreams or settings.upstream_specs)
+    )
     if embedded:
         from batchyard.upstreams.embedded import CHAT_MODEL, EmbeddedUpstream, embedded_routes
 
@@ -41,6 +48,17 @@ def build_router(settings: Settings) -> Router:
             chat_model=Path(settings.model_path).stem if settings.model_path else CHAT_MODEL,
         )
         routes.extend(embedded_routes(engine))
+    for spec in settings.upstream_specs:
+        key = os.environ.get(spec.api_key_env) if spec.api_key_env else settings.upstream_api_key
+        member = Member(
+            HTTPUpstream(spec.base_url, api_key=key, name=spec.name, max_body=settings.max_response_bytes),
+            weight=spec.weight,
+            limiter=Limiter(spec.max_concurrency) if spec.max_concurrency is not None else None,
+            timeout=spec.timeout,
+            rpm=TokenBucket(spec.rpm) if spec.rpm else None,
+            tpm=TokenBucket(spec.tpm) if spec.tpm else None,
+        )
+        routes.extend((pattern, member) for pattern in spec.models)
     for pattern, url in settings.upstreams:
         http = by_url.get(url)
         if http is None:

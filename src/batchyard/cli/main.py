@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from batchyard.config import Settings
+from batchyard.config import Settings, UpstreamSpec
 
 T = TypeVar("T")
 
@@ -29,13 +29,20 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise click.BadParameter(f"cannot read {value}: {e}") from e
         section: dict[str, Any] = data.get("serve", data)
+        tables = data.get("upstreams", section.get("upstreams"))
+        if isinstance(tables, list) and all(isinstance(t, dict) for t in tables):
+            try:
+                ctx.meta["upstream_specs"] = [UpstreamSpec.parse(t, i) for i, t in enumerate(tables)]
+            except ValueError as e:
+                raise click.BadParameter(f"{value}: {e}") from e
+            section = {k: v for k, v in section.items() if k != "upstreams"}
         # Keys are named like the options (`api-key`, `upstream`, `data_dir`): map them to the parameter names.
         names = {
             o.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params for o in p.opts if p.name
         }
         defaults = {}
         for k, v in section.items():
-            if isinstance(v, dict):
+            if isinstance(v, dict) or (isinstance(v, list) and v and all(isinstance(x, dict) for x in v)):
                 continue
             name = names.get(k.replace("-", "_"))
             if name is None:
@@ -242,6 +249,7 @@ def settings_from(opts: dict[str, Any], **extra: Any) -> Settings:
     return Settings(
         upstreams=[parse_upstream(u) for u in opts["upstreams"]],
         upstream_api_key=opts["upstream_api_key"],
+        upstream_specs=list(click.get_current_context().meta.get("upstream_specs", [])),
         embedded=opts["embedded"],
         model_path=opts["model_path"],
         embedded_slots=opts["embedded_slots"],

@@ -13,7 +13,8 @@ from batchyard.domain import lines
 from batchyard.domain.models import Usage
 from batchyard.domain.retry import backoff_delay, is_retryable_status, parse_retry_after
 from batchyard.execution.limiter import AdaptiveLimiter, Limiter, Signal
-from batchyard.upstreams.base import Upstream, UpstreamError, UpstreamResponse
+from batchyard.upstreams.base import UpstreamError, UpstreamResponse
+from batchyard.upstreams.pool import Member, healthier_exists, pick
 from batchyard.upstreams.router import Router
 
 
@@ -54,28 +55,54 @@ class Dispatcher:
         self._max_concurrency = max_concurrency
         self._attempt_timeout = attempt_timeout
         self._max_retries = max_retries
-        self._limiters: dict[int, Limiter] = {}
 
-    def limiter(self, upstream: Upstream) -> Limiter:
-        lim = self._limiters.get(id(upstream))
-        if lim is None:
+    def limiter(self, member: Member) -> Limiter:
+        """The member's own limiter, or this dispatcher's default kind (made once per member)."""
+        if member.limiter is None:
             if self._concurrency is None:
-                lim = AdaptiveLimiter(initial=min(16, self._max_concurrency), max_limit=self._max_concurrency)
+                member.limiter = AdaptiveLimiter(
+                    initial=min(16, self._max_concurrency), max_limit=self._max_concurrency
+                )
             else:
-                lim = Limiter(self._concurrency)
-            self._limiters[id(upstream)] = lim
-        return lim
+                member.limiter = Limiter(self._concurrency)
+        return member.limiter
 
     async def _attempt(
-        self, upstream: Upstream, limiter: Limiter, endpoint: str, payload: bytes, stop: StopSignal
+        self, group: list[Member], endpoint: str, payload: bytes, tokens: float, stop: StopSignal
     ) -> UpstreamResponse | UpstreamError | None:
-        """One try under the upstream's concurrency limit, reporting how it went to the limiter."""
-        started = await limiter.acquire()
+        """One try on the best member of the group: its rate limits, concurrency limit and health.
+        None if the batch stopped before the request was sent."""
+        while True:
+            member = pick(group)
+            limiter = self.limiter(member)
+            started = await limiter.acquire()
+            if len(group) > 1 and healthier_exists(member, group):
+                limiter.release(started, Signal.ERROR)  # ejected while we waited: choose again
+                continue
+            return await self._send(member, limiter, started, endpoint, payload, tokens, stop)
+
+    async def _send(
+        self,
+        member: Member,
+        limiter: Limiter,
+        started: float,
+        endpoint: str,
+        payload: bytes,
+        tokens: float,
+        stop: StopSignal,
+    ) -> UpstreamResponse | UpstreamError | None:
         signal = Signal.ERROR
         try:
+            if member.rpm is not None:
+                await member.rpm.take(1)
+            if member.tpm is not None:
+                await member.tpm.take(tokens)
             if stop.code is not None:
                 return None
-            resp = await upstream.call(endpoint, payload, timeout=self._attempt_timeout)
+            member.health.on_attempt(time.monotonic())
+            resp = await member.upstream.call(
+                endpoint, payload, timeout=member.timeout or self._attempt_timeout
+            )
             signal = _signal_of(resp.status)
             return resp
         except UpstreamError as e:
@@ -83,21 +110,23 @@ class Dispatcher:
             return e
         finally:
             limiter.release(started, signal)
+            if signal is not Signal.OVERLOAD:  # overload is about capacity, not health
+                member.health.on_result(signal is Signal.OK, time.monotonic())
 
     async def execute(self, endpoint: str, custom_id: str, body: dict[str, Any], stop: StopSignal) -> Outcome:
         model = body.get("model")
-        upstream = self.router.resolve(model) if isinstance(model, str) else None
-        if upstream is None:
+        group = self.router.group(model) if isinstance(model, str) else None
+        if group is None:
             return Outcome(
                 False, lines.error_line(custom_id, "model_not_found", f"No upstream serves {model!r}.")
             )
         payload = orjson.dumps(body)
-        limiter = self.limiter(upstream)
+        tokens = _estimated_tokens(payload, body)
         retries = 0
         while True:
             if stop.code is not None:
                 return Outcome(False, lines.not_executed_line(custom_id, stop.code), stopped=stop.code)
-            resp = await self._attempt(upstream, limiter, endpoint, payload, stop)
+            resp = await self._attempt(group, endpoint, payload, tokens, stop)
             if resp is None:  # stopped while waiting for a slot: never sent
                 return Outcome(False, lines.not_executed_line(custom_id, stop.code or ""), stopped=stop.code)
             if isinstance(resp, UpstreamError):
@@ -125,6 +154,14 @@ class Dispatcher:
                 False,
                 lines.response_line(custom_id, resp.status, resp.request_id or "", _error_body(resp.body)),
             )
+
+
+def _estimated_tokens(payload: bytes, body: dict[str, Any]) -> float:
+    """A rough token cost for TPM limits: ~4 bytes a prompt token plus the completion budget."""
+    budget = (
+        body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or 256
+    )
+    return len(payload) / 4 + (budget if isinstance(budget, int) else 256)
 
 
 def _signal_of(status: int) -> Signal:

@@ -30,6 +30,11 @@ class Limiter:
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
+    def pending(self) -> int:
+        """Requests holding or waiting for a slot."""
+        return self.in_flight + self._handed + len(self._waiters)
+
+    @property
     def limit(self) -> int:
         return max(1, int(self._limit))
 

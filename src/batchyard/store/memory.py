@@ -51,6 +51,13 @@ class _Shard:
     lease_owner: str | None = None
     lease_until: float | None = None
 
+    def leased(self, now: float) -> bool:
+        """Running under a lease that has not run out (it runs up to and including `lease_until`)."""
+        return self.rec.status == "running" and self.lease_until is not None and self.lease_until >= now
+
+    def lease_ran_out(self, now: float) -> bool:
+        return self.rec.status == "running" and self.lease_until is not None and self.lease_until < now
+
 
 @dataclass(slots=True)
 class _State:
@@ -91,20 +98,13 @@ class MemoryStore(MetadataStore):
 
     def _batch_out(self, b: _Batch) -> BatchRecord:
         """A copy of the batch with its counts and usage summed over its shards."""
-        completed = failed = 0
-        usage = Usage()
+        out = replace(b.rec, metadata=_loads(b.metadata), errors=_loads(b.errors), completed=0, failed=0)
+        out.usage = Usage()
         for sh in self._s.shards.get(b.rec.id, {}).values():
-            completed += sh.rec.completed
-            failed += sh.rec.failed
-            usage.add(sh.rec.usage)
-        return replace(
-            b.rec,
-            metadata=_loads(b.metadata),
-            errors=_loads(b.errors),
-            completed=completed,
-            failed=failed,
-            usage=usage,
-        )
+            out.completed += sh.rec.completed
+            out.failed += sh.rec.failed
+            out.usage.add(sh.rec.usage)
+        return out
 
     def _transition(self, b: _Batch, dst: BatchStatus, **fields: Any) -> bool:
         stamp = check_transition(b.rec.status, dst)  # raises before anything changes
@@ -324,23 +324,12 @@ class MemoryStore(MetadataStore):
         for b in self._s.batches.values():
             if b.rec.status not in _CLAIMABLE or b.rec.input_file_id not in self._s.files:
                 continue
-            mine = self._s.shards.get(b.rec.id, {})
-            free = [
-                sh
-                for sh in mine.values()
-                if sh.rec.status == "pending"
-                or (sh.rec.status == "running" and sh.lease_until is not None and sh.lease_until < now)
-            ]
-            if not free:
-                continue
-            running = sum(
-                1
-                for sh in mine.values()
-                if sh.rec.status == "running" and sh.lease_until is not None and sh.lease_until >= now
-            )
-            key = (b.rec.status != S.CANCELLING, running, b.seq)
-            if best is None or key < best[0]:
-                best = (key, b, min(free, key=lambda sh: sh.rec.index))
+            mine = self._s.shards.get(b.rec.id, {}).values()
+            free = [sh for sh in mine if sh.rec.status == "pending" or sh.lease_ran_out(now)]
+            if free:
+                key = (b.rec.status != S.CANCELLING, sum(sh.leased(now) for sh in mine), b.seq)
+                if best is None or key < best[0]:
+                    best = (key, b, min(free, key=lambda sh: sh.rec.index))
         return None if best is None else (best[1], best[2])
 
     async def claim_shard(self, worker: str, lease_s: float) -> ShardClaim | None:

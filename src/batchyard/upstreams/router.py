@@ -1,4 +1,7 @@
-"""Route a model name to an upstream: exact names and glob patterns first, then the catch-all."""
+"""Route a model name to its upstreams: exact names first, then glob patterns (in order), then the catch-all.
+
+Several upstreams may serve the same pattern: they form a group that the dispatcher balances (see pool.py).
+"""
 
 from __future__ import annotations
 
@@ -6,41 +9,59 @@ import fnmatch
 from collections.abc import Sequence
 
 from batchyard.upstreams.base import Upstream
+from batchyard.upstreams.pool import Member
 
 
 class Router:
-    def __init__(self, routes: Sequence[tuple[str | None, Upstream]]) -> None:
-        self._exact: dict[str, Upstream] = {}
-        self._globs: list[tuple[str, Upstream]] = []
-        self._default: Upstream | None = None
-        for pattern, upstream in routes:
+    def __init__(self, routes: Sequence[tuple[str | None, Upstream | Member]]) -> None:
+        self._exact: dict[str, list[Member]] = {}
+        self._globs: dict[str, list[Member]] = {}  # insertion-ordered
+        self._default: list[Member] = []
+        wrapped: dict[int, Member] = {}
+        for pattern, target in routes:
+            member = target if isinstance(target, Member) else wrapped.setdefault(id(target), Member(target))
             if pattern is None or pattern == "*":
-                self._default = self._default or upstream
+                group = self._default
             elif any(c in pattern for c in "*?["):
-                self._globs.append((pattern, upstream))
+                group = self._globs.setdefault(pattern, [])
             else:
-                self._exact.setdefault(pattern, upstream)
+                group = self._exact.setdefault(pattern, [])
+            if member not in group:
+                group.append(member)
 
-    def resolve(self, model: str) -> Upstream | None:
+    def group(self, model: str) -> list[Member] | None:
+        """Every upstream that serves `model` at the most specific matching level, or None."""
         if "\x00" in model:  # no backend names a model with NUL, and PostgreSQL text cannot hold it
             return None
-        up = self._exact.get(model)
-        if up is not None:
-            return up
-        for pattern, upstream in self._globs:
+        members = self._exact.get(model)
+        if members:
+            return members
+        for pattern, group in self._globs.items():
             if fnmatch.fnmatchcase(model, pattern):
-                return upstream
-        return self._default
+                return group
+        return self._default or None
+
+    def resolve(self, model: str) -> Upstream | None:
+        """The first upstream of the model's group."""
+        members = self.group(model)
+        return members[0].upstream if members else None
 
     def is_routable(self, model: str) -> bool:
-        return self.resolve(model) is not None
+        return self.group(model) is not None
+
+    @property
+    def members(self) -> list[Member]:
+        seen: dict[int, Member] = {}
+        for group in [*self._exact.values(), *self._globs.values(), self._default]:
+            for m in group:
+                seen.setdefault(id(m), m)
+        return list(seen.values())
 
     @property
     def upstreams(self) -> list[Upstream]:
         seen: dict[int, Upstream] = {}
-        for up in [*self._exact.values(), *(u for _, u in self._globs), self._default]:
-            if up is not None:
-                seen.setdefault(id(up), up)
+        for m in self.members:
+            seen.setdefault(id(m.upstream), m.upstream)
         return list(seen.values())
 
     def model_names(self) -> list[str]:
