@@ -43,7 +43,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
 GOAL = 0.95
 
 # Seconds per stage (each is also capped by what is left of --budget-s).
@@ -171,6 +170,17 @@ TEMPLATES = [
     "Write a dialogue between {audience} and an expert about {topic}.",
     "What would change in the world if {topic} had never been discovered or invented? Argue both sides.",
 ]
+TONES = ["formal", "playful", "neutral", "enthusiastic", "skeptical", "poetic", "dry", "friendly"]
+EXTRAS = [
+    "",
+    " Use a {tone} tone.",
+    " Mention {topic2} at least once.",
+    " Start with a question and end with a surprising fact.",
+    " Give at least {k} concrete examples.",
+    " Write it as numbered sections with headings.",
+    " Include a short analogy involving {place}.",
+    " Assume the reader is {audience}.",
+]
 WORDS = [
     "budget",
     "deadline",
@@ -217,18 +227,20 @@ def make_messages(rng: random.Random) -> list[dict[str, str]]:
         "- " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
         for _ in range(rng.randint(3, 12))
     )
-    user = rng.choice(TEMPLATES).format(
+    user = (rng.choice(TEMPLATES) + rng.choice(EXTRAS)).format(
         topic=topic,
         topic2=topic2,
         audience=rng.choice(AUDIENCES),
         place=rng.choice(PLACES),
         code=rng.choice(CODE_TASKS),
+        tone=rng.choice(TONES),
         k=rng.randint(3, 9),
         notes=notes,
     )
     msgs: list[dict[str, str]] = []
-    r = rng.random()
-    if r >= 0.1:  # 90 % share one of four system prompts (prefix caching applies to both runs alike)
+    if (
+        rng.random() >= 0.1
+    ):  # 90 % share one of four system prompts (prefix caching applies to both runs alike)
         msgs.append({"role": "system", "content": SYSTEM_PROMPTS[rng.randrange(len(SYSTEM_PROMPTS))]})
     if rng.random() < 0.15:  # some multi-turn conversations
         msgs += [
@@ -514,8 +526,7 @@ class Commands:
         self.a = a
         self.wd = wd
         self.vllm_bin = a.vllm_bin or _sibling_or_path("vllm")
-        vpy = Path(self.vllm_bin).parent / "python" if self.vllm_bin else None
-        self.vllm_python = str(vpy) if vpy is not None and vpy.exists() else sys.executable
+        self.vllm_python = _interpreter_of(self.vllm_bin) if self.vllm_bin else sys.executable
         self.probe: dict[str, Any] = {"found": False}
         if a.batchyard_bin:
             self.batchyard = shlex.split(a.batchyard_bin)
@@ -597,6 +608,19 @@ class Commands:
         if self.a.n > 50_000:
             cmd += ["--max-lines", str(self.a.n)]
         return cmd + shlex.split(self.a.batchyard_args)
+
+
+def _interpreter_of(script: str) -> str:
+    """The python a console script runs under (its #! line), else the one running this file."""
+    with contextlib.suppress(OSError, UnicodeDecodeError), open(script, "rb") as fh:
+        first = fh.readline(4096).decode()
+        if first.startswith("#!"):
+            parts = first[2:].split()
+            if parts and os.path.basename(parts[0]) == "env" and len(parts) > 1:
+                parts = [shutil.which(parts[1]) or ""]
+            if parts and os.path.basename(parts[0]).startswith("python") and os.access(parts[0], os.X_OK):
+                return parts[0]
+    return sys.executable
 
 
 def _sibling_or_path(name: str) -> str | None:
@@ -732,7 +756,7 @@ def phase_batchyard(cmds: Commands, wd: Path, inp: Path, budget: Budget, res: di
 
         deadline, allowed = budget.stage("batch create -> completed")
         t0 = time.perf_counter()
-        watch = MetricsWatch(f"http://127.0.0.1:{vport}/metrics", t0, then=0.5)
+        watch = MetricsWatch(f"http://127.0.0.1:{vport}/metrics", t0, then=1.0)
         watch.start()
         b = client.batches.create(
             input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
@@ -1081,7 +1105,7 @@ def report(
         if first is not None and last is not None:
             print(
                 f"    (vLLM /metrics: first work {first:.1f} s after create, token count last moved at "
-                f"{last:.1f} s (0.5 s grain), completed at {res['by_batch_s']:.1f} s)"
+                f"{last:.1f} s (1 s grain), completed at {res['by_batch_s']:.1f} s)"
             )
     else:
         print("  no result")

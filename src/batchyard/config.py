@@ -92,6 +92,9 @@ class Settings:
     shard_lines: int = 1000  # lines per shard
     max_shards: int = 4  # shards one worker runs at once
     lease_seconds: float = 30.0
+    prefix_ordering: bool = (
+        True  # dispatch requests sharing a prompt prefix together (KV-cache reuse upstream)
+    )
     attempt_timeout: float = 600.0  # overall deadline for one upstream attempt
     max_retries: int = 6
     cancel_grace: float = 30.0  # in-flight lines of a cancelled/expired batch get this long to finish

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -222,3 +223,28 @@ def test_expiry_ends_expired_with_partial_results(
     assert Counter(_ids(out) + _ids(errs)) == Counter(r["custom_id"] for r in reqs)
     assert 0 < len(out) < 60
     assert {e["error"]["code"] for e in errs} == {"batch_expired"}
+
+
+@pytest.mark.parametrize("ordering", [True, False])
+def test_prefix_ordering_groups_shared_system_prompts(
+    make_server: Callable[..., Server], upstream: FakeUpstream, ordering: bool
+) -> None:
+    flag = "--prefix-ordering" if ordering else "--no-prefix-ordering"
+    srv = make_server("--upstream", upstream.base_url, "--concurrency", "1", flag)
+    client = srv.client()
+    reqs = []
+    for i in range(12):
+        r = chat_line(i)
+        r["body"]["messages"].insert(
+            0, {"role": "system", "content": "You are terse." if i % 2 else "Be verbose."}
+        )
+        reqs.append(r)
+    b = run_batch(client, reqs)
+    assert b.status == "completed"
+    arrival = list(upstream.stats()["by_key"])  # first-seen order = dispatch order with one request in flight
+    systems = [
+        next(r for r in reqs if expected_text(r["body"]) == k)["body"]["messages"][0]["content"]
+        for k in arrival
+    ]
+    changes = sum(1 for a, b_ in itertools.pairwise(systems) if a != b_)
+    assert changes == (1 if ordering else 11)

@@ -149,6 +149,11 @@ _EXECUTION_OPTIONS = [
         "429/503/timeouts and rising latency).",
     ),
     _opt(
+        "--prefix-ordering/--no-prefix-ordering",
+        default=True,
+        help="Within a shard, dispatch requests that share a prompt prefix together (prefix-cache reuse).",
+    ),
+    _opt(
         "--max-concurrency",
         default=512,
         type=click.IntRange(1, 65536),
@@ -255,6 +260,7 @@ def settings_from(opts: dict[str, Any], **extra: Any) -> Settings:
         embedded_slots=opts["embedded_slots"],
         concurrency=opts["concurrency"],
         max_concurrency=opts["max_concurrency"],
+        prefix_ordering=opts["prefix_ordering"],
         shard_lines=opts["shard_lines"],
         max_shards=opts["max_shards"],
         lease_seconds=opts["lease_seconds"],

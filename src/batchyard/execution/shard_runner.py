@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 
@@ -13,6 +14,7 @@ from batchyard.blobs.base import BlobStore, BlobWriter
 from batchyard.config import Settings
 from batchyard.domain import lines
 from batchyard.domain.models import ShardClaim, ShardResult, Usage
+from batchyard.domain.ordering import prefix_order
 from batchyard.domain.states import BatchStatus
 from batchyard.domain.validation import iter_lines
 from batchyard.execution.dispatcher import Dispatcher, Outcome, StopSignal
@@ -84,7 +86,11 @@ class ShardRunner:
         code = stop_code(claim.batch_status, claim.expires_at, claim.db_now)
         if code is not None:
             att.stop.set(code)
-        todo = iter_lines(data, shard.first_line)
+        requests = [orjson.loads(raw) for _, raw in iter_lines(data, shard.first_line)]
+        del data
+        if self.settings.prefix_ordering:
+            requests = prefix_order(requests)
+        todo = iter(requests)
         try:
             await self._execute(att, todo)
         except BaseException:
@@ -101,7 +107,7 @@ class ShardRunner:
             return False
         return await self._commit(att)
 
-    async def _execute(self, att: _Attempt, todo: Iterator[tuple[int, bytes]]) -> None:
+    async def _execute(self, att: _Attempt, todo: Iterator[dict[str, Any]]) -> None:
         lanes: list[asyncio.Task[None]] = []
         n = max(1, min(self.settings.lanes_per_shard, att.claim.shard.line_count))
         beat = asyncio.create_task(self._heartbeat(att, lanes), name="shard-heartbeat")
@@ -118,12 +124,11 @@ class ShardRunner:
             if isinstance(r, BaseException):
                 raise r
 
-    async def _lane(self, att: _Attempt, todo: Iterator[tuple[int, bytes]]) -> None:
+    async def _lane(self, att: _Attempt, todo: Iterator[dict[str, Any]]) -> None:
         endpoint = att.claim.endpoint
-        for _line_no, raw in todo:
+        for req in todo:
             if att.lost:
                 return
-            req = orjson.loads(raw)
             custom_id: str = req["custom_id"]
             if att.stop.code is not None:
                 await att.record(

@@ -383,8 +383,10 @@ class MemoryStore(MetadataStore):
 
     async def release_shard(self, claim: ShardClaim) -> None:
         sh = self._fenced(claim)
-        if sh is not None:  # progress stays until the next claim resets it, as in the SQL stores
+        if sh is not None:  # the attempt's progress goes with it
             sh.rec.status, sh.lease_owner, sh.lease_until = "pending", None, None
+            sh.rec.completed = sh.rec.failed = sh.expired = 0
+            sh.rec.usage = Usage()
 
     async def release_all(self) -> None:
         """Give back every lease (only for a single-process owner of this store, as `SQLiteStore.release_all`)."""

@@ -605,8 +605,9 @@ class PostgresStore(MetadataStore):
     async def release_shard(self, claim: ShardClaim) -> None:
         async with self._conn() as conn:
             await conn.execute(
-                "UPDATE shards SET status = 'pending', lease_owner = NULL, lease_until = NULL "
-                "WHERE batch_id = $1 AND idx = $2 AND attempt = $3 AND lease_owner = $4 AND status = 'running'",
+                "UPDATE shards SET status = 'pending', lease_owner = NULL, lease_until = NULL, completed = 0, "
+                "failed = 0, expired = 0, input_tokens = 0, cached_tokens = 0, output_tokens = 0, "
+                "reasoning_tokens = 0 WHERE batch_id = $1 AND idx = $2 AND attempt = $3 AND lease_owner = $4 AND status = 'running'",
                 claim.shard.batch_id,
                 claim.shard.index,
                 claim.attempt,

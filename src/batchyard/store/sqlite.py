@@ -595,8 +595,9 @@ class SQLiteStore(MetadataStore):
     async def release_shard(self, claim: ShardClaim) -> None:
         def q(db: sqlite3.Connection) -> None:
             db.execute(
-                "UPDATE shards SET status = 'pending', lease_owner = NULL, lease_until = NULL "
-                "WHERE batch_id = ? AND idx = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
+                "UPDATE shards SET status = 'pending', lease_owner = NULL, lease_until = NULL, completed = 0, "
+                "failed = 0, expired = 0, input_tokens = 0, cached_tokens = 0, output_tokens = 0, "
+                "reasoning_tokens = 0 WHERE batch_id = ? AND idx = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
                 (claim.shard.batch_id, claim.shard.index, claim.attempt, claim.worker),
             )
 
