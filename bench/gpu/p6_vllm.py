@@ -275,6 +275,9 @@ def make_input(path: Path, n: int, model: str, max_tokens: int, seed: int) -> di
 # --------------------------------------------------------------------------------------------------------------
 
 LIVE: list[subprocess.Popen[bytes]] = []
+# Processes seen under each started one: a child that leaves the process group and outlives its parent is
+# still found (and killed) after the parent has exited.
+SEEN: dict[int, set[int]] = {}
 
 
 def _procs() -> list[tuple[int, int, int, str]]:
@@ -309,7 +312,7 @@ def _tree(root: int, known: set[int]) -> set[int]:
 
 def kill_tree(proc: subprocess.Popen[bytes], grace: float = 20.0) -> bool:
     """SIGTERM the process group (and descendants that left it), SIGKILL after `grace`; True once all are gone."""
-    members = _tree(proc.pid, set())
+    members = _tree(proc.pid, SEEN.get(proc.pid, set()))
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         members = _tree(proc.pid, members)
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -329,6 +332,10 @@ def kill_tree(proc: subprocess.Popen[bytes], grace: float = 20.0) -> bool:
             if time.monotonic() > deadline:
                 break
     return False
+
+
+def track(proc: subprocess.Popen[bytes]) -> None:
+    SEEN[proc.pid] = _tree(proc.pid, SEEN.get(proc.pid, set()))
 
 
 def spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -445,9 +452,13 @@ def wait_healthy(name: str, url: str, proc: subprocess.Popen[bytes], log: Path, 
     """Seconds from now until `url` answers 200; raises if the process exits or the stage budget runs out."""
     deadline, allowed = budget.stage(name)
     t0 = time.perf_counter()
+    i = 0
     while True:
         if http_ok(url):
             return time.perf_counter() - t0
+        i += 1
+        if i % 10 == 0:
+            track(proc)
         if proc.poll() is not None:
             raise StageError(
                 f"stage '{name}': the process exited with code {proc.returncode}; log {log}:\n{tail(log)}"
@@ -817,7 +828,8 @@ def phase_reference(cmds: Commands, wd: Path, inp: Path, budget: Budget, res: di
                     f"stage 'vllm run-batch' exceeded its budget of {allowed:.0f}s; log {log}:\n{tail(log)}"
                 )
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.1)
+                proc.wait(timeout=0.5)
+            track(proc)
         res["ref_exit_s"] = time.perf_counter() - t0
     finally:
         if watch is not None:

@@ -9,6 +9,14 @@ from typing import Any
 from batchyard.domain import limits
 
 
+def _optional_int(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer")
+    return value
+
+
 @dataclass(slots=True)
 class UpstreamSpec:
     """One `[[upstreams]]` table of the TOML config."""
@@ -22,6 +30,7 @@ class UpstreamSpec:
     rpm: int | None = None
     tpm: int | None = None
     timeout: float | None = None
+    priority: int | None = None  # vLLM `priority` hint added to requests that have none
 
     @classmethod
     def parse(cls, raw: dict[str, Any], index: int) -> UpstreamSpec:
@@ -36,6 +45,7 @@ class UpstreamSpec:
             "rpm",
             "tpm",
             "timeout",
+            "priority",
         }
         unknown = set(raw) - known
         if unknown:
@@ -65,6 +75,7 @@ class UpstreamSpec:
             rpm=raw.get("rpm"),
             tpm=raw.get("tpm"),
             timeout=raw.get("timeout"),
+            priority=_optional_int(raw.get("priority"), f"{where}: priority"),
         )
 
 

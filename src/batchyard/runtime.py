@@ -57,6 +57,7 @@ def build_router(settings: Settings) -> Router:
             timeout=spec.timeout,
             rpm=TokenBucket(spec.rpm) if spec.rpm else None,
             tpm=TokenBucket(spec.tpm) if spec.tpm else None,
+            priority=spec.priority,
         )
         routes.extend((pattern, member) for pattern in spec.models)
     for pattern, url in settings.upstreams:

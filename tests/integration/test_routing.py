@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import Server
 from tests.support.batches import chat_line, read_lines, run_batch
-from tests.support.fake_upstream import FakeUpstream
+from tests.support.fake_upstream import FakeUpstream, expected_text
 
 
 @pytest.fixture
@@ -122,3 +122,25 @@ def test_bad_upstream_table_is_a_clear_error(tmp_path: Path, make_server: Callab
     srv = make_server("--config", cfg, start=False)
     with pytest.raises(RuntimeError, match="base_url must be an http"):
         srv.start(timeout=15)
+
+
+def test_priority_hint_is_added_for_upstreams_that_take_it(
+    make_server: Callable[..., Server], tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    cfg = _config(
+        tmp_path,
+        f"""
+[[upstreams]]
+base_url = "{upstream.base_url}"
+priority = -5
+""",
+    )
+    srv = make_server("--config", cfg)
+    client = srv.client()
+    plain = chat_line(0)
+    own = chat_line(1, priority=3)  # a request's own priority is kept
+    b = run_batch(client, [plain, own])
+    assert b.status == "completed"
+    keys = set(upstream.stats()["by_key"])
+    assert expected_text({**plain["body"], "priority": -5}) in keys
+    assert expected_text(own["body"]) in keys

@@ -79,7 +79,11 @@ class Dispatcher:
             if len(group) > 1 and healthier_exists(member, group):
                 limiter.release(started, Signal.ERROR)  # ejected while we waited: choose again
                 continue
-            return await self._send(member, limiter, started, endpoint, payload, tokens, stop)
+            if member.priority is not None and b'"priority"' not in payload:
+                payload_for = payload[:-1] + b',"priority":' + str(member.priority).encode() + b"}"
+            else:
+                payload_for = payload
+            return await self._send(member, limiter, started, endpoint, payload_for, tokens, stop)
 
     async def _send(
         self,

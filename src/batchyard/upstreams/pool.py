@@ -78,6 +78,9 @@ class Member:
     timeout: float | None = None  # None: the dispatcher's attempt timeout
     rpm: TokenBucket | None = None
     tpm: TokenBucket | None = None
+    priority: int | None = (
+        None  # sent as the request's `priority` (vLLM's priority scheduling) unless it has one
+    )
     health: Health = field(default_factory=Health)
 
     @property
