@@ -52,17 +52,24 @@ def run_batchyard(inp: Path, base_url: str, out: Path) -> tuple[float, list[floa
 
     th = threading.Thread(target=poll, daemon=True)
     th.start()
+    t_upload = time.perf_counter() - t0
+    seen: dict[str, float] = {}
     while True:
         b = client.batches.retrieve(b.id)
+        seen.setdefault(b.status, time.perf_counter() - t0)
         if b.status in ("completed", "failed", "expired", "cancelled"):
             break
-        time.sleep(0.05)
+        time.sleep(0.1)
     stop.set()
     th.join()
     if b.status != "completed" or b.output_file_id is None:
         sys.exit(f"batch ended {b.status}: {b.errors}")
+    t_done = time.perf_counter() - t0
     client.files.content(b.output_file_id).write_to_file(out)
-    return time.perf_counter() - t0, latencies
+    total = time.perf_counter() - t0
+    phases = {"upload+create": t_upload, **seen, "download": total - t_done}
+    print("phases (s since upload start): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+    return total, latencies
 
 
 def main() -> None:

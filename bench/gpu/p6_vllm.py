@@ -278,6 +278,7 @@ LIVE: list[subprocess.Popen[bytes]] = []
 # Processes seen under each started one: a child that leaves the process group and outlives its parent is
 # still found (and killed) after the parent has exited.
 SEEN: dict[int, set[int]] = {}
+NAMES: dict[int, str] = {}
 
 
 def _procs() -> list[tuple[int, int, int, str]]:
@@ -351,6 +352,7 @@ def spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[by
             start_new_session=True,
         )
     LIVE.append(proc)
+    NAMES[proc.pid] = log.name
     return proc
 
 
@@ -448,14 +450,18 @@ def http_ok(url: str) -> bool:
     return http_get(url) is not None
 
 
-def wait_healthy(name: str, url: str, proc: subprocess.Popen[bytes], log: Path, budget: Budget) -> float:
-    """Seconds from now until `url` answers 200; raises if the process exits or the stage budget runs out."""
+def start_healthy(
+    name: str, cmd: list[str], log: Path, env: dict[str, str], url: str, budget: Budget
+) -> tuple[subprocess.Popen[bytes], float]:
+    """Starts `cmd`; returns it and the seconds from its start until `url` answered 200. Raises if it exits first
+    or the stage's budget runs out (the process is then left to the caller's cleanup)."""
     deadline, allowed = budget.stage(name)
     t0 = time.perf_counter()
+    proc = spawn(cmd, log, env)
     i = 0
     while True:
         if http_ok(url):
-            return time.perf_counter() - t0
+            return proc, time.perf_counter() - t0
         i += 1
         if i % 10 == 0:
             track(proc)
@@ -470,10 +476,10 @@ def wait_healthy(name: str, url: str, proc: subprocess.Popen[bytes], log: Path, 
         time.sleep(0.1)
 
 
-def stop_all(procs: dict[str, subprocess.Popen[bytes] | None], budget: Budget) -> list[str]:
-    """Stops each process tree; returns the names of those that did not exit."""
+def stop_all(budget: Budget) -> list[str]:
+    """Stops every process tree started so far; returns the logs of those that did not exit."""
     grace = max(5.0, min(STAGE_BUDGETS["stop servers"], budget.left()) - 10)
-    return [name for name, p in procs.items() if p is not None and not kill_tree(p, grace=grace)]
+    return [NAMES.get(p.pid, str(p.pid)) for p in list(LIVE) if not kill_tree(p, grace=grace)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -493,13 +499,15 @@ if spec is not None and spec.submodule_search_locations:
     except Exception:
         out["version"] = "?"
     ep = os.path.join(d, "entrypoints")
+    out["cli_main"] = os.path.exists(os.path.join(ep, "cli", "main.py"))
     out["cli_run_batch"] = os.path.exists(os.path.join(ep, "cli", "run_batch.py"))
     out["run_batch_modules"] = [m for m in ("openai", "launchers")
                                 if os.path.exists(os.path.join(ep, m, "run_batch.py"))]
     out["run_batch_metrics"] = False
     for m in out["run_batch_modules"]:
         with open(os.path.join(ep, m, "run_batch.py"), encoding="utf-8", errors="replace") as fh:
-            out["run_batch_metrics"] = out["run_batch_metrics"] or "enable_metrics" in fh.read()
+            text = fh.read()
+            out["run_batch_metrics"] |= "enable_metrics" in text or "enable-metrics" in text
     enable = disable = False
     for sub in ("entrypoints", "engine"):
         for root, _dirs, files in os.walk(os.path.join(d, sub)):
@@ -588,6 +596,8 @@ class Commands:
     def serve(self, port: int) -> list[str]:
         if self.vllm_bin:
             head = [self.vllm_bin, "serve", self.a.model]
+        elif self.probe.get("cli_main"):
+            head = [self.vllm_python, "-m", "vllm.entrypoints.cli.main", "serve", self.a.model]
         else:
             head = [self.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.a.model]
         extra = ["--disable-log-requests"] if self.probe.get("needs_disable_log_requests") else []
@@ -597,7 +607,9 @@ class Commands:
         mods = self.probe.get("run_batch_modules") or ["openai"]
         if self.vllm_bin and (self.probe.get("cli_run_batch") or not self.probe.get("found")):
             head = [self.vllm_bin, "run-batch"]
-        else:
+        elif self.probe.get("cli_main") and self.probe.get("cli_run_batch"):
+            head = [self.vllm_python, "-m", "vllm.entrypoints.cli.main", "run-batch"]
+        else:  # vLLM from before the `run-batch` subcommand
             head = [self.vllm_python, "-m", f"vllm.entrypoints.{mods[0]}.run_batch"]
         # Its Prometheus endpoint (a thread of the same process) tells when the engine gets its first request.
         metrics = ["--enable-metrics", "--port", str(metrics_port)] if metrics_port else []
@@ -743,18 +755,27 @@ def phase_batchyard(cmds: Commands, wd: Path, inp: Path, budget: Budget, res: di
     env = cmds.env()
     vport, bport = free_port(), free_port()
     vlog, blog = wd / "vllm-serve-cold.log", wd / "batchyard.log"
-    procs: dict[str, subprocess.Popen[bytes] | None] = {"batchyard serve": None, "vllm serve": None}
     try:
         print(f"[1] vllm serve (cold) on :{vport}; log {vlog}", flush=True)
-        procs["vllm serve"] = vproc = spawn(cmds.serve(vport), vlog, env)
-        res["serve_load_cold_s"] = wait_healthy(
-            "vllm serve (cold) -> /health", f"http://127.0.0.1:{vport}/health", vproc, vlog, budget
+        _, res["serve_load_cold_s"] = start_healthy(
+            "vllm serve (cold) -> /health",
+            cmds.serve(vport),
+            vlog,
+            env,
+            f"http://127.0.0.1:{vport}/health",
+            budget,
         )
         print(f"    healthy after {res['serve_load_cold_s']:.1f}s", flush=True)
 
         print(f"[2] batchyard serve on :{bport} -> vLLM :{vport}; log {blog}", flush=True)
-        procs["batchyard serve"] = bproc = spawn(cmds.batchyard_serve(bport, vport), blog, env)
-        wait_healthy("batchyard serve -> /health", f"http://127.0.0.1:{bport}/health", bproc, blog, budget)
+        start_healthy(
+            "batchyard serve -> /health",
+            cmds.batchyard_serve(bport, vport),
+            blog,
+            env,
+            f"http://127.0.0.1:{bport}/health",
+            budget,
+        )
 
         client = OpenAI(base_url=f"http://127.0.0.1:{bport}/v1", api_key="bench", max_retries=2, timeout=60)
         deadline, allowed = budget.stage("upload")
@@ -804,9 +825,9 @@ def phase_batchyard(cmds: Commands, wd: Path, inp: Path, budget: Budget, res: di
         res["by_files"] = [out, err]
     finally:
         print("[3] stopping batchyard and vllm serve", flush=True)
-        stuck = stop_all(procs, budget)
+        stuck = stop_all(budget)
     if stuck:
-        raise StageError(f"{', '.join(stuck)}: some process did not exit; the GPU may still be in use")
+        raise StageError(f"processes of {', '.join(stuck)} did not exit; the GPU may still be in use")
 
 
 def phase_reference(cmds: Commands, wd: Path, inp: Path, budget: Budget, res: dict[str, Any]) -> None:
@@ -850,14 +871,18 @@ def phase_reference(cmds: Commands, wd: Path, inp: Path, budget: Budget, res: di
 def phase_warm_load(cmds: Commands, wd: Path, budget: Budget, res: dict[str, Any]) -> None:
     port, log = free_port(), wd / "vllm-serve-warm.log"
     print(f"[5] vllm serve (warm) on :{port}, only to time the model load; log {log}", flush=True)
-    proc = spawn(cmds.serve(port), log, cmds.env())
     try:
-        res["serve_load_warm_s"] = wait_healthy(
-            "vllm serve (warm) -> /health", f"http://127.0.0.1:{port}/health", proc, log, budget
+        _, res["serve_load_warm_s"] = start_healthy(
+            "vllm serve (warm) -> /health",
+            cmds.serve(port),
+            log,
+            cmds.env(),
+            f"http://127.0.0.1:{port}/health",
+            budget,
         )
         print(f"    healthy after {res['serve_load_warm_s']:.1f}s", flush=True)
     finally:
-        kill_tree(proc, grace=15.0)
+        stop_all(budget)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1022,10 +1047,10 @@ def main() -> int:
             try:
                 phase()
             except StageError as e:
-                sink.append(str(e).split("\n", 1)[0])
+                sink.append(str(e).split("\n", 1)[0].rstrip(":"))
                 print(f"{'ERROR' if sink is errors else 'WARNING'}: {e}", flush=True)
     except StageError as e:
-        errors.append(str(e).split("\n", 1)[0])
+        errors.append(str(e).split("\n", 1)[0].rstrip(":"))
         print(f"ERROR: {e}", flush=True)
     finally:
         cleanup()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import secrets
 
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -19,8 +20,18 @@ def batch_id() -> str:
     return f"batch_{_suffix()}"
 
 
+# Per-line ids are made on the hot path: a random per-process prefix and a counter are unique and cost no syscall.
+_LINE_PREFIX = secrets.token_hex(6)
+_line_counter = itertools.count(secrets.randbelow(1 << 32))
+
+
 def request_line_id() -> str:
-    return f"batch_req_{secrets.token_hex(12)}"
+    return f"batch_req_{_LINE_PREFIX}{next(_line_counter) & 0xFFFFFFFFFFFF:012x}"
+
+
+def request_id() -> str:
+    """An id for an upstream response that carried no x-request-id."""
+    return f"req_{_LINE_PREFIX}{next(_line_counter) & 0xFFFFFFFFFFFF:012x}"
 
 
 def worker_id() -> str:

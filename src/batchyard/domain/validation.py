@@ -1,7 +1,7 @@
 """Streaming validation of batch input files and planning of their shards.
 
 Pure: no I/O, no framework. Feed the file's bytes in chunks of any size (lines may span chunks), then call
-``finish()``. Memory stays O(chunk + longest line + set of custom_ids).
+``finish()``. Memory stays O(chunk + longest line) plus 25 bytes a request line for duplicate detection.
 
 Line rules (shared with :func:`iter_lines`):
 
@@ -14,10 +14,12 @@ Line rules (shared with :func:`iter_lines`):
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
+import numpy as np
 import orjson
 
 __all__ = ["BatchValidator", "LineError", "ShardPlan", "ValidationResult", "iter_lines"]
@@ -179,7 +181,14 @@ class BatchValidator:
         )
 
         self._routable: dict[str, bool] = {}
-        self._seen: set[str] = set()
+        self._line_no_current = 0
+        # custom_ids are not kept: two independent 64-bit hashes of each (128 bits: a false duplicate would need a
+        # collision of both), its line and whether the line was otherwise valid, in flat arrays (25 bytes a line);
+        # duplicates are found once, at finish, by sorting. A set of the ids themselves costs ~100 bytes a line.
+        self._id_h1 = array("q")
+        self._id_h2 = array("q")
+        self._id_line = array("q")
+        self._id_valid = array("B")
         self._pending: list[bytes] = []  # the current, unterminated line, in pieces
         self._bytes = 0  # bytes fed
         self._offset = 0  # byte offset of the next line to scan
@@ -267,8 +276,14 @@ class BatchValidator:
             )
         if not file_errors and self._total == 0:
             file_errors.append(LineError("empty_file", EMPTY_FILE_MESSAGE, None, None))
+        line_errors = self._errors
+        dups = self._duplicate_lines()
+        if len(dups):
+            self._error_count += len(dups)
+            dup_errors = [LineError(_DUPLICATE[0], _DUPLICATE[1], int(n), _DUPLICATE[2]) for n in dups]
+            line_errors = sorted(line_errors + dup_errors[: self._max_errors], key=lambda e: e.line or 0)
         error_count = self._error_count + len(file_errors)
-        errors = (file_errors + self._errors)[: self._max_errors]
+        errors = (file_errors + line_errors)[: self._max_errors]
         ok = error_count == 0
         self._result = ValidationResult(
             ok=ok,
@@ -278,9 +293,23 @@ class BatchValidator:
             shards=self._shards if ok else [],
             model=self._model,
         )
-        self._seen = set()
+        self._id_h1 = self._id_h2 = self._id_line = array("q")
+        self._id_valid = array("B")
         self._routable = {}
         return self._result
+
+    def _duplicate_lines(self) -> Any:
+        """Line numbers (sorted) of otherwise valid lines whose custom_id an earlier line already used."""
+        if len(self._id_line) < 2:
+            return ()
+        h1 = np.frombuffer(self._id_h1, dtype=np.int64)
+        h2 = np.frombuffer(self._id_h2, dtype=np.int64)
+        lines = np.frombuffer(self._id_line, dtype=np.int64)
+        order = np.lexsort((lines, h2, h1))  # by id, then line
+        s1, s2 = h1[order], h2[order]
+        later = order[1:][(s1[1:] == s1[:-1]) & (s2[1:] == s2[:-1])]
+        later = later[np.frombuffer(self._id_valid, dtype=np.uint8)[later] == 1]
+        return np.sort(lines[later])
 
     def _stop(self) -> None:
         self._stopped = True
@@ -334,6 +363,7 @@ class BatchValidator:
             if shard_count == shard_lines:
                 shards.append(ShardPlan(len(shards), shard_start, last_end, shard_first, shard_count))
                 shard_count = 0
+            self._line_no_current = line_no
             try:
                 obj = loads(view[start:end])
             except decode_error:
@@ -361,11 +391,12 @@ class BatchValidator:
         custom_id = obj.get("custom_id")
         if type(custom_id) is not str or not custom_id:
             return _MISSING_CUSTOM_ID if custom_id is None and "custom_id" not in obj else _BAD_CUSTOM_ID
-        # Every line with a usable custom_id claims it, whatever else is wrong with the line.
-        seen = self._seen
-        duplicate = custom_id in seen
-        if not duplicate:
-            seen.add(custom_id)
+        # Every line with a usable custom_id claims it, whatever else is wrong with the line: record it now, and
+        # mark the line valid at the end of the checks (duplicates are reported at finish).
+        self._id_h1.append(hash(custom_id))
+        self._id_h2.append(hash(custom_id + "\x1f"))
+        self._id_line.append(self._line_no_current)
+        self._id_valid.append(0)
         if "method" not in obj:
             return _MISSING_METHOD
         if obj["method"] != "POST":
@@ -407,8 +438,7 @@ class BatchValidator:
                     else f"Invalid '{param}': expected an array."
                 )
                 return ("invalid_request", message, param)
-        if duplicate:
-            return _DUPLICATE
+        self._id_valid[-1] = 1
         if self._model is None:
             self._model = model
         return None

@@ -125,7 +125,7 @@ class Dispatcher:
                 False, lines.error_line(custom_id, "model_not_found", f"No upstream serves {model!r}.")
             )
         payload = orjson.dumps(body)
-        tokens = _estimated_tokens(payload, body)
+        tokens = _estimated_tokens(payload, body) if any(m.tpm is not None for m in group) else 0.0
         retries = 0
         while True:
             if stop.code is not None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 
 import aiohttp
 
+from batchyard.ids import request_id
 from batchyard.upstreams.base import Upstream, UpstreamError, UpstreamResponse
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
@@ -76,7 +76,7 @@ class HTTPUpstream(Upstream):
                         data = await self._read_capped(resp)
                     h = resp.headers
                     headers = {k: v for k in _KEPT_HEADERS if (v := h.get(k)) is not None}
-                    rid = headers.get("x-request-id") or f"req_{secrets.token_hex(12)}"
+                    rid = headers.get("x-request-id") or request_id()
                     return UpstreamResponse(resp.status, headers, data, rid)
         except TimeoutError as e:
             raise UpstreamError("timeout", f"upstream did not answer within {timeout:g}s") from e
