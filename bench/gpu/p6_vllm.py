@@ -697,7 +697,11 @@ def read_outputs(paths: list[Path], expected: set[str]) -> dict[str, Any]:
                 if not raw.strip():
                     continue
                 lines += 1
-                rec = json.loads(raw)
+                try:
+                    rec = json.loads(raw)
+                except ValueError:
+                    errors += 1
+                    continue
                 cid = rec.get("custom_id")
                 seen[cid] = seen.get(cid, 0) + 1
                 resp = rec.get("response") or {}
