@@ -33,7 +33,7 @@ def run_reference(inp: Path, out: Path, base_url: str) -> float:
     return time.perf_counter() - t0
 
 
-def run_batchyard(inp: Path, base_url: str, out: Path) -> tuple[float, list[float]]:
+def run_batchyard(inp: Path, base_url: str, out: Path, probe: bool = True) -> tuple[float, list[float]]:
     client = OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
     latencies: list[float] = []
     stop = threading.Event()
@@ -51,7 +51,8 @@ def run_batchyard(inp: Path, base_url: str, out: Path) -> tuple[float, list[floa
             time.sleep(0.02)
 
     th = threading.Thread(target=poll, daemon=True)
-    th.start()
+    if probe:
+        th.start()
     t_upload = time.perf_counter() - t0
     seen: dict[str, float] = {}
     while True:
@@ -61,7 +62,8 @@ def run_batchyard(inp: Path, base_url: str, out: Path) -> tuple[float, list[floa
             break
         time.sleep(0.1)
     stop.set()
-    th.join()
+    if probe:
+        th.join()
     if b.status != "completed" or b.output_file_id is None:
         sys.exit(f"batch ended {b.status}: {b.errors}")
     t_done = time.perf_counter() - t0
@@ -76,7 +78,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lines", type=int, default=50_000)
     ap.add_argument("--line-bytes", type=int, default=4000)
-    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--concurrency", default="auto")
+    ap.add_argument(
+        "--no-probe", action="store_true", help="do not measure P4 (no GETs while the batch runs)"
+    )
     a = ap.parse_args()
     wd = workdir()
     inp = wd / "input.jsonl"
@@ -85,7 +90,7 @@ def main() -> None:
     with Nginx(wd) as ng:
         ref_s = run_reference(inp, wd / "ref-out.jsonl", ng.base_url)
         with BatchyardServer(wd, "--upstream", ng.base_url, "--concurrency", str(a.concurrency)) as srv:
-            by_s, lat = run_batchyard(inp, srv.base_url, wd / "by-out.jsonl")
+            by_s, lat = run_batchyard(inp, srv.base_url, wd / "by-out.jsonl", not a.no_probe)
     n_ref = (wd / "ref-out.jsonl").read_bytes().count(b"\n")
     n_by = (wd / "by-out.jsonl").read_bytes().count(b"\n")
     assert n_ref == n_by == a.lines, (n_ref, n_by)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BatchyardServer, Nginx, make_input, rss_kib, workdir  # noqa: E402
-from openai import OpenAI  # noqa: E402
+from common import BatchyardServer, Nginx, make_input, rss_kib, workdir
+from openai import OpenAI
 
 
 def hwm_kib(pid: int) -> int:
@@ -52,7 +52,9 @@ def p2(wd: Path) -> None:
         th = threading.Thread(target=sample, daemon=True)
         th.start()
         t0 = time.perf_counter()
-        b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        b = client.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
         while b.status == "validating":
             time.sleep(0.005)
             b = client.batches.retrieve(b.id)
@@ -61,23 +63,33 @@ def p2(wd: Path) -> None:
         th.join()
         client.batches.cancel(b.id)
         assert b.status == "in_progress", b
-    print(f"P2 validation: {size / 1e6:.0f} MB in {elapsed:.2f}s = {size / 1e6 / elapsed:.0f} MB/s through the server "
-          f"(goal >= 500; includes the HTTP create and 5 ms polling)")
-    print(f"P2 memory: idle {idle / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB, +{(peak - idle) / 1024:.0f} MiB "
-          f"(goal < +100 MiB)")
+    print(
+        f"P2 validation: {size / 1e6:.0f} MB in {elapsed:.2f}s = {size / 1e6 / elapsed:.0f} MB/s through the server "
+        f"(goal >= 500; includes the HTTP create and 5 ms polling)"
+    )
+    print(
+        f"P2 memory: idle {idle / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB, +{(peak - idle) / 1024:.0f} MiB "
+        f"(goal < +100 MiB)"
+    )
 
 
 def p3_run(wd: Path, lines: int) -> tuple[int, float]:
     inp = wd / f"p3-{lines}.jsonl"
     make_input(inp, lines, 300)
-    with Nginx(wd) as ng, BatchyardServer(wd, "--upstream", ng.base_url, "--max-lines", "1000000",
-                                          "--concurrency", "64") as srv:
+    with (
+        Nginx(wd) as ng,
+        BatchyardServer(
+            wd, "--upstream", ng.base_url, "--max-lines", "1000000", "--concurrency", "64"
+        ) as srv,
+    ):
         assert srv.proc is not None
         client = OpenAI(base_url=srv.base_url, api_key="bench", max_retries=0, timeout=600)
         t0 = time.perf_counter()
         with open(inp, "rb") as fh:
             f = client.files.create(file=(inp.name, fh), purpose="batch")
-        b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        b = client.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
         while b.status not in ("completed", "failed", "expired", "cancelled"):
             time.sleep(0.5)
             b = client.batches.retrieve(b.id)
@@ -89,8 +101,10 @@ def p3_run(wd: Path, lines: int) -> tuple[int, float]:
 def p3(lines: int) -> None:
     small, t_small = p3_run(workdir(), 5_000)
     big, t_big = p3_run(workdir(), lines)
-    print(f"P3 peak RSS: 5,000 lines {small / 1024:.0f} MiB ({t_small:.1f}s); {lines:,} lines {big / 1024:.0f} MiB "
-          f"({t_big:.1f}s); ratio {big / small:.2f} (goal <= 1.2)")
+    print(
+        f"P3 peak RSS: 5,000 lines {small / 1024:.0f} MiB ({t_small:.1f}s); {lines:,} lines {big / 1024:.0f} MiB "
+        f"({t_big:.1f}s); ratio {big / small:.2f} (goal <= 1.2)"
+    )
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BatchyardServer, free_port, wait_port, workdir  # noqa: E402
-from openai import OpenAI  # noqa: E402
+from common import BatchyardServer, free_port, wait_port, workdir
+from openai import OpenAI
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,15 +35,34 @@ def reset(port: int) -> None:
 def one_run(concurrency: str, lines: int, port: int) -> tuple[float, int, int]:
     reset(port)
     wd = workdir()
-    with BatchyardServer(wd, "--upstream", f"http://127.0.0.1:{port}/v1", "--concurrency", concurrency,
-                         "--shard-lines", "500", "--max-retries", "20") as srv:
+    with BatchyardServer(
+        wd,
+        "--upstream",
+        f"http://127.0.0.1:{port}/v1",
+        "--concurrency",
+        concurrency,
+        "--shard-lines",
+        "500",
+        "--max-retries",
+        "20",
+    ) as srv:
         client = OpenAI(base_url=srv.base_url, api_key="bench", max_retries=0)
-        body = "\n".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-                                     "body": {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]}})
-                         for i in range(lines))
+        body = "\n".join(
+            json.dumps(
+                {
+                    "custom_id": f"r{i}",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]},
+                }
+            )
+            for i in range(lines)
+        )
         f = client.files.create(file=("in.jsonl", body.encode()), purpose="batch")
         t0 = time.perf_counter()
-        b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        b = client.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
         while b.status not in ("completed", "failed", "expired", "cancelled"):
             time.sleep(0.05)
             b = client.batches.retrieve(b.id)
@@ -64,19 +83,38 @@ def main() -> None:
     ap.add_argument("--delay", type=float, default=0.05)
     a = ap.parse_args()
     port = free_port()
-    up = subprocess.Popen([sys.executable, "-m", "tests.support.fake_upstream", "--port", str(port), "--delay",
-                           str(a.delay), "--max-concurrency", str(a.capacity)], cwd=REPO, stdout=subprocess.DEVNULL)
+    up = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.support.fake_upstream",
+            "--port",
+            str(port),
+            "--delay",
+            str(a.delay),
+            "--max-concurrency",
+            str(a.capacity),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+    )
     wait_port(port)
     try:
-        print(f"hidden capacity {a.capacity} in flight, {a.delay * 1000:.0f} ms per request "
-              f"(ideal {a.capacity / a.delay:.0f} lines/s), {a.lines} lines")
+        print(
+            f"hidden capacity {a.capacity} in flight, {a.delay * 1000:.0f} ms per request "
+            f"(ideal {a.capacity / a.delay:.0f} lines/s), {a.lines} lines"
+        )
         best = 0.0
         for c in (a.capacity // 2, a.capacity, a.capacity * 2):
             rate, twice, failed = one_run(str(c), a.lines, port)
             best = max(best, rate)
-            print(f"fixed {c:4d}: {rate:7.1f} lines/s  retried >1x: {twice / a.lines * 100:5.2f}%  failed: {failed}")
+            print(
+                f"fixed {c:4d}: {rate:7.1f} lines/s  retried >1x: {twice / a.lines * 100:5.2f}%  failed: {failed}"
+            )
         rate, twice, failed = one_run("auto", a.lines, port)
-        print(f"auto      : {rate:7.1f} lines/s  retried >1x: {twice / a.lines * 100:5.2f}%  failed: {failed}")
+        print(
+            f"auto      : {rate:7.1f} lines/s  retried >1x: {twice / a.lines * 100:5.2f}%  failed: {failed}"
+        )
         print(f"P5 ratio auto/best fixed: {rate / best:.2f} (goal >= 0.9; retried more than once < 2%)")
     finally:
         up.terminate()

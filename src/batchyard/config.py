@@ -95,6 +95,9 @@ class Settings:
     api_keys: list[str] = field(default_factory=list)
     insecure_no_auth: bool = False
     run_worker: bool = True
+    # "thread": a worker in this process on its own loop; "process": a child process (what `serve` uses)
+    worker_mode: str = "thread"
+    log_level: str = "info"
     database_url: str | None = None  # sqlite:///path or postgresql://...; default: SQLite in data_dir
     storage_url: str | None = None  # file:///path or s3://bucket/prefix; default: data_dir/blobs
     # execution

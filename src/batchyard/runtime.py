@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+import multiprocessing.process
 import os
+import signal as signal_module
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -120,6 +125,129 @@ class WorkerThread:
         self._thread.join(timeout)
 
 
+async def run_worker(settings: Settings, wake_fd: int | None = None) -> int:
+    """Run a worker (no API) until SIGTERM/SIGINT, which hand its leases back. `wake_fd`: a pipe whose bytes mean
+    "poll now" (from the API process that started this one). Returns the exit status."""
+    import signal
+
+    rt = Runtime.create(settings, worker_mode="thread")
+    assert rt.worker is not None
+    await rt.store.open()
+    for up in rt.router.upstreams:
+        await up.start()
+    task = asyncio.create_task(rt.worker.run(), name="worker")
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    if wake_fd is not None:
+        worker = rt.worker
+
+        def woken() -> None:
+            try:
+                data = os.read(wake_fd, 4096)
+            except BlockingIOError:
+                return
+            if not data:  # the API process is gone
+                loop.remove_reader(wake_fd)
+                task.cancel()
+                return
+            worker.wake()
+
+        os.set_blocking(wake_fd, False)
+        loop.add_reader(wake_fd, woken)
+    code = 0
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        log.exception("worker stopped")
+        code = 1
+    finally:
+        for up in rt.router.upstreams:
+            await up.close()
+        await rt.blobs.aclose()
+        await rt.store.close()
+    return code
+
+
+def _worker_process_main(settings: Settings, wake: Any, parent: int) -> None:
+    """Entry point of the worker subprocess that `serve` starts."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(
+                1, signal_module.SIGKILL
+            )  # PR_SET_PDEATHSIG: die with the API
+    if os.getppid() != parent:
+        return  # the API process died before we could ask to die with it
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        import uvloop
+
+        code = uvloop.run(run_worker(settings, wake.fileno()))
+    except ImportError:  # pragma: no cover
+        code = asyncio.run(run_worker(settings, wake.fileno()))
+    sys.exit(code)
+
+
+class WorkerProcess:
+    """The worker of `batchyard serve` in a child process: it shares no interpreter lock with the API, so a busy
+    batch neither slows the API down nor is slowed down by it. It dies with the API process (even on SIGKILL)."""
+
+    def __init__(self, settings: Settings, on_death: Callable[[], None]) -> None:
+        self.settings = settings
+        self.on_death = on_death
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._wake_w: int | None = None
+        self._wake_conn: Any = None
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        r, w = ctx.Pipe(duplex=False)  # a Connection is handed to a spawned child; a bare fd is not
+        self._proc = ctx.Process(
+            target=_worker_process_main, args=(self.settings, r, os.getpid()), name="batchyard-worker"
+        )
+        self._proc.start()
+        r.close()
+        os.set_blocking(w.fileno(), False)
+        self._wake_conn = w
+        self._wake_w = w.fileno()
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._proc.sentinel, self._exited)  # readable once the child has ended
+
+    def _exited(self) -> None:
+        if self._loop is not None and self._proc is not None:
+            self._loop.remove_reader(self._proc.sentinel)
+        if not self._stopping:
+            log.error("the worker process exited with %s", self._proc.exitcode if self._proc else None)
+            self.on_death()
+
+    def wake(self) -> None:
+        if self._wake_w is not None:
+            with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                os.write(self._wake_w, b"!")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._stopping = True
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.terminate()  # SIGTERM: the worker hands its leases back
+            self._proc.join(timeout)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(5)
+        if self._wake_conn is not None:
+            self._wake_conn.close()
+            self._wake_conn = None
+            self._wake_w = None
+
+
 def open_store(settings: Settings) -> MetadataStore:
     """The metadata store named by --database-url (SQLite in the data dir by default)."""
     url = settings.database_url
@@ -156,17 +284,31 @@ class Runtime:
     router: Router
     worker: Worker | None
 
+    worker_process: WorkerProcess | None = None
+
     @classmethod
-    def create(cls, settings: Settings) -> Runtime:
+    def create(cls, settings: Settings, worker_mode: str | None = None) -> Runtime:
+        """`worker_mode`: "thread" (a worker in this process, on its own thread and loop), "process" (a child
+        process), or None for settings.worker_mode. Nothing runs a worker when settings.run_worker is false."""
         store = open_store(settings)
         blobs = open_blobs(settings)
         router = build_router(settings)
-        worker = Worker(store, blobs, router, settings) if settings.run_worker else None
-        return cls(settings, store, blobs, router, worker)
+        mode = worker_mode or settings.worker_mode
+        worker = Worker(store, blobs, router, settings) if settings.run_worker and mode == "thread" else None
+        rt = cls(settings, store, blobs, router, worker)
+        rt.worker_mode = mode
+        return rt
+
+    worker_mode: str = "thread"
 
     def services(self) -> Services:
-        notify = self.worker.wake if self.worker is not None else (lambda: None)
-        return Services(self.store, self.blobs, self.router, self.settings, notify)
+        return Services(self.store, self.blobs, self.router, self.settings, self._notify)
+
+    def _notify(self) -> None:
+        if self.worker is not None:
+            self.worker.wake()
+        elif self.worker_process is not None:
+            self.worker_process.wake()
 
     @contextlib.asynccontextmanager
     async def running(self, on_worker_death: Callable[[], None] | None = None) -> AsyncIterator[None]:
@@ -177,6 +319,9 @@ class Runtime:
         """
         await self.store.open()
         thread: WorkerThread | None = None
+        if self.settings.run_worker and self.worker_mode == "process":
+            self.worker_process = WorkerProcess(self.settings, on_worker_death or (lambda: None))
+            self.worker_process.start()
         if self.worker is not None:
             api_loop = asyncio.get_running_loop()
 
@@ -191,6 +336,8 @@ class Runtime:
         finally:
             if thread is not None:
                 await asyncio.to_thread(thread.stop)
+            if self.worker_process is not None:
+                await asyncio.to_thread(self.worker_process.stop)
             await self.blobs.aclose()
             await self.store.close()
 

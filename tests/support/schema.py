@@ -32,7 +32,11 @@ _COMPONENTS = "#/components/schemas/"
 def _reference_dir() -> Path:
     """tests/reference (a copy kept in the repository), else a `shared/reference` beside or inside it."""
     repo = Path(__file__).resolve().parents[2]
-    for cand in (repo / "tests" / "reference", repo / "shared" / "reference", repo.parent / "shared" / "reference"):
+    for cand in (
+        repo / "tests" / "reference",
+        repo / "shared" / "reference",
+        repo.parent / "shared" / "reference",
+    ):
         if (cand / OPENAPI_FILE).is_file():
             return cand
     raise FileNotFoundError(f"reference schemas not found near {repo}")

@@ -42,23 +42,47 @@ async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
     lim.release(got, Signal.OK)
 
 
-async def test_adaptive_grows_while_in_use_and_shrinks_on_overload() -> None:
+def _busy_round(lim: AdaptiveLimiter, rtt: float = 0.05) -> None:
+    """One round trip with every slot in use: `limit` successes observed at full occupancy."""
+    for _ in range(lim.limit):
+        lim.in_flight = lim.limit - 1
+        lim.observe(rtt, Signal.OK)
+    lim.in_flight = 0
+
+
+def test_adaptive_slow_start_then_overload_then_additive_increase() -> None:
     lim = AdaptiveLimiter(initial=4, max_limit=64)
-    for _ in range(200):  # every slot in use, all fine: about +1 per round of `limit` successes
-        started = [await lim.acquire() for _ in range(lim.limit)]
-        for s in started:
-            lim.release(s, Signal.OK)
-    grown = lim.limit
-    assert grown > 20
-    s = await lim.acquire()
-    lim.release(s, Signal.OVERLOAD)
-    assert int(grown * 0.9) - 1 <= lim.limit <= int(grown * 0.9) + 1 < grown
-    # a burst of overloads within one round trip counts once
-    before = lim.limit
-    for _ in range(10):
-        s = await lim.acquire()
-        lim.release(s, Signal.OVERLOAD)
-    assert lim.limit == before
+    _busy_round(lim)
+    assert lim.limit == 8  # slow start doubles per round trip
+    _busy_round(lim)
+    _busy_round(lim)
+    assert lim.limit == 32
+    lim.observe(0.05, Signal.OVERLOAD)
+    # the first overload ends slow start: back to half (the overshoot), then the multiplicative decrease
+    assert lim.limit == int(32 / 2 * 0.9)
+    before = lim._limit
+    for _ in range(10):  # a burst of overloads within one round trip counts once
+        lim.observe(0.05, Signal.OVERLOAD)
+    assert lim._limit == before
+    for _ in range(5):  # then about +1 per round trip
+        _busy_round(lim)
+    assert before + 4 <= lim._limit <= before + 6
+    lim._last_decrease = 0.0
+    grown = lim._limit
+    lim.observe(0.05, Signal.OVERLOAD)
+    assert abs(lim._limit - grown * 0.9) < 1e-9
+    for _ in range(100):
+        _busy_round(lim)
+    assert lim.limit == 64  # capped
+
+
+def test_small_latency_jitter_is_not_queueing() -> None:
+    lim = AdaptiveLimiter(initial=32)
+    for _ in range(300):
+        lim.observe(0.001, Signal.OK)
+    for _ in range(40):
+        lim.observe(0.003, Signal.OK)  # 3x, but only 2 ms: scheduling noise on a fast upstream
+    assert lim.limit == 32
 
 
 async def test_adaptive_does_not_grow_when_idle() -> None:

@@ -269,6 +269,7 @@ def settings_from(opts: dict[str, Any], **extra: Any) -> Settings:
         cancel_grace=opts["cancel_grace"],
         max_lines=opts["max_lines"],
         max_response_bytes=opts["max_response_bytes"],
+        log_level=opts["log_level"],
         **extra,
     )
 
@@ -287,6 +288,11 @@ def settings_from(opts: dict[str, Any], **extra: Any) -> Settings:
 )
 @_opt("--insecure-no-auth", is_flag=True, help="Allow binding a non-loopback address with no --api-key.")
 @_opt("--no-worker", is_flag=True, help="Serve the API only (no batch execution).")
+@_opt(
+    "--worker-in-process",
+    is_flag=True,
+    help="Run the worker on a thread of the API process instead of a child process (slower under load).",
+)
 @_opt(
     "--max-batch-file-bytes",
     default=200 * 1024 * 1024,
@@ -307,6 +313,7 @@ def serve(**opts: Any) -> None:
         api_keys=list(opts["api_keys"]),
         insecure_no_auth=opts["insecure_no_auth"],
         run_worker=not opts["no_worker"],
+        worker_mode="thread" if opts["worker_in_process"] else "process",
         max_batch_file_bytes=opts["max_batch_file_bytes"],
     )
     sys.exit(asyncio.run(_serve(settings)) if sys.platform == "win32" else _serve_uvloop(settings))
@@ -394,37 +401,9 @@ def worker(**opts: Any) -> None:
     Start any number of them, on any machines, against the same --database-url and --storage-url.
     """
     settings = settings_from(opts, **state_settings(opts))
-    sys.exit(_run_loop(_work(settings)))
+    from batchyard.runtime import run_worker
 
-
-async def _work(settings: Settings) -> int:
-    import signal
-
-    from batchyard.runtime import Runtime
-
-    rt = Runtime.create(settings)
-    assert rt.worker is not None
-    await rt.store.open()
-    for up in rt.router.upstreams:
-        await up.start()
-    task = asyncio.create_task(rt.worker.run(), name="worker")
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
-    code = 0
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
-    except Exception:
-        logging.getLogger("batchyard").exception("worker stopped")
-        code = 1
-    finally:
-        for up in rt.router.upstreams:
-            await up.close()
-        await rt.blobs.aclose()
-        await rt.store.close()
-    return code
+    sys.exit(_run_loop(run_worker(settings)))
 
 
 def _run_loop(coro: Coroutine[Any, Any, T]) -> T:

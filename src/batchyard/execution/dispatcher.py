@@ -67,6 +67,10 @@ class Dispatcher:
                 member.limiter = Limiter(self._concurrency)
         return member.limiter
 
+    def total_limit(self) -> int:
+        """The sum of the current concurrency limits of every upstream this dispatcher routes to."""
+        return sum(self.limiter(m).limit for m in self.router.members) or 1
+
     async def _attempt(
         self, group: list[Member], endpoint: str, payload: bytes, tokens: float, stop: StopSignal
     ) -> UpstreamResponse | UpstreamError | None:

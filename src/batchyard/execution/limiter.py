@@ -83,12 +83,14 @@ class AdaptiveLimiter(Limiter):
         max_limit: int = 1024,
         backoff: float = 0.9,
         tolerance: float = 2.0,
+        min_queueing: float = 0.005,
     ) -> None:
         super().__init__(initial)
         self.min_limit = min_limit
         self.max_limit = max_limit
         self.backoff = backoff
         self.tolerance = tolerance
+        self.min_queueing = min_queueing  # seconds: below this, a rise in latency is jitter, not a queue
         self._short: float | None = None  # EWMA of recent round trips
         self._long: float | None = None  # EWMA over a long horizon
         self._last_decrease = 0.0
@@ -103,7 +105,7 @@ class AdaptiveLimiter(Limiter):
             return
         self._short = rtt if self._short is None else self._short + 0.1 * (rtt - self._short)
         self._long = rtt if self._long is None else self._long + 0.01 * (rtt - self._long)
-        if self._short > self.tolerance * self._long:
+        if self._short > self.tolerance * self._long and self._short - self._long > self.min_queueing:
             self._decrease(now)
         elif self.in_flight + 1 >= self.limit * 0.8:
             # while the limit is actually in use: slow start doubles it per round trip, then additive increase

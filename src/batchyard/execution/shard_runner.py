@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -53,6 +53,10 @@ class _Attempt:
         self.stop = StopSignal()
         self.hard_stop = False
         self.lost = False
+        self.lanes = 0  # live lanes
+        self.executing: set[asyncio.Task[Any]] = set()  # lanes inside an upstream call
+        self.untaken = 0  # lines no lane has taken yet
+        self.unrecorded = 0  # lines without an output or error line yet
 
     async def record(self, outcome: Outcome) -> None:
         if outcome.ok:
@@ -65,6 +69,7 @@ class _Attempt:
                 self.expired += 1
         if outcome.usage is not None:
             self.usage.add(outcome.usage)
+        self.unrecorded -= 1
 
 
 class ShardRunner:
@@ -75,6 +80,7 @@ class ShardRunner:
         self.blobs = blobs
         self.dispatcher = dispatcher
         self.settings = settings
+        self.running = 0  # shards this runner is executing now
 
     async def run(self, claim: ShardClaim) -> bool:
         """Run the shard to the end; True when this attempt's results were committed."""
@@ -107,26 +113,69 @@ class ShardRunner:
             return False
         return await self._commit(att)
 
+    def _fair_lanes(self) -> int:
+        """Lanes for one shard: its share of the upstreams' concurrency among the shards running here.
+
+        Lanes beyond the concurrency limit would only queue on the limiter, and every line they carry would pay
+        for a wake-up; lanes are therefore added and retired as the limit and the number of shards change.
+        """
+        total = self.dispatcher.total_limit()
+        return max(1, -(-total // max(1, self.running)))
+
     async def _execute(self, att: _Attempt, todo: Iterator[dict[str, Any]]) -> None:
-        lanes: list[asyncio.Task[None]] = []
-        n = max(1, min(self.settings.lanes_per_shard, att.claim.shard.line_count))
+        lanes: set[asyncio.Task[None]] = (
+            set()
+        )  # for cancellation; att.lanes counts the live ones synchronously
+        finished = asyncio.Event()
+        failures: list[BaseException] = []
+        att.untaken = att.unrecorded = att.claim.shard.line_count
+
+        async def lane() -> None:
+            try:
+                await self._lane(att, todo, spawn)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:
+                failures.append(e)
+            finally:
+                att.lanes -= (
+                    1  # in the same step as the lane's last decision: no two lanes retire on one count
+                )
+                if failures or att.lost or att.unrecorded == 0 or att.lanes == 0:
+                    finished.set()
+
+        def spawn() -> None:
+            att.lanes += 1
+            task = asyncio.create_task(lane(), name="lane")
+            lanes.add(task)
+            task.add_done_callback(lanes.discard)
+
+        self.running += 1
         beat = asyncio.create_task(self._heartbeat(att, lanes), name="shard-heartbeat")
         try:
-            lanes.extend(asyncio.create_task(self._lane(att, todo), name=f"lane-{i}") for i in range(n))
-            results = await asyncio.gather(*lanes, return_exceptions=True)
+            for _ in range(max(1, min(self._fair_lanes(), att.untaken))):
+                spawn()
+            await finished.wait()
         finally:
+            self.running -= 1
+            for t in list(lanes):
+                t.cancel()
+            if lanes:
+                await asyncio.gather(*lanes, return_exceptions=True)
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
         if att.lost:
             return
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+        if failures:
+            raise failures[0]
+        if att.unrecorded:
+            raise RuntimeError(f"shard ended with {att.unrecorded} lines unrecorded")
 
-    async def _lane(self, att: _Attempt, todo: Iterator[dict[str, Any]]) -> None:
+    async def _lane(self, att: _Attempt, todo: Iterator[dict[str, Any]], spawn: Callable[[], None]) -> None:
         endpoint = att.claim.endpoint
         for req in todo:
+            att.untaken -= 1
             if att.lost:
                 return
             custom_id: str = req["custom_id"]
@@ -135,6 +184,8 @@ class ShardRunner:
                     Outcome(False, lines.not_executed_line(custom_id, att.stop.code), stopped=att.stop.code)
                 )
                 continue
+            task = asyncio.current_task()
+            att.executing.add(task)  # type: ignore[arg-type]
             try:
                 outcome = await self.dispatcher.execute(endpoint, custom_id, req["body"], att.stop)
             except asyncio.CancelledError:
@@ -142,12 +193,21 @@ class ShardRunner:
                 # in-flight lines of a cancelled/expired batch ran out (the line is recorded as not executed).
                 if att.lost or not att.hard_stop or att.stop.code is None:
                     raise
+                if task is not None:
+                    task.uncancel()
                 outcome = Outcome(
                     False, lines.not_executed_line(custom_id, att.stop.code), stopped=att.stop.code
                 )
+            finally:
+                att.executing.discard(task)
             await att.record(outcome)
+            fair = self._fair_lanes()
+            if att.lanes > fair:
+                return  # retire: the shard has more lanes than its share
+            if att.lanes < fair and att.untaken > att.lanes:
+                spawn()  # grow toward the share (one more lane per finished line)
 
-    async def _heartbeat(self, att: _Attempt, lanes: list[asyncio.Task[None]]) -> None:
+    async def _heartbeat(self, att: _Attempt, lanes: set[asyncio.Task[None]]) -> None:
         s = self.settings
         grace_deadline: float | None = None
         loop = asyncio.get_running_loop()
@@ -158,7 +218,7 @@ class ShardRunner:
             )
             if hb is None:
                 att.lost = True
-                for t in lanes:
+                for t in list(lanes):
                     t.cancel()
                 return
             code = stop_code(hb.batch_status, hb.expires_at, hb.db_now)
@@ -168,7 +228,7 @@ class ShardRunner:
                     grace_deadline = loop.time() + s.cancel_grace
                 elif loop.time() >= grace_deadline and not att.hard_stop:
                     att.hard_stop = True
-                    for t in lanes:
+                    for t in list(att.executing):  # only lanes waiting on an upstream, never one writing
                         t.cancel()
 
     async def _commit(self, att: _Attempt) -> bool:
