@@ -107,7 +107,8 @@ def main() -> None:
         best = 0.0
         for c in (a.capacity // 2, a.capacity, a.capacity * 2):
             rate, twice, failed = one_run(str(c), a.lines, port)
-            best = max(best, rate)
+            if failed == 0:  # a setting that makes lines fail is not a candidate for "best"
+                best = max(best, rate)
             print(
                 f"fixed {c:4d}: {rate:7.1f} lines/s  retried >1x: {twice / a.lines * 100:5.2f}%  failed: {failed}"
             )
@@ -115,7 +116,8 @@ def main() -> None:
         print(
             f"auto      : {rate:7.1f} lines/s  retried >1x: {twice / a.lines * 100:5.2f}%  failed: {failed}"
         )
-        print(f"P5 ratio auto/best fixed: {rate / best:.2f} (goal >= 0.9; retried more than once < 2%)")
+        print(f"P5 ratio auto/best fixed (among settings that lose no line): {rate / best:.2f} "
+              "(goal >= 0.9; retried more than once < 2%)")
     finally:
         up.terminate()
         up.wait(10)

@@ -77,10 +77,13 @@ def test_adaptive_slow_start_then_overload_then_additive_increase() -> None:
 
 
 def test_small_latency_jitter_is_not_queueing() -> None:
-    lim = AdaptiveLimiter(initial=32)
+    clock = Clock()
+    lim = AdaptiveLimiter(initial=32, clock=clock)
     for _ in range(300):
+        clock.t += 0.1
         lim.observe(0.001, Signal.OK)
     for _ in range(40):
+        clock.t += 0.1
         lim.observe(0.003, Signal.OK)  # 3x, but only 2 ms: scheduling noise on a fast upstream
     assert lim.limit == 32
 
@@ -93,15 +96,39 @@ async def test_adaptive_does_not_grow_when_idle() -> None:
     assert lim.limit == 16
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
 def test_adaptive_yields_when_latency_rises() -> None:
-    lim = AdaptiveLimiter(initial=32, tolerance=2.0)
-    for _ in range(300):
+    clock = Clock()
+    lim = AdaptiveLimiter(initial=32, tolerance=2.0, clock=clock)
+    for _ in range(600):  # a minute of 50 ms round trips, 10 a second
+        clock.t += 0.1
         lim.observe(0.05, Signal.OK)
     before = lim.limit
-    lim._last_decrease = 0.0
-    for _ in range(40):
-        lim.observe(0.5, Signal.OK)  # the upstream starts queueing (shared with interactive traffic)
+    for _ in range(20):  # two seconds later the upstream queues (shared with interactive traffic)
+        clock.t += 0.1
+        lim.observe(0.5, Signal.OK)
     assert lim.limit < before
+
+
+def test_averages_are_time_based_not_per_sample() -> None:
+    clock = Clock()
+    lim = AdaptiveLimiter(initial=32, clock=clock)
+    for _ in range(300):
+        clock.t += 0.1
+        lim.observe(0.01, Signal.OK)
+    before = lim.limit
+    for _ in range(5000):  # a burst of fast samples within 50 ms must not move the averages much
+        clock.t += 0.00001
+        lim.observe(0.02, Signal.OK)
+    assert lim.limit == before
+    assert lim._long is not None and lim._long < 0.0101
 
 
 def test_errors_teach_nothing() -> None:

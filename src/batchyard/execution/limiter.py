@@ -11,7 +11,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from enum import Enum
+
+
+SHORT_S = 1.0  # horizon of the recent-latency average, seconds
+LONG_S = 30.0  # horizon of the baseline-latency average, seconds
 
 
 class Signal(Enum):
@@ -84,6 +89,7 @@ class AdaptiveLimiter(Limiter):
         backoff: float = 0.9,
         tolerance: float = 2.0,
         min_queueing: float = 0.005,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(initial)
         self.min_limit = min_limit
@@ -91,20 +97,29 @@ class AdaptiveLimiter(Limiter):
         self.backoff = backoff
         self.tolerance = tolerance
         self.min_queueing = min_queueing  # seconds: below this, a rise in latency is jitter, not a queue
-        self._short: float | None = None  # EWMA of recent round trips
-        self._long: float | None = None  # EWMA over a long horizon
+        self._clock = clock
+        self._short: float | None = None  # round trips averaged over ~1 s
+        self._long: float | None = None  # round trips averaged over ~30 s
+        self._last_sample = 0.0
         self._last_decrease = 0.0
         self._slow_start = True  # double per round trip until the first overload, like TCP
 
     def observe(self, rtt: float, signal: Signal) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if signal is Signal.OVERLOAD:
             self._decrease(now)
             return
         if signal is Signal.ERROR:
             return
-        self._short = rtt if self._short is None else self._short + 0.1 * (rtt - self._short)
-        self._long = rtt if self._long is None else self._long + 0.01 * (rtt - self._long)
+        # Time-based averages (not per sample): at thousands of responses a second a per-sample average would
+        # forget within milliseconds and follow a rising queue instead of revealing it.
+        dt = now - self._last_sample if self._last_sample else 0.0
+        self._last_sample = now
+        if self._short is None or self._long is None:
+            self._short = self._long = rtt
+        else:
+            self._short += min(1.0, dt / SHORT_S) * (rtt - self._short)
+            self._long += min(1.0, dt / LONG_S) * (rtt - self._long)
         if self._short > self.tolerance * self._long and self._short - self._long > self.min_queueing:
             self._decrease(now)
         elif self.in_flight + 1 >= self.limit * 0.8:
