@@ -116,8 +116,10 @@ def main() -> None:
         print(
             f"auto      : {rate:7.1f} lines/s  retried >1x: {twice / a.lines * 100:5.2f}%  failed: {failed}"
         )
-        print(f"P5 ratio auto/best fixed (among settings that lose no line): {rate / best:.2f} "
-              "(goal >= 0.9; retried more than once < 2%)")
+        print(
+            f"P5 ratio auto/best fixed (among settings that lose no line): {rate / best:.2f} "
+            "(goal >= 0.9; retried more than once < 2%)"
+        )
     finally:
         up.terminate()
         up.wait(10)

@@ -42,21 +42,33 @@ async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
     lim.release(got, Signal.OK)
 
 
-def _busy_round(lim: AdaptiveLimiter, rtt: float = 0.05) -> None:
-    """One round trip with every slot in use: `limit` successes observed at full occupancy."""
-    for _ in range(lim.limit):
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _busy_round(lim: AdaptiveLimiter, clock: Clock, rtt: float = 0.05) -> None:
+    """One round trip with every slot in use: `limit` successes observed at full occupancy within `rtt`."""
+    n = lim.limit
+    for _ in range(n):
+        clock.t += rtt / n
         lim.in_flight = lim.limit - 1
         lim.observe(rtt, Signal.OK)
     lim.in_flight = 0
 
 
 def test_adaptive_slow_start_then_overload_then_additive_increase() -> None:
-    lim = AdaptiveLimiter(initial=4, max_limit=64)
-    _busy_round(lim)
+    clock = Clock()
+    lim = AdaptiveLimiter(initial=4, max_limit=64, clock=clock)
+    _busy_round(lim, clock)
     assert lim.limit == 8  # slow start doubles per round trip
-    _busy_round(lim)
-    _busy_round(lim)
+    _busy_round(lim, clock)
+    _busy_round(lim, clock)
     assert lim.limit == 32
+    clock.t += 1.0
     lim.observe(0.05, Signal.OVERLOAD)
     # the first overload ends slow start: back to half (the overshoot), then the multiplicative decrease
     assert lim.limit == int(32 / 2 * 0.9)
@@ -65,14 +77,14 @@ def test_adaptive_slow_start_then_overload_then_additive_increase() -> None:
         lim.observe(0.05, Signal.OVERLOAD)
     assert lim._limit == before
     for _ in range(5):  # then about +1 per round trip
-        _busy_round(lim)
+        _busy_round(lim, clock)
     assert before + 4 <= lim._limit <= before + 6
-    lim._last_decrease = 0.0
+    clock.t += 1.0
     grown = lim._limit
     lim.observe(0.05, Signal.OVERLOAD)
     assert abs(lim._limit - grown * 0.9) < 1e-9
     for _ in range(100):
-        _busy_round(lim)
+        _busy_round(lim, clock)
     assert lim.limit == 64  # capped
 
 
@@ -94,14 +106,6 @@ async def test_adaptive_does_not_grow_when_idle() -> None:
         s = await lim.acquire()
         lim.release(s, Signal.OK)
     assert lim.limit == 16
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def test_adaptive_yields_when_latency_rises() -> None:
@@ -136,3 +140,15 @@ def test_errors_teach_nothing() -> None:
     for _ in range(50):
         lim.observe(0.01, Signal.ERROR)
     assert lim.limit == 8
+
+
+def test_slow_start_ends_when_the_rate_stops_growing() -> None:
+    clock = Clock()
+    lim = AdaptiveLimiter(initial=8, max_limit=4096, clock=clock)
+    # the upstream (or this process) saturates at 400 completions a second: beyond 20 in flight, round trips
+    # only get longer
+    for _ in range(12):
+        n = lim.limit
+        _busy_round(lim, clock, rtt=max(0.05, n / 400))
+    assert not lim._slow_start
+    assert lim.limit <= 64  # back near the knee instead of doubling on to 4096

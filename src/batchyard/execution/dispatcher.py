@@ -61,7 +61,7 @@ class Dispatcher:
         if member.limiter is None:
             if self._concurrency is None:
                 member.limiter = AdaptiveLimiter(
-                    initial=min(16, self._max_concurrency), max_limit=self._max_concurrency
+                    initial=min(64, self._max_concurrency), max_limit=self._max_concurrency
                 )
             else:
                 member.limiter = Limiter(self._concurrency)

@@ -9,11 +9,13 @@ Shrinking happens at most once per round trip, so one burst of 429s counts as on
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from enum import Enum
 
+log = logging.getLogger("batchyard.limiter")
 
 SHORT_S = 1.0  # horizon of the recent-latency average, seconds
 LONG_S = 30.0  # horizon of the baseline-latency average, seconds
@@ -99,10 +101,18 @@ class AdaptiveLimiter(Limiter):
         self.min_queueing = min_queueing  # seconds: below this, a rise in latency is jitter, not a queue
         self._clock = clock
         self._short: float | None = None  # round trips averaged over ~1 s
-        self._long: float | None = None  # round trips averaged over ~30 s
+        self._long: float | None = None  # baseline: the recent average's low point, rising over ~30 s
         self._last_sample = 0.0
         self._last_decrease = 0.0
         self._slow_start = True  # double per round trip until the first overload, like TCP
+        # Delivery-rate rounds (as BBR's startup): a round ends after `limit` completions; slow start also ends
+        # when three rounds in a row failed to raise the rate by a tenth (more concurrency no longer helps:
+        # the upstream, or this process, is saturated), going back to the limit that reached the best rate.
+        self._round_start = 0.0
+        self._round_done = 0
+        self._best_rate = 0.0
+        self._best_limit = float(initial)
+        self._flat_rounds = 0
 
     def observe(self, rtt: float, signal: Signal) -> None:
         now = self._clock()
@@ -119,20 +129,58 @@ class AdaptiveLimiter(Limiter):
             self._short = self._long = rtt
         else:
             self._short += min(1.0, dt / SHORT_S) * (rtt - self._short)
-            self._long += min(1.0, dt / LONG_S) * (rtt - self._long)
+            # the baseline follows the recent average down at once and up slowly: a start-up burst (connections
+            # being opened, everything queued at once) does not leave it too high to ever reveal a queue
+            if self._short < self._long:
+                self._long = self._short
+            else:
+                self._long += min(1.0, dt / LONG_S) * (rtt - self._long)
+        self._count_round(now)
         if self._short > self.tolerance * self._long and self._short - self._long > self.min_queueing:
-            self._decrease(now)
+            # the recent average needs about half its horizon to show the effect of a decrease
+            self._decrease(now, spacing=max(self._short, SHORT_S / 2))
         elif self.in_flight + 1 >= self.limit * 0.8:
             # while the limit is actually in use: slow start doubles it per round trip, then additive increase
             # adds about one request per round trip
             step = 1.0 if self._slow_start else 1.0 / max(self._limit, 1.0)
             self._limit = min(float(self.max_limit), self._limit + step)
 
-    def _decrease(self, now: float) -> None:
+    def _count_round(self, now: float) -> None:
+        if not self._round_start:
+            self._round_start = now
+        self._round_done += 1
+        elapsed = now - self._round_start
+        if not self._slow_start or self._round_done < self.limit or elapsed <= 0:
+            return
+        rate = self._round_done / elapsed
+        self._round_start, self._round_done = now, 0
+        if rate > self._best_rate * 1.1:
+            self._flat_rounds = 0
+        else:
+            self._flat_rounds += 1
+        if rate > self._best_rate:
+            self._best_rate, self._best_limit = rate, self._limit
+        if self._slow_start and self._flat_rounds >= 3:
+            self._slow_start = False
+            log.debug(
+                "slow start ends at %.1f: the rate stopped growing (best %.0f/s at limit %.1f)",
+                self._limit,
+                self._best_rate,
+                self._best_limit,
+            )
+            self._limit = max(float(self.min_limit), self._best_limit)
+
+    def _decrease(self, now: float, spacing: float | None = None) -> None:
         rtt = self._short or 0.05
-        if now - self._last_decrease < rtt:
+        if now - self._last_decrease < (rtt if spacing is None else spacing):
             return
         self._last_decrease = now
+        log.debug(
+            "concurrency limit %.1f -> decrease (short %.4fs, long %s)",
+            self._limit,
+            rtt,
+            None if self._long is None else round(self._long, 4),
+        )
         if self._slow_start:
             self._slow_start = False
             self._limit = max(float(self.min_limit), self._limit / 2.0)  # it overshot by up to 2x
