@@ -92,6 +92,9 @@ class Settings:
     embedded: bool | None = None
     model_path: str | None = None  # a local GGUF served as the chat model instead of SmolLM2-135M
     embedded_slots: int = 4
+    local_models: dict[str, str] = field(
+        default_factory=dict
+    )  # [models] name = "/path/to.gguf", served embedded
     api_keys: list[str] = field(default_factory=list)
     insecure_no_auth: bool = False
     run_worker: bool = True

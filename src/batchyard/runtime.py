@@ -53,6 +53,14 @@ def build_router(settings: Settings) -> Router:
             chat_model=Path(settings.model_path).stem if settings.model_path else CHAT_MODEL,
         )
         routes.extend(embedded_routes(engine))
+    if settings.local_models:
+        from batchyard.upstreams.embedded import EmbeddedUpstream
+
+        for name, path in settings.local_models.items():
+            local = EmbeddedUpstream(
+                model_path=path, slots=settings.embedded_slots, chat_model=name, embeddings=False
+            )
+            routes.append((name, local))
     for spec in settings.upstream_specs:
         key = os.environ.get(spec.api_key_env) if spec.api_key_env else settings.upstream_api_key
         member = Member(

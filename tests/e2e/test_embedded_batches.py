@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +116,26 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     assert all(x["response"]["status_code"] == 200 for x in chat + emb)
     assert "chat-0: 'What is the capital of France?' ->" in r.stdout
     assert "384-dim vector" in r.stdout
+
+
+def test_models_section_serves_several_local_ggufs(
+    tmp_path: Path, make_server: Callable[..., Server]
+) -> None:
+    from batchyard.embedded.models import ensure_smollm2
+
+    gguf = ensure_smollm2()  # cached by the fixtures above; any local GGUF works
+    cfg = tmp_path / "batchyard.toml"
+    cfg.write_text(f'[models]\n"tiny-a" = "{gguf}"\n"tiny-b" = "{gguf}"\n')
+    srv = make_server("--config", str(cfg), "--embedded-slots", "2")
+    client = srv.client()
+    assert {"tiny-a", "tiny-b", CHAT, EMB} <= {m.id for m in client.models.list()}
+    body = {
+        "model": "tiny-b",
+        "temperature": 0,
+        "max_tokens": 4,
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
+    b = run_batch(client, [_line(0, "/v1/chat/completions", body)], timeout=120)
+    assert b.status == "completed", b.errors
+    (out,) = read_lines(client, b.output_file_id)
+    assert out["response"]["body"]["model"] == "tiny-b"

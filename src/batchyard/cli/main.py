@@ -36,6 +36,15 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
             except ValueError as e:
                 raise click.BadParameter(f"{value}: {e}") from e
             section = {k: v for k, v in section.items() if k != "upstreams"}
+        models = data.get("models", section.get("models"))
+        if models is not None:
+            if not isinstance(models, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and k and v for k, v in models.items()
+            ):
+                raise click.BadParameter(
+                    f'{value}: [models] maps model names to GGUF paths: name = "/path.gguf"'
+                )
+            ctx.meta["local_models"] = dict(models)
         # Keys are named like the options (`api-key`, `upstream`, `data_dir`): map them to the parameter names.
         names = {
             o.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params for o in p.opts if p.name
@@ -255,6 +264,7 @@ def settings_from(opts: dict[str, Any], **extra: Any) -> Settings:
         upstreams=[parse_upstream(u) for u in opts["upstreams"]],
         upstream_api_key=opts["upstream_api_key"],
         upstream_specs=list(click.get_current_context().meta.get("upstream_specs", [])),
+        local_models=dict(click.get_current_context().meta.get("local_models", {})),
         embedded=opts["embedded"],
         model_path=opts["model_path"],
         embedded_slots=opts["embedded_slots"],
