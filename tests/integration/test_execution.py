@@ -248,3 +248,26 @@ def test_prefix_ordering_groups_shared_system_prompts(
     ]
     changes = sum(1 for a, b_ in itertools.pairwise(systems) if a != b_)
     assert changes == (1 if ordering else 11)
+
+
+def test_small_batch_is_not_starved_behind_a_big_one(
+    make_server: Callable[..., Server], upstream: FakeUpstream
+) -> None:
+    srv = make_server(
+        "--upstream", upstream.base_url, "--concurrency", "4", "--max-shards", "2", "--shard-lines", "10"
+    )
+    client = srv.client()
+    big = [chat_line(i, x_fake={"delay": 0.05}, user="big") for i in range(600)]
+    big_id = client.batches.create(
+        input_file_id=upload(client, big), endpoint="/v1/chat/completions", completion_window="24h"
+    ).id
+    wait_for(client, big_id, {"in_progress"})
+    time.sleep(0.5)
+    small = [chat_line(i, x_fake={"delay": 0.05}, user="small") for i in range(20)]
+    t0 = time.monotonic()
+    small_b = run_batch(client, small, timeout=60)
+    small_s = time.monotonic() - t0
+    assert small_b.status == "completed"
+    assert client.batches.retrieve(big_id).status == "in_progress"  # the big one is far from done
+    assert small_s < 6  # 20 lines at 0.05 s sharing 4 slots: ~1 s with a fair share, ~7 s if queued behind
+    client.batches.cancel(big_id)
