@@ -86,55 +86,72 @@ def test_two_api_replicas_and_workers_share_state(
 
 
 @pytest.mark.slow
-def test_killing_workers_repeatedly_keeps_exactly_once(
+def test_killing_workers_and_servers_repeatedly_keeps_exactly_once(
     make_server: Callable[..., Server],
     upstream: FakeUpstream,
     workers: list[WorkerProcess],
     tmp_path: Path,
     backend: Backend,
 ) -> None:
+    """Two API replicas and three workers; about ten kill -9s of random workers and API replicas while a
+    2,000-line batch runs on a slow upstream, and one worker paused (SIGSTOP) past its lease then resumed."""
     rng = random.Random(11)
     common = ["--upstream", upstream.base_url, "--lease-seconds", "1.5", "--shard-lines", "20", *backend.args]
-    api = make_server(*common, "--no-worker", env=backend.env)
-    client = api.client()
-    reqs = [chat_line(i, x_fake={"delay": 0.1}) for i in range(600)]
+    apis = [make_server(*common, "--no-worker", env=backend.env) for _ in range(2)]
+    reqs = [chat_line(i, x_fake={"delay": 0.08}) for i in range(2000)]
+    client = apis[0].client()
     b = client.batches.create(
         input_file_id=upload(client, reqs), endpoint="/v1/chat/completions", completion_window="24h"
     )
     wargs = [*common, "--concurrency", "8", "--max-shards", "2"]
     for i in range(3):
         workers.append(WorkerProcess(wargs, tmp_path / f"w{i}.log", backend.env or None).start())
-    kills = 0
+    worker_kills = api_kills = 0
     paused: WorkerProcess | None = None
     deadline = time.monotonic() + 60
-    while kills < 6 and time.monotonic() < deadline:
-        time.sleep(rng.uniform(0.4, 1.0))
-        if client.batches.retrieve(b.id).status == "completed":
+    while worker_kills + api_kills < 10 and time.monotonic() < deadline:
+        time.sleep(rng.uniform(0.3, 0.7))
+        live_api = next(a for a in apis if a.proc and a.proc.poll() is None)
+        if live_api.client().batches.retrieve(b.id).status == "completed":
             break
-        victim = rng.choice([w for w in workers if w.proc and w.proc.poll() is None])
-        victim.kill()
-        kills += 1
-        workers.append(WorkerProcess(wargs, tmp_path / f"w{len(workers)}.log", backend.env or None).start())
-        if paused is None and kills == 2:
+        if rng.random() < 0.3:  # an API replica dies; a new one takes its place
+            victim_api = rng.choice([a for a in apis if a.proc and a.proc.poll() is None])
+            victim_api.kill()
+            api_kills += 1
+            apis.append(make_server(*common, "--no-worker", env=backend.env))
+        else:
+            victim = rng.choice([w for w in workers if w.proc and w.proc.poll() is None and w is not paused])
+            victim.kill()
+            worker_kills += 1
+            workers.append(
+                WorkerProcess(wargs, tmp_path / f"w{len(workers)}.log", backend.env or None).start()
+            )
+        if paused is None and worker_kills == 2:
             # A worker paused past its lease must not be able to commit after it resumes.
             paused = rng.choice([w for w in workers if w.proc and w.proc.poll() is None])
             paused.signal(signal.SIGSTOP)
     if paused is not None:
         time.sleep(2.0)  # longer than the lease: its shards are taken over
         paused.signal(signal.SIGCONT)
-    assert kills >= 3, "the batch finished before enough kills"
+    assert worker_kills + api_kills >= 6, "the batch finished before enough kills"
+    client = next(a for a in apis if a.proc and a.proc.poll() is None).client()
     done = wait_for(client, b.id, timeout=120)
     assert done.status == "completed"
     out = read_lines(client, done.output_file_id)
     assert read_lines(client, done.error_file_id) == []
-    assert Counter(x["custom_id"] for x in out) == Counter(r["custom_id"] for r in reqs)
+    assert Counter(x["custom_id"] for x in out) == Counter(r["custom_id"] for r in reqs)  # each exactly once
     by_id = {r["custom_id"]: r for r in reqs}
     for x in out:
         assert x["response"]["body"]["choices"][0]["message"]["content"] == expected_text(
             by_id[x["custom_id"]]["body"]
         )
-    assert done.request_counts is not None and done.request_counts.completed == len(reqs)
-    # Lines dispatched more than once are at most those in flight at the kills (2 shards x 20 lines per kill),
-    # plus the paused worker's shards.
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (
+        2000,
+        2000,
+        0,
+    )
+    # Lines dispatched more than once are at most those in flight at the worker kills (2 shards x 20 lines
+    # each), plus the paused worker's shards; killing API replicas redoes nothing.
     redone = sum(c - 1 for c in upstream.stats()["by_key"].values() if c > 1)
-    assert redone <= (kills + 1) * 2 * 20
+    assert redone <= (worker_kills + 1) * 2 * 20
