@@ -216,7 +216,7 @@ async def test_compose_small_parts_streams(store: S3BlobStore, monkeypatch: pyte
 async def test_compose_large_parts_copies_server_side(
     store: S3BlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _forbid(monkeypatch, "_compose_streamed")
+    _forbid(monkeypatch, "compose_streamed")
     parts = [data(5 * MiB, seed=1), b"", data(6 * MiB + 1, seed=2), b"tail\n"]
     for i, p in enumerate(parts):
         await put(store, f"parts/{i}", p)

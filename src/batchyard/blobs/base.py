@@ -50,5 +50,17 @@ class BlobStore(ABC):
     @abstractmethod
     async def exists(self, key: str) -> bool: ...
 
+    async def compose_streamed(self, key: str, sources: Sequence[str]) -> BlobInfo:
+        """`compose` by reading every source through a writer: for stores with no server-side concatenation."""
+        writer = await self.open_writer(key)
+        try:
+            for src in sources:
+                async for chunk in self.stream(src):
+                    await writer.write(chunk)
+        except BaseException:
+            await writer.abort()
+            raise
+        return await writer.commit()
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release the calling event loop's connections (stores that hold per-loop clients override this)."""

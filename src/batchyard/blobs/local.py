@@ -125,15 +125,7 @@ class LocalBlobStore(BlobStore):
             fh.close()
 
     async def compose(self, key: str, sources: Sequence[str]) -> BlobInfo:
-        writer = await self.open_writer(key)
-        try:
-            for src in sources:
-                async for chunk in self.stream(src):
-                    await writer.write(chunk)
-        except BaseException:
-            await writer.abort()
-            raise
-        return await writer.commit()
+        return await self.compose_streamed(key, sources)
 
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self._path(key).unlink, True)

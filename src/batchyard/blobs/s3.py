@@ -456,22 +456,11 @@ class S3BlobStore(BlobStore):
         heads = await _bounded([self._head(src) for src in sources])
         plan = copy_plan([size for size, _ in heads])
         if plan is None:
-            return await self._compose_streamed(key, sources)
+            return await self.compose_streamed(key, sources)
         digest, _ = await _bounded(
             [self._sha256(sources, [etag for _, etag in heads]), self._copy_parts(key, sources, heads, plan)]
         )
         return BlobInfo(key, sum(size for size, _ in heads), str(digest))
-
-    async def _compose_streamed(self, key: str, sources: Sequence[str]) -> BlobInfo:
-        writer = await self.open_writer(key)
-        try:
-            for src in sources:
-                async for chunk in self.stream(src):
-                    await writer.write(chunk)
-        except BaseException:
-            await writer.abort()
-            raise
-        return await writer.commit()
 
     async def _sha256(self, sources: Sequence[str], etags: Sequence[str]) -> str:
         sha = hashlib.sha256()
