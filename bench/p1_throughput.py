@@ -82,6 +82,9 @@ def main() -> None:
     ap.add_argument(
         "--no-probe", action="store_true", help="do not measure P4 (no GETs while the batch runs)"
     )
+    ap.add_argument(
+        "--server-arg", action="append", default=[], help="extra `batchyard serve` argument, repeatable"
+    )
     a = ap.parse_args()
     wd = workdir()
     inp = wd / "input.jsonl"
@@ -89,7 +92,9 @@ def main() -> None:
     print(f"input: {a.lines} lines, {size / 1e6:.1f} MB")
     with Nginx(wd) as ng:
         ref_s = run_reference(inp, wd / "ref-out.jsonl", ng.base_url)
-        with BatchyardServer(wd, "--upstream", ng.base_url, "--concurrency", str(a.concurrency)) as srv:
+        with BatchyardServer(
+            wd, "--upstream", ng.base_url, "--concurrency", str(a.concurrency), *a.server_arg
+        ) as srv:
             by_s, lat = run_batchyard(inp, srv.base_url, wd / "by-out.jsonl", not a.no_probe)
     n_ref = (wd / "ref-out.jsonl").read_bytes().count(b"\n")
     n_by = (wd / "by-out.jsonl").read_bytes().count(b"\n")

@@ -216,6 +216,14 @@ class ShardRunner:
             hb: Heartbeat | None = await self.store.heartbeat_shard(
                 att.claim, s.lease_seconds, att.completed, att.failed, att.usage
             )
+            log.debug(
+                "shard %s/%d: %d done, %d lanes, concurrency limit %d",
+                att.claim.shard.batch_id,
+                att.claim.shard.index,
+                att.completed + att.failed,
+                att.lanes,
+                self.dispatcher.total_limit(),
+            )
             if hb is None:
                 att.lost = True
                 for t in list(lanes):
