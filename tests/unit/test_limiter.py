@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -151,4 +152,32 @@ def test_slow_start_ends_when_the_rate_stops_growing() -> None:
         n = lim.limit
         _busy_round(lim, clock, rtt=max(0.05, n / 400))
     assert not lim._slow_start
-    assert lim.limit <= 64  # back near the knee instead of doubling on to 4096
+    assert lim.limit < 100  # back near the knee instead of doubling on to 4096
+
+
+def _simulate(
+    lim: AdaptiveLimiter, clock: Clock, model: Callable[[int], tuple[float, float]], seconds: float
+) -> None:
+    end = clock.t + seconds
+    while clock.t < end:
+        n = lim.limit
+        rate, rtt = model(n)
+        clock.t += 1 / rate
+        lim.in_flight = n - 1
+        lim.observe(rtt, Signal.OK)
+
+
+def test_latency_probe_stops_the_limit_creeping_past_the_knee() -> None:
+    """A saturated process: 6,000 completions a second whatever the concurrency, 2 ms unloaded. Without probing,
+    the baseline latency rises with our own queue and the limit creeps up; with it, the limit comes back down."""
+    clock = Clock()
+    lim = AdaptiveLimiter(initial=64, max_limit=512, clock=clock)
+    _simulate(lim, clock, lambda n: (6000.0, max(0.002, n / 6000)), 60)
+    assert lim.limit < 100  # the knee is ~12; 2x latency tolerance + 5 ms allows ~40-70
+
+
+def test_latency_bound_upstream_is_not_held_back() -> None:
+    clock = Clock()
+    lim = AdaptiveLimiter(initial=16, max_limit=512, clock=clock)
+    _simulate(lim, clock, lambda n: (n / 0.2, 0.2), 20)  # capacity grows with concurrency: keep growing
+    assert lim.limit == 512

@@ -19,6 +19,7 @@ log = logging.getLogger("batchyard.limiter")
 
 SHORT_S = 1.0  # horizon of the recent-latency average, seconds
 LONG_S = 30.0  # horizon of the baseline-latency average, seconds
+PROBE_EVERY_S = 10.0  # at least this long between latency probes (and at least 20 round trips)
 
 
 class Signal(Enum):
@@ -113,6 +114,13 @@ class AdaptiveLimiter(Limiter):
         self._best_rate = 0.0
         self._best_limit = float(initial)
         self._flat_rounds = 0
+        # Probing the unloaded latency (as BBR's ProbeRTT): the baseline would otherwise rise with a queue we
+        # cause ourselves and let the limit creep past the knee. Now and then the limit dips to a quarter until
+        # requests sent during the dip come back; their latency resets the baseline.
+        self._next_probe = 0.0
+        self._probe_start: float | None = None
+        self._probe_saved = 0.0
+        self._probe_samples: list[float] = []
 
     def observe(self, rtt: float, signal: Signal) -> None:
         now = self._clock()
@@ -135,6 +143,8 @@ class AdaptiveLimiter(Limiter):
                 self._long = self._short
             else:
                 self._long += min(1.0, dt / LONG_S) * (rtt - self._long)
+        if self._probe(now, rtt):
+            return
         self._count_round(now)
         if self._short > self.tolerance * self._long and self._short - self._long > self.min_queueing:
             # the recent average needs about half its horizon to show the effect of a decrease
@@ -144,6 +154,37 @@ class AdaptiveLimiter(Limiter):
             # adds about one request per round trip
             step = 1.0 if self._slow_start else 1.0 / max(self._limit, 1.0)
             self._limit = min(float(self.max_limit), self._limit + step)
+
+    def _probe(self, now: float, rtt: float) -> bool:
+        """Run the latency probe; True while it is under way (the limit is then not adjusted otherwise)."""
+        assert self._short is not None and self._long is not None
+        if self._probe_start is None:
+            if self._slow_start:
+                return False
+            if not self._next_probe:  # slow start just ended, its queue inflated the baseline: probe soon
+                self._next_probe = now + max(1.0, 5 * self._short)
+                return False
+            if now < self._next_probe or self._limit < 4 * self.min_limit:
+                return False
+            self._probe_start, self._probe_saved, self._probe_samples = now, self._limit, []
+            self._limit = max(float(self.min_limit), self._limit / 4)
+            return True
+        if now - rtt >= self._probe_start:  # sent during the dip: an unloaded round trip
+            self._probe_samples.append(rtt)
+        waited = now - self._probe_start
+        if len(self._probe_samples) < max(4, self.limit) and waited < 4 * self._probe_saved_rtt():
+            return True
+        if self._probe_samples:
+            unloaded = sorted(self._probe_samples)[len(self._probe_samples) // 2]
+            log.debug("latency probe: unloaded %.4fs (baseline was %.4fs)", unloaded, self._long)
+            self._long = min(self._long, unloaded) if self._long > unloaded else unloaded
+        self._limit = self._probe_saved
+        self._probe_start = None
+        self._next_probe = now + max(PROBE_EVERY_S, 20 * self._short)
+        return False
+
+    def _probe_saved_rtt(self) -> float:
+        return max(self._short or 0.05, 0.05)
 
     def _count_round(self, now: float) -> None:
         if not self._round_start:
