@@ -174,6 +174,7 @@ class ShardRunner:
 
     async def _lane(self, att: _Attempt, todo: Iterator[dict[str, Any]], spawn: Callable[[], None]) -> None:
         endpoint = att.claim.endpoint
+        done = 0
         for req in todo:
             att.untaken -= 1
             if att.lost:
@@ -201,6 +202,9 @@ class ShardRunner:
             finally:
                 att.executing.discard(task)
             await att.record(outcome)
+            done += 1
+            if done % 8 and att.lanes > 1:
+                continue  # the fair share changes slowly: look at it every 8 lines (at once for a lone lane)
             fair = self._fair_lanes()
             if att.lanes > fair:
                 return  # retire: the shard has more lanes than its share
