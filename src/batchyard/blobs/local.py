@@ -53,8 +53,11 @@ class _LocalWriter(BlobWriter):
         data = b"".join(self._buf)
         self._buf.clear()
         self._buffered = 0
-        self._sha.update(data)
-        await asyncio.to_thread(self._fh.write, data)
+        await asyncio.to_thread(self._hash_and_write, data)
+
+    def _hash_and_write(self, data: bytes) -> None:
+        self._sha.update(data)  # off the event loop: hashlib releases the GIL on large buffers
+        self._fh.write(data)
 
     async def commit(self) -> BlobInfo:
         await self._flush()
