@@ -52,22 +52,6 @@ def srv(tmp_path_factory: pytest.TempPathFactory, up: FakeUpstream) -> Iterator[
 
 
 @pytest.fixture(scope="module")
-def oai(srv: Server) -> OpenAI:
-    return srv.client()
-
-
-@pytest.fixture(scope="module")
-def http(srv: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=srv.root_url, timeout=30) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def input_file(oai: OpenAI) -> str:
-    return upload(oai, [chat_line(i) for i in range(3)])
-
-
-@pytest.fixture(scope="module")
 def vsrv(tmp_path_factory: pytest.TempPathFactory, up: FakeUpstream) -> Iterator[Server]:
     """Only the model `known-model` is routable."""
     s = _module_server(tmp_path_factory, "validation", ["--upstream", f"known-model={up.base_url}"])

@@ -35,17 +35,6 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             s.stop()
 
 
-@pytest.fixture(scope="module")
-def oai(srv: Server) -> OpenAI:
-    return srv.client()
-
-
-@pytest.fixture(scope="module")
-def http(srv: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=srv.root_url, timeout=30) as c:
-        yield c
-
-
 def assert_envelope(resp: httpx.Response, status: int, param: str | None = "<any>") -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     assert resp.headers["content-type"].startswith("application/json")

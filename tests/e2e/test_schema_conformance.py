@@ -40,22 +40,6 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             s.stop()
 
 
-@pytest.fixture(scope="module")
-def oai(srv: Server) -> OpenAI:
-    return srv.client()
-
-
-@pytest.fixture(scope="module")
-def http(srv: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=srv.root_url, timeout=30) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def input_file(oai: OpenAI) -> str:
-    return upload(oai, [chat_line(i) for i in range(3)])
-
-
 def ok_json(resp: httpx.Response) -> Any:
     assert resp.status_code == 200, resp.text
     assert resp.headers["content-type"].startswith("application/json")
