@@ -34,6 +34,7 @@ from batchyard.domain.states import BatchStatus, check_transition
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, Page
+from batchyard.store.rows import batch_from_row, file_from_row, shard_from_row
 
 S = BatchStatus
 Row = Any  # asyncpg.Record: asyncpg ships no type information
@@ -124,21 +125,6 @@ class _Args:
         return f"${len(self.values)}"
 
 
-def _file(row: Row) -> FileRecord:
-    return FileRecord(
-        id=row["id"],
-        owner=row["owner"],
-        bytes=row["bytes"],
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        filename=row["filename"],
-        purpose=row["purpose"],
-        status=row["status"],
-        blob_key=row["blob_key"],
-        sha256=row["sha256"],
-    )
-
-
 def _file_args(f: FileRecord) -> tuple[Any, ...]:
     return (
         f.id,
@@ -154,53 +140,10 @@ def _file_args(f: FileRecord) -> tuple[Any, ...]:
     )
 
 
-def _shard(row: Row) -> ShardRecord:
-    return ShardRecord(
-        batch_id=row["batch_id"],
-        index=row["idx"],
-        start=row["start_off"],
-        end=row["end_off"],
-        first_line=row["first_line"],
-        line_count=row["line_count"],
-        status=row["status"],
-        attempt=row["attempt"],
-        completed=row["completed"],
-        failed=row["failed"],
-        usage=Usage(row["input_tokens"], row["cached_tokens"], row["output_tokens"], row["reasoning_tokens"]),
-        out_key=row["out_key"],
-        err_key=row["err_key"],
-    )
-
-
 def _batch(row: Row) -> BatchRecord:
-    """A row of _BATCH_SELECT -> BatchRecord."""
-    return BatchRecord(
-        id=row["id"],
-        owner=row["owner"],
-        endpoint=row["endpoint"],
-        input_file_id=row["input_file_id"],
-        completion_window=row["completion_window"],
-        status=S(row["status"]),
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        metadata=json.loads(row["metadata"]) if row["metadata"] is not None else None,
-        output_expires_after=row["output_expires_after"],
-        model=row["model"],
-        output_file_id=row["output_file_id"],
-        error_file_id=row["error_file_id"],
-        in_progress_at=row["in_progress_at"],
-        finalizing_at=row["finalizing_at"],
-        completed_at=row["completed_at"],
-        failed_at=row["failed_at"],
-        expired_at=row["expired_at"],
-        cancelling_at=row["cancelling_at"],
-        cancelled_at=row["cancelled_at"],
-        errors=json.loads(row["errors"]) if row["errors"] is not None else None,
-        total=row["total"],
-        completed=row["sum_completed"],
-        failed=row["sum_failed"],
-        usage=Usage(row["sum_input"], row["sum_cached"], row["sum_output"], row["sum_reasoning"]),
-    )
+    """A row of _BATCH_SELECT (with its shard sums) -> BatchRecord."""
+    usage = Usage(row["sum_input"], row["sum_cached"], row["sum_output"], row["sum_reasoning"])
+    return batch_from_row(row, row["sum_completed"], row["sum_failed"], usage)
 
 
 class PostgresStore(MetadataStore):
@@ -264,7 +207,7 @@ class PostgresStore(MetadataStore):
             )
         if row is None or (owner is not None and row["owner"] != owner):
             return None
-        return _file(row)
+        return file_from_row(row)
 
     async def list_files(
         self, owner: str, *, purpose: str | None, limit: int, order: str, after: str | None
@@ -285,7 +228,7 @@ class PostgresStore(MetadataStore):
         )
         async with self._conn() as conn:
             rows = await conn.fetch(sql, *args.values)
-        return Page([_file(r) for r in rows[:limit]], len(rows) > limit)
+        return Page([file_from_row(r) for r in rows[:limit]], len(rows) > limit)
 
     async def delete_file(self, owner: str, file_id: str) -> tuple[FileRecord, bool] | None:
         async with self._tx() as conn:
@@ -302,7 +245,7 @@ class PostgresStore(MetadataStore):
                 file_id,
                 [str(s) for s in _LIVE],
             )
-            return _file(row), live is None
+            return file_from_row(row), live is None
 
     async def expired_files(self, limit: int) -> list[FileRecord]:
         async with self._conn() as conn:
@@ -312,7 +255,7 @@ class PostgresStore(MetadataStore):
                 self._t(),
                 limit,
             )
-        return [_file(r) for r in rows]
+        return [file_from_row(r) for r in rows]
 
     # -- batches --------------------------------------------------------------------------------------------
     async def _get_batch(self, conn: Any, batch_id: str, *, lock: bool = False) -> BatchRecord | None:
@@ -400,7 +343,7 @@ class PostgresStore(MetadataStore):
             batch = await self._get_batch(conn, picked["id"])
             assert batch is not None
             frow = await conn.fetchrow(f"SELECT {_FILE_COLS} FROM files WHERE id = $1", batch.input_file_id)
-            return BatchJob(batch, None if frow is None else _file(frow), now)
+            return BatchJob(batch, None if frow is None else file_from_row(frow), now)
 
     async def claim_validation(self, worker: str, lease_s: float) -> BatchJob | None:
         where = "NOT b.planned AND b.status IN ('validating', 'cancelling')"
@@ -490,7 +433,7 @@ class PostgresStore(MetadataStore):
                 f"SELECT {_SHARD_COLS} FROM shards WHERE batch_id = $1 AND status = 'done' ORDER BY idx",
                 batch_id,
             )
-        return [_shard(r) for r in rows]
+        return [shard_from_row(r) for r in rows]
 
     async def batch_expired_lines(self, batch_id: str) -> int:
         async with self._conn() as conn:
@@ -561,7 +504,7 @@ class PostgresStore(MetadataStore):
                 row["batch_id"],
                 row["idx"],
             )
-        shard = _shard(row)
+        shard = shard_from_row(row)
         shard.status, shard.attempt = "running", attempt
         return ShardClaim(
             shard=shard,

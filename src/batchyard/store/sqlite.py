@@ -23,6 +23,7 @@ from batchyard.domain.states import BatchStatus, check_transition
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, Page
+from batchyard.store.rows import batch_from_row, file_from_row, shard_from_row
 
 T = TypeVar("T")
 S = BatchStatus
@@ -52,39 +53,6 @@ def migrations() -> list[tuple[int, str]]:
         if entry.name.endswith(".sql"):
             out.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
     return sorted(out)
-
-
-def _file(row: sqlite3.Row) -> FileRecord:
-    return FileRecord(
-        id=row["id"],
-        owner=row["owner"],
-        bytes=row["bytes"],
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        filename=row["filename"],
-        purpose=row["purpose"],
-        status=row["status"],
-        blob_key=row["blob_key"],
-        sha256=row["sha256"],
-    )
-
-
-def _shard(row: sqlite3.Row) -> ShardRecord:
-    return ShardRecord(
-        batch_id=row["batch_id"],
-        index=row["idx"],
-        start=row["start_off"],
-        end=row["end_off"],
-        first_line=row["first_line"],
-        line_count=row["line_count"],
-        status=row["status"],
-        attempt=row["attempt"],
-        completed=row["completed"],
-        failed=row["failed"],
-        usage=Usage(row["input_tokens"], row["cached_tokens"], row["output_tokens"], row["reasoning_tokens"]),
-        out_key=row["out_key"],
-        err_key=row["err_key"],
-    )
 
 
 class SQLiteStore(MetadataStore):
@@ -193,7 +161,7 @@ class SQLiteStore(MetadataStore):
             ).fetchone()
             if row is None or (owner is not None and row["owner"] != owner):
                 return None
-            return _file(row)
+            return file_from_row(row)
 
         return await self._run(q)
 
@@ -218,7 +186,7 @@ class SQLiteStore(MetadataStore):
                 f"SELECT {_FILE_COLS} FROM files WHERE {' AND '.join(where)} ORDER BY seq {direction} LIMIT ?",
                 (*args, limit + 1),
             ).fetchall()
-            return Page([_file(r) for r in rows[:limit]], len(rows) > limit)
+            return Page([file_from_row(r) for r in rows[:limit]], len(rows) > limit)
 
         return await self._run(q)
 
@@ -236,7 +204,7 @@ class SQLiteStore(MetadataStore):
                     "SELECT 1 FROM batches WHERE input_file_id = ? AND status IN (?,?,?,?) LIMIT 1",
                     (file_id, S.VALIDATING, S.IN_PROGRESS, S.FINALIZING, S.CANCELLING),
                 ).fetchone()
-                return _file(row), live is None
+                return file_from_row(row), live is None
 
         return await self._run(q)
 
@@ -249,40 +217,14 @@ class SQLiteStore(MetadataStore):
                 "LIMIT ?",
                 (now, limit),
             ).fetchall()
-            return [_file(r) for r in rows]
+            return [file_from_row(r) for r in rows]
 
         return await self._run(q)
 
     # -- batches --------------------------------------------------------------------------------------------
     def _batch(self, db: sqlite3.Connection, row: sqlite3.Row) -> BatchRecord:
-        b = BatchRecord(
-            id=row["id"],
-            owner=row["owner"],
-            endpoint=row["endpoint"],
-            input_file_id=row["input_file_id"],
-            completion_window=row["completion_window"],
-            status=S(row["status"]),
-            created_at=row["created_at"],
-            expires_at=row["expires_at"],
-            metadata=json.loads(row["metadata"]) if row["metadata"] is not None else None,
-            output_expires_after=row["output_expires_after"],
-            model=row["model"],
-            output_file_id=row["output_file_id"],
-            error_file_id=row["error_file_id"],
-            in_progress_at=row["in_progress_at"],
-            finalizing_at=row["finalizing_at"],
-            completed_at=row["completed_at"],
-            failed_at=row["failed_at"],
-            expired_at=row["expired_at"],
-            cancelling_at=row["cancelling_at"],
-            cancelled_at=row["cancelled_at"],
-            errors=json.loads(row["errors"]) if row["errors"] is not None else None,
-            total=row["total"],
-        )
-        c = db.execute(_COUNTS, (b.id,)).fetchone()
-        b.completed, b.failed = c[0], c[1]
-        b.usage = Usage(c[2], c[3], c[4], c[5])
-        return b
+        c = db.execute(_COUNTS, (row["id"],)).fetchone()
+        return batch_from_row(row, c[0], c[1], Usage(c[2], c[3], c[4], c[5]))
 
     def _get_batch(self, db: sqlite3.Connection, batch_id: str) -> BatchRecord | None:
         row = db.execute(f"SELECT {_BATCH_COLS} FROM batches WHERE id = ?", (batch_id,)).fetchone()
@@ -382,7 +324,7 @@ class SQLiteStore(MetadataStore):
             frow = db.execute(
                 f"SELECT {_FILE_COLS} FROM files WHERE id = ?", (batch.input_file_id,)
             ).fetchone()
-            return BatchJob(batch, None if frow is None else _file(frow), now)
+            return BatchJob(batch, None if frow is None else file_from_row(frow), now)
 
     async def claim_validation(self, worker: str, lease_s: float) -> BatchJob | None:
         where = "b.planned = 0 AND b.status IN ('validating', 'cancelling')"
@@ -471,7 +413,7 @@ class SQLiteStore(MetadataStore):
                 f"SELECT {_SHARD_COLS} FROM shards WHERE batch_id = ? AND status = 'done' ORDER BY idx",
                 (batch_id,),
             ).fetchall()
-            return [_shard(r) for r in rows]
+            return [shard_from_row(r) for r in rows]
 
         return await self._run(q)
 
@@ -554,7 +496,7 @@ class SQLiteStore(MetadataStore):
                     "output_tokens = 0, reasoning_tokens = 0 WHERE batch_id = ? AND idx = ?",
                     (attempt, worker, now + lease_s, row["batch_id"], row["idx"]),
                 )
-                shard = _shard(row)
+                shard = shard_from_row(row)
                 shard.status, shard.attempt = "running", attempt
                 return ShardClaim(
                     shard=shard,

@@ -1,0 +1,78 @@
+"""Rows of the SQL stores (sqlite3.Row, asyncpg.Record: anything indexed by column name) -> records.
+
+Both SQL stores use the same column names, so one mapping serves both.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from batchyard.domain.models import BatchRecord, FileRecord, ShardRecord, Usage
+from batchyard.domain.states import BatchStatus
+
+Row = Any  # sqlite3.Row or asyncpg.Record
+
+
+def file_from_row(row: Row) -> FileRecord:
+    return FileRecord(
+        id=row["id"],
+        owner=row["owner"],
+        bytes=row["bytes"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        filename=row["filename"],
+        purpose=row["purpose"],
+        status=row["status"],
+        blob_key=row["blob_key"],
+        sha256=row["sha256"],
+    )
+
+
+def shard_from_row(row: Row) -> ShardRecord:
+    return ShardRecord(
+        batch_id=row["batch_id"],
+        index=row["idx"],
+        start=row["start_off"],
+        end=row["end_off"],
+        first_line=row["first_line"],
+        line_count=row["line_count"],
+        status=row["status"],
+        attempt=row["attempt"],
+        completed=row["completed"],
+        failed=row["failed"],
+        usage=Usage(row["input_tokens"], row["cached_tokens"], row["output_tokens"], row["reasoning_tokens"]),
+        out_key=row["out_key"],
+        err_key=row["err_key"],
+    )
+
+
+def batch_from_row(row: Row, completed: int, failed: int, usage: Usage) -> BatchRecord:
+    """A batches row; request counts and usage are sums over its shards, which the caller queried."""
+    return BatchRecord(
+        id=row["id"],
+        owner=row["owner"],
+        endpoint=row["endpoint"],
+        input_file_id=row["input_file_id"],
+        completion_window=row["completion_window"],
+        status=BatchStatus(row["status"]),
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        metadata=json.loads(row["metadata"]) if row["metadata"] is not None else None,
+        output_expires_after=row["output_expires_after"],
+        model=row["model"],
+        output_file_id=row["output_file_id"],
+        error_file_id=row["error_file_id"],
+        in_progress_at=row["in_progress_at"],
+        finalizing_at=row["finalizing_at"],
+        completed_at=row["completed_at"],
+        failed_at=row["failed_at"],
+        expired_at=row["expired_at"],
+        cancelling_at=row["cancelling_at"],
+        cancelled_at=row["cancelled_at"],
+        errors=json.loads(row["errors"]) if row["errors"] is not None else None,
+        total=row["total"],
+        completed=completed,
+        failed=failed,
+        usage=usage,
+    )
