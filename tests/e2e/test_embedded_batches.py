@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Server
+from tests.conftest import Server
 from tests.support.batches import read_lines, run_batch
+from tests.support.processes import ROOT
 
 pytestmark = pytest.mark.slow
 

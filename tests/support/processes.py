@@ -1,34 +1,45 @@
-"""`batchyard worker` processes for scale-out tests."""
+"""batchyard commands as real child processes for tests: `serve` (see tests/conftest.py) and `worker`."""
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+ROOT = Path(__file__).resolve().parents[2]
 
 
-class WorkerProcess:
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.args = args
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ChildProcess:
+    """`python -m batchyard.cli.main COMMAND ARGS` with its output in a log file; kill -9, stop, signal, log."""
+
+    def __init__(self, command: str, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.command = command
         self.log_path = log_path
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> WorkerProcess:
+    def spawn(self, args: list[str]) -> None:
+        env = {**os.environ, **(self.env or {})}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "batchyard.cli.main", "worker", *self.args],
+                [sys.executable, "-m", "batchyard.cli.main", self.command, *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
-                env=self.env,
+                env=env,
             )
-        return self
 
     def kill(self) -> None:
+        """kill -9: no cleanup of any kind."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
@@ -47,6 +58,18 @@ class WorkerProcess:
 
     def log(self) -> str:
         try:
-            return self.log_path.read_text(errors="replace")[-4000:]
+            return self.log_path.read_text(errors="replace")[-5000:]
         except OSError:
             return ""
+
+
+class WorkerProcess(ChildProcess):
+    """`batchyard worker` (no API) for scale-out tests."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        super().__init__("worker", log_path, env)
+        self.args = args
+
+    def start(self) -> WorkerProcess:
+        self.spawn(self.args)
+        return self
