@@ -20,6 +20,7 @@ from openai import OpenAI
 
 from tests.conftest import Server
 from tests.support.batches import chat_line, jsonl, read_lines, upload, wait_for
+from tests.support.envelope import assert_envelope
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.processes import ROOT, free_port
 
@@ -73,24 +74,6 @@ def asrv(tmp_path_factory: pytest.TempPathFactory, up: FakeUpstream) -> Iterator
     )
     yield s
     s.stop()
-
-
-def assert_envelope(
-    resp: httpx.Response, status: int, param: str | None = "<any>", code: str | None = "<any>"
-) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"].startswith("application/json")
-    body = resp.json()
-    assert set(body) == {"error"}, body
-    err: dict[str, Any] = body["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
-    assert isinstance(err["message"], str) and err["message"]
-    assert isinstance(err["type"], str) and err["type"]
-    if param != "<any>":
-        assert err["param"] == param, err
-    if code != "<any>":
-        assert err["code"] == code, err
-    return err
 
 
 def create_raw(http: httpx.Client, **body: Any) -> httpx.Response:

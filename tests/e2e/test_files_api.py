@@ -15,6 +15,7 @@ from openai import OpenAI
 
 from tests.conftest import Server
 from tests.support.batches import chat_line, jsonl
+from tests.support.envelope import assert_envelope
 from tests.support.fake_upstream import FakeUpstream
 
 DAY = 86400
@@ -33,20 +34,6 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             yield s
         finally:
             s.stop()
-
-
-def assert_envelope(resp: httpx.Response, status: int, param: str | None = "<any>") -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"].startswith("application/json")
-    body = resp.json()
-    assert set(body) == {"error"}, body
-    err: dict[str, Any] = body["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
-    assert isinstance(err["message"], str) and err["message"]
-    assert isinstance(err["type"], str) and err["type"]
-    if param != "<any>":
-        assert err["param"] == param, err
-    return err
 
 
 def files_under(root: Path) -> set[Path]:
