@@ -131,10 +131,5 @@ class Settings:
         return self.data_dir / "blobs"
 
     @property
-    def lanes_per_shard(self) -> int:
-        """Coroutines a shard runs its lines on: enough to fill the largest concurrency limit."""
-        return self.concurrency if self.concurrency is not None else self.max_concurrency
-
-    @property
     def heartbeat_seconds(self) -> float:
         return max(0.2, self.lease_seconds / 3.0)

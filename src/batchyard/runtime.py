@@ -290,8 +290,8 @@ class Runtime:
     store: MetadataStore
     blobs: BlobStore
     router: Router
-    worker: Worker | None
-
+    worker: Worker | None  # a worker in this process ("thread" mode)
+    worker_mode: str  # "thread" or "process" (a child process started by `running`)
     worker_process: WorkerProcess | None = None
 
     @classmethod
@@ -303,11 +303,7 @@ class Runtime:
         router = build_router(settings)
         mode = worker_mode or settings.worker_mode
         worker = Worker(store, blobs, router, settings) if settings.run_worker and mode == "thread" else None
-        rt = cls(settings, store, blobs, router, worker)
-        rt.worker_mode = mode
-        return rt
-
-    worker_mode: str = "thread"
+        return cls(settings, store, blobs, router, worker, mode)
 
     def services(self) -> Services:
         return Services(self.store, self.blobs, self.router, self.settings, self._notify)
@@ -320,11 +316,8 @@ class Runtime:
 
     @contextlib.asynccontextmanager
     async def running(self, on_worker_death: Callable[[], None] | None = None) -> AsyncIterator[None]:
-        """Open the store; run the worker (if any) on its own thread and event loop until the block exits.
-
-        The worker gets its own loop so that a busy batch never delays the API: GET /v1/batches/{id} stays fast
-        while thousands of lines are in flight.
-        """
+        """Open the store and run the worker (if any) until the block exits: a child process in "process" mode,
+        else a thread with its own event loop. Either way a busy batch does not delay the API's event loop."""
         await self.store.open()
         thread: WorkerThread | None = None
         if self.settings.run_worker and self.worker_mode == "process":

@@ -181,7 +181,6 @@ class BatchValidator:
         )
 
         self._routable: dict[str, bool] = {}
-        self._line_no_current = 0
         # custom_ids are not kept: two independent 64-bit hashes of each (128 bits: a false duplicate would need a
         # collision of both), its line and whether the line was otherwise valid, in flat arrays (25 bytes a line);
         # duplicates are found once, at finish, by sorting. A set of the ids themselves costs ~100 bytes a line.
@@ -363,13 +362,12 @@ class BatchValidator:
             if shard_count == shard_lines:
                 shards.append(ShardPlan(len(shards), shard_start, last_end, shard_first, shard_count))
                 shard_count = 0
-            self._line_no_current = line_no
             try:
                 obj = loads(view[start:end])
             except decode_error:
                 problem = _INVALID_JSON
             else:
-                problem = check(obj)
+                problem = check(obj, line_no)
             if problem is not None:
                 error_count += 1
                 if len(errors) < max_errors:
@@ -384,7 +382,7 @@ class BatchValidator:
         self._shard_count = shard_count
         self._last_end = last_end
 
-    def _check(self, obj: Any) -> _Problem | None:
+    def _check(self, obj: Any, line_no: int) -> _Problem | None:
         """The first rule a parsed line breaks, or None (then the first valid model is recorded)."""
         if type(obj) is not dict:
             return _INVALID_JSON
@@ -395,7 +393,7 @@ class BatchValidator:
         # mark the line valid at the end of the checks (duplicates are reported at finish).
         self._id_h1.append(hash(custom_id))
         self._id_h2.append(hash(custom_id + "\x1f"))
-        self._id_line.append(self._line_no_current)
+        self._id_line.append(line_no)
         self._id_valid.append(0)
         if "method" not in obj:
             return _MISSING_METHOD
