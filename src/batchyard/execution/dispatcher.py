@@ -72,7 +72,13 @@ class Dispatcher:
         return sum(self.limiter(m).limit for m in self.router.members) or 1
 
     async def _attempt(
-        self, group: list[Member], endpoint: str, payload: bytes, tokens: float, stop: StopSignal
+        self,
+        group: list[Member],
+        endpoint: str,
+        body: dict[str, Any],
+        payload: bytes,
+        tokens: float,
+        stop: StopSignal,
     ) -> UpstreamResponse | UpstreamError | None:
         """One try on the best member of the group: its rate limits, concurrency limit and health.
         None if the batch stopped before the request was sent."""
@@ -83,11 +89,9 @@ class Dispatcher:
             if len(group) > 1 and healthier_exists(member, group):
                 limiter.release(started, Signal.ERROR)  # ejected while we waited: choose again
                 continue
-            if member.priority is not None and b'"priority"' not in payload:
-                payload_for = payload[:-1] + b',"priority":' + str(member.priority).encode() + b"}"
-            else:
-                payload_for = payload
-            return await self._send(member, limiter, started, endpoint, payload_for, tokens, stop)
+            if member.priority is not None and "priority" not in body:  # the request's own priority wins
+                payload = orjson.dumps({**body, "priority": member.priority})
+            return await self._send(member, limiter, started, endpoint, payload, tokens, stop)
 
     async def _send(
         self,
@@ -134,7 +138,7 @@ class Dispatcher:
         while True:
             if stop.code is not None:
                 return Outcome(False, lines.not_executed_line(custom_id, stop.code), stopped=stop.code)
-            resp = await self._attempt(group, endpoint, payload, tokens, stop)
+            resp = await self._attempt(group, endpoint, body, payload, tokens, stop)
             if resp is None:  # stopped while waiting for a slot: never sent
                 return Outcome(False, lines.not_executed_line(custom_id, stop.code or ""), stopped=stop.code)
             if isinstance(resp, UpstreamError):
