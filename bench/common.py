@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -160,12 +161,37 @@ class BatchyardServer:
             self.proc.wait(15)
 
 
-def rss_kib(pid: int) -> int:
-    """Current resident set size of a process, KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
+def _status_kib(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
+    except OSError:  # the process ended
+        pass
     return 0
+
+
+def tree_pids(pid: int) -> list[int]:
+    """A process and all its descendants (the server and its worker processes)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            with contextlib.suppress(OSError):  # the task ended meanwhile
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+    return out
+
+
+def rss_kib(pid: int) -> int:
+    """Current resident set size of a process and its descendants together, KiB."""
+    return sum(_status_kib(p, "VmRSS:") for p in tree_pids(pid))
+
+
+def hwm_kib(pid: int) -> int:
+    """Peak resident set size (VmHWM) summed over a process and its descendants, KiB: an upper bound of the
+    tree's peak, since each process's peak counts even when they came at different times."""
+    return sum(_status_kib(p, "VmHWM:") for p in tree_pids(pid))
 
 
 def workdir() -> Path:

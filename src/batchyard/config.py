@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +30,8 @@ class UpstreamSpec:
     models: list[str] = field(default_factory=lambda: ["*"])  # names or globs
     weight: float = 1.0
     max_concurrency: int | None = None  # None ("auto"): adaptive
-    rpm: int | None = None
-    tpm: int | None = None
+    rpm: float | None = None
+    tpm: float | None = None
     timeout: float | None = None
     priority: int | None = None  # vLLM `priority` hint added to requests that have none
 
@@ -100,12 +103,15 @@ class Settings:
     run_worker: bool = True
     # "thread": a worker in this process on its own loop; "process": a child process (what `serve` uses)
     worker_mode: str = "thread"
+    # worker processes `serve` (process mode) and `worker` run; None: auto (see `resolved_workers`)
+    workers: int | None = 1
     log_level: str = "info"
     database_url: str | None = None  # sqlite:///path or postgresql://...; default: SQLite in data_dir
     storage_url: str | None = None  # file:///path or s3://bucket/prefix; default: data_dir/blobs
     # execution
     concurrency: int | None = None  # lines in flight per upstream; None: adaptive, up to max_concurrency
     max_concurrency: int = 512
+    initial_concurrency: int = 64  # where the automatic concurrency starts
     shard_lines: int = 1000  # lines per shard
     max_shards: int = 4  # shards one worker runs at once
     lease_seconds: float = 30.0
@@ -133,3 +139,50 @@ class Settings:
     @property
     def heartbeat_seconds(self) -> float:
         return max(0.2, self.lease_seconds / 3.0)
+
+    @property
+    def embedded_on(self) -> bool:
+        """The embedded engine is served: asked for, or by default when no upstream is configured."""
+        return self.embedded if self.embedded is not None else not (self.upstreams or self.upstream_specs)
+
+    @property
+    def serves_embedded(self) -> bool:
+        """True when a worker loads a model in process (the embedded engine or a [models] GGUF)."""
+        return self.embedded_on or bool(self.local_models)
+
+    def resolved_workers(self) -> int:
+        """Worker processes to run. Auto: one per CPU core, at most 4 — but a single one when a model is loaded
+        in process (each worker would load its own copy, and one engine already uses every core)."""
+        if self.workers is not None:
+            return self.workers
+        if self.serves_embedded:
+            return 1
+        return max(1, min(os.cpu_count() or 1, 4))
+
+    def share(self, n: int) -> Settings:
+        """The settings of one of `n` worker processes that together honour this process's limits: the limits
+        that are per upstream (concurrency, where the automatic one starts and its ceiling, max_concurrency, rpm, tpm)
+        are split n ways."""
+        if n <= 1:
+            return self
+
+        def split(v: int | None) -> int | None:
+            return None if v is None else max(1, math.ceil(v / n))
+
+        specs = [
+            dataclasses.replace(
+                s,
+                max_concurrency=split(s.max_concurrency),
+                rpm=None if s.rpm is None else s.rpm / n,
+                tpm=None if s.tpm is None else s.tpm / n,
+            )
+            for s in self.upstream_specs
+        ]
+        return dataclasses.replace(
+            self,
+            workers=1,
+            concurrency=split(self.concurrency),
+            max_concurrency=split(self.max_concurrency) or 1,
+            initial_concurrency=split(self.initial_concurrency) or 1,
+            upstream_specs=specs,
+        )

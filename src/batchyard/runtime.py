@@ -39,12 +39,7 @@ def build_router(settings: Settings) -> Router:
     """Routes for --upstream, plus the embedded engine's exact model names when it is on."""
     by_url: dict[str, Upstream] = {}
     routes: list[tuple[str | None, Upstream | Member]] = []
-    embedded = (
-        settings.embedded
-        if settings.embedded is not None
-        else not (settings.upstreams or settings.upstream_specs)
-    )
-    if embedded:
+    if settings.embedded_on:
         from batchyard.upstreams.embedded import CHAT_MODEL, EmbeddedUpstream, embedded_routes
 
         engine = EmbeddedUpstream(
@@ -179,6 +174,31 @@ async def run_worker(settings: Settings, wake_fd: int | None = None) -> int:
     return code
 
 
+async def run_workers(settings: Settings) -> int:
+    """`batchyard worker`: one worker in this process, or with several (`--workers`), a pool of child processes
+    supervised until SIGTERM/SIGINT (handed on to every child) or until a child dies (exit status 1)."""
+    import signal
+
+    n = settings.resolved_workers()
+    if n == 1:
+        return await run_worker(settings)
+    died = asyncio.Event()
+    asked = asyncio.Event()
+    pool = WorkerPool(settings, n, died.set)
+    pool.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, asked.set)
+    waits = [asyncio.create_task(died.wait()), asyncio.create_task(asked.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in waits:
+            t.cancel()
+        await asyncio.to_thread(pool.stop)
+    return 1 if died.is_set() and not asked.is_set() else 0
+
+
 def _worker_process_main(settings: Settings, wake: Any, parent: int) -> None:
     """Entry point of the worker subprocess that `serve` starts."""
     if sys.platform.startswith("linux"):
@@ -242,10 +262,15 @@ class WorkerProcess:
             with contextlib.suppress(BlockingIOError, BrokenPipeError):
                 os.write(self._wake_w, b"!")
 
-    def stop(self, timeout: float = 60.0) -> None:
+    def terminate(self) -> None:
+        """Ask the worker to stop (SIGTERM: it hands its leases back); `stop` waits for it."""
         self._stopping = True
         if self._proc is not None and self._proc.is_alive():
-            self._proc.terminate()  # SIGTERM: the worker hands its leases back
+            self._proc.terminate()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.terminate()
+        if self._proc is not None and self._proc.is_alive():
             self._proc.join(timeout)
             if self._proc.is_alive():
                 self._proc.kill()
@@ -254,6 +279,32 @@ class WorkerProcess:
             self._wake_conn.close()
             self._wake_conn = None
             self._wake_w = None
+
+
+class WorkerPool:
+    """The worker processes of `serve` (or of a multi-process `batchyard worker`): `n` children that claim shards
+    from the same store, each with its share of the per-upstream limits (`Settings.share`). Python runs one line
+    of bytecode at a time per process, and against a fast upstream the per-request HTTP work is CPU-bound, so a
+    node with several cores runs several workers. If any child dies, `on_death` is called (the parent exits and
+    its supervisor restarts it; the dead child's leases expire and are taken over)."""
+
+    def __init__(self, settings: Settings, n: int, on_death: Callable[[], None]) -> None:
+        share = settings.share(n)
+        self.workers = [WorkerProcess(share, on_death) for _ in range(n)]
+
+    def start(self) -> None:
+        for w in self.workers:
+            w.start()
+
+    def wake(self) -> None:
+        for w in self.workers:  # each polls the store; the claim decides who gets the work
+            w.wake()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        for w in self.workers:
+            w.terminate()  # all at once: each hands its leases back in parallel
+        for w in self.workers:
+            w.stop(timeout)
 
 
 def open_store(settings: Settings) -> MetadataStore:
@@ -292,7 +343,7 @@ class Runtime:
     router: Router
     worker: Worker | None  # a worker in this process ("thread" mode)
     worker_mode: str  # "thread" or "process" (a child process started by `running`)
-    worker_process: WorkerProcess | None = None
+    worker_pool: WorkerPool | None = None
 
     @classmethod
     def create(cls, settings: Settings, worker_mode: str | None = None) -> Runtime:
@@ -311,8 +362,8 @@ class Runtime:
     def _notify(self) -> None:
         if self.worker is not None:
             self.worker.wake()
-        elif self.worker_process is not None:
-            self.worker_process.wake()
+        elif self.worker_pool is not None:
+            self.worker_pool.wake()
 
     @contextlib.asynccontextmanager
     async def running(self, on_worker_death: Callable[[], None] | None = None) -> AsyncIterator[None]:
@@ -321,8 +372,10 @@ class Runtime:
         await self.store.open()
         thread: WorkerThread | None = None
         if self.settings.run_worker and self.worker_mode == "process":
-            self.worker_process = WorkerProcess(self.settings, on_worker_death or (lambda: None))
-            self.worker_process.start()
+            self.worker_pool = WorkerPool(
+                self.settings, self.settings.resolved_workers(), on_worker_death or (lambda: None)
+            )
+            self.worker_pool.start()
         if self.worker is not None:
             api_loop = asyncio.get_running_loop()
 
@@ -337,8 +390,8 @@ class Runtime:
         finally:
             if thread is not None:
                 await asyncio.to_thread(thread.stop)
-            if self.worker_process is not None:
-                await asyncio.to_thread(self.worker_process.stop)
+            if self.worker_pool is not None:
+                await asyncio.to_thread(self.worker_pool.stop)
             await self.blobs.aclose()
             await self.store.close()
 

@@ -89,8 +89,8 @@ def test_upstream_4xx_goes_to_error_file_and_all_failed_batch_has_no_output(serv
 def test_retries_honour_retry_after_then_succeed(server: Server, upstream: FakeUpstream) -> None:
     client = server.client()
     reqs = [
-        chat_line(0, x_fake={"status": 429, "fail_times": 2, "retry_after": "0"}),
-        chat_line(1, x_fake={"status": 503, "fail_times": 1, "retry_after": "0"}),
+        chat_line(0, x_fake={"status": 429, "fail_times": 2, "retry_after": "0.01"}),
+        chat_line(1, x_fake={"status": 503, "fail_times": 1, "retry_after": "0.01"}),
         chat_line(2),
     ]
     b = run_batch(client, reqs)
@@ -105,7 +105,7 @@ def test_persistent_5xx_and_bad_bodies_become_error_lines(
     srv = make_server("--upstream", upstream.base_url, "--max-retries", "1", "--lease-seconds", "2")
     client = srv.client()
     reqs = [
-        chat_line(0, x_fake={"status": 500, "retry_after": "0"}),
+        chat_line(0, x_fake={"status": 500, "retry_after": "0.01"}),
         chat_line(1, x_fake={"non_json": True}),
         chat_line(2, x_fake={"redirect": True}),
         chat_line(3),

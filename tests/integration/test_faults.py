@@ -33,8 +33,8 @@ def faulty(make_server: Callable[..., Server], upstream: FakeUpstream) -> Server
 @pytest.mark.parametrize(
     ("fault", "expect"),
     [
-        ({"status": 500, "retry_after": "0"}, ("status", 500)),
-        ({"status": 429, "retry_after": "0"}, ("status", 429)),
+        ({"status": 500, "retry_after": "0.01"}, ("status", 500)),
+        ({"status": 429, "retry_after": "0.01"}, ("status", 429)),
         ({"status": 422}, ("status", 422)),
         ({"reset": True}, ("code", "upstream_connect")),
         ({"drip": 0.5}, ("code", "upstream_timeout")),

@@ -152,6 +152,15 @@ def test_loopback_without_keys_starts(started: list[Settings]) -> None:
     s = started[0]
     assert (s.host, s.port, s.api_keys, s.run_worker) == ("127.0.0.1", 8000, [], True)
     assert s.upstreams == []
+    assert s.workers is None  # auto
+
+
+def test_workers_option(started: list[Settings]) -> None:
+    assert invoke("serve", "--workers", "3").exit_code == 0
+    assert invoke("serve", env={"BATCHYARD_WORKERS": "auto"}).exit_code == 0
+    assert [s.workers for s in started] == [3, None]
+    bad = invoke("serve", "--workers", "0")
+    assert bad.exit_code != 0 and "not between 1 and 256" in bad.output
 
 
 # -- options, env vars, --config ------------------------------------------------------------------------------

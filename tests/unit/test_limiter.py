@@ -181,3 +181,32 @@ def test_latency_bound_upstream_is_not_held_back() -> None:
     lim = AdaptiveLimiter(initial=16, max_limit=512, clock=clock)
     _simulate(lim, clock, lambda n: (n / 0.2, 0.2), 20)  # capacity grows with concurrency: keep growing
     assert lim.limit == 512
+
+
+def test_a_saturated_process_holds_its_limit_and_sheds_its_own_queue() -> None:
+    """When this process's event loop never idles (its CPU demand keeps pace with the wall clock), more
+    concurrency cannot help: the limit stops growing, and a smaller latency rise (1.25x, not 2x) shrinks it."""
+    clock = Clock()
+    busy = {"on": True}
+    cpu = {"t": 0.0}
+    last = {"t": 0.0}
+
+    def cpu_clock() -> float:
+        if busy["on"]:
+            cpu["t"] += clock.t - last["t"]
+        last["t"] = clock.t
+        return cpu["t"]
+
+    lim = AdaptiveLimiter(initial=16, max_limit=512, clock=clock, cpu_clock=cpu_clock)
+    for _ in range(60):  # 3 s: slow start ends, and the first latency probe confirms the 50 ms baseline
+        _busy_round(lim, clock, rtt=0.05)
+    # slow start would have reached 512; it grows only until the first CPU reading (25 ms = 8 responses here)
+    assert lim.limit <= 16 + 9
+    for _ in range(40):  # the round trip rises 1.6x for 3.2 s: a queue on our own loop
+        _busy_round(lim, clock, rtt=0.08)
+    assert lim.limit < 16
+    shrunk = lim.limit
+    busy["on"] = False  # CPU to spare again: the limit grows
+    for _ in range(40):
+        _busy_round(lim, clock, rtt=0.08)
+    assert lim.limit > shrunk + 5

@@ -84,9 +84,15 @@ class FixedRandom(random.Random):
         return self.value
 
 
+def test_zero_retry_after_backs_off_from_a_short_base() -> None:
+    assert backoff_delay(0, 0.0, rng=FixedRandom(0.0)) == pytest.approx(0.05)
+    assert backoff_delay(2, 0.0, rng=FixedRandom(0.0)) == pytest.approx(0.2)
+    assert backoff_delay(20, 0.0, rng=FixedRandom(0.0)) == 8.0  # still capped
+
+
 def test_retry_after_is_used_as_is() -> None:
     assert backoff_delay(0, 2.5) == 2.5
-    assert backoff_delay(5, 0.0) == 0.0
+    assert backoff_delay(0, 0.01) == 0.01
     assert backoff_delay(3, MAX_RETRY_AFTER) == MAX_RETRY_AFTER
 
 

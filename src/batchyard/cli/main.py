@@ -96,6 +96,9 @@ def cli() -> None:
 class ConcurrencyType(click.ParamType):  # type: ignore[type-arg]
     name = "N|auto"
 
+    def __init__(self, maximum: int = 65536) -> None:
+        self.maximum = maximum
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
         if value is None or value == "auto":
             return None
@@ -103,8 +106,8 @@ class ConcurrencyType(click.ParamType):  # type: ignore[type-arg]
             n = int(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
-        if not 1 <= n <= 65536:
-            self.fail(f"{n} is not between 1 and 65536", param, ctx)
+        if not 1 <= n <= self.maximum:
+            self.fail(f"{n} is not between 1 and {self.maximum}", param, ctx)
         return n
 
 
@@ -174,7 +177,12 @@ _EXECUTION_OPTIONS = [
         type=click.IntRange(1, 1_000_000),
         help="Request lines per shard (the unit of claiming, retrying and committing).",
     ),
-    _opt("--max-shards", default=4, type=click.IntRange(1, 256), help="Shards this process runs at once."),
+    _opt(
+        "--max-shards",
+        default=4,
+        type=click.IntRange(1, 256),
+        help="Shards each worker process runs at once.",
+    ),
     _opt(
         "--lease-seconds",
         default=30.0,
@@ -236,7 +244,18 @@ _STATE_OPTIONS = [
 ]
 
 
+_WORKERS_OPTION = _opt(
+    "--workers",
+    default="auto",
+    type=ConcurrencyType(maximum=256),
+    help="Worker processes: a number, or 'auto' for one per CPU core up to 4 (1 when a model is loaded in "
+    "process: the embedded engine or [models]). Per-upstream limits (--concurrency, --max-concurrency, "
+    "max_concurrency, rpm, tpm) are split between them.",
+)
+
+
 def state_options(f: F) -> F:
+    f = _WORKERS_OPTION(f)
     for option in reversed(_STATE_OPTIONS):
         f = option(f)
     return f
@@ -244,6 +263,7 @@ def state_options(f: F) -> F:
 
 def state_settings(opts: dict[str, Any]) -> dict[str, Any]:
     return {
+        "workers": opts["workers"],
         "data_dir": Path(opts["data_dir"]),
         "database_url": opts["database_url"],
         "storage_url": opts["storage_url"],
@@ -301,7 +321,8 @@ def settings_from(opts: dict[str, Any], **extra: Any) -> Settings:
 @_opt(
     "--worker-in-process",
     is_flag=True,
-    help="Run the worker on a thread of the API process instead of a child process (slower under load).",
+    help="Run one worker on a thread of the API process instead of --workers child processes (slower under "
+    "load).",
 )
 @_opt(
     "--max-batch-file-bytes",
@@ -411,9 +432,9 @@ def worker(**opts: Any) -> None:
     Start any number of them, on any machines, against the same --database-url and --storage-url.
     """
     settings = settings_from(opts, **state_settings(opts))
-    from batchyard.runtime import run_worker
+    from batchyard.runtime import run_workers
 
-    sys.exit(_run_loop(run_worker(settings)))
+    sys.exit(_run_loop(run_workers(settings)))
 
 
 def _run_loop(coro: Coroutine[Any, Any, T]) -> T:

@@ -44,9 +44,16 @@ def backoff_delay(
     cap: float = 8.0,
     rng: random.Random | None = None,
 ) -> float:
-    """Delay before the next try: Retry-After when given (capped), else exponential backoff with jitter."""
-    if retry_after is not None and retry_after <= MAX_RETRY_AFTER:
+    """Delay before the next try: Retry-After when it is a positive, reasonable wait (at most 60 s), else
+    exponential backoff with jitter from `base` (openai-python's 0.5 s).
+
+    "Retry-After: 0" asks for a retry at once; it gets a backoff from a tenth of `base` (50 ms, 100 ms, ...)
+    instead: retrying at the same instant while the upstream is still full only buys another 429, and with several
+    workers sharing an upstream a line could spin through all its retries within milliseconds."""
+    if retry_after is not None and 0 < retry_after <= MAX_RETRY_AFTER:
         return retry_after
+    if retry_after == 0:
+        base /= 10
     r = (rng or random).random()
     delay = min(base * (2.0**retries_done), cap)
     return delay * (1.0 - 0.25 * r)

@@ -48,11 +48,13 @@ class Dispatcher:
         attempt_timeout: float,
         max_retries: int,
         max_concurrency: int = 512,
+        initial_concurrency: int = 64,
     ) -> None:
         """`concurrency`: requests in flight per upstream, or None to find it adaptively (up to max_concurrency)."""
         self.router = router
         self._concurrency = concurrency
         self._max_concurrency = max_concurrency
+        self._initial_concurrency = initial_concurrency
         self._attempt_timeout = attempt_timeout
         self._max_retries = max_retries
 
@@ -61,7 +63,8 @@ class Dispatcher:
         if member.limiter is None:
             if self._concurrency is None:
                 member.limiter = AdaptiveLimiter(
-                    initial=min(64, self._max_concurrency), max_limit=self._max_concurrency
+                    initial=min(self._initial_concurrency, self._max_concurrency),
+                    max_limit=self._max_concurrency,
                 )
             else:
                 member.limiter = Limiter(self._concurrency)

@@ -20,6 +20,21 @@ log = logging.getLogger("batchyard.limiter")
 SHORT_S = 1.0  # horizon of the recent-latency average, seconds
 LONG_S = 30.0  # horizon of the baseline-latency average, seconds
 PROBE_EVERY_S = 10.0  # at least this long between latency probes (and at least 20 round trips)
+CPU_WINDOW_S = 0.025  # how often this process's own CPU use is sampled
+BUSY_TOLERANCE = 1.25  # latency over its baseline that shrinks the limit while this process is saturated
+CPU_BUSY = 0.9  # share of the time this thread runs or waits to run, at or above which it is the bottleneck
+
+
+def cpu_demand() -> float:
+    """Seconds this thread has run on a CPU or waited in the run queue for one. When the sum grows as fast as
+    the wall clock, the event loop never idles: it is this process, not the upstream, that limits throughput.
+    The run-queue wait counts too: a process crowded out by other busy processes is just as saturated."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as fh:
+            ran, waited, _ = fh.read().split()
+        return (int(ran) + int(waited)) / 1e9
+    except (OSError, ValueError):  # not Linux: CPU time alone
+        return time.thread_time()
 
 
 class Signal(Enum):
@@ -93,6 +108,7 @@ class AdaptiveLimiter(Limiter):
         tolerance: float = 2.0,
         min_queueing: float = 0.005,
         clock: Callable[[], float] = time.monotonic,
+        cpu_clock: Callable[[], float] = cpu_demand,
     ) -> None:
         super().__init__(initial)
         self.min_limit = min_limit
@@ -121,6 +137,13 @@ class AdaptiveLimiter(Limiter):
         self._probe_start: float | None = None
         self._probe_saved = 0.0
         self._probe_samples: list[float] = []
+        # This process's own CPU: when it is saturated, requests wait for the event loop, not for the upstream,
+        # and more concurrency only lengthens that queue (against a fast upstream the client is the bottleneck).
+        # The limit then holds instead of growing.
+        self._cpu_clock = cpu_clock
+        self._cpu_stamp = clock()
+        self._cpu_last = cpu_clock()
+        self._cpu_busy = False
 
     def observe(self, rtt: float, signal: Signal) -> None:
         now = self._clock()
@@ -146,14 +169,25 @@ class AdaptiveLimiter(Limiter):
         if self._probe(now, rtt):
             return
         self._count_round(now)
-        if self._short > self.tolerance * self._long and self._short - self._long > self.min_queueing:
+        busy = self._cpu_saturated(now)
+        # A saturated process queues requests on its own event loop: any queue there is waste, so a smaller rise
+        # in latency is enough to shrink (the limit settles where this process just stays busy).
+        tolerance, min_queueing = (BUSY_TOLERANCE, 0.001) if busy else (self.tolerance, self.min_queueing)
+        if self._short > tolerance * self._long and self._short - self._long > min_queueing:
             # the recent average needs about half its horizon to show the effect of a decrease
             self._decrease(now, spacing=max(self._short, SHORT_S / 2))
-        elif self.in_flight + 1 >= self.limit * 0.8:
-            # while the limit is actually in use: slow start doubles it per round trip, then additive increase
-            # adds about one request per round trip
+        elif self.in_flight + 1 >= self.limit * 0.8 and not busy:
+            # while the limit is actually in use (and this process has CPU to spare): slow start doubles it per
+            # round trip, then additive increase adds about one request per round trip
             step = 1.0 if self._slow_start else 1.0 / max(self._limit, 1.0)
             self._limit = min(float(self.max_limit), self._limit + step)
+
+    def _cpu_saturated(self, now: float) -> bool:
+        if now - self._cpu_stamp >= CPU_WINDOW_S:
+            cpu = self._cpu_clock()
+            self._cpu_busy = (cpu - self._cpu_last) >= CPU_BUSY * (now - self._cpu_stamp)
+            self._cpu_stamp, self._cpu_last = now, cpu
+        return self._cpu_busy
 
     def _probe(self, now: float, rtt: float) -> bool:
         """Run the latency probe; True while it is under way (the limit is then not adjusted otherwise)."""

@@ -38,6 +38,7 @@ class Worker:
             router,
             concurrency=settings.concurrency,
             max_concurrency=settings.max_concurrency,
+            initial_concurrency=settings.initial_concurrency,
             attempt_timeout=settings.attempt_timeout,
             max_retries=settings.max_retries,
         )
