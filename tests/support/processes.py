@@ -28,9 +28,7 @@ class ChildProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def spawn(self, args: list[str]) -> None:
-        # One worker process unless a test asks for more (`--workers N` on the command line wins): the default,
-        # one per core, would double every test server's start-up cost on CI's two cores.
-        env = {"BATCHYARD_WORKERS": "1", **os.environ, **(self.env or {})}
+        env = {**os.environ, **(self.env or {})}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "batchyard.cli.main", self.command, *args],

@@ -152,7 +152,7 @@ def test_loopback_without_keys_starts(started: list[Settings]) -> None:
     s = started[0]
     assert (s.host, s.port, s.api_keys, s.run_worker) == ("127.0.0.1", 8000, [], True)
     assert s.upstreams == []
-    assert s.workers is None  # auto
+    assert s.workers == 1
 
 
 def test_workers_option(started: list[Settings]) -> None:

@@ -246,11 +246,12 @@ _STATE_OPTIONS = [
 
 _WORKERS_OPTION = _opt(
     "--workers",
-    default="auto",
+    default="1",
     type=ConcurrencyType(maximum=256),
     help="Worker processes: a number, or 'auto' for one per CPU core up to 4 (1 when a model is loaded in "
-    "process: the embedded engine or [models]). Per-upstream limits (--concurrency, --max-concurrency, "
-    "max_concurrency, rpm, tpm) are split between them.",
+    "process: the embedded engine or [models]). The per-upstream limits (--concurrency, --max-concurrency, "
+    "max_concurrency, rpm, tpm) are split between them, so a batch of one shard gets only its process's share; "
+    "one process drives ~15,000 requests/s against a zero-cost upstream.",
 )
 
 

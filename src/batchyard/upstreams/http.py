@@ -1,9 +1,9 @@
 """An OpenAI-compatible HTTP upstream: a lean HTTP/1.1 keep-alive client on asyncio protocols and httptools.
 
 Why not aiohttp: against a fast upstream the client's per-request work is the worker's bottleneck, and aiohttp's
-request machinery (sessions, request/response objects, payloads, stream readers, tracing hooks) costs ~80 us of CPU
-per request here; a protocol that writes one buffer and feeds the answer to llhttp costs ~15 us (see
-docs/performance.md). batchyard needs little of HTTP: one POST with a JSON body, three response headers, the status
+request machinery (sessions, request/response objects, payloads, stream readers, tracing hooks) costs ~68 us of CPU
+per request here; a protocol that writes one buffer and feeds the answer to llhttp costs ~19 us
+(`python bench/http_client.py`, figures in docs/performance.md). batchyard needs little of HTTP: one POST with a JSON body, three response headers, the status
 and the body. What it does need is kept:
 
 - keep-alive connections, pooled per upstream (one request at a time on each; as many as requests in flight);
