@@ -282,6 +282,32 @@ async def test_compose_aborts_when_a_source_changes_under_it(
     assert await pending_uploads(store) == []
 
 
+async def test_compose_leaves_nothing_when_reading_fails_after_the_copy_completed(
+    store: S3BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy may be complete (CompleteMultipartUpload answered) when the digest's read fails: the composed object
+    is deleted, not left behind as it was when the failure cancelled the copy mid-request."""
+    await put(store, "parts/0", data(5 * MiB))
+    await put(store, "parts/1", b"tail")
+    copied = asyncio.Event()
+    copy_parts = S3BlobStore._copy_parts
+
+    async def copy_then_signal(self: S3BlobStore, *args: Any) -> None:
+        await copy_parts(self, *args)
+        copied.set()
+
+    async def failing_read(self: S3BlobStore, sources: Any, etags: Any) -> str:
+        await copied.wait()
+        raise BlobError("a source changed while it was read")
+
+    monkeypatch.setattr(S3BlobStore, "_copy_parts", copy_then_signal)
+    monkeypatch.setattr(S3BlobStore, "_sha256", failing_read)
+    with pytest.raises(BlobError):
+        await store.compose("files/out", ["parts/0", "parts/1"])
+    assert await listing(store) == ["parts/0", "parts/1"]
+    assert await pending_uploads(store) == []
+
+
 def test_copy_plan() -> None:
     assert copy_plan([]) is None
     assert copy_plan([0, 0]) is None

@@ -457,10 +457,29 @@ class S3BlobStore(BlobStore):
         plan = copy_plan([size for size, _ in heads])
         if plan is None:
             return await self.compose_streamed(key, sources)
-        digest, _ = await _bounded(
-            [self._sha256(sources, [etag for _, etag in heads]), self._copy_parts(key, sources, heads, plan)]
-        )
-        return BlobInfo(key, sum(size for size, _ in heads), str(digest))
+        # The digest (read through the sources, pinned to their ETags) and the server-side copy run side by side.
+        # If reading fails, the copy is not cancelled but awaited: cancelling it while CompleteMultipartUpload is
+        # on the wire could leave the composed object behind; once it has ended, a completed copy is deleted.
+        etags = [etag for _, etag in heads]
+        hashing: asyncio.Task[str] = asyncio.ensure_future(self._sha256(sources, etags))
+        copying: asyncio.Task[None] = asyncio.ensure_future(self._copy_parts(key, sources, heads, plan))
+        try:
+            await asyncio.wait((hashing, copying), return_when=asyncio.FIRST_EXCEPTION)
+        except asyncio.CancelledError:
+            hashing.cancel()
+            await asyncio.gather(hashing, copying, return_exceptions=True)
+            raise
+        if copying.done() and copying.exception() is not None:
+            hashing.cancel()
+            await asyncio.gather(hashing, return_exceptions=True)
+            raise copying.exception()  # type: ignore[misc]
+        if hashing.exception() is not None:
+            copied = await asyncio.gather(copying, return_exceptions=True)
+            if not isinstance(copied[0], BaseException):
+                await self.delete(key)
+            raise hashing.exception()  # type: ignore[misc]
+        await copying
+        return BlobInfo(key, sum(size for size, _ in heads), hashing.result())
 
     async def _sha256(self, sources: Sequence[str], etags: Sequence[str]) -> str:
         sha = hashlib.sha256()
