@@ -11,6 +11,8 @@ import os
 import signal as signal_module
 import sys
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +197,7 @@ async def run_workers(settings: Settings) -> int:
     finally:
         for t in waits:
             t.cancel()
+        pool.terminate()
         await asyncio.to_thread(pool.stop)
     return 1 if died.is_set() and not asked.is_set() else 0
 
@@ -223,20 +226,67 @@ def _worker_process_main(settings: Settings, wake: Any, parent: int) -> None:
     sys.exit(code)
 
 
+class RestartBudget:
+    """How often a crashed worker process is started again: at most `allowed` restarts within `window` seconds.
+    Past that it keeps crashing (a broken configuration, a fault it meets every time) and the parent gives up."""
+
+    def __init__(
+        self, allowed: int = 5, window: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.allowed = allowed
+        self.window = window
+        self._clock = clock
+        self._times: deque[float] = deque()
+
+    def spend(self) -> bool:
+        now = self._clock()
+        while self._times and now - self._times[0] > self.window:
+            self._times.popleft()
+        if len(self._times) >= self.allowed:
+            return False
+        self._times.append(now)
+        return True
+
+    @property
+    def recent(self) -> int:
+        return len(self._times)
+
+
 class WorkerProcess:
     """The worker of `batchyard serve` in a child process: it shares no interpreter lock with the API, so a busy
-    batch neither slows the API down nor is slowed down by it. It dies with the API process (even on SIGKILL)."""
+    batch neither slows the API down nor is slowed down by it. It dies with the API process (even on SIGKILL).
 
-    def __init__(self, settings: Settings, on_death: Callable[[], None]) -> None:
+    If it dies (a crash, the OOM killer, kill -9), a new one is started after a short pause while the API keeps
+    serving; the dead one's shards are taken over when their leases expire. A process that dies again and again
+    (`RestartBudget`) is not restarted: `on_death` is called and the API exits non-zero."""
+
+    def __init__(
+        self, settings: Settings, on_death: Callable[[], None], budget: RestartBudget | None = None
+    ) -> None:
         self.settings = settings
         self.on_death = on_death
+        self.budget = budget or RestartBudget()
+        self.restarts = 0
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._wake_w: int | None = None
         self._wake_conn: Any = None
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._restart: asyncio.TimerHandle | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self._restart = None
+        if self._stopping or self._loop is None:
+            return
+        self._close_wake()
         ctx = multiprocessing.get_context("spawn")
         r, w = ctx.Pipe(duplex=False)  # a Connection is handed to a spawned child; a bare fd is not
         self._proc = ctx.Process(
@@ -247,15 +297,32 @@ class WorkerProcess:
         os.set_blocking(w.fileno(), False)
         self._wake_conn = w
         self._wake_w = w.fileno()
-        self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._proc.sentinel, self._exited)  # readable once the child has ended
 
     def _exited(self) -> None:
         if self._loop is not None and self._proc is not None:
             self._loop.remove_reader(self._proc.sentinel)
-        if not self._stopping:
-            log.error("the worker process exited with %s", self._proc.exitcode if self._proc else None)
+        if self._stopping or self._loop is None:
+            return
+        code = self._proc.exitcode if self._proc else None
+        if not self.budget.spend():
+            log.error(
+                "the worker process exited with %s, the %d time within %.0f s: not restarting it",
+                code,
+                self.budget.allowed + 1,
+                self.budget.window,
+            )
             self.on_death()
+            return
+        self.restarts += 1
+        delay = 0.5 * self.budget.recent
+        log.error(
+            "the worker process exited with %s; starting a new one in %.1f s (its shards are taken over when "
+            "their leases expire)",
+            code,
+            delay,
+        )
+        self._restart = self._loop.call_later(delay, self._spawn)
 
     def wake(self) -> None:
         if self._wake_w is not None:
@@ -265,6 +332,9 @@ class WorkerProcess:
     def terminate(self) -> None:
         """Ask the worker to stop (SIGTERM: it hands its leases back); `stop` waits for it."""
         self._stopping = True
+        if self._restart is not None:
+            self._restart.cancel()
+            self._restart = None
         if self._proc is not None and self._proc.is_alive():
             self._proc.terminate()
 
@@ -275,6 +345,9 @@ class WorkerProcess:
             if self._proc.is_alive():
                 self._proc.kill()
                 self._proc.join(5)
+        self._close_wake()
+
+    def _close_wake(self) -> None:
         if self._wake_conn is not None:
             self._wake_conn.close()
             self._wake_conn = None
@@ -285,8 +358,8 @@ class WorkerPool:
     """The worker processes of `serve` (or of a multi-process `batchyard worker`): `n` children that claim shards
     from the same store, each with its share of the per-upstream limits (`Settings.share`). Python runs one line
     of bytecode at a time per process, and against a fast upstream the per-request HTTP work is CPU-bound, so a
-    node with several cores runs several workers. If any child dies, `on_death` is called (the parent exits and
-    its supervisor restarts it; the dead child's leases expire and are taken over)."""
+    node with several cores runs several workers. A child that dies is started again (`WorkerProcess`); one that
+    keeps dying calls `on_death` (the parent exits and its supervisor restarts it)."""
 
     def __init__(self, settings: Settings, n: int, on_death: Callable[[], None]) -> None:
         share = settings.share(n)
@@ -299,6 +372,11 @@ class WorkerPool:
     def wake(self) -> None:
         for w in self.workers:  # each polls the store; the claim decides who gets the work
             w.wake()
+
+    def terminate(self) -> None:
+        """Ask every worker to stop, and restart none (call on the event loop's thread, before `stop`)."""
+        for w in self.workers:
+            w.terminate()
 
     def stop(self, timeout: float = 60.0) -> None:
         for w in self.workers:
@@ -391,6 +469,7 @@ class Runtime:
             if thread is not None:
                 await asyncio.to_thread(thread.stop)
             if self.worker_pool is not None:
+                self.worker_pool.terminate()
                 await asyncio.to_thread(self.worker_pool.stop)
             await self.blobs.aclose()
             await self.store.close()

@@ -1,5 +1,5 @@
-"""Several worker processes on one node (`serve --workers N`, `worker --workers N`): they share batches and the
-per-upstream limits, a dead one is noticed, and SIGTERM stops them all."""
+"""Worker processes (`serve --workers N`, `worker --workers N`): they share batches and the per-upstream limits, a
+dead one is replaced while the API keeps serving (up to a point), and SIGTERM stops them all."""
 
 from __future__ import annotations
 
@@ -109,13 +109,11 @@ def test_two_worker_processes_share_a_batch_and_the_concurrency_limit(
 
 
 @pytest.mark.slow
-def test_a_dead_worker_process_stops_the_server_and_a_restart_finishes_the_batch(
-    make_server: Callable[..., Server], upstream: FakeUpstream, tmp_path: Path
+def test_a_dead_worker_process_is_replaced_while_the_api_keeps_serving(
+    make_server: Callable[..., Server], upstream: FakeUpstream
 ) -> None:
-    data_dir = tmp_path / "data"
     args = ["--upstream", upstream.base_url, "--workers", "2", "--concurrency", "4"]
-    args += ["--shard-lines", str(SHARD), "--lease-seconds", "2"]
-    srv = make_server(*args, data_dir=data_dir)
+    srv = make_server(*args, "--shard-lines", str(SHARD), "--lease-seconds", "2")
     assert srv.proc is not None
     client = srv.client()
     reqs = requests("dead")
@@ -125,13 +123,41 @@ def test_a_dead_worker_process_stops_the_server_and_a_restart_finishes_the_batch
     while client.batches.retrieve(b.id).request_counts.completed < 20:  # type: ignore[union-attr]
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    victim = worker_children(srv.proc.pid)[0]
-    subprocess.run(["kill", "-9", str(victim)], check=True)
-    # the API process notices, stops its other worker (handing its leases back) and exits non-zero, so that its
-    # supervisor restarts it
-    assert srv.proc.wait(30) == 1, srv.log()
-    srv2 = make_server(*args, data_dir=data_dir)
-    assert_exactly_once(srv2.client(), b.id, reqs)
+    before = worker_children(srv.proc.pid)
+    subprocess.run(["kill", "-9", str(before[0])], check=True)
+    # the API keeps answering, a new worker process takes the dead one's place, and the batch ends exactly once
+    deadline = time.monotonic() + 30
+    while True:
+        assert srv.proc.poll() is None, srv.log()
+        client.batches.retrieve(b.id)
+        now = worker_children(srv.proc.pid)
+        if len(now) == 2 and before[0] not in now:
+            break
+        assert time.monotonic() < deadline, now
+        time.sleep(0.1)
+    assert before[1] in now
+    assert_exactly_once(client, b.id, reqs)
+    assert "starting a new one" in srv.log()
+
+
+@pytest.mark.slow
+def test_a_worker_process_that_keeps_dying_stops_the_server(
+    make_server: Callable[..., Server], upstream: FakeUpstream
+) -> None:
+    srv = make_server("--upstream", upstream.base_url)
+    assert srv.proc is not None
+    killed: set[int] = set()
+    deadline = time.monotonic() + 60
+    while srv.proc.poll() is None:  # kill each new worker process as soon as it appears
+        assert time.monotonic() < deadline, srv.log()
+        for pid in worker_children(srv.proc.pid):
+            if pid not in killed:
+                subprocess.run(["kill", "-9", str(pid)], check=False)
+                killed.add(pid)
+        time.sleep(0.05)
+    assert srv.proc.returncode == 1, srv.log()
+    assert len(killed) == 6  # the first process and five restarts within the minute
+    assert "not restarting it" in srv.log()
 
 
 def test_worker_command_with_several_processes_runs_batches_and_stops_on_sigterm(

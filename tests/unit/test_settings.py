@@ -53,3 +53,13 @@ def test_share_keeps_auto_and_never_goes_below_one() -> None:
     part = Settings(concurrency=None, max_concurrency=2, initial_concurrency=1).share(4)
     assert part.concurrency is None  # still automatic
     assert (part.max_concurrency, part.initial_concurrency) == (1, 1)
+
+
+def test_restart_budget_allows_a_few_restarts_per_window() -> None:
+    from batchyard.runtime import RestartBudget
+
+    now = [0.0]
+    budget = RestartBudget(allowed=3, window=60.0, clock=lambda: now[0])
+    assert [budget.spend() for _ in range(4)] == [True, True, True, False]
+    now[0] = 61.0  # the old restarts have left the window
+    assert budget.spend() and budget.recent == 1
