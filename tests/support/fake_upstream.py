@@ -25,7 +25,9 @@ Supported ``x_fake`` keys:
 Server-wide modes (constructor arguments / CLI flags): ``delay``, ``status_rate`` +
 ``status`` (a deterministic, hash-chosen fraction of bodies fails, see
 :func:`selected_for_failure`), ``retry_after``, ``max_concurrency`` (429 with
-``Retry-After: 0`` above N in-flight requests) and ``api_key`` (Bearer auth, 401).
+``Retry-After: 0`` above N in-flight requests), ``slots`` (at most N requests are worked on at once, the rest
+wait in a queue: an inference server at capacity, whose latency grows with its load) and ``api_key`` (Bearer auth,
+401).
 
 Run modes:
 
@@ -390,10 +392,13 @@ class _Config:
         status: int = 500,
         retry_after: str | None = None,
         max_concurrency: int | None = None,
+        slots: int | None = None,
         api_key: str | None = None,
         models: Sequence[str] = DEFAULT_MODELS,
     ) -> None:
         self.delay = delay
+        # like an inference server at capacity: at most `slots` requests are worked on at once, the rest queue
+        self.slots = asyncio.Semaphore(slots) if slots else None
         self.status_rate = status_rate
         self.status = status
         self.retry_after = retry_after
@@ -440,7 +445,10 @@ async def _inference(request: web.Request) -> web.StreamResponse:
         fake = fake or {}
 
         delay = cfg.delay + float(fake.get("delay", 0.0))
-        if delay > 0:
+        if cfg.slots is not None:
+            async with cfg.slots:
+                await asyncio.sleep(delay)
+        elif delay > 0:
             await asyncio.sleep(delay)
 
         retry_after = fake.get("retry_after", cfg.retry_after)
@@ -525,6 +533,7 @@ def build_app(
     status: int = 500,
     retry_after: str | None = None,
     max_concurrency: int | None = None,
+    slots: int | None = None,
     api_key: str | None = None,
     models: Sequence[str] = DEFAULT_MODELS,
 ) -> web.Application:
@@ -536,6 +545,7 @@ def build_app(
         status=status,
         retry_after=retry_after,
         max_concurrency=max_concurrency,
+        slots=slots,
         api_key=api_key,
         models=models,
     )
@@ -714,6 +724,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--status", type=int, default=500, help="status used with --status-rate")
     p.add_argument("--retry-after", default=None, help="Retry-After header on --status-rate failures")
     p.add_argument("--max-concurrency", type=int, default=None, help="429 above this many in flight")
+    p.add_argument(
+        "--slots",
+        type=int,
+        default=None,
+        help="work on at most this many at once; the rest queue (a busy server)",
+    )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--model", action="append", dest="models", default=None, help="listed model (repeatable)")
     return p.parse_args(argv)
@@ -726,6 +742,7 @@ async def _serve(args: argparse.Namespace) -> None:
         status=args.status,
         retry_after=args.retry_after,
         max_concurrency=args.max_concurrency,
+        slots=args.slots,
         api_key=args.api_key,
         models=args.models or DEFAULT_MODELS,
     )
