@@ -20,6 +20,14 @@ def batch_id() -> str:
     return f"batch_{_suffix()}"
 
 
+def upload_id() -> str:
+    return f"upload_{_suffix()}"
+
+
+def part_id() -> str:
+    return f"part_{_suffix()}"
+
+
 # Per-line ids are made on the hot path: a random per-process prefix and a counter are unique and cost no syscall.
 _LINE_PREFIX = secrets.token_hex(6)
 _line_counter = itertools.count(secrets.randbelow(1 << 32))

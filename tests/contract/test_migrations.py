@@ -106,20 +106,44 @@ COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
         ("out_key", "text", NULL, None),
         ("err_key", "text", NULL, None),
     ],
+    "uploads": [
+        ("seq", "serial", NOT_NULL, None),
+        ("id", "text", NOT_NULL, None),
+        ("owner", "text", NOT_NULL, None),
+        ("filename", "text", NOT_NULL, None),
+        ("purpose", "text", NOT_NULL, None),
+        ("bytes", "bigint", NOT_NULL, None),
+        ("mime_type", "text", NOT_NULL, None),
+        ("status", "text", NOT_NULL, None),
+        ("created_at", "bigint", NOT_NULL, None),
+        ("expires_at", "bigint", NOT_NULL, None),
+        ("file_expires_after", "bigint", NULL, None),
+        ("file_id", "text", NULL, None),
+    ],
+    "upload_parts": [
+        ("id", "text", NOT_NULL, None),
+        ("upload_id", "text", NOT_NULL, None),
+        ("bytes", "bigint", NOT_NULL, None),
+        ("blob_key", "text", NOT_NULL, None),
+        ("created_at", "bigint", NOT_NULL, None),
+    ],
 }
 PRIMARY_KEYS = {
     "schema_migrations": ("version",),
     "files": ("seq",),
     "batches": ("seq",),
     "shards": ("batch_id", "idx"),
+    "uploads": ("seq",),
+    "upload_parts": ("id",),
 }
-UNIQUE = {"files": [("id",)], "batches": [("id",)]}
+UNIQUE = {"files": [("id",)], "batches": [("id",)], "uploads": [("id",)]}
 # index -> (table, columns, partial-index predicate as (SQLite, PostgreSQL) report it)
 INDEXES: dict[str, tuple[str, tuple[str, ...], tuple[str, str] | None]] = {
     "files_owner_seq": ("files", ("owner", "seq"), None),
     "batches_owner_seq": ("batches", ("owner", "seq"), None),
     "batches_status": ("batches", ("status",), None),
     "shards_open": ("shards", ("status", "lease_until"), ("status != 'done'", "(status <> 'done'::text)")),
+    "upload_parts_upload": ("upload_parts", ("upload_id",), None),
 }
 
 

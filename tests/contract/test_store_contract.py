@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from batchyard.domain.models import BatchRecord, FileRecord, ShardClaim, ShardResult, Usage
+from batchyard.domain.models import (
+    BatchRecord,
+    FileRecord,
+    ShardClaim,
+    ShardResult,
+    UploadPartRecord,
+    UploadRecord,
+    Usage,
+)
 from batchyard.domain.states import BatchStatus, IllegalTransition
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
@@ -237,6 +245,73 @@ async def test_duplicate_file_id_is_a_store_error(store: MetadataStore) -> None:
     await store.insert_file(f)
     with pytest.raises(StoreError):
         await store.insert_file(f)
+
+
+# -- uploads ----------------------------------------------------------------------------------------------------
+
+
+def upload_rec(owner: str = ALICE) -> UploadRecord:
+    n = _next()
+    return UploadRecord(
+        id=f"upload_{n:06d}",
+        owner=owner,
+        filename=f"big{n}.jsonl",
+        purpose="batch",
+        bytes=1000 + n,
+        mime_type="text/jsonl",
+        created_at=int(T0),
+        expires_at=int(T0) + 3600,
+        file_expires_after=86_400,
+    )
+
+
+async def test_upload_insert_get_and_owner_isolation(store: MetadataStore) -> None:
+    u = upload_rec()
+    await store.insert_upload(u)
+    assert await store.get_upload(ALICE, u.id) == u
+    assert await store.get_upload(None, u.id) == u
+    assert await store.get_upload(BOB, u.id) is None
+    assert await store.get_upload(ALICE, "upload_missing") is None
+
+
+async def test_upload_parts_are_kept_per_upload(store: MetadataStore) -> None:
+    u, other = upload_rec(), upload_rec()
+    await store.insert_upload(u)
+    await store.insert_upload(other)
+    parts = [
+        UploadPartRecord(f"part_{u.id}_{i}", u.id, 10 * i, f"uploads/{u.id}/{i}", int(T0)) for i in range(3)
+    ]
+    for p in parts:
+        await store.insert_upload_part(p)
+    await store.insert_upload_part(UploadPartRecord("part_x", other.id, 5, "uploads/x", int(T0)))
+    assert sorted(await store.get_upload_parts(u.id), key=lambda p: p.id) == parts
+    assert [p.id for p in await store.get_upload_parts(other.id)] == ["part_x"]
+    assert await store.get_upload_parts("upload_missing") == []
+
+
+async def test_completing_an_upload_inserts_its_file_once(store: MetadataStore) -> None:
+    u = upload_rec()
+    await store.insert_upload(u)
+    f = file_rec()
+    assert await store.finish_upload(BOB, u.id, "completed", f) is False  # not Bob's
+    assert await store.get_file(ALICE, f.id) is None
+    assert await store.finish_upload(ALICE, u.id, "completed", f) is True
+    done = await store.get_upload(ALICE, u.id)
+    assert done is not None and (done.status, done.file_id) == ("completed", f.id)
+    assert await store.get_file(ALICE, f.id) == f
+    # a second completion or a cancel loses: the upload is no longer pending, and no second file appears
+    assert await store.finish_upload(ALICE, u.id, "completed", file_rec()) is False
+    assert await store.finish_upload(ALICE, u.id, "cancelled", None) is False
+    assert (await store.list_files(ALICE, purpose=None, limit=100, order="asc", after=None)).items == [f]
+
+
+async def test_cancelling_an_upload(store: MetadataStore) -> None:
+    u = upload_rec()
+    await store.insert_upload(u)
+    assert await store.finish_upload(ALICE, u.id, "cancelled", None) is True
+    got = await store.get_upload(ALICE, u.id)
+    assert got is not None and (got.status, got.file_id) == ("cancelled", None)
+    assert await store.finish_upload(ALICE, u.id, "completed", file_rec()) is False
 
 
 async def test_list_files_owner_isolation_and_order(store: MetadataStore) -> None:

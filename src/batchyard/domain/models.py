@@ -36,6 +36,57 @@ class FileRecord:
 
 
 @dataclass(slots=True)
+class UploadRecord:
+    """A /v1/uploads object. `status` is stored as pending, completed or cancelled; a pending upload past
+    `expires_at` reads as expired (`status_at`)."""
+
+    id: str
+    owner: str
+    filename: str
+    purpose: str
+    bytes: int
+    mime_type: str
+    created_at: int
+    expires_at: int
+    status: str = "pending"
+    file_expires_after: int | None = None  # expires_after[seconds] for the file the upload becomes
+    file_id: str | None = None
+
+    def status_at(self, now: float) -> str:
+        return "expired" if self.status == "pending" and now >= self.expires_at else self.status
+
+    def to_wire(self, now: float, file: FileRecord | None = None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "upload",
+            "bytes": self.bytes,
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": self.status_at(now),
+            "expires_at": self.expires_at,
+            "file": file.to_wire() if file is not None else None,
+        }
+
+
+@dataclass(slots=True)
+class UploadPartRecord:
+    id: str
+    upload_id: str
+    bytes: int
+    blob_key: str
+    created_at: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "upload.part",
+            "created_at": self.created_at,
+            "upload_id": self.upload_id,
+        }
+
+
+@dataclass(slots=True)
 class Usage:
     input_tokens: int = 0
     cached_tokens: int = 0

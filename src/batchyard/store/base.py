@@ -11,7 +11,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from batchyard.domain.models import BatchRecord, FileRecord, ShardClaim, ShardRecord, ShardResult, Usage
+from batchyard.domain.models import (
+    BatchRecord,
+    FileRecord,
+    ShardClaim,
+    ShardRecord,
+    ShardResult,
+    UploadPartRecord,
+    UploadRecord,
+    Usage,
+)
 from batchyard.domain.states import BatchStatus
 from batchyard.domain.validation import ShardPlan
 
@@ -62,6 +71,22 @@ class MetadataStore(ABC):
 
     @abstractmethod
     async def expired_files(self, limit: int) -> list[FileRecord]: ...
+
+    # uploads (/v1/uploads): an upload collects parts, then becomes one file
+    @abstractmethod
+    async def insert_upload(self, rec: UploadRecord) -> None: ...
+    @abstractmethod
+    async def get_upload(self, owner: str | None, upload_id: str) -> UploadRecord | None: ...
+    @abstractmethod
+    async def insert_upload_part(self, part: UploadPartRecord) -> None: ...
+    @abstractmethod
+    async def get_upload_parts(self, upload_id: str) -> list[UploadPartRecord]:
+        """Every part added to the upload (in no particular order: a completion lists the parts it wants)."""
+
+    @abstractmethod
+    async def finish_upload(self, owner: str, upload_id: str, status: str, file: FileRecord | None) -> bool:
+        """pending -> `status` ("completed", inserting `file` and linking it, or "cancelled"), in one transaction.
+        False (and nothing changed) if the upload is not pending (another request finished it first)."""
 
     # batches
     @abstractmethod

@@ -15,7 +15,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from batchyard.domain.models import BatchRecord, FileRecord, ShardClaim, ShardRecord, ShardResult, Usage
+from batchyard.domain.models import (
+    BatchRecord,
+    FileRecord,
+    ShardClaim,
+    ShardRecord,
+    ShardResult,
+    UploadPartRecord,
+    UploadRecord,
+    Usage,
+)
 from batchyard.domain.states import BatchStatus, check_transition
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
@@ -64,6 +73,8 @@ class _State:
     files: dict[str, _File] = field(default_factory=dict)
     batches: dict[str, _Batch] = field(default_factory=dict)
     shards: dict[str, dict[int, _Shard]] = field(default_factory=dict)  # batch id -> index -> shard
+    uploads: dict[str, UploadRecord] = field(default_factory=dict)
+    parts: dict[str, list[UploadPartRecord]] = field(default_factory=dict)  # upload id -> parts, in order
     seq: int = 0
 
 
@@ -143,6 +154,33 @@ class MemoryStore(MetadataStore):
         if f is None or f.deleted or (owner is not None and f.rec.owner != owner):
             return None
         return replace(f.rec)
+
+    async def insert_upload(self, rec: UploadRecord) -> None:
+        if rec.id in self._s.uploads:
+            raise StoreError(f"memory: upload {rec.id!r} exists")
+        self._s.uploads[rec.id] = replace(rec)
+
+    async def get_upload(self, owner: str | None, upload_id: str) -> UploadRecord | None:
+        u = self._s.uploads.get(upload_id)
+        if u is None or (owner is not None and u.owner != owner):
+            return None
+        return replace(u)
+
+    async def insert_upload_part(self, part: UploadPartRecord) -> None:
+        self._s.parts.setdefault(part.upload_id, []).append(replace(part))
+
+    async def get_upload_parts(self, upload_id: str) -> list[UploadPartRecord]:
+        return [replace(p) for p in self._s.parts.get(upload_id, [])]
+
+    async def finish_upload(self, owner: str, upload_id: str, status: str, file: FileRecord | None) -> bool:
+        u = self._s.uploads.get(upload_id)
+        if u is None or u.owner != owner or u.status != "pending":
+            return False
+        if file is not None:
+            await self.insert_file(file)
+            u.file_id = file.id
+        u.status = status
+        return True
 
     async def list_files(
         self, owner: str, *, purpose: str | None, limit: int, order: str, after: str | None

@@ -29,12 +29,30 @@ from typing import Any
 
 import asyncpg
 
-from batchyard.domain.models import BatchRecord, FileRecord, ShardClaim, ShardRecord, ShardResult, Usage
+from batchyard.domain.models import (
+    BatchRecord,
+    FileRecord,
+    ShardClaim,
+    ShardRecord,
+    ShardResult,
+    UploadPartRecord,
+    UploadRecord,
+    Usage,
+)
 from batchyard.domain.states import BatchStatus, check_transition
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, Page
-from batchyard.store.rows import batch_from_row, file_from_row, shard_from_row
+from batchyard.store.rows import (
+    PART_COLS,
+    UPLOAD_COLS,
+    batch_from_row,
+    file_from_row,
+    part_from_row,
+    shard_from_row,
+    upload_from_row,
+    upload_values,
+)
 
 S = BatchStatus
 Row = Any  # asyncpg.Record: asyncpg ships no type information
@@ -208,6 +226,60 @@ class PostgresStore(MetadataStore):
         if row is None or (owner is not None and row["owner"] != owner):
             return None
         return file_from_row(row)
+
+    async def insert_upload(self, rec: UploadRecord) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                f"INSERT INTO uploads ({UPLOAD_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
+                *upload_values(rec),
+            )
+
+    async def get_upload(self, owner: str | None, upload_id: str) -> UploadRecord | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(f"SELECT {UPLOAD_COLS} FROM uploads WHERE id = $1", upload_id)
+        if row is None or (owner is not None and row["owner"] != owner):
+            return None
+        return upload_from_row(row)
+
+    async def insert_upload_part(self, part: UploadPartRecord) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                f"INSERT INTO upload_parts ({PART_COLS}) VALUES ($1,$2,$3,$4,$5)",
+                part.id,
+                part.upload_id,
+                part.bytes,
+                part.blob_key,
+                part.created_at,
+            )
+
+    async def get_upload_parts(self, upload_id: str) -> list[UploadPartRecord]:
+        # parts are added one request at a time; created_at then id keeps a stable order (the API orders by
+        # the part ids the client lists, never by this)
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"SELECT {PART_COLS} FROM upload_parts WHERE upload_id = $1 ORDER BY created_at, id",
+                upload_id,
+            )
+        return [part_from_row(r) for r in rows]
+
+    async def finish_upload(self, owner: str, upload_id: str, status: str, file: FileRecord | None) -> bool:
+        async with self._tx() as conn:
+            done = await conn.fetchval(
+                "UPDATE uploads SET status = $1, file_id = $2 WHERE id = $3 AND owner = $4 AND status = 'pending' "
+                "RETURNING 1",
+                status,
+                file.id if file else None,
+                upload_id,
+                owner,
+            )
+            if done is None:
+                return False
+            if file is not None:
+                await conn.execute(
+                    f"INSERT INTO files ({_FILE_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
+                    *_file_args(file),
+                )
+            return True
 
     async def list_files(
         self, owner: str, *, purpose: str | None, limit: int, order: str, after: str | None

@@ -8,10 +8,64 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from batchyard.domain.models import BatchRecord, FileRecord, ShardRecord, Usage
+from batchyard.domain.models import (
+    BatchRecord,
+    FileRecord,
+    ShardRecord,
+    UploadPartRecord,
+    UploadRecord,
+    Usage,
+)
 from batchyard.domain.states import BatchStatus
 
 Row = Any  # sqlite3.Row or asyncpg.Record
+
+
+UPLOAD_COLS = "id, owner, filename, purpose, bytes, mime_type, status, created_at, expires_at, file_expires_after, file_id"
+PART_COLS = "id, upload_id, bytes, blob_key, created_at"
+
+
+def upload_values(rec: UploadRecord) -> tuple[Any, ...]:
+    """`rec` as the values of UPLOAD_COLS, in order."""
+    return (
+        rec.id,
+        rec.owner,
+        rec.filename,
+        rec.purpose,
+        rec.bytes,
+        rec.mime_type,
+        rec.status,
+        rec.created_at,
+        rec.expires_at,
+        rec.file_expires_after,
+        rec.file_id,
+    )
+
+
+def upload_from_row(row: Row) -> UploadRecord:
+    return UploadRecord(
+        id=row["id"],
+        owner=row["owner"],
+        filename=row["filename"],
+        purpose=row["purpose"],
+        bytes=row["bytes"],
+        mime_type=row["mime_type"],
+        status=row["status"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        file_expires_after=row["file_expires_after"],
+        file_id=row["file_id"],
+    )
+
+
+def part_from_row(row: Row) -> UploadPartRecord:
+    return UploadPartRecord(
+        id=row["id"],
+        upload_id=row["upload_id"],
+        bytes=row["bytes"],
+        blob_key=row["blob_key"],
+        created_at=row["created_at"],
+    )
 
 
 def file_from_row(row: Row) -> FileRecord:

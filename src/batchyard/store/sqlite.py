@@ -18,12 +18,30 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-from batchyard.domain.models import BatchRecord, FileRecord, ShardClaim, ShardRecord, ShardResult, Usage
+from batchyard.domain.models import (
+    BatchRecord,
+    FileRecord,
+    ShardClaim,
+    ShardRecord,
+    ShardResult,
+    UploadPartRecord,
+    UploadRecord,
+    Usage,
+)
 from batchyard.domain.states import BatchStatus, check_transition
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, Page
-from batchyard.store.rows import batch_from_row, file_from_row, shard_from_row
+from batchyard.store.rows import (
+    PART_COLS,
+    UPLOAD_COLS,
+    batch_from_row,
+    file_from_row,
+    part_from_row,
+    shard_from_row,
+    upload_from_row,
+    upload_values,
+)
 
 T = TypeVar("T")
 S = BatchStatus
@@ -53,6 +71,21 @@ def migrations() -> list[tuple[int, str]]:
         if entry.name.endswith(".sql"):
             out.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
     return sorted(out)
+
+
+def _file_values(rec: FileRecord) -> tuple[Any, ...]:
+    return (
+        rec.id,
+        rec.owner,
+        rec.bytes,
+        rec.created_at,
+        rec.expires_at,
+        rec.filename,
+        rec.purpose,
+        rec.status,
+        rec.blob_key,
+        rec.sha256,
+    )
 
 
 class SQLiteStore(MetadataStore):
@@ -136,21 +169,7 @@ class SQLiteStore(MetadataStore):
     # -- files ----------------------------------------------------------------------------------------------
     async def insert_file(self, rec: FileRecord) -> None:
         def q(db: sqlite3.Connection) -> None:
-            db.execute(
-                f"INSERT INTO files ({_FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    rec.id,
-                    rec.owner,
-                    rec.bytes,
-                    rec.created_at,
-                    rec.expires_at,
-                    rec.filename,
-                    rec.purpose,
-                    rec.status,
-                    rec.blob_key,
-                    rec.sha256,
-                ),
-            )
+            db.execute(f"INSERT INTO files ({_FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)", _file_values(rec))
 
         await self._run(q)
 
@@ -162,6 +181,58 @@ class SQLiteStore(MetadataStore):
             if row is None or (owner is not None and row["owner"] != owner):
                 return None
             return file_from_row(row)
+
+        return await self._run(q)
+
+    async def insert_upload(self, rec: UploadRecord) -> None:
+        def q(db: sqlite3.Connection) -> None:
+            db.execute(
+                f"INSERT INTO uploads ({UPLOAD_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", upload_values(rec)
+            )
+
+        await self._run(q)
+
+    async def get_upload(self, owner: str | None, upload_id: str) -> UploadRecord | None:
+        def q(db: sqlite3.Connection) -> UploadRecord | None:
+            row = db.execute(f"SELECT {UPLOAD_COLS} FROM uploads WHERE id = ?", (upload_id,)).fetchone()
+            if row is None or (owner is not None and row["owner"] != owner):
+                return None
+            return upload_from_row(row)
+
+        return await self._run(q)
+
+    async def insert_upload_part(self, part: UploadPartRecord) -> None:
+        def q(db: sqlite3.Connection) -> None:
+            db.execute(
+                f"INSERT INTO upload_parts ({PART_COLS}) VALUES (?,?,?,?,?)",
+                (part.id, part.upload_id, part.bytes, part.blob_key, part.created_at),
+            )
+
+        await self._run(q)
+
+    async def get_upload_parts(self, upload_id: str) -> list[UploadPartRecord]:
+        def q(db: sqlite3.Connection) -> list[UploadPartRecord]:
+            rows = db.execute(
+                f"SELECT {PART_COLS} FROM upload_parts WHERE upload_id = ? ORDER BY rowid", (upload_id,)
+            ).fetchall()
+            return [part_from_row(r) for r in rows]
+
+        return await self._run(q)
+
+    async def finish_upload(self, owner: str, upload_id: str, status: str, file: FileRecord | None) -> bool:
+        def q(db: sqlite3.Connection) -> bool:
+            with self._tx(db):
+                cur = db.execute(
+                    "UPDATE uploads SET status = ?, file_id = ? WHERE id = ? AND owner = ? AND status = 'pending'",
+                    (status, file.id if file else None, upload_id, owner),
+                )
+                if cur.rowcount != 1:
+                    return False
+                if file is not None:
+                    db.execute(
+                        f"INSERT INTO files ({_FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)", _file_values(file)
+                    )
+                return True
 
         return await self._run(q)
 
