@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 
-from batchyard.api import batches, errors, files
+from batchyard.api import batches, errors, files, uploads
 from batchyard.api.auth import Authenticator
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
@@ -21,6 +21,7 @@ def create_app(svc: Services) -> FastAPI:
     auth = Authenticator(svc.settings.api_keys)
     app.include_router(files.router(svc, auth.owner))
     app.include_router(batches.router(svc, auth.owner))
+    app.include_router(uploads.router(svc, auth.owner))
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 from fastapi import Request
 
+from batchyard.domain import limits
 from batchyard.errors import InvalidRequest
+
+MAX_JSON_BODY = 1024 * 1024
 
 
 def query_int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -41,3 +47,58 @@ def list_body(items: list[dict[str, object]], has_more: bool) -> dict[str, objec
         "last_id": items[-1]["id"] if items else None,
         "has_more": has_more,
     }
+
+
+def required_str(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if value is None:
+        raise InvalidRequest(
+            f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter"
+        )
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(
+            f"Invalid type for '{name}': expected a non-empty string.", param=name, code="invalid_type"
+        )
+    return value
+
+
+def expires_after(value: object, param: str) -> int | None:
+    """Seconds of an `{"anchor": "created_at", "seconds": N}` object (None when absent)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("anchor") != "created_at":
+        raise InvalidRequest(
+            f"{param}.anchor must be 'created_at'.",
+            param=f"{param}.anchor",
+            code="invalid_value",
+        )
+    seconds = value.get("seconds")
+    if (
+        not isinstance(seconds, int)
+        or isinstance(seconds, bool)
+        or not limits.FILE_EXPIRY_MIN <= seconds <= limits.FILE_EXPIRY_MAX
+    ):
+        raise InvalidRequest(
+            f"{param}.seconds must be an integer between {limits.FILE_EXPIRY_MIN} and {limits.FILE_EXPIRY_MAX}.",
+            param=f"{param}.seconds",
+            code="invalid_value",
+        )
+    return seconds
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_JSON_BODY:
+            raise InvalidRequest("The request body is too large.", code="invalid_request")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. The body must be a JSON object.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return body

@@ -1,0 +1,245 @@
+"""/v1/uploads: a file sent in parts (create, add parts, complete, cancel), as OpenAI's Uploads API.
+
+An upload is created with the file's final size; parts of at most 64 MiB are streamed into blobs of their own
+(`uploads/<upload id>/<part id>`); completing it with the ordered part ids composes those blobs into one file blob
+(server-side where the blob store can) and inserts the file, in the same transaction that marks the upload
+completed. The upload expires an hour after its creation. The client's filename is kept as data only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable
+
+from fastapi import APIRouter, Request
+
+from batchyard import ids
+from batchyard.api.deps import expires_after, json_body, required_str
+from batchyard.api.multipart import MultipartError, PartTooLarge, parse_upload
+from batchyard.api.responses import JSONResponse
+from batchyard.api.services import Services
+from batchyard.blobs.base import BlobWriter
+from batchyard.domain import limits
+from batchyard.domain.models import FileRecord, UploadPartRecord, UploadRecord
+from batchyard.errors import BlobError, Conflict, InvalidRequest, NotFound, PayloadTooLarge
+
+OwnerOf = Callable[[Request], str]
+
+UPLOAD_TTL = 3600  # an upload expires an hour after it is created (OpenAI's rule)
+MAX_PART_BYTES = 64 * 1024 * 1024
+MAX_PARTS = 10_000
+
+
+def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
+    r = APIRouter()
+    settings = svc.settings
+
+    async def pending(request: Request, upload_id: str, doing: str) -> tuple[UploadRecord, float]:
+        upload = await svc.store.get_upload(owner_of(request), upload_id)
+        if upload is None:
+            raise NotFound(f"No upload found with id '{upload_id}'.", param="upload_id", code="not_found")
+        now = await svc.store.now()
+        status = upload.status_at(now)
+        if status != "pending":
+            raise Conflict(
+                f"Cannot {doing} upload '{upload_id}': its status is '{status}'.",
+                param="upload_id",
+                code="invalid_upload_status",
+            )
+        return upload, now
+
+    @r.post("/v1/uploads")
+    async def create(request: Request) -> JSONResponse:
+        owner = owner_of(request)
+        body = await json_body(request)
+        filename = required_str(body, "filename")
+        purpose = required_str(body, "purpose")
+        if purpose not in limits.FILE_PURPOSES:
+            raise InvalidRequest(
+                f"Invalid value for 'purpose': {purpose!r}.", param="purpose", code="invalid_value"
+            )
+        mime_type = required_str(body, "mime_type")
+        size = body.get("bytes")
+        if size is None:
+            raise InvalidRequest(
+                "Missing required parameter: 'bytes'.", param="bytes", code="missing_required_parameter"
+            )
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidRequest(
+                "Invalid value for 'bytes': expected a non-negative integer.",
+                param="bytes",
+                code="invalid_type",
+            )
+        cap = settings.max_batch_file_bytes if purpose == "batch" else settings.max_file_bytes
+        if size > cap:
+            raise InvalidRequest(
+                f"The file is too large: the limit for purpose {purpose!r} is {cap} bytes.",
+                param="bytes",
+                code="file_too_large",
+            )
+        file_ttl = expires_after(body.get("expires_after"), "expires_after")
+        if file_ttl is None and purpose == "batch":
+            file_ttl = limits.BATCH_FILE_DEFAULT_EXPIRY
+        now = int(await svc.store.now())
+        upload = UploadRecord(
+            id=ids.upload_id(),
+            owner=owner,
+            filename=filename.replace("\x00", "\ufffd"),
+            purpose=purpose,
+            bytes=size,
+            mime_type=mime_type,
+            created_at=now,
+            expires_at=now + UPLOAD_TTL,
+            file_expires_after=file_ttl,
+        )
+        await svc.store.insert_upload(upload)
+        return JSONResponse(upload.to_wire(now))
+
+    @r.post("/v1/uploads/{upload_id}/parts")
+    async def add_part(request: Request, upload_id: str) -> JSONResponse:
+        upload, now = await pending(request, upload_id, "add a part to")
+        pid = ids.part_id()
+        key = f"uploads/{upload.id}/{pid}"
+        writers: list[BlobWriter] = []
+
+        async def open_sink() -> BlobWriter:
+            w = await svc.blobs.open_writer(key)
+            writers.append(w)
+            return w
+
+        try:
+            form = await parse_upload(
+                request.headers.get("content-type"),
+                request.stream(),
+                open_sink,
+                file_field="data",
+                max_file_bytes=MAX_PART_BYTES,
+            )
+            if not writers:
+                raise InvalidRequest(
+                    "Missing required parameter: 'data'.", param="data", code="missing_required_parameter"
+                )
+            info = await writers[0].commit()
+        except PartTooLarge:
+            for w in writers:
+                await w.abort()
+            raise PayloadTooLarge(
+                f"The part is too large: the limit is {MAX_PART_BYTES} bytes.",
+                param="data",
+                code="part_too_large",
+            ) from None
+        except MultipartError as e:
+            for w in writers:
+                await w.abort()
+            raise InvalidRequest(e.message, param=e.param, code="invalid_request") from None
+        except BaseException:
+            for w in writers:
+                await w.abort()
+            raise
+        del form
+        part = UploadPartRecord(pid, upload.id, info.size, info.key, int(now))
+        await svc.store.insert_upload_part(part)
+        return JSONResponse(part.to_wire())
+
+    @r.post("/v1/uploads/{upload_id}/complete")
+    async def complete(request: Request, upload_id: str) -> JSONResponse:
+        owner = owner_of(request)
+        body = await json_body(request)
+        upload, now = await pending(request, upload_id, "complete")
+        part_ids = body.get("part_ids")
+        if part_ids is None:
+            raise InvalidRequest(
+                "Missing required parameter: 'part_ids'.", param="part_ids", code="missing_required_parameter"
+            )
+        if not isinstance(part_ids, list) or not all(isinstance(p, str) for p in part_ids):
+            raise InvalidRequest(
+                "'part_ids' must be a list of part ids.", param="part_ids", code="invalid_type"
+            )
+        if len(set(part_ids)) != len(part_ids) or len(part_ids) > MAX_PARTS:
+            raise InvalidRequest(
+                f"'part_ids' must list distinct parts (at most {MAX_PARTS}).",
+                param="part_ids",
+                code="invalid_value",
+            )
+        md5 = body.get("md5")
+        if md5 is not None and not isinstance(md5, str):
+            raise InvalidRequest("'md5' must be a string.", param="md5", code="invalid_type")
+        parts = {p.id: p for p in await svc.store.get_upload_parts(upload.id)}
+        unknown = [p for p in part_ids if p not in parts]
+        if unknown:
+            raise InvalidRequest(
+                f"Part '{unknown[0]}' does not belong to upload '{upload.id}'.",
+                param="part_ids",
+                code="invalid_value",
+            )
+        chosen = [parts[p] for p in part_ids]
+        total = sum(p.bytes for p in chosen)
+        if total != upload.bytes:
+            raise InvalidRequest(
+                f"The parts hold {total} bytes, but the upload was created for {upload.bytes} bytes.",
+                param="part_ids",
+                code="invalid_value",
+            )
+        sources = [p.blob_key for p in chosen]
+        if md5:
+            digest = hashlib.md5(usedforsecurity=False)
+            for key in sources:
+                async for chunk in svc.blobs.stream(key):
+                    digest.update(chunk)
+            if digest.hexdigest() != md5.lower():
+                raise InvalidRequest(
+                    "The md5 checksum does not match the uploaded bytes.", param="md5", code="invalid_value"
+                )
+        fid = ids.file_id()
+        file_key = f"files/{fid}"
+        if sources:
+            info = await svc.blobs.compose(file_key, sources)
+        else:  # an empty file: no part at all
+            writer = await svc.blobs.open_writer(file_key)
+            info = await writer.commit()
+        created = int(now)
+        file = FileRecord(
+            id=fid,
+            owner=owner,
+            bytes=info.size,
+            created_at=created,
+            expires_at=None if upload.file_expires_after is None else created + upload.file_expires_after,
+            filename=upload.filename,
+            purpose=upload.purpose,
+            blob_key=info.key,
+            sha256=info.sha256,
+        )
+        if not await svc.store.finish_upload(owner, upload.id, "completed", file):
+            await svc.blobs.delete(file_key)  # another request completed or cancelled it meanwhile
+            raise Conflict(
+                f"Cannot complete upload '{upload.id}': it is no longer pending.",
+                param="upload_id",
+                code="invalid_upload_status",
+            )
+        await _drop_parts(svc, list(parts.values()))
+        upload.status, upload.file_id = "completed", fid
+        return JSONResponse(upload.to_wire(now, file))
+
+    @r.post("/v1/uploads/{upload_id}/cancel")
+    async def cancel(request: Request, upload_id: str) -> JSONResponse:
+        owner = owner_of(request)
+        upload, now = await pending(request, upload_id, "cancel")
+        if not await svc.store.finish_upload(owner, upload.id, "cancelled", None):
+            raise Conflict(
+                f"Cannot cancel upload '{upload.id}': it is no longer pending.",
+                param="upload_id",
+                code="invalid_upload_status",
+            )
+        await _drop_parts(svc, await svc.store.get_upload_parts(upload.id))
+        upload.status = "cancelled"
+        return JSONResponse(upload.to_wire(now))
+
+    return r
+
+
+async def _drop_parts(svc: Services, parts: list[UploadPartRecord]) -> None:
+    """The parts' blobs are not needed once the upload is a file or cancelled (best effort)."""
+    for p in parts:
+        with contextlib.suppress(BlobError):
+            await svc.blobs.delete(p.blob_key)
