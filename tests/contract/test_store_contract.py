@@ -305,6 +305,20 @@ async def test_completing_an_upload_inserts_its_file_once(store: MetadataStore) 
     assert (await store.list_files(ALICE, purpose=None, limit=100, order="asc", after=None)).items == [f]
 
 
+async def test_expired_uploads(store: MetadataStore, clock: Clock) -> None:
+    u, done = upload_rec(), upload_rec()
+    await store.insert_upload(u)
+    await store.insert_upload(done)
+    assert await store.finish_upload(ALICE, done.id, "cancelled", None)
+    assert await store.expired_uploads(10) == []
+    clock.t = T0 + 3600  # expires_at reached
+    assert [x.id for x in await store.expired_uploads(10)] == [u.id]  # only the pending one
+    assert await store.finish_upload(ALICE, u.id, "expired", None)
+    assert await store.expired_uploads(10) == []
+    got = await store.get_upload(ALICE, u.id)
+    assert got is not None and got.status == "expired"
+
+
 async def test_cancelling_an_upload(store: MetadataStore) -> None:
     u = upload_rec()
     await store.insert_upload(u)
@@ -994,3 +1008,34 @@ async def test_zero_shard_batch_goes_straight_to_finalization(store: MetadataSto
     assert await store.plan_batch(b.id, "w1", [], 0, None)
     job = await store.claim_finalization("f1", LEASE)
     assert job is not None and job.batch.id == b.id and job.batch.total == 0
+
+
+async def test_worker_sweep_ends_expired_uploads_and_removes_their_parts(
+    store: MetadataStore, clock: Clock, tmp_path: Path
+) -> None:
+    """The worker's sweeper (every 30 s) marks pending uploads past their hour expired and deletes their parts."""
+    from batchyard.blobs.local import LocalBlobStore
+    from batchyard.config import Settings
+    from batchyard.execution.worker import Worker
+    from batchyard.upstreams.router import Router
+
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    u, live = upload_rec(), upload_rec()
+    live.expires_at += 7200
+    for rec in (u, live):
+        await store.insert_upload(rec)
+        w = await blobs.open_writer(f"uploads/{rec.id}/p1")
+        await w.write(b"part")
+        await w.commit()
+        await store.insert_upload_part(
+            UploadPartRecord("p1" + rec.id, rec.id, 4, f"uploads/{rec.id}/p1", int(T0))
+        )
+    worker = Worker(store, blobs, Router([]), Settings(data_dir=tmp_path))
+    await worker.sweep()
+    assert (await blobs.exists(f"uploads/{u.id}/p1")) and (await blobs.exists(f"uploads/{live.id}/p1"))
+    clock.t = T0 + 3600
+    await worker.sweep()
+    got = await store.get_upload(ALICE, u.id)
+    assert got is not None and got.status == "expired" and got.to_wire(clock.t)["status"] == "expired"
+    assert not await blobs.exists(f"uploads/{u.id}/p1")
+    assert await blobs.exists(f"uploads/{live.id}/p1")  # not expired yet: untouched

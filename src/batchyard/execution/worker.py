@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from batchyard.blobs.base import BlobStore
 from batchyard.config import Settings
+from batchyard.errors import BlobError
 from batchyard.execution import jobs
 from batchyard.execution.dispatcher import Dispatcher
 from batchyard.execution.shard_runner import ShardRunner
@@ -105,12 +106,21 @@ class Worker:
         return True
 
     async def sweep_files_once(self) -> bool:
+        await self.sweep()
+        await asyncio.sleep(30)
+        return True
+
+    async def sweep(self) -> None:
+        """Delete expired files, and end expired uploads (removing the blobs of their parts)."""
         for f in await self.store.expired_files(100):
             res = await self.store.delete_file(f.owner, f.id)
             if res is not None and res[1]:
                 await self.blobs.delete(f.blob_key)
-        await asyncio.sleep(30)
-        return True
+        for u in await self.store.expired_uploads(100):
+            if await self.store.finish_upload(u.owner, u.id, "expired", None):
+                for part in await self.store.get_upload_parts(u.id):
+                    with contextlib.suppress(BlobError):
+                        await self.blobs.delete(part.blob_key)
 
     async def run(self) -> None:
         """Run every loop until cancelled; an exception in one loop cancels the others and propagates."""

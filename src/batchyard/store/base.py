@@ -84,8 +84,13 @@ class MetadataStore(ABC):
         """Every part added to the upload (in no particular order: a completion lists the parts it wants)."""
 
     @abstractmethod
+    async def expired_uploads(self, limit: int) -> list[UploadRecord]:
+        """Pending uploads whose `expires_at` has passed (on the store's clock)."""
+
+    @abstractmethod
     async def finish_upload(self, owner: str, upload_id: str, status: str, file: FileRecord | None) -> bool:
-        """pending -> `status` ("completed", inserting `file` and linking it, or "cancelled"), in one transaction.
+        """pending -> `status` ("completed", inserting `file` and linking it; "cancelled"; "expired"), in one
+        transaction.
         False (and nothing changed) if the upload is not pending (another request finished it first)."""
 
     # batches

@@ -172,6 +172,11 @@ class MemoryStore(MetadataStore):
     async def get_upload_parts(self, upload_id: str) -> list[UploadPartRecord]:
         return [replace(p) for p in self._s.parts.get(upload_id, [])]
 
+    async def expired_uploads(self, limit: int) -> list[UploadRecord]:
+        now = int(self._clock())
+        hits = [u for u in self._s.uploads.values() if u.status == "pending" and u.expires_at <= now]
+        return [replace(u) for u in hits[:limit]]
+
     async def finish_upload(self, owner: str, upload_id: str, status: str, file: FileRecord | None) -> bool:
         u = self._s.uploads.get(upload_id)
         if u is None or u.owner != owner or u.status != "pending":

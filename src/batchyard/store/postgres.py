@@ -262,6 +262,16 @@ class PostgresStore(MetadataStore):
             )
         return [part_from_row(r) for r in rows]
 
+    async def expired_uploads(self, limit: int) -> list[UploadRecord]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"SELECT {UPLOAD_COLS} FROM uploads WHERE status = 'pending' "
+                f"AND expires_at <= trunc({_now('$1')})::bigint LIMIT $2",
+                self._t(),
+                limit,
+            )
+        return [upload_from_row(r) for r in rows]
+
     async def finish_upload(self, owner: str, upload_id: str, status: str, file: FileRecord | None) -> bool:
         async with self._tx() as conn:
             done = await conn.fetchval(

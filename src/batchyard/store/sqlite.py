@@ -219,6 +219,18 @@ class SQLiteStore(MetadataStore):
 
         return await self._run(q)
 
+    async def expired_uploads(self, limit: int) -> list[UploadRecord]:
+        now = int(self._clock())
+
+        def q(db: sqlite3.Connection) -> list[UploadRecord]:
+            rows = db.execute(
+                f"SELECT {UPLOAD_COLS} FROM uploads WHERE status = 'pending' AND expires_at <= ? LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            return [upload_from_row(r) for r in rows]
+
+        return await self._run(q)
+
     async def finish_upload(self, owner: str, upload_id: str, status: str, file: FileRecord | None) -> bool:
         def q(db: sqlite3.Connection) -> bool:
             with self._tx(db):
