@@ -215,3 +215,12 @@ def test_unknown_and_foreign_uploads_are_404(http: httpx.Client, srv: Server) ->
         other.uploads.cancel(up["id"])
     with pytest.raises(openai.NotFoundError):
         other.uploads.parts.create(up["id"], data=b"x")
+
+
+def test_a_part_over_64_mib_is_413_and_leaves_nothing(http: httpx.Client, srv: Server) -> None:
+    up = create(http, purpose="user_data", bytes=100 * 1024 * 1024)
+    err = assert_envelope(
+        add_part(http, up["id"], b"x" * (64 * 1024 * 1024 + 1)), 413, "data", "part_too_large"
+    )
+    assert "part" in err["message"]
+    assert blobs_under(srv, f"uploads/{up['id']}") == []

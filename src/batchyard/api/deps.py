@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 from fastapi import Request
 
+from batchyard.api.multipart import MultipartError, PartTooLarge
+from batchyard.blobs.base import BlobStore, BlobWriter
 from batchyard.domain import limits
-from batchyard.errors import InvalidRequest
+from batchyard.errors import InvalidRequest, PayloadTooLarge
 
 MAX_JSON_BODY = 1024 * 1024
 
@@ -102,3 +106,42 @@ async def json_body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     return body
+
+
+class BlobSink:
+    """Where the file part of a multipart request streams: a blob writer opened when the part begins (`open`)."""
+
+    def __init__(self, blobs: BlobStore, key: str) -> None:
+        self._blobs = blobs
+        self._key = key
+        self.writer: BlobWriter | None = None
+
+    async def open(self) -> BlobWriter:
+        self.writer = await self._blobs.open_writer(self._key)
+        return self.writer
+
+    async def abort(self) -> None:
+        if self.writer is not None:
+            await self.writer.abort()
+
+
+@contextlib.asynccontextmanager
+async def receiving(
+    blobs: BlobStore, key: str, *, field: str, cap: int, too_large_code: str, what: str = "file"
+) -> AsyncIterator[BlobSink]:
+    """A BlobSink for one request: on any failure inside the block the partial blob is removed, and the multipart
+    parser's errors become OpenAI-shaped ones (413 past `cap`, 400 for a malformed body)."""
+    sink = BlobSink(blobs, key)
+    try:
+        yield sink
+    except PartTooLarge:
+        await sink.abort()
+        raise PayloadTooLarge(
+            f"The {what} is too large: the limit is {cap} bytes.", param=field, code=too_large_code
+        ) from None
+    except MultipartError as e:
+        await sink.abort()
+        raise InvalidRequest(e.message, param=e.param, code="invalid_request") from None
+    except BaseException:
+        await sink.abort()
+        raise

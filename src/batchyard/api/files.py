@@ -9,11 +9,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from batchyard import ids
-from batchyard.api.deps import list_body, query_choice, query_int
-from batchyard.api.multipart import MultipartError, ParsedForm, PartTooLarge, parse_upload
+from batchyard.api.deps import list_body, query_choice, query_int, receiving
+from batchyard.api.multipart import ParsedForm, parse_upload
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
-from batchyard.blobs.base import BlobWriter
 from batchyard.domain import limits
 from batchyard.domain.models import FileRecord
 from batchyard.errors import InvalidRequest, NotFound, PayloadTooLarge
@@ -66,17 +65,11 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
                 f"The file is too large: the limit is {cap} bytes.", param="file", code="file_too_large"
             )
         fid = ids.file_id()
-        key = f"files/{fid}"
-        writers: list[BlobWriter] = []
-
-        async def open_sink() -> BlobWriter:
-            w = await svc.blobs.open_writer(key)
-            writers.append(w)
-            return w
-
-        try:
+        async with receiving(
+            svc.blobs, f"files/{fid}", field="file", cap=cap, too_large_code="file_too_large"
+        ) as sink:
             form = await parse_upload(
-                request.headers.get("content-type"), request.stream(), open_sink, max_file_bytes=cap
+                request.headers.get("content-type"), request.stream(), sink.open, max_file_bytes=cap
             )
             purpose = form.fields.get("purpose")
             if purpose is None:
@@ -89,7 +82,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
                 raise InvalidRequest(
                     f"Invalid value for 'purpose': {purpose!r}.", param="purpose", code="invalid_value"
                 )
-            if form.filename is None or not writers:
+            if form.filename is None or sink.writer is None:
                 raise InvalidRequest(
                     "Missing required parameter: 'file'.", param="file", code="missing_required_parameter"
                 )
@@ -101,21 +94,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
                 )
             created = int(await svc.store.now())
             expires_at = _expiry(form, purpose, created)
-            info = await writers[0].commit()
-        except PartTooLarge:
-            for w in writers:
-                await w.abort()
-            raise PayloadTooLarge(
-                f"The file is too large: the limit is {cap} bytes.", param="file", code="file_too_large"
-            ) from None
-        except MultipartError as e:
-            for w in writers:
-                await w.abort()
-            raise InvalidRequest(e.message, param=e.param, code="invalid_request") from None
-        except BaseException:
-            for w in writers:
-                await w.abort()
-            raise
+            info = await sink.writer.commit()
         rec = FileRecord(
             id=fid,
             owner=owner,

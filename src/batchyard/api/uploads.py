@@ -15,14 +15,13 @@ from collections.abc import Callable
 from fastapi import APIRouter, Request
 
 from batchyard import ids
-from batchyard.api.deps import expires_after, json_body, required_str
-from batchyard.api.multipart import MultipartError, PartTooLarge, parse_upload
+from batchyard.api.deps import expires_after, json_body, receiving, required_str
+from batchyard.api.multipart import parse_upload
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
-from batchyard.blobs.base import BlobWriter
 from batchyard.domain import limits
 from batchyard.domain.models import FileRecord, UploadPartRecord, UploadRecord
-from batchyard.errors import BlobError, Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from batchyard.errors import BlobError, Conflict, InvalidRequest, NotFound
 
 OwnerOf = Callable[[Request], str]
 
@@ -101,43 +100,21 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
         upload, now = await pending(request, upload_id, "add a part to")
         pid = ids.part_id()
         key = f"uploads/{upload.id}/{pid}"
-        writers: list[BlobWriter] = []
-
-        async def open_sink() -> BlobWriter:
-            w = await svc.blobs.open_writer(key)
-            writers.append(w)
-            return w
-
-        try:
-            form = await parse_upload(
+        async with receiving(
+            svc.blobs, key, field="data", cap=MAX_PART_BYTES, too_large_code="part_too_large", what="part"
+        ) as sink:
+            await parse_upload(
                 request.headers.get("content-type"),
                 request.stream(),
-                open_sink,
+                sink.open,
                 file_field="data",
                 max_file_bytes=MAX_PART_BYTES,
             )
-            if not writers:
+            if sink.writer is None:
                 raise InvalidRequest(
                     "Missing required parameter: 'data'.", param="data", code="missing_required_parameter"
                 )
-            info = await writers[0].commit()
-        except PartTooLarge:
-            for w in writers:
-                await w.abort()
-            raise PayloadTooLarge(
-                f"The part is too large: the limit is {MAX_PART_BYTES} bytes.",
-                param="data",
-                code="part_too_large",
-            ) from None
-        except MultipartError as e:
-            for w in writers:
-                await w.abort()
-            raise InvalidRequest(e.message, param=e.param, code="invalid_request") from None
-        except BaseException:
-            for w in writers:
-                await w.abort()
-            raise
-        del form
+            info = await sink.writer.commit()
         part = UploadPartRecord(pid, upload.id, info.size, info.key, int(now))
         await svc.store.insert_upload_part(part)
         return JSONResponse(part.to_wire())

@@ -44,10 +44,12 @@ from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, Page
 from batchyard.store.rows import (
+    FILE_COLS,
     PART_COLS,
     UPLOAD_COLS,
     batch_from_row,
     file_from_row,
+    file_values,
     part_from_row,
     shard_from_row,
     upload_from_row,
@@ -60,7 +62,6 @@ Row = Any  # asyncpg.Record: asyncpg ships no type information
 # pg_advisory_xact_lock key held while migrating ("batchyrd" as 8 bytes). Advisory locks are per database.
 MIGRATION_LOCK = int.from_bytes(b"batchyrd", "big") & 0x7FFF_FFFF_FFFF_FFFF
 
-_FILE_COLS = "id, owner, bytes, created_at, expires_at, filename, purpose, status, blob_key, sha256"
 _BATCH_COLS = (
     "id, owner, endpoint, input_file_id, completion_window, status, created_at, expires_at, metadata, "
     "output_expires_after, model, output_file_id, error_file_id, in_progress_at, finalizing_at, completed_at, "
@@ -143,21 +144,6 @@ class _Args:
         return f"${len(self.values)}"
 
 
-def _file_args(f: FileRecord) -> tuple[Any, ...]:
-    return (
-        f.id,
-        f.owner,
-        f.bytes,
-        f.created_at,
-        f.expires_at,
-        f.filename,
-        f.purpose,
-        f.status,
-        f.blob_key,
-        f.sha256,
-    )
-
-
 def _batch(row: Row) -> BatchRecord:
     """A row of _BATCH_SELECT (with its shard sums) -> BatchRecord."""
     usage = Usage(row["sum_input"], row["sum_cached"], row["sum_output"], row["sum_reasoning"])
@@ -215,14 +201,12 @@ class PostgresStore(MetadataStore):
     async def insert_file(self, rec: FileRecord) -> None:
         async with self._conn() as conn:
             await conn.execute(
-                f"INSERT INTO files ({_FILE_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)", *_file_args(rec)
+                f"INSERT INTO files ({FILE_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)", *file_values(rec)
             )
 
     async def get_file(self, owner: str | None, file_id: str) -> FileRecord | None:
         async with self._conn() as conn:
-            row = await conn.fetchrow(
-                f"SELECT {_FILE_COLS} FROM files WHERE id = $1 AND NOT deleted", file_id
-            )
+            row = await conn.fetchrow(f"SELECT {FILE_COLS} FROM files WHERE id = $1 AND NOT deleted", file_id)
         if row is None or (owner is not None and row["owner"] != owner):
             return None
         return file_from_row(row)
@@ -286,8 +270,8 @@ class PostgresStore(MetadataStore):
                 return False
             if file is not None:
                 await conn.execute(
-                    f"INSERT INTO files ({_FILE_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
-                    *_file_args(file),
+                    f"INSERT INTO files ({FILE_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
+                    *file_values(file),
                 )
             return True
 
@@ -305,7 +289,7 @@ class PostgresStore(MetadataStore):
             where.append(f"seq {op} (SELECT seq FROM files WHERE id = {args(after)} AND owner = {o})")
         direction = "ASC" if order == "asc" else "DESC"
         sql = (
-            f"SELECT {_FILE_COLS} FROM files WHERE {' AND '.join(where)} "
+            f"SELECT {FILE_COLS} FROM files WHERE {' AND '.join(where)} "
             f"ORDER BY seq {direction} LIMIT {args(limit + 1)}"
         )
         async with self._conn() as conn:
@@ -315,7 +299,7 @@ class PostgresStore(MetadataStore):
     async def delete_file(self, owner: str, file_id: str) -> tuple[FileRecord, bool] | None:
         async with self._tx() as conn:
             row = await conn.fetchrow(
-                f"SELECT {_FILE_COLS} FROM files WHERE id = $1 AND owner = $2 AND NOT deleted FOR UPDATE",
+                f"SELECT {FILE_COLS} FROM files WHERE id = $1 AND owner = $2 AND NOT deleted FOR UPDATE",
                 file_id,
                 owner,
             )
@@ -332,7 +316,7 @@ class PostgresStore(MetadataStore):
     async def expired_files(self, limit: int) -> list[FileRecord]:
         async with self._conn() as conn:
             rows = await conn.fetch(
-                f"SELECT {_FILE_COLS} FROM files WHERE NOT deleted AND expires_at IS NOT NULL "
+                f"SELECT {FILE_COLS} FROM files WHERE NOT deleted AND expires_at IS NOT NULL "
                 f"AND expires_at <= trunc({_now('$1')})::bigint LIMIT $2",
                 self._t(),
                 limit,
@@ -424,7 +408,7 @@ class PostgresStore(MetadataStore):
             )
             batch = await self._get_batch(conn, picked["id"])
             assert batch is not None
-            frow = await conn.fetchrow(f"SELECT {_FILE_COLS} FROM files WHERE id = $1", batch.input_file_id)
+            frow = await conn.fetchrow(f"SELECT {FILE_COLS} FROM files WHERE id = $1", batch.input_file_id)
             return BatchJob(batch, None if frow is None else file_from_row(frow), now)
 
     async def claim_validation(self, worker: str, lease_s: float) -> BatchJob | None:
@@ -541,8 +525,8 @@ class PostgresStore(MetadataStore):
                     # SQLite's INSERT OR REPLACE: the old row goes, a new one (new seq, not deleted) comes.
                     await conn.execute("DELETE FROM files WHERE id = $1", f.id)
                     await conn.execute(
-                        f"INSERT INTO files ({_FILE_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
-                        *_file_args(f),
+                        f"INSERT INTO files ({FILE_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
+                        *file_values(f),
                     )
             return await self._transition(
                 conn,

@@ -21,6 +21,25 @@ from batchyard.domain.states import BatchStatus
 Row = Any  # sqlite3.Row or asyncpg.Record
 
 
+FILE_COLS = "id, owner, bytes, created_at, expires_at, filename, purpose, status, blob_key, sha256"
+
+
+def file_values(f: FileRecord) -> tuple[Any, ...]:
+    """`f` as the values of FILE_COLS, in order."""
+    return (
+        f.id,
+        f.owner,
+        f.bytes,
+        f.created_at,
+        f.expires_at,
+        f.filename,
+        f.purpose,
+        f.status,
+        f.blob_key,
+        f.sha256,
+    )
+
+
 UPLOAD_COLS = "id, owner, filename, purpose, bytes, mime_type, status, created_at, expires_at, file_expires_after, file_id"
 PART_COLS = "id, upload_id, bytes, blob_key, created_at"
 

@@ -33,10 +33,12 @@ from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, Page
 from batchyard.store.rows import (
+    FILE_COLS,
     PART_COLS,
     UPLOAD_COLS,
     batch_from_row,
     file_from_row,
+    file_values,
     part_from_row,
     shard_from_row,
     upload_from_row,
@@ -46,7 +48,6 @@ from batchyard.store.rows import (
 T = TypeVar("T")
 S = BatchStatus
 
-_FILE_COLS = "id, owner, bytes, created_at, expires_at, filename, purpose, status, blob_key, sha256"
 _BATCH_COLS = (
     "id, owner, endpoint, input_file_id, completion_window, status, created_at, expires_at, metadata, "
     "output_expires_after, model, output_file_id, error_file_id, in_progress_at, finalizing_at, completed_at, "
@@ -71,21 +72,6 @@ def migrations() -> list[tuple[int, str]]:
         if entry.name.endswith(".sql"):
             out.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
     return sorted(out)
-
-
-def _file_values(rec: FileRecord) -> tuple[Any, ...]:
-    return (
-        rec.id,
-        rec.owner,
-        rec.bytes,
-        rec.created_at,
-        rec.expires_at,
-        rec.filename,
-        rec.purpose,
-        rec.status,
-        rec.blob_key,
-        rec.sha256,
-    )
 
 
 class SQLiteStore(MetadataStore):
@@ -169,14 +155,14 @@ class SQLiteStore(MetadataStore):
     # -- files ----------------------------------------------------------------------------------------------
     async def insert_file(self, rec: FileRecord) -> None:
         def q(db: sqlite3.Connection) -> None:
-            db.execute(f"INSERT INTO files ({_FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)", _file_values(rec))
+            db.execute(f"INSERT INTO files ({FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)", file_values(rec))
 
         await self._run(q)
 
     async def get_file(self, owner: str | None, file_id: str) -> FileRecord | None:
         def q(db: sqlite3.Connection) -> FileRecord | None:
             row = db.execute(
-                f"SELECT {_FILE_COLS} FROM files WHERE id = ? AND deleted = 0", (file_id,)
+                f"SELECT {FILE_COLS} FROM files WHERE id = ? AND deleted = 0", (file_id,)
             ).fetchone()
             if row is None or (owner is not None and row["owner"] != owner):
                 return None
@@ -242,7 +228,7 @@ class SQLiteStore(MetadataStore):
                     return False
                 if file is not None:
                     db.execute(
-                        f"INSERT INTO files ({_FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)", _file_values(file)
+                        f"INSERT INTO files ({FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)", file_values(file)
                     )
                 return True
 
@@ -266,7 +252,7 @@ class SQLiteStore(MetadataStore):
                 args.append(cur[0])
             direction = "ASC" if order == "asc" else "DESC"
             rows = db.execute(
-                f"SELECT {_FILE_COLS} FROM files WHERE {' AND '.join(where)} ORDER BY seq {direction} LIMIT ?",
+                f"SELECT {FILE_COLS} FROM files WHERE {' AND '.join(where)} ORDER BY seq {direction} LIMIT ?",
                 (*args, limit + 1),
             ).fetchall()
             return Page([file_from_row(r) for r in rows[:limit]], len(rows) > limit)
@@ -277,7 +263,7 @@ class SQLiteStore(MetadataStore):
         def q(db: sqlite3.Connection) -> tuple[FileRecord, bool] | None:
             with self._tx(db):
                 row = db.execute(
-                    f"SELECT {_FILE_COLS} FROM files WHERE id = ? AND owner = ? AND deleted = 0",
+                    f"SELECT {FILE_COLS} FROM files WHERE id = ? AND owner = ? AND deleted = 0",
                     (file_id, owner),
                 ).fetchone()
                 if row is None:
@@ -296,7 +282,7 @@ class SQLiteStore(MetadataStore):
 
         def q(db: sqlite3.Connection) -> list[FileRecord]:
             rows = db.execute(
-                f"SELECT {_FILE_COLS} FROM files WHERE deleted = 0 AND expires_at IS NOT NULL AND expires_at <= ? "
+                f"SELECT {FILE_COLS} FROM files WHERE deleted = 0 AND expires_at IS NOT NULL AND expires_at <= ? "
                 "LIMIT ?",
                 (now, limit),
             ).fetchall()
@@ -405,7 +391,7 @@ class SQLiteStore(MetadataStore):
             )
             batch = self._batch(db, row)
             frow = db.execute(
-                f"SELECT {_FILE_COLS} FROM files WHERE id = ?", (batch.input_file_id,)
+                f"SELECT {FILE_COLS} FROM files WHERE id = ?", (batch.input_file_id,)
             ).fetchone()
             return BatchJob(batch, None if frow is None else file_from_row(frow), now)
 
@@ -525,7 +511,7 @@ class SQLiteStore(MetadataStore):
                 for f in (output_file, error_file):
                     if f is not None:
                         db.execute(
-                            f"INSERT OR REPLACE INTO files ({_FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                            f"INSERT OR REPLACE INTO files ({FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
                             (
                                 f.id,
                                 f.owner,
