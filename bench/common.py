@@ -54,6 +54,24 @@ def make_input(path: Path, lines: int, line_bytes: int = 4000, model: str = "ben
     return path.stat().st_size
 
 
+def tiny_chat_batch(lines: int, **extra: object) -> bytes:
+    """A batch input of `lines` one-line chat requests to model "m" (`extra` is merged into every body)."""
+    return "\n".join(
+        json.dumps(
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}], **extra},
+            }
+        )
+        for i in range(lines)
+    ).encode()
+
+
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
 class Nginx:
     """Debian's nginx answering a fixed completion body on loopback (`apt-get install nginx-light`)."""
 

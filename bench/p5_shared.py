@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BatchyardServer, free_port, wait_port, workdir
+from common import TERMINAL, BatchyardServer, free_port, tiny_chat_batch, wait_port, workdir
 from openai import OpenAI
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,18 +71,7 @@ def with_batch(concurrency: str, lines: int, port: int, n_users: int) -> tuple[f
         wd, "--upstream", f"http://127.0.0.1:{port}/v1", "--concurrency", concurrency
     ) as srv:
         client = OpenAI(base_url=srv.base_url, api_key="bench", max_retries=0)
-        body = "\n".join(
-            json.dumps(
-                {
-                    "custom_id": f"r{i}",
-                    "method": "POST",
-                    "url": "/v1/chat/completions",
-                    "body": {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]},
-                }
-            )
-            for i in range(lines)
-        )
-        f = client.files.create(file=("in.jsonl", body.encode()), purpose="batch")
+        f = client.files.create(file=("in.jsonl", tiny_chat_batch(lines)), purpose="batch")
         t0 = time.perf_counter()
         b = client.batches.create(
             input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
@@ -90,7 +79,7 @@ def with_batch(concurrency: str, lines: int, port: int, n_users: int) -> tuple[f
         time.sleep(2.0)  # let the batch reach its steady state before the users arrive
         stop = threading.Event()
         lat, threads = users(port, n_users, None, stop)
-        while b.status not in ("completed", "failed", "expired", "cancelled"):
+        while b.status not in TERMINAL:
             time.sleep(0.1)
             b = client.batches.retrieve(b.id)
             if b.request_counts and b.request_counts.completed > lines * 0.9:

@@ -8,7 +8,6 @@ ratio to the 1-worker rate measured in the same run (goal: >= 3.2x at 4 workers)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import BatchyardServer, free_port, wait_port, workdir
+from common import TERMINAL, BatchyardServer, free_port, tiny_chat_batch, wait_port, workdir
 from openai import OpenAI
 
 
@@ -69,28 +68,15 @@ def one_run(
         ]
         try:
             client = OpenAI(base_url=srv.base_url, api_key="bench", max_retries=0)
-            body = "\n".join(
-                json.dumps(
-                    {
-                        "custom_id": f"r{i}",
-                        "method": "POST",
-                        "url": "/v1/chat/completions",
-                        "body": {
-                            "model": "m",
-                            "messages": [{"role": "user", "content": f"q{i}"}],
-                            "x_fake": {"delay": delay},
-                        },
-                    }
-                )
-                for i in range(lines)
+            f = client.files.create(
+                file=("in.jsonl", tiny_chat_batch(lines, x_fake={"delay": delay})), purpose="batch"
             )
-            f = client.files.create(file=("in.jsonl", body.encode()), purpose="batch")
             time.sleep(1.0)  # workers up and polling
             t0 = time.perf_counter()
             b = client.batches.create(
                 input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
             )
-            while b.status not in ("completed", "failed", "expired", "cancelled"):
+            while b.status not in TERMINAL:
                 time.sleep(0.05)
                 b = client.batches.retrieve(b.id)
             elapsed = time.perf_counter() - t0

@@ -512,18 +512,7 @@ class SQLiteStore(MetadataStore):
                     if f is not None:
                         db.execute(
                             f"INSERT OR REPLACE INTO files ({FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                            (
-                                f.id,
-                                f.owner,
-                                f.bytes,
-                                f.created_at,
-                                f.expires_at,
-                                f.filename,
-                                f.purpose,
-                                f.status,
-                                f.blob_key,
-                                f.sha256,
-                            ),
+                            file_values(f),
                         )
                 return self._transition(
                     db,
