@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from batchyard.blobs.local import LocalBlobStore
 from batchyard.config import Settings
 from batchyard.execution.limiter import Limiter
 from batchyard.execution.worker import Worker
+from batchyard.ids import worker_id
 from batchyard.store.base import MetadataStore
 from batchyard.store.sqlite import SQLiteStore
 from batchyard.upstreams.base import Upstream
@@ -130,12 +131,12 @@ class WorkerThread:
         self._thread.join(timeout)
 
 
-async def run_worker(settings: Settings, wake_fd: int | None = None) -> int:
+async def run_worker(settings: Settings, wake_fd: int | None = None, name: str | None = None) -> int:
     """Run a worker (no API) until SIGTERM/SIGINT, which hand its leases back. `wake_fd`: a pipe whose bytes mean
     "poll now" (from the API process that started this one). Returns the exit status."""
     import signal
 
-    rt = Runtime.create(settings, worker_mode="thread")
+    rt = Runtime.create(settings, worker_mode="thread", worker_name=name)
     assert rt.worker is not None
     await rt.store.open()
     for up in rt.router.upstreams:
@@ -178,7 +179,8 @@ async def run_worker(settings: Settings, wake_fd: int | None = None) -> int:
 
 async def run_workers(settings: Settings) -> int:
     """`batchyard worker`: one worker in this process, or with several (`--workers`), a pool of child processes
-    supervised until SIGTERM/SIGINT (handed on to every child) or until a child dies (exit status 1)."""
+    supervised until SIGTERM/SIGINT (handed on to every child) or until a child keeps dying (exit status 1); a
+    child that dies is restarted and its leases given back at once."""
     import signal
 
     n = settings.resolved_workers()
@@ -186,7 +188,9 @@ async def run_workers(settings: Settings) -> int:
         return await run_worker(settings)
     died = asyncio.Event()
     asked = asyncio.Event()
-    pool = WorkerPool(settings, n, died.set)
+    store = open_store(settings)
+    await store.open()
+    pool = WorkerPool(settings, n, died.set, release=store.release_worker)
     pool.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -199,10 +203,11 @@ async def run_workers(settings: Settings) -> int:
             t.cancel()
         pool.terminate()
         await asyncio.to_thread(pool.stop)
+        await store.close()
     return 1 if died.is_set() and not asked.is_set() else 0
 
 
-def _worker_process_main(settings: Settings, wake: Any, parent: int) -> None:
+def _worker_process_main(settings: Settings, wake: Any, parent: int, name: str) -> None:
     """Entry point of the worker subprocess that `serve` starts."""
     if sys.platform.startswith("linux"):
         import ctypes
@@ -220,9 +225,9 @@ def _worker_process_main(settings: Settings, wake: Any, parent: int) -> None:
     try:
         import uvloop
 
-        code = uvloop.run(run_worker(settings, wake.fileno()))
+        code = uvloop.run(run_worker(settings, wake.fileno(), name))
     except ImportError:  # pragma: no cover
-        code = asyncio.run(run_worker(settings, wake.fileno()))
+        code = asyncio.run(run_worker(settings, wake.fileno(), name))
     sys.exit(code)
 
 
@@ -261,10 +266,19 @@ class WorkerProcess:
     (`RestartBudget`) is not restarted: `on_death` is called and the API exits non-zero."""
 
     def __init__(
-        self, settings: Settings, on_death: Callable[[], None], budget: RestartBudget | None = None
+        self,
+        settings: Settings,
+        on_death: Callable[[], None],
+        budget: RestartBudget | None = None,
+        release: Callable[[str], Awaitable[int]] | None = None,
     ) -> None:
+        """`release(worker name)`: give back the leases a dead child held (e.g. `MetadataStore.release_worker`),
+        so that its shards are taken over at once rather than when their leases expire."""
         self.settings = settings
         self.on_death = on_death
+        self.release = release
+        self.name = ""
+        self._releasing: set[asyncio.Task[None]] = set()
         self.budget = budget or RestartBudget()
         self.restarts = 0
         self._proc: multiprocessing.process.BaseProcess | None = None
@@ -289,8 +303,11 @@ class WorkerProcess:
         self._close_wake()
         ctx = multiprocessing.get_context("spawn")
         r, w = ctx.Pipe(duplex=False)  # a Connection is handed to a spawned child; a bare fd is not
+        self.name = worker_id()
         self._proc = ctx.Process(
-            target=_worker_process_main, args=(self.settings, r, os.getpid()), name="batchyard-worker"
+            target=_worker_process_main,
+            args=(self.settings, r, os.getpid(), self.name),
+            name="batchyard-worker",
         )
         self._proc.start()
         r.close()
@@ -305,6 +322,10 @@ class WorkerProcess:
         if self._stopping or self._loop is None:
             return
         code = self._proc.exitcode if self._proc else None
+        if self.release is not None:
+            task = self._loop.create_task(self._release_leases(self.name))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
         if not self.budget.spend():
             log.error(
                 "the worker process exited with %s, the %d time within %.0f s: not restarting it",
@@ -317,12 +338,20 @@ class WorkerProcess:
         self.restarts += 1
         delay = 0.5 * self.budget.recent
         log.error(
-            "the worker process exited with %s; starting a new one in %.1f s (its shards are taken over when "
-            "their leases expire)",
+            "the worker process exited with %s; starting a new one in %.1f s (its leases are given back)",
             code,
             delay,
         )
         self._restart = self._loop.call_later(delay, self._spawn)
+
+    async def _release_leases(self, name: str) -> None:
+        assert self.release is not None
+        try:
+            n = await self.release(name)
+        except Exception:  # the leases then expire as for any dead worker
+            log.exception("could not give back the leases of dead worker %s", name)
+            return
+        log.info("gave back %d shard lease(s) of dead worker %s", n, name)
 
     def wake(self) -> None:
         if self._wake_w is not None:
@@ -361,9 +390,15 @@ class WorkerPool:
     node with several cores runs several workers. A child that dies is started again (`WorkerProcess`); one that
     keeps dying calls `on_death` (the parent exits and its supervisor restarts it)."""
 
-    def __init__(self, settings: Settings, n: int, on_death: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        n: int,
+        on_death: Callable[[], None],
+        release: Callable[[str], Awaitable[int]] | None = None,
+    ) -> None:
         share = settings.share(n)
-        self.workers = [WorkerProcess(share, on_death) for _ in range(n)]
+        self.workers = [WorkerProcess(share, on_death, release=release) for _ in range(n)]
 
     def start(self) -> None:
         for w in self.workers:
@@ -424,14 +459,20 @@ class Runtime:
     worker_pool: WorkerPool | None = None
 
     @classmethod
-    def create(cls, settings: Settings, worker_mode: str | None = None) -> Runtime:
+    def create(
+        cls, settings: Settings, worker_mode: str | None = None, worker_name: str | None = None
+    ) -> Runtime:
         """`worker_mode`: "thread" (a worker in this process, on its own thread and loop), "process" (a child
         process), or None for settings.worker_mode. Nothing runs a worker when settings.run_worker is false."""
         store = open_store(settings)
         blobs = open_blobs(settings)
         router = build_router(settings)
         mode = worker_mode or settings.worker_mode
-        worker = Worker(store, blobs, router, settings) if settings.run_worker and mode == "thread" else None
+        worker = (
+            Worker(store, blobs, router, settings, name=worker_name)
+            if settings.run_worker and mode == "thread"
+            else None
+        )
         return cls(settings, store, blobs, router, worker, mode)
 
     def services(self) -> Services:
@@ -451,7 +492,10 @@ class Runtime:
         thread: WorkerThread | None = None
         if self.settings.run_worker and self.worker_mode == "process":
             self.worker_pool = WorkerPool(
-                self.settings, self.settings.resolved_workers(), on_worker_death or (lambda: None)
+                self.settings,
+                self.settings.resolved_workers(),
+                on_worker_death or (lambda: None),
+                release=self.store.release_worker,
             )
             self.worker_pool.start()
         if self.worker is not None:

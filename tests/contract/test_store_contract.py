@@ -1039,3 +1039,26 @@ async def test_worker_sweep_ends_expired_uploads_and_removes_their_parts(
     assert got is not None and got.status == "expired" and got.to_wire(clock.t)["status"] == "expired"
     assert not await blobs.exists(f"uploads/{u.id}/p1")
     assert await blobs.exists(f"uploads/{live.id}/p1")  # not expired yet: untouched
+
+
+async def test_release_worker_gives_back_a_dead_workers_leases_at_once(store: MetadataStore) -> None:
+    b = await planned_batch(store, shards=3)
+    dead = await claim(store, "w-dead")
+    live = await claim(store, "w-live")
+    assert await store.heartbeat_shard(dead, LEASE, 4, 1, Usage(input_tokens=9)) is not None
+    _, other = await new_batch(store)
+    job = await store.claim_validation("w-dead", LEASE)
+    assert job is not None and job.batch.id == other.id
+    assert await store.release_worker("w-dead") == 1
+    # the dead worker's shard is claimable now (not after LEASE), with a new attempt; its progress is gone
+    again = await store.claim_shard("w-new", LEASE)
+    assert again is not None and again.shard.index == dead.shard.index and again.attempt > dead.attempt
+    assert not await store.complete_shard(dead, result(5, 0), 0)  # the dead attempt is fenced off
+    assert (
+        await store.heartbeat_shard(live, LEASE, 1, 0, Usage()) is not None
+    )  # the live worker keeps its lease
+    job2 = await store.claim_validation("w-new", LEASE)  # the validation job is free again too
+    assert job2 is not None and job2.batch.id == other.id
+    assert await store.release_worker("w-nobody") == 0
+    got = await store.get_batch(None, b.id)
+    assert got is not None and (got.completed, got.failed) == (1, 0)  # the live worker's progress only

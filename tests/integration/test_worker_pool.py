@@ -3,6 +3,7 @@ dead one is replaced while the API keeps serving (up to a point), and SIGTERM st
 
 from __future__ import annotations
 
+import re
 import signal
 import sqlite3
 import subprocess
@@ -113,7 +114,8 @@ def test_a_dead_worker_process_is_replaced_while_the_api_keeps_serving(
     make_server: Callable[..., Server], upstream: FakeUpstream
 ) -> None:
     args = ["--upstream", upstream.base_url, "--workers", "2", "--concurrency", "4"]
-    srv = make_server(*args, "--shard-lines", str(SHARD), "--lease-seconds", "2")
+    # a long lease: the dead process's shards can only finish in time if its leases are given back at once
+    srv = make_server(*args, "--shard-lines", str(SHARD), "--lease-seconds", "60")
     assert srv.proc is not None
     client = srv.client()
     reqs = requests("dead")
@@ -125,6 +127,7 @@ def test_a_dead_worker_process_is_replaced_while_the_api_keeps_serving(
         time.sleep(0.05)
     before = worker_children(srv.proc.pid)
     subprocess.run(["kill", "-9", str(before[0])], check=True)
+    killed_at = time.monotonic()
     # the API keeps answering, a new worker process takes the dead one's place, and the batch ends exactly once
     deadline = time.monotonic() + 30
     while True:
@@ -137,7 +140,9 @@ def test_a_dead_worker_process_is_replaced_while_the_api_keeps_serving(
         time.sleep(0.1)
     assert before[1] in now
     assert_exactly_once(client, b.id, reqs)
+    assert time.monotonic() - killed_at < 30, "the dead process's shards waited for their 60 s lease"
     assert "starting a new one" in srv.log()
+    assert re.search(r"gave back [1-9]\d* shard lease\(s\) of dead worker", srv.log()), srv.log()
 
 
 @pytest.mark.slow

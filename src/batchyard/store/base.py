@@ -155,5 +155,10 @@ class MetadataStore(ABC):
         """Give a batch-level job lease back at once."""
 
     @abstractmethod
+    async def release_worker(self, worker: str) -> int:
+        """Give back every lease `worker` holds (shards and batch jobs), for a worker known to be dead (its parent
+        saw it exit): its work is taken over at once instead of after the lease. Returns the shards released."""
+
+    @abstractmethod
     async def complete_shard(self, claim: ShardClaim, result: ShardResult, expired: int) -> bool:
         """Fenced commit: only the attempt that holds the lease can mark the shard done."""

@@ -431,6 +431,20 @@ class MemoryStore(MetadataStore):
             sh.rec.completed = sh.rec.failed = sh.expired = 0
             sh.rec.usage = Usage()
 
+    async def release_worker(self, worker: str) -> int:
+        n = 0
+        for mine in self._s.shards.values():
+            for sh in mine.values():
+                if sh.rec.status == "running" and sh.lease_owner == worker:
+                    sh.rec.status, sh.lease_owner, sh.lease_until = "pending", None, None
+                    sh.rec.completed = sh.rec.failed = sh.expired = 0
+                    sh.rec.usage = Usage()
+                    n += 1
+        for b in self._s.batches.values():
+            if b.job_owner == worker:
+                b.job_owner, b.job_lease_until = None, None
+        return n
+
     async def release_all(self) -> None:
         """Give back every lease (only for a single-process owner of this store, as `SQLiteStore.release_all`)."""
         for mine in self._s.shards.values():

@@ -623,6 +623,19 @@ class PostgresStore(MetadataStore):
                 claim.worker,
             )
 
+    async def release_worker(self, worker: str) -> int:
+        async with self._tx() as conn:
+            n = await conn.fetchval(
+                "WITH r AS (UPDATE shards SET status = 'pending', lease_owner = NULL, lease_until = NULL, "
+                "completed = 0, failed = 0, expired = 0, input_tokens = 0, cached_tokens = 0, output_tokens = 0, "
+                "reasoning_tokens = 0 WHERE lease_owner = $1 AND status = 'running' RETURNING 1) SELECT count(*) FROM r",
+                worker,
+            )
+            await conn.execute(
+                "UPDATE batches SET job_owner = NULL, job_lease_until = NULL WHERE job_owner = $1", worker
+            )
+        return int(n)
+
     async def release_job(self, batch_id: str, worker: str) -> None:
         async with self._conn() as conn:
             await conn.execute(

@@ -613,6 +613,23 @@ class SQLiteStore(MetadataStore):
 
         await self._run(q)
 
+    async def release_worker(self, worker: str) -> int:
+        def q(db: sqlite3.Connection) -> int:
+            with self._tx(db):
+                cur = db.execute(
+                    "UPDATE shards SET status = 'pending', lease_owner = NULL, lease_until = NULL, completed = 0, "
+                    "failed = 0, expired = 0, input_tokens = 0, cached_tokens = 0, output_tokens = 0, "
+                    "reasoning_tokens = 0 WHERE lease_owner = ? AND status = 'running'",
+                    (worker,),
+                )
+                db.execute(
+                    "UPDATE batches SET job_owner = NULL, job_lease_until = NULL WHERE job_owner = ?",
+                    (worker,),
+                )
+                return cur.rowcount
+
+        return await self._run(q)
+
     async def release_all(self) -> None:
         """Give back every lease (only for a single-process owner of this database, such as `batchyard run`)."""
 
