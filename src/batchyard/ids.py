@@ -28,6 +28,10 @@ def part_id() -> str:
     return f"part_{_suffix()}"
 
 
+def event_id() -> str:
+    return f"evt_{_suffix()}"
+
+
 # Per-line ids are made on the hot path: a random per-process prefix and a counter are unique and cost no syscall.
 _LINE_PREFIX = secrets.token_hex(6)
 _line_counter = itertools.count(secrets.randbelow(1 << 32))

@@ -127,6 +127,20 @@ COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
         ("blob_key", "text", NOT_NULL, None),
         ("created_at", "bigint", NOT_NULL, None),
     ],
+    "webhook_events": [
+        ("seq", "serial", NOT_NULL, None),
+        ("id", "text", NOT_NULL, None),
+        ("batch_id", "text", NOT_NULL, None),
+        ("owner", "text", NOT_NULL, None),
+        ("type", "text", NOT_NULL, None),
+        ("created_at", "bigint", NOT_NULL, None),
+        ("status", "text", NOT_NULL, "pending"),
+        ("attempts", "int", NOT_NULL, "zero"),
+        ("next_at", "float", NOT_NULL, None),
+        ("lease_owner", "text", NULL, None),
+        ("lease_until", "float", NULL, None),
+        ("last_error", "text", NULL, None),
+    ],
 }
 PRIMARY_KEYS = {
     "schema_migrations": ("version",),
@@ -135,8 +149,14 @@ PRIMARY_KEYS = {
     "shards": ("batch_id", "idx"),
     "uploads": ("seq",),
     "upload_parts": ("id",),
+    "webhook_events": ("seq",),
 }
-UNIQUE = {"files": [("id",)], "batches": [("id",)], "uploads": [("id",)]}
+UNIQUE = {
+    "files": [("id",)],
+    "batches": [("id",)],
+    "uploads": [("id",)],
+    "webhook_events": [("batch_id",), ("id",)],
+}
 # index -> (table, columns, partial-index predicate as (SQLite, PostgreSQL) report it)
 INDEXES: dict[str, tuple[str, tuple[str, ...], tuple[str, str] | None]] = {
     "files_owner_seq": ("files", ("owner", "seq"), None),
@@ -144,6 +164,7 @@ INDEXES: dict[str, tuple[str, tuple[str, ...], tuple[str, str] | None]] = {
     "batches_status": ("batches", ("status",), None),
     "shards_open": ("shards", ("status", "lease_until"), ("status != 'done'", "(status <> 'done'::text)")),
     "upload_parts_upload": ("upload_parts", ("upload_id",), None),
+    "webhook_events_due": ("webhook_events", ("status", "next_at"), None),
 }
 
 

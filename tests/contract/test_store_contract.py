@@ -1062,3 +1062,82 @@ async def test_release_worker_gives_back_a_dead_workers_leases_at_once(store: Me
     assert await store.release_worker("w-nobody") == 0
     got = await store.get_batch(None, b.id)
     assert got is not None and (got.completed, got.failed) == (1, 0)  # the live worker's progress only
+
+
+# -- webhooks ---------------------------------------------------------------------------------------------------
+
+
+async def finished(store: MetadataStore, status: BatchStatus = S.COMPLETED) -> BatchRecord:
+    b = await planned_batch(store, shards=1)
+    await run_all_shards(store, b)
+    if status == S.CANCELLED:
+        await store.request_cancel(ALICE, b.id)
+    assert await store.claim_finalization("fin", LEASE) is not None
+    if status != S.CANCELLED:
+        assert await store.begin_finalizing(b.id, "fin") is not None
+    assert await store.finish_batch(b.id, "fin", status, None, None)
+    return b
+
+
+async def test_a_final_status_writes_one_webhook_event(store: MetadataStore, clock: Clock) -> None:
+    assert await store.claim_webhook_events("d1", LEASE, 10, 0) == []
+    b = await finished(store)
+    (ev,) = await store.claim_webhook_events("d1", LEASE, 10, 0)
+    assert (ev.batch_id, ev.owner, ev.type, ev.created_at, ev.attempts) == (
+        b.id,
+        ALICE,
+        "batch.completed",
+        int(T0),
+        0,
+    )
+    assert ev.id.startswith("evt_")
+    assert ev.to_wire() == {
+        "id": ev.id,
+        "object": "event",
+        "type": "batch.completed",
+        "created_at": int(T0),
+        "data": {"id": b.id},
+    }
+    assert await store.claim_webhook_events("d2", LEASE, 10, 0) == []  # leased to d1
+    assert not await store.settle_webhook_event(ev.id, "d2", "delivered", None, None)  # not d2's
+    assert await store.settle_webhook_event(ev.id, "d1", "delivered", None, None)
+    clock.t += 2 * LEASE
+    assert await store.claim_webhook_events("d2", LEASE, 10, 0) == []  # delivered: never again
+
+
+async def test_a_failed_delivery_is_due_again_later_and_a_lost_lease_is_taken_over(
+    store: MetadataStore, clock: Clock
+) -> None:
+    await finished(store)
+    (ev,) = await store.claim_webhook_events("d1", LEASE, 10, 0)
+    assert await store.settle_webhook_event(ev.id, "d1", "pending", clock.t + 30, "HTTP 500")
+    assert await store.claim_webhook_events("d1", LEASE, 10, 0) == []  # not due yet
+    clock.t += 30
+    (again,) = await store.claim_webhook_events("d1", LEASE, 10, 0)
+    assert (again.id, again.attempts) == (ev.id, 1)
+    clock.t += LEASE + 1  # d1 died holding it
+    (taken,) = await store.claim_webhook_events("d2", LEASE, 10, 0)
+    assert taken.id == ev.id
+    assert not await store.settle_webhook_event(ev.id, "d1", "delivered", None, None)  # d1's lease is gone
+    assert await store.settle_webhook_event(ev.id, "d2", "abandoned", None, "gave up")
+    clock.t += 3600
+    assert await store.claim_webhook_events("d3", LEASE, 10, 0) == []
+
+
+async def test_webhook_event_types_and_the_since_filter(store: MetadataStore, clock: Clock) -> None:
+    _, failed = await new_batch(store)
+    assert await store.claim_validation("v", LEASE) is not None
+    assert await store.fail_batch(failed.id, "v", [{"code": "x", "message": "y"}])
+    clock.t += 100
+    cancelled = await finished(store, S.CANCELLED)
+    events = await store.claim_webhook_events("d1", LEASE, 10, 0)
+    assert [(e.batch_id, e.type) for e in events] == [
+        (failed.id, "batch.failed"),
+        (cancelled.id, "batch.cancelled"),
+    ]
+    for e in events:
+        assert await store.settle_webhook_event(e.id, "d1", "pending", clock.t, None)
+    late = await store.claim_webhook_events(
+        "d1", LEASE, 10, int(T0) + 50
+    )  # events older than `since` are skipped
+    assert [e.batch_id for e in late] == [cancelled.id]

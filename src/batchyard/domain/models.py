@@ -87,6 +87,27 @@ class UploadPartRecord:
 
 
 @dataclass(slots=True)
+class WebhookEvent:
+    """One batch webhook (batch.completed / failed / expired / cancelled) in the outbox."""
+
+    id: str
+    batch_id: str
+    owner: str
+    type: str
+    created_at: int
+    attempts: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "event",
+            "type": self.type,
+            "created_at": self.created_at,
+            "data": {"id": self.batch_id},
+        }
+
+
+@dataclass(slots=True)
 class Usage:
     input_tokens: int = 0
     cached_tokens: int = 0

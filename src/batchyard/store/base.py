@@ -20,6 +20,7 @@ from batchyard.domain.models import (
     UploadPartRecord,
     UploadRecord,
     Usage,
+    WebhookEvent,
 )
 from batchyard.domain.states import BatchStatus
 from batchyard.domain.validation import ShardPlan
@@ -92,6 +93,20 @@ class MetadataStore(ABC):
         """pending -> `status` ("completed", inserting `file` and linking it; "cancelled"; "expired"), in one
         transaction.
         False (and nothing changed) if the upload is not pending (another request finished it first)."""
+
+    # webhooks: every transition to a final status writes one event in the same transaction (an outbox)
+    @abstractmethod
+    async def claim_webhook_events(
+        self, worker: str, lease_s: float, limit: int, since: int
+    ) -> list[WebhookEvent]:
+        """Pending events that are due (created at or after `since`), leased to `worker` for delivery."""
+
+    @abstractmethod
+    async def settle_webhook_event(
+        self, event_id: str, worker: str, status: str, next_at: float | None, error: str | None
+    ) -> bool:
+        """After a delivery attempt by the lease holder: status "delivered", "abandoned", or "pending" again (then
+        due at `next_at`); counts the attempt. False if `worker` no longer holds the event."""
 
     # batches
     @abstractmethod

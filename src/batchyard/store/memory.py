@@ -24,10 +24,12 @@ from batchyard.domain.models import (
     UploadPartRecord,
     UploadRecord,
     Usage,
+    WebhookEvent,
 )
-from batchyard.domain.states import BatchStatus, check_transition
+from batchyard.domain.states import TERMINAL, BatchStatus, check_transition
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
+from batchyard.ids import event_id
 from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, Page
 
 S = BatchStatus
@@ -69,11 +71,23 @@ class _Shard:
 
 
 @dataclass(slots=True)
+class _Event:
+    seq: int
+    ev: WebhookEvent
+    next_at: float
+    status: str = "pending"
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    last_error: str | None = None
+
+
+@dataclass(slots=True)
 class _State:
     files: dict[str, _File] = field(default_factory=dict)
     batches: dict[str, _Batch] = field(default_factory=dict)
     shards: dict[str, dict[int, _Shard]] = field(default_factory=dict)  # batch id -> index -> shard
     uploads: dict[str, UploadRecord] = field(default_factory=dict)
+    events: dict[str, _Event] = field(default_factory=dict)  # batch id -> its webhook event
     parts: dict[str, list[UploadPartRecord]] = field(default_factory=dict)  # upload id -> parts, in order
     seq: int = 0
 
@@ -124,6 +138,10 @@ class MemoryStore(MetadataStore):
             setattr(b.rec, stamp, int(self._clock()))
         for name, value in fields.items():
             setattr(b, name, value)
+        if dst in TERMINAL and b.rec.id not in self._s.events:  # the webhook, with the final status
+            now = self._clock()
+            ev = WebhookEvent(event_id(), b.rec.id, b.rec.owner, f"batch.{dst}", int(now))
+            self._s.events[b.rec.id] = _Event(self._next_seq(), ev, now)
         return True
 
     def _holds_job(self, batch_id: str, worker: str) -> _Batch | None:
@@ -218,6 +236,34 @@ class MemoryStore(MetadataStore):
         return [replace(f.rec) for f in hits[:limit]]
 
     # -- batches --------------------------------------------------------------------------------------------
+    async def claim_webhook_events(
+        self, worker: str, lease_s: float, limit: int, since: int
+    ) -> list[WebhookEvent]:
+        now = self._clock()
+        due = [
+            e
+            for e in sorted(self._s.events.values(), key=lambda e: e.seq)
+            if e.status == "pending"
+            and e.next_at <= now
+            and e.ev.created_at >= since
+            and (e.lease_until is None or e.lease_until < now)
+        ][:limit]
+        for e in due:
+            e.lease_owner, e.lease_until = worker, now + lease_s
+        return [replace(e.ev) for e in due]
+
+    async def settle_webhook_event(
+        self, event_id: str, worker: str, status: str, next_at: float | None, error: str | None
+    ) -> bool:
+        for e in self._s.events.values():
+            if e.ev.id == event_id and e.lease_owner == worker and e.status == "pending":
+                e.status, e.last_error = status, error
+                e.next_at = e.next_at if next_at is None else next_at
+                e.ev.attempts += 1
+                e.lease_owner = e.lease_until = None
+                return True
+        return False
+
     async def insert_batch(self, rec: BatchRecord) -> None:
         if rec.id in self._s.batches:
             raise StoreError(f"memory: batch {rec.id!r} exists")

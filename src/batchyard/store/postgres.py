@@ -38,16 +38,20 @@ from batchyard.domain.models import (
     UploadPartRecord,
     UploadRecord,
     Usage,
+    WebhookEvent,
 )
-from batchyard.domain.states import BatchStatus, check_transition
+from batchyard.domain.states import TERMINAL, BatchStatus, check_transition
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
+from batchyard.ids import event_id
 from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, Page
 from batchyard.store.rows import (
+    EVENT_COLS,
     FILE_COLS,
     PART_COLS,
     UPLOAD_COLS,
     batch_from_row,
+    event_from_row,
     file_from_row,
     file_values,
     part_from_row,
@@ -342,7 +346,53 @@ class PostgresStore(MetadataStore):
             f"UPDATE batches SET {', '.join(sets)} WHERE id = {args(batch_id)} AND status = {args(str(src))}",
             *args.values,
         )
-        return _rowcount(status) == 1
+        if _rowcount(status) != 1:
+            return False
+        if dst in TERMINAL:  # the webhook, in the same transaction as the final status
+            await conn.execute(
+                "INSERT INTO webhook_events (id, batch_id, owner, type, created_at, next_at) "
+                f"SELECT $1, id, owner, $2, trunc({_now('$3')})::bigint, {_now('$3')} FROM batches WHERE id = $4 "
+                "ON CONFLICT DO NOTHING",
+                event_id(),
+                f"batch.{dst}",
+                self._t(),
+                batch_id,
+            )
+        return True
+
+    async def claim_webhook_events(
+        self, worker: str, lease_s: float, limit: int, since: int
+    ) -> list[WebhookEvent]:
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                f"WITH due AS (SELECT seq FROM webhook_events WHERE status = 'pending' AND next_at <= {_now('$1')} "
+                f"AND created_at >= $2 AND (lease_until IS NULL OR lease_until < {_now('$1')}) "
+                "ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) "
+                f"UPDATE webhook_events e SET lease_owner = $4, lease_until = {_now('$1')} + $5 FROM due "
+                f"WHERE e.seq = due.seq RETURNING {', '.join('e.' + c.strip() for c in EVENT_COLS.split(','))}",
+                self._t(),
+                since,
+                limit,
+                worker,
+                lease_s,
+            )
+        return sorted((event_from_row(r) for r in rows), key=lambda e: e.created_at)
+
+    async def settle_webhook_event(
+        self, event_id: str, worker: str, status: str, next_at: float | None, error: str | None
+    ) -> bool:
+        async with self._conn() as conn:
+            done = await conn.fetchval(
+                "UPDATE webhook_events SET status = $1, next_at = COALESCE($2, next_at), last_error = $3, "
+                "attempts = attempts + 1, lease_owner = NULL, lease_until = NULL "
+                "WHERE id = $4 AND lease_owner = $5 AND status = 'pending' RETURNING 1",
+                status,
+                next_at,
+                error,
+                event_id,
+                worker,
+            )
+        return done is not None
 
     async def insert_batch(self, rec: BatchRecord) -> None:
         async with self._conn() as conn:

@@ -15,6 +15,7 @@ from batchyard.domain.models import (
     UploadPartRecord,
     UploadRecord,
     Usage,
+    WebhookEvent,
 )
 from batchyard.domain.states import BatchStatus
 
@@ -84,6 +85,20 @@ def part_from_row(row: Row) -> UploadPartRecord:
         bytes=row["bytes"],
         blob_key=row["blob_key"],
         created_at=row["created_at"],
+    )
+
+
+EVENT_COLS = "id, batch_id, owner, type, created_at, attempts"
+
+
+def event_from_row(row: Row) -> WebhookEvent:
+    return WebhookEvent(
+        id=row["id"],
+        batch_id=row["batch_id"],
+        owner=row["owner"],
+        type=row["type"],
+        created_at=row["created_at"],
+        attempts=row["attempts"],
     )
 
 

@@ -27,16 +27,20 @@ from batchyard.domain.models import (
     UploadPartRecord,
     UploadRecord,
     Usage,
+    WebhookEvent,
 )
-from batchyard.domain.states import BatchStatus, check_transition
+from batchyard.domain.states import TERMINAL, BatchStatus, check_transition
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
+from batchyard.ids import event_id
 from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, Page
 from batchyard.store.rows import (
+    EVENT_COLS,
     FILE_COLS,
     PART_COLS,
     UPLOAD_COLS,
     batch_from_row,
+    event_from_row,
     file_from_row,
     file_values,
     part_from_row,
@@ -310,7 +314,50 @@ class SQLiteStore(MetadataStore):
         cur = db.execute(
             f"UPDATE batches SET {cols} WHERE id = ? AND status = ?", (*sets.values(), batch_id, str(src))
         )
-        return cur.rowcount == 1
+        if cur.rowcount != 1:
+            return False
+        if dst in TERMINAL:  # the webhook, in the same transaction as the final status
+            now = self._clock()
+            db.execute(
+                "INSERT OR IGNORE INTO webhook_events (id, batch_id, owner, type, created_at, next_at) "
+                "SELECT ?, id, owner, ?, ?, ? FROM batches WHERE id = ?",
+                (event_id(), f"batch.{dst}", int(now), now, batch_id),
+            )
+        return True
+
+    async def claim_webhook_events(
+        self, worker: str, lease_s: float, limit: int, since: int
+    ) -> list[WebhookEvent]:
+        def q(db: sqlite3.Connection) -> list[WebhookEvent]:
+            now = self._clock()
+            with self._tx(db):
+                rows = db.execute(
+                    f"SELECT {EVENT_COLS} FROM webhook_events WHERE status = 'pending' AND next_at <= ? "
+                    "AND created_at >= ? AND (lease_until IS NULL OR lease_until < ?) ORDER BY seq LIMIT ?",
+                    (now, since, now, limit),
+                ).fetchall()
+                for r in rows:
+                    db.execute(
+                        "UPDATE webhook_events SET lease_owner = ?, lease_until = ? WHERE id = ?",
+                        (worker, now + lease_s, r["id"]),
+                    )
+                return [event_from_row(r) for r in rows]
+
+        return await self._run(q)
+
+    async def settle_webhook_event(
+        self, event_id: str, worker: str, status: str, next_at: float | None, error: str | None
+    ) -> bool:
+        def q(db: sqlite3.Connection) -> bool:
+            cur = db.execute(
+                "UPDATE webhook_events SET status = ?, next_at = COALESCE(?, next_at), last_error = ?, "
+                "attempts = attempts + 1, lease_owner = NULL, lease_until = NULL "
+                "WHERE id = ? AND lease_owner = ? AND status = 'pending'",
+                (status, next_at, error, event_id, worker),
+            )
+            return cur.rowcount == 1
+
+        return await self._run(q)
 
     async def insert_batch(self, rec: BatchRecord) -> None:
         def q(db: sqlite3.Connection) -> None:
