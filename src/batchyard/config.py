@@ -122,6 +122,9 @@ class Settings:
     max_retries: int = 6
     cancel_grace: float = 30.0  # in-flight lines of a cancelled/expired batch get this long to finish
     poll_interval: float = 0.5
+    # webhooks (batch.completed / failed / expired / cancelled), signed with webhook_secret
+    webhook_urls: list[str] = field(default_factory=list)
+    webhook_secret: str | None = None
     # limits
     max_lines: int = limits.MAX_INPUT_LINES
     max_batch_file_bytes: int = limits.MAX_BATCH_FILE_BYTES

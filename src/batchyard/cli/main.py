@@ -255,15 +255,54 @@ _WORKERS_OPTION = _opt(
 )
 
 
+_WEBHOOK_OPTIONS = [
+    _opt(
+        "--webhook-url",
+        "webhook_urls",
+        multiple=True,
+        envvar="BATCHYARD_WEBHOOK_URL",
+        help="URL that receives the batch webhooks (batch.completed, batch.failed, batch.expired, batch.cancelled), "
+        "signed as OpenAI signs them. Repeatable.",
+    ),
+    _opt(
+        "--webhook-secret",
+        default=None,
+        help="Signing secret of the webhooks (whsec_<base64>, as OpenAI's; verify with the openai SDK's "
+        "client.webhooks.unwrap). Required with --webhook-url.",
+    ),
+]
+
+
 def state_options(f: F) -> F:
+    for option in reversed(_WEBHOOK_OPTIONS):
+        f = option(f)
     f = _WORKERS_OPTION(f)
     for option in reversed(_STATE_OPTIONS):
         f = option(f)
     return f
 
 
+def _webhooks(opts: dict[str, Any]) -> dict[str, Any]:
+    from batchyard.domain.webhooks import secret_key
+
+    urls = list(opts["webhook_urls"])
+    secret = opts["webhook_secret"]
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise click.BadParameter(f"webhook URL must start with http:// or https://: {url!r}")
+    if urls and not secret:
+        raise click.UsageError("--webhook-url needs --webhook-secret (or BATCHYARD_WEBHOOK_SECRET)")
+    if secret:
+        try:
+            secret_key(secret)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--webhook-secret") from None
+    return {"webhook_urls": urls, "webhook_secret": secret}
+
+
 def state_settings(opts: dict[str, Any]) -> dict[str, Any]:
     return {
+        **_webhooks(opts),
         "workers": opts["workers"],
         "data_dir": Path(opts["data_dir"]),
         "database_url": opts["database_url"],

@@ -13,6 +13,7 @@ from batchyard.errors import BlobError
 from batchyard.execution import jobs
 from batchyard.execution.dispatcher import Dispatcher
 from batchyard.execution.shard_runner import ShardRunner
+from batchyard.execution.webhooks import WebhookSender
 from batchyard.ids import worker_id
 from batchyard.store.base import MetadataStore
 from batchyard.upstreams.router import Router
@@ -44,6 +45,11 @@ class Worker:
             max_retries=settings.max_retries,
         )
         self.runner = ShardRunner(store, blobs, self.dispatcher, settings)
+        self.webhooks = (
+            WebhookSender(settings.webhook_urls, settings.webhook_secret or "")
+            if settings.webhook_urls
+            else None
+        )
         self._wake = asyncio.Event()
         self._event_loop: asyncio.AbstractEventLoop | None = None
 
@@ -105,6 +111,12 @@ class Worker:
         self.wake()
         return True
 
+    async def deliver_webhooks_once(self) -> bool:
+        assert self.webhooks is not None
+        if not await self.webhooks.deliver(self.store, self.id):
+            await asyncio.sleep(1.0)  # nothing due: look again in a second
+        return True
+
     async def sweep_files_once(self) -> bool:
         await self.sweep()
         await asyncio.sleep(30)
@@ -126,9 +138,15 @@ class Worker:
         """Run every loop until cancelled; an exception in one loop cancels the others and propagates."""
         self._event_loop = asyncio.get_running_loop()
         log.info("worker %s started", self.id)
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._loop(self.validate_once), name="validator")
-            tg.create_task(self._loop(self.finalize_once), name="finalizer")
-            tg.create_task(self._loop(self.sweep_files_once), name="file-sweeper")
-            for i in range(self.settings.max_shards):
-                tg.create_task(self._loop(self.run_shard_once), name=f"shard-runner-{i}")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._loop(self.validate_once), name="validator")
+                tg.create_task(self._loop(self.finalize_once), name="finalizer")
+                tg.create_task(self._loop(self.sweep_files_once), name="file-sweeper")
+                if self.webhooks is not None:
+                    tg.create_task(self._loop(self.deliver_webhooks_once), name="webhooks")
+                for i in range(self.settings.max_shards):
+                    tg.create_task(self._loop(self.run_shard_once), name=f"shard-runner-{i}")
+        finally:
+            if self.webhooks is not None:
+                await self.webhooks.close()

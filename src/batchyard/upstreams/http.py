@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 import httptools
@@ -183,6 +184,7 @@ class HTTPUpstream(Upstream):
         self._tls = parts.scheme == "https"
         self._port = parts.port or (443 if self._tls else 80)
         self._prefix = parts.path.rstrip("/")
+        self._query = f"?{parts.query}" if parts.query else ""  # kept for the base URL itself (webhook URLs)
         host = f"[{self._host}]" if ":" in self._host else self._host
         default_port = self._port == (443 if self._tls else 80)
         authority = host if default_port else f"{host}:{self._port}"
@@ -209,6 +211,8 @@ class HTTPUpstream(Upstream):
         return self.base_url + path
 
     def _path(self, endpoint: str) -> str:
+        if not endpoint:
+            return (self._prefix or "/") + self._query
         return self._prefix + (endpoint[3:] if endpoint.startswith("/v1/") else endpoint)
 
     async def _connect(self) -> _Connection:
@@ -252,10 +256,21 @@ class HTTPUpstream(Upstream):
                 self._idle.append(conn)
             return resp
 
-    async def call(self, endpoint: str, body: bytes, *, timeout: float) -> UpstreamResponse:
-        head = b"POST %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n" % (
+    async def call(
+        self, endpoint: str, body: bytes, *, timeout: float, headers: Mapping[str, str] | None = None
+    ) -> UpstreamResponse:
+        """POST `body` to `endpoint` (e.g. "/v1/chat/completions"; "" for the base URL itself). `headers`: more
+        request headers (names and values without line breaks; batchyard's own, never a client's)."""
+        extra = b""
+        if headers:
+            lines = [f"{k}: {v}\r\n" for k, v in headers.items()]
+            if any(c in line[:-2] for line in lines for c in "\r\n\0"):
+                raise ValueError("a request header contains a line break or NUL")
+            extra = "".join(lines).encode("latin-1")
+        head = b"POST %s HTTP/1.1\r\n%s%sContent-Length: %d\r\n\r\n" % (
             self._path(endpoint).encode("latin-1"),
             self._fixed_headers,
+            extra,
             len(body),
         )
         try:
