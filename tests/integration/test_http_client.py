@@ -7,12 +7,11 @@ import asyncio
 import socket
 import ssl
 import struct
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import orjson
 import pytest
+import trustme
 
 from batchyard.upstreams.base import UpstreamError
 from batchyard.upstreams.http import HTTPUpstream
@@ -284,27 +283,21 @@ async def test_refused_connection_is_a_connection_error() -> None:
 
 
 @pytest.fixture
-def tls_cert(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key."""
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
+def tls_ca() -> trustme.CA:
+    """A throwaway certificate authority (no system store knows it)."""
+    return trustme.CA()
 
 
-async def test_https_with_verification(serve, tls_cert: tuple[Path, Path]) -> None:  # type: ignore[no-untyped-def]
-    cert, key = tls_cert
+async def test_https_with_verification(serve, tls_ca: trustme.CA) -> None:  # type: ignore[no-untyped-def]
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(cert, key)
+    tls_ca.issue_cert("127.0.0.1", "localhost").configure_cert(server_ctx)
 
     async def h(_r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
         w.write(ok(b'{"tls": true}'))
 
     s = await serve(h, server_ctx)
-    trusting = ssl.create_default_context(cafile=str(cert))
+    trusting = ssl.create_default_context()
+    tls_ca.configure_trust(trusting)
     up = HTTPUpstream(f"https://127.0.0.1:{s.port}/v1", ssl_context=trusting)
     assert (await call(up))[:2] == (200, b'{"tls": true}')
     assert (await call(up))[:2] == (200, b'{"tls": true}')
