@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 
-from batchyard.api import batches, errors, files, uploads
+from batchyard.api import batches, errors, files, openapi, uploads
 from batchyard.api.auth import Authenticator
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
@@ -22,6 +22,8 @@ def create_app(svc: Services) -> FastAPI:
     app.include_router(files.router(svc, auth.owner))
     app.include_router(batches.router(svc, auth.owner))
     app.include_router(uploads.router(svc, auth.owner))
+
+    app.openapi = lambda: openapi.document(app)  # type: ignore[method-assign]
 
     @app.get("/health")
     async def health() -> dict[str, str]:
