@@ -97,3 +97,29 @@ def test_upstreams_are_deduplicated() -> None:
 def test_model_names_are_the_sorted_exact_names() -> None:
     router = Router([("zeta", A), ("alpha", B), ("g-*", C), (None, D)])
     assert router.model_names() == ["alpha", "zeta"]
+
+
+class Listing(Named):
+    """An upstream whose /v1/models lists `ids` (None: it cannot say)."""
+
+    def __init__(self, name: str, ids: list[str] | None) -> None:
+        super().__init__(name)
+        self.ids = ids
+        self.asked = 0
+
+    async def list_models(self, *, timeout: float) -> list[str] | None:
+        self.asked += 1
+        return self.ids
+
+
+async def test_list_models_adds_what_glob_and_catch_all_upstreams_list() -> None:
+    gpt = Listing("gpt", ["gpt-4o", "gpt-4o-mini", "llama-3"])
+    rest = Listing("rest", ["mistral", "gpt-4o"])
+    silent = Listing("silent", None)
+    router = Router([("exact-model", A), ("gpt-*", gpt), ("gpt-*", silent), (None, rest)])
+    # llama-3 is listed by the gpt-* upstream but does not match its glob; the catch-all's ids are all routable
+    assert await router.list_models() == ["exact-model", "gpt-4o", "gpt-4o-mini", "mistral"]
+    await router.list_models()
+    assert (gpt.asked, rest.asked, silent.asked) == (1, 1, 1)  # cached for a minute
+    await router.list_models(ttl=0)
+    assert gpt.asked == 2

@@ -8,6 +8,7 @@ from batchyard.api import batches, errors, files, openapi, uploads
 from batchyard.api.auth import Authenticator
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
+from batchyard.errors import NotFound
 
 
 def create_app(svc: Services) -> FastAPI:
@@ -29,13 +30,19 @@ def create_app(svc: Services) -> FastAPI:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    def model_object(name: str) -> dict[str, object]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "batchyard"}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, object]:
         auth.owner(request)
-        data = [
-            {"id": m, "object": "model", "created": 0, "owned_by": "batchyard"}
-            for m in svc.router.model_names()
-        ]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_object(m) for m in await svc.router.list_models()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(request: Request, model: str) -> dict[str, object]:
+        auth.owner(request)
+        if model not in await svc.router.list_models():
+            raise NotFound(f"The model '{model}' does not exist.", param="model", code="model_not_found")
+        return model_object(model)
 
     return app

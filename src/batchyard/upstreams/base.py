@@ -38,6 +38,10 @@ class Upstream(ABC):
     async def call(self, endpoint: str, body: bytes, *, timeout: float) -> UpstreamResponse:
         """POST body to endpoint (e.g. "/v1/chat/completions"); the whole attempt finishes within timeout."""
 
+    async def list_models(self, *, timeout: float) -> list[str] | None:
+        """The model ids this upstream serves (its /v1/models), or None when it cannot say."""
+        return None
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open connections (called once, inside the event loop)."""
 

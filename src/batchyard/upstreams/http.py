@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 import httptools
+import orjson
 
 from batchyard.ids import request_id
 from batchyard.upstreams.base import Upstream, UpstreamError, UpstreamResponse
@@ -256,8 +257,27 @@ class HTTPUpstream(Upstream):
                 self._idle.append(conn)
             return resp
 
+    async def list_models(self, *, timeout: float) -> list[str] | None:
+        try:
+            resp = await self.call("/v1/models", b"", timeout=timeout, method="GET")
+        except UpstreamError:
+            return None
+        if resp.status != 200:
+            return None
+        try:
+            data = orjson.loads(resp.body).get("data")
+            return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        except (orjson.JSONDecodeError, AttributeError, TypeError):
+            return None
+
     async def call(
-        self, endpoint: str, body: bytes, *, timeout: float, headers: Mapping[str, str] | None = None
+        self,
+        endpoint: str,
+        body: bytes,
+        *,
+        timeout: float,
+        headers: Mapping[str, str] | None = None,
+        method: str = "POST",
     ) -> UpstreamResponse:
         """POST `body` to `endpoint` (e.g. "/v1/chat/completions"; "" for the base URL itself). `headers`: more
         request headers (names and values without line breaks; batchyard's own, never a client's)."""
@@ -267,7 +287,8 @@ class HTTPUpstream(Upstream):
             if any(c in line[:-2] for line in lines for c in "\r\n\0"):
                 raise ValueError("a request header contains a line break or NUL")
             extra = "".join(lines).encode("latin-1")
-        head = b"POST %s HTTP/1.1\r\n%s%sContent-Length: %d\r\n\r\n" % (
+        head = b"%s %s HTTP/1.1\r\n%s%sContent-Length: %d\r\n\r\n" % (
+            method.encode("ascii"),
             self._path(endpoint).encode("latin-1"),
             self._fixed_headers,
             extra,

@@ -5,7 +5,9 @@ Several upstreams may serve the same pattern: they form a group that the dispatc
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
+import time
 from collections.abc import Sequence
 
 from batchyard.upstreams.base import Upstream
@@ -28,6 +30,7 @@ class Router:
                 group = self._exact.setdefault(pattern, [])
             if member not in group:
                 group.append(member)
+        self._listed: dict[int, tuple[float, list[str]]] = {}  # upstream -> (when, the ids it listed)
 
     def group(self, model: str) -> list[Member] | None:
         """Every upstream that serves `model` at the most specific matching level, or None."""
@@ -66,3 +69,24 @@ class Router:
 
     def model_names(self) -> list[str]:
         return sorted(self._exact)
+
+    async def list_models(self, *, timeout: float = 3.0, ttl: float = 60.0) -> list[str]:
+        """Every model id a request can name: the exact routes, and what the upstreams of glob and catch-all routes
+        list at their /v1/models (matching the glob; asked at most once a minute each, `timeout` at most; an
+        upstream that does not answer lists nothing)."""
+        names = set(self._exact)
+        wanted = [(p, m) for p, g in self._globs.items() for m in g] + [(None, m) for m in self._default]
+
+        async def listed(member: Member) -> list[str]:
+            key = id(member.upstream)
+            hit = self._listed.get(key)
+            if hit is not None and time.monotonic() - hit[0] < ttl:
+                return hit[1]
+            ids = await member.upstream.list_models(timeout=timeout) or []
+            self._listed[key] = (time.monotonic(), ids)
+            return ids
+
+        found = await asyncio.gather(*(listed(m) for _, m in wanted))
+        for (pattern, _), ids in zip(wanted, found, strict=True):
+            names.update(i for i in ids if pattern is None or fnmatch.fnmatchcase(i, pattern))
+        return sorted(n for n in names if self.group(n) is not None)
