@@ -100,6 +100,13 @@ def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+def _lease(sh: _Shard, status: str, owner: str | None, until: float | None) -> None:
+    """A shard attempt starts (running, leased) or is given back (pending): its progress starts from zero."""
+    sh.rec.status, sh.lease_owner, sh.lease_until = status, owner, until
+    sh.rec.completed = sh.rec.failed = sh.expired = 0
+    sh.rec.usage = Usage()
+
+
 def _shard_copy(rec: ShardRecord) -> ShardRecord:
     return replace(rec, usage=replace(rec.usage))
 
@@ -430,14 +437,8 @@ class MemoryStore(MetadataStore):
         shard = _shard_copy(sh.rec)  # as read before the reset, like the SQL stores' claim row
         attempt = sh.rec.attempt + 1
         shard.status, shard.attempt = "running", attempt
-        sh.rec.status, sh.rec.attempt, sh.lease_owner, sh.lease_until = (
-            "running",
-            attempt,
-            worker,
-            now + lease_s,
-        )
-        sh.rec.completed = sh.rec.failed = sh.expired = 0
-        sh.rec.usage = Usage()
+        sh.rec.attempt = attempt
+        _lease(sh, "running", worker, now + lease_s)
         return ShardClaim(
             shard=shard,
             attempt=attempt,
@@ -473,18 +474,14 @@ class MemoryStore(MetadataStore):
     async def release_shard(self, claim: ShardClaim) -> None:
         sh = self._fenced(claim)
         if sh is not None:  # the attempt's progress goes with it
-            sh.rec.status, sh.lease_owner, sh.lease_until = "pending", None, None
-            sh.rec.completed = sh.rec.failed = sh.expired = 0
-            sh.rec.usage = Usage()
+            _lease(sh, "pending", None, None)
 
     async def release_worker(self, worker: str) -> int:
         n = 0
         for mine in self._s.shards.values():
             for sh in mine.values():
                 if sh.rec.status == "running" and sh.lease_owner == worker:
-                    sh.rec.status, sh.lease_owner, sh.lease_until = "pending", None, None
-                    sh.rec.completed = sh.rec.failed = sh.expired = 0
-                    sh.rec.usage = Usage()
+                    _lease(sh, "pending", None, None)
                     n += 1
         for b in self._s.batches.values():
             if b.job_owner == worker:

@@ -48,13 +48,16 @@ from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, Page
 from batchyard.store.rows import (
     EVENT_COLS,
     FILE_COLS,
+    NO_PROGRESS,
     PART_COLS,
+    RELEASED,
     UPLOAD_COLS,
     batch_from_row,
     event_from_row,
     file_from_row,
     file_values,
     part_from_row,
+    part_values,
     shard_from_row,
     upload_from_row,
     upload_values,
@@ -232,12 +235,7 @@ class PostgresStore(MetadataStore):
     async def insert_upload_part(self, part: UploadPartRecord) -> None:
         async with self._conn() as conn:
             await conn.execute(
-                f"INSERT INTO upload_parts ({PART_COLS}) VALUES ($1,$2,$3,$4,$5)",
-                part.id,
-                part.upload_id,
-                part.bytes,
-                part.blob_key,
-                part.created_at,
+                f"INSERT INTO upload_parts ({PART_COLS}) VALUES ($1,$2,$3,$4,$5)", *part_values(part)
             )
 
     async def get_upload_parts(self, upload_id: str) -> list[UploadPartRecord]:
@@ -612,8 +610,7 @@ class PostgresStore(MetadataStore):
             attempt = int(row["attempt"]) + 1
             await conn.execute(
                 "UPDATE shards SET status = 'running', attempt = $1, lease_owner = $2, lease_until = $3, "
-                "completed = 0, failed = 0, expired = 0, input_tokens = 0, cached_tokens = 0, "
-                "output_tokens = 0, reasoning_tokens = 0 WHERE batch_id = $4 AND idx = $5",
+                f"{NO_PROGRESS} WHERE batch_id = $4 AND idx = $5",
                 attempt,
                 worker,
                 now + lease_s,
@@ -664,9 +661,8 @@ class PostgresStore(MetadataStore):
     async def release_shard(self, claim: ShardClaim) -> None:
         async with self._conn() as conn:
             await conn.execute(
-                "UPDATE shards SET status = 'pending', lease_owner = NULL, lease_until = NULL, completed = 0, "
-                "failed = 0, expired = 0, input_tokens = 0, cached_tokens = 0, output_tokens = 0, "
-                "reasoning_tokens = 0 WHERE batch_id = $1 AND idx = $2 AND attempt = $3 AND lease_owner = $4 AND status = 'running'",
+                f"UPDATE shards SET {RELEASED} "
+                "WHERE batch_id = $1 AND idx = $2 AND attempt = $3 AND lease_owner = $4 AND status = 'running'",
                 claim.shard.batch_id,
                 claim.shard.index,
                 claim.attempt,
@@ -676,9 +672,8 @@ class PostgresStore(MetadataStore):
     async def release_worker(self, worker: str) -> int:
         async with self._tx() as conn:
             n = await conn.fetchval(
-                "WITH r AS (UPDATE shards SET status = 'pending', lease_owner = NULL, lease_until = NULL, "
-                "completed = 0, failed = 0, expired = 0, input_tokens = 0, cached_tokens = 0, output_tokens = 0, "
-                "reasoning_tokens = 0 WHERE lease_owner = $1 AND status = 'running' RETURNING 1) SELECT count(*) FROM r",
+                f"WITH r AS (UPDATE shards SET {RELEASED} WHERE lease_owner = $1 AND status = 'running' RETURNING 1) "
+                "SELECT count(*) FROM r",
                 worker,
             )
             await conn.execute(

@@ -22,99 +22,59 @@ from batchyard.domain.states import BatchStatus
 Row = Any  # sqlite3.Row or asyncpg.Record
 
 
-FILE_COLS = "id, owner, bytes, created_at, expires_at, filename, purpose, status, blob_key, sha256"
+# A shard attempt's published progress, zeroed when an attempt starts or is given back (SQL SET clauses).
+NO_PROGRESS = (
+    "completed = 0, failed = 0, expired = 0, input_tokens = 0, cached_tokens = 0, output_tokens = 0, "
+    "reasoning_tokens = 0"
+)
+RELEASED = f"status = 'pending', lease_owner = NULL, lease_until = NULL, {NO_PROGRESS}"
+
+# Records whose fields are their table's columns, one to one: the column list is the mapping.
+FILE_FIELDS = (
+    "id", "owner", "bytes", "created_at", "expires_at", "filename", "purpose", "status", "blob_key", "sha256"
+)  # fmt: skip
+UPLOAD_FIELDS = (
+    "id", "owner", "filename", "purpose", "bytes", "mime_type", "status", "created_at", "expires_at",
+    "file_expires_after", "file_id",
+)  # fmt: skip
+PART_FIELDS = ("id", "upload_id", "bytes", "blob_key", "created_at")
+EVENT_FIELDS = ("id", "batch_id", "owner", "type", "created_at", "attempts")
+FILE_COLS, UPLOAD_COLS, PART_COLS, EVENT_COLS = (
+    ", ".join(f) for f in (FILE_FIELDS, UPLOAD_FIELDS, PART_FIELDS, EVENT_FIELDS)
+)
+
+
+def values(rec: Any, fields: tuple[str, ...]) -> tuple[Any, ...]:
+    """The record's fields, in the order of its column list (for an INSERT)."""
+    return tuple(getattr(rec, f) for f in fields)
 
 
 def file_values(f: FileRecord) -> tuple[Any, ...]:
-    """`f` as the values of FILE_COLS, in order."""
-    return (
-        f.id,
-        f.owner,
-        f.bytes,
-        f.created_at,
-        f.expires_at,
-        f.filename,
-        f.purpose,
-        f.status,
-        f.blob_key,
-        f.sha256,
-    )
-
-
-UPLOAD_COLS = "id, owner, filename, purpose, bytes, mime_type, status, created_at, expires_at, file_expires_after, file_id"
-PART_COLS = "id, upload_id, bytes, blob_key, created_at"
+    return values(f, FILE_FIELDS)
 
 
 def upload_values(rec: UploadRecord) -> tuple[Any, ...]:
-    """`rec` as the values of UPLOAD_COLS, in order."""
-    return (
-        rec.id,
-        rec.owner,
-        rec.filename,
-        rec.purpose,
-        rec.bytes,
-        rec.mime_type,
-        rec.status,
-        rec.created_at,
-        rec.expires_at,
-        rec.file_expires_after,
-        rec.file_id,
-    )
+    return values(rec, UPLOAD_FIELDS)
 
 
-def upload_from_row(row: Row) -> UploadRecord:
-    return UploadRecord(
-        id=row["id"],
-        owner=row["owner"],
-        filename=row["filename"],
-        purpose=row["purpose"],
-        bytes=row["bytes"],
-        mime_type=row["mime_type"],
-        status=row["status"],
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        file_expires_after=row["file_expires_after"],
-        file_id=row["file_id"],
-    )
-
-
-def part_from_row(row: Row) -> UploadPartRecord:
-    return UploadPartRecord(
-        id=row["id"],
-        upload_id=row["upload_id"],
-        bytes=row["bytes"],
-        blob_key=row["blob_key"],
-        created_at=row["created_at"],
-    )
-
-
-EVENT_COLS = "id, batch_id, owner, type, created_at, attempts"
-
-
-def event_from_row(row: Row) -> WebhookEvent:
-    return WebhookEvent(
-        id=row["id"],
-        batch_id=row["batch_id"],
-        owner=row["owner"],
-        type=row["type"],
-        created_at=row["created_at"],
-        attempts=row["attempts"],
-    )
+def part_values(part: UploadPartRecord) -> tuple[Any, ...]:
+    return values(part, PART_FIELDS)
 
 
 def file_from_row(row: Row) -> FileRecord:
-    return FileRecord(
-        id=row["id"],
-        owner=row["owner"],
-        bytes=row["bytes"],
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        filename=row["filename"],
-        purpose=row["purpose"],
-        status=row["status"],
-        blob_key=row["blob_key"],
-        sha256=row["sha256"],
-    )
+    return FileRecord(**{f: row[f] for f in FILE_FIELDS})
+
+
+def upload_from_row(row: Row) -> UploadRecord:
+    return UploadRecord(**{f: row[f] for f in UPLOAD_FIELDS})
+
+
+def part_from_row(row: Row) -> UploadPartRecord:
+    return UploadPartRecord(**{f: row[f] for f in PART_FIELDS})
+
+
+def event_from_row(row: Row) -> WebhookEvent:
+    return WebhookEvent(**{f: row[f] for f in EVENT_FIELDS})
 
 
 def shard_from_row(row: Row) -> ShardRecord:

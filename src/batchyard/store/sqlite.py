@@ -37,13 +37,16 @@ from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, Page
 from batchyard.store.rows import (
     EVENT_COLS,
     FILE_COLS,
+    NO_PROGRESS,
     PART_COLS,
+    RELEASED,
     UPLOAD_COLS,
     batch_from_row,
     event_from_row,
     file_from_row,
     file_values,
     part_from_row,
+    part_values,
     shard_from_row,
     upload_from_row,
     upload_values,
@@ -193,10 +196,7 @@ class SQLiteStore(MetadataStore):
 
     async def insert_upload_part(self, part: UploadPartRecord) -> None:
         def q(db: sqlite3.Connection) -> None:
-            db.execute(
-                f"INSERT INTO upload_parts ({PART_COLS}) VALUES (?,?,?,?,?)",
-                (part.id, part.upload_id, part.bytes, part.blob_key, part.created_at),
-            )
+            db.execute(f"INSERT INTO upload_parts ({PART_COLS}) VALUES (?,?,?,?,?)", part_values(part))
 
         await self._run(q)
 
@@ -597,8 +597,7 @@ class SQLiteStore(MetadataStore):
                 attempt = row["attempt"] + 1
                 db.execute(
                     "UPDATE shards SET status = 'running', attempt = ?, lease_owner = ?, lease_until = ?, "
-                    "completed = 0, failed = 0, expired = 0, input_tokens = 0, cached_tokens = 0, "
-                    "output_tokens = 0, reasoning_tokens = 0 WHERE batch_id = ? AND idx = ?",
+                    f"{NO_PROGRESS} WHERE batch_id = ? AND idx = ?",
                     (attempt, worker, now + lease_s, row["batch_id"], row["idx"]),
                 )
                 shard = shard_from_row(row)
@@ -652,9 +651,8 @@ class SQLiteStore(MetadataStore):
     async def release_shard(self, claim: ShardClaim) -> None:
         def q(db: sqlite3.Connection) -> None:
             db.execute(
-                "UPDATE shards SET status = 'pending', lease_owner = NULL, lease_until = NULL, completed = 0, "
-                "failed = 0, expired = 0, input_tokens = 0, cached_tokens = 0, output_tokens = 0, "
-                "reasoning_tokens = 0 WHERE batch_id = ? AND idx = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
+                f"UPDATE shards SET {RELEASED} "
+                "WHERE batch_id = ? AND idx = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
                 (claim.shard.batch_id, claim.shard.index, claim.attempt, claim.worker),
             )
 
@@ -664,9 +662,7 @@ class SQLiteStore(MetadataStore):
         def q(db: sqlite3.Connection) -> int:
             with self._tx(db):
                 cur = db.execute(
-                    "UPDATE shards SET status = 'pending', lease_owner = NULL, lease_until = NULL, completed = 0, "
-                    "failed = 0, expired = 0, input_tokens = 0, cached_tokens = 0, output_tokens = 0, "
-                    "reasoning_tokens = 0 WHERE lease_owner = ? AND status = 'running'",
+                    f"UPDATE shards SET {RELEASED} WHERE lease_owner = ? AND status = 'running'",
                     (worker,),
                 )
                 db.execute(
