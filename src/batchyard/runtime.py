@@ -280,17 +280,12 @@ class WorkerProcess:
         self.name = ""
         self._releasing: set[asyncio.Task[None]] = set()
         self.budget = budget or RestartBudget()
-        self.restarts = 0
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._wake_w: int | None = None
         self._wake_conn: Any = None
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._restart: asyncio.TimerHandle | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -335,7 +330,6 @@ class WorkerProcess:
             )
             self.on_death()
             return
-        self.restarts += 1
         delay = 0.5 * self.budget.recent
         log.error(
             "the worker process exited with %s; starting a new one in %.1f s (its leases are given back)",

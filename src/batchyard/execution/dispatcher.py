@@ -80,7 +80,6 @@ class Dispatcher:
         endpoint: str,
         body: dict[str, Any],
         payload: bytes,
-        tokens: float,
         stop: StopSignal,
     ) -> UpstreamResponse | UpstreamError | None:
         """One try on the best member of the group: its rate limits, concurrency limit and health.
@@ -94,7 +93,7 @@ class Dispatcher:
                 continue
             if member.priority is not None and "priority" not in body:  # the request's own priority wins
                 payload = orjson.dumps({**body, "priority": member.priority})
-            return await self._send(member, limiter, started, endpoint, payload, tokens, stop)
+            return await self._send(member, limiter, started, endpoint, body, payload, stop)
 
     async def _send(
         self,
@@ -102,8 +101,8 @@ class Dispatcher:
         limiter: Limiter,
         started: float,
         endpoint: str,
+        body: dict[str, Any],
         payload: bytes,
-        tokens: float,
         stop: StopSignal,
     ) -> UpstreamResponse | UpstreamError | None:
         signal = Signal.ERROR
@@ -111,7 +110,7 @@ class Dispatcher:
             if member.rpm is not None:
                 await member.rpm.take(1)
             if member.tpm is not None:
-                await member.tpm.take(tokens)
+                await member.tpm.take(_estimated_tokens(payload, body))  # only for upstreams with a TPM limit
             if stop.code is not None:
                 return None
             member.health.on_attempt(time.monotonic())
@@ -136,12 +135,11 @@ class Dispatcher:
                 False, lines.error_line(custom_id, "model_not_found", f"No upstream serves {model!r}.")
             )
         payload = orjson.dumps(body)
-        tokens = _estimated_tokens(payload, body) if any(m.tpm is not None for m in group) else 0.0
         retries = 0
         while True:
             if stop.code is not None:
                 return Outcome(False, lines.not_executed_line(custom_id, stop.code), stopped=stop.code)
-            resp = await self._attempt(group, endpoint, body, payload, tokens, stop)
+            resp = await self._attempt(group, endpoint, body, payload, stop)
             if resp is None:  # stopped while waiting for a slot: never sent
                 return Outcome(False, lines.not_executed_line(custom_id, stop.code or ""), stopped=stop.code)
             if isinstance(resp, UpstreamError):

@@ -207,10 +207,6 @@ class HTTPUpstream(Upstream):
         for conn in idle:
             conn.close()
 
-    def url_for(self, endpoint: str) -> str:
-        path = endpoint[3:] if endpoint.startswith("/v1/") else endpoint
-        return self.base_url + path
-
     def _path(self, endpoint: str) -> str:
         if not endpoint:
             return (self._prefix or "/") + self._query

@@ -74,7 +74,7 @@ class Router:
         """Every model id a request can name: the exact routes, and what the upstreams of glob and catch-all routes
         list at their /v1/models (matching the glob; asked at most once a minute each, `timeout` at most; an
         upstream that does not answer lists nothing)."""
-        names = set(self._exact)
+        names = set(self.model_names())
         wanted = [(p, m) for p, g in self._globs.items() for m in g] + [(None, m) for m in self._default]
 
         async def listed(member: Member) -> list[str]:
@@ -89,4 +89,4 @@ class Router:
         found = await asyncio.gather(*(listed(m) for _, m in wanted))
         for (pattern, _), ids in zip(wanted, found, strict=True):
             names.update(i for i in ids if pattern is None or fnmatch.fnmatchcase(i, pattern))
-        return sorted(n for n in names if self.group(n) is not None)
+        return sorted(names)
