@@ -10,6 +10,7 @@ Needs Debian's nginx (`apt-get install -y nginx-light`).
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import subprocess
 import sys
@@ -19,18 +20,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BatchyardServer, Nginx, make_input, workdir
+from common import BatchyardServer, Nginx, cpu_seconds, make_input, tree_pids, workdir
 from openai import OpenAI
 
 
-def run_reference(inp: Path, out: Path, base_url: str) -> float:
+def run_reference(inp: Path, out: Path, base_url: str) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (interpreter start included) of the reference loop."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(
         [sys.executable, str(Path(__file__).parent / "reference_loop.py"), str(inp), str(out), base_url],
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def run_batchyard(inp: Path, base_url: str, out: Path, probe: bool = True) -> tuple[float, list[float]]:
@@ -91,11 +96,16 @@ def main() -> None:
     size = make_input(inp, a.lines, a.line_bytes)
     print(f"input: {a.lines} lines, {size / 1e6:.1f} MB")
     with Nginx(wd) as ng:
-        ref_s = run_reference(inp, wd / "ref-out.jsonl", ng.base_url)
+        ref_s, ref_cpu = run_reference(inp, wd / "ref-out.jsonl", ng.base_url)
         with BatchyardServer(
             wd, "--upstream", ng.base_url, "--concurrency", str(a.concurrency), *a.server_arg
         ) as srv:
+            assert srv.proc is not None
+            workers = [p for p in tree_pids(srv.proc.pid) if p != srv.proc.pid]
+            api_cpu0, workers_cpu0 = cpu_seconds(srv.proc.pid), sum(cpu_seconds(p) for p in workers)
             by_s, lat = run_batchyard(inp, srv.base_url, wd / "by-out.jsonl", not a.no_probe)
+            api_cpu = cpu_seconds(srv.proc.pid) - api_cpu0
+            workers_cpu = sum(cpu_seconds(p) for p in workers) - workers_cpu0
     n_ref = (wd / "ref-out.jsonl").read_bytes().count(b"\n")
     n_by = (wd / "by-out.jsonl").read_bytes().count(b"\n")
     assert n_ref == n_by == a.lines, (n_ref, n_by)
@@ -104,6 +114,12 @@ def main() -> None:
         f"batchyard e2e  : {a.lines / by_s:8.0f} lines/s ({by_s:.2f}s, upload+validate+run+finalize+download)"
     )
     print(f"P1 ratio batchyard/reference: {ref_s / by_s:.2f}  (goal >= 0.8)")
+    per_line = 1e6 / a.lines
+    print(
+        f"CPU per line: reference {ref_cpu * per_line:.0f} us (its interpreter start included); batchyard worker "
+        f"process(es) {workers_cpu * per_line:.0f} us (validation, execution, finalization), API "
+        f"{api_cpu * per_line:.0f} us (upload, polling, download)"
+    )
     if lat:
         lat.sort()
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]

@@ -2,7 +2,7 @@
 requests in flight; each request takes 50 ms). Compares `--concurrency auto` with the best hand-set fixed
 concurrency, measured in the same run, and counts lines retried more than once.
 
-    python bench/p5_adaptive.py [--capacity 32] [--lines 4000] [--delay 0.05]
+    python bench/p5_adaptive.py [--capacity 32] [--lines 4000] [--delay 0.05] [--server-arg=--workers=2]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def reset(port: int) -> None:
     urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/_reset", method="POST")).read()
 
 
-def one_run(concurrency: str, lines: int, port: int) -> tuple[float, int, int]:
+def one_run(concurrency: str, lines: int, port: int, extra: list[str]) -> tuple[float, int, int]:
     reset(port)
     wd = workdir()
     with BatchyardServer(
@@ -45,6 +45,7 @@ def one_run(concurrency: str, lines: int, port: int) -> tuple[float, int, int]:
         "500",
         "--max-retries",
         "20",
+        *extra,
     ) as srv:
         client = OpenAI(base_url=srv.base_url, api_key="bench", max_retries=0)
         f = client.files.create(file=("in.jsonl", tiny_chat_batch(lines)), purpose="batch")
@@ -70,6 +71,12 @@ def main() -> None:
     ap.add_argument("--capacity", type=int, default=32)
     ap.add_argument("--lines", type=int, default=4000)
     ap.add_argument("--delay", type=float, default=0.05)
+    ap.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra `batchyard serve` argument (e.g. --workers=2)",
+    )
     a = ap.parse_args()
     port = free_port()
     up = subprocess.Popen(
@@ -95,13 +102,13 @@ def main() -> None:
         )
         best = 0.0
         for c in (a.capacity // 2, a.capacity, a.capacity * 2):
-            rate, twice, failed = one_run(str(c), a.lines, port)
+            rate, twice, failed = one_run(str(c), a.lines, port, a.server_arg)
             if failed == 0:  # a setting that makes lines fail is not a candidate for "best"
                 best = max(best, rate)
             print(
                 f"fixed {c:4d}: {rate:7.1f} lines/s  retried >1x: {twice / a.lines * 100:5.2f}%  failed: {failed}"
             )
-        rate, twice, failed = one_run("auto", a.lines, port)
+        rate, twice, failed = one_run("auto", a.lines, port, a.server_arg)
         print(
             f"auto      : {rate:7.1f} lines/s  retried >1x: {twice / a.lines * 100:5.2f}%  failed: {failed}"
         )
