@@ -50,6 +50,12 @@ class Server(ChildProcess):
                 time.sleep(0.05)
         raise RuntimeError(f"server did not become ready:\n{self.log()}")
 
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def client(self, api_key: str = "sk-test", **kw: object) -> OpenAI:
         return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30, **kw)  # type: ignore[arg-type]
 

@@ -27,13 +27,11 @@ ALL_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "eval
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with FakeUpstream() as up:
-        s = Server(tmp_path_factory.mktemp("files") / "data", ["--upstream", up.base_url])
-        s.start()
-        try:
-            yield s
-        finally:
-            s.stop()
+    with (
+        FakeUpstream() as up,
+        Server(tmp_path_factory.mktemp("files") / "data", ["--upstream", up.base_url]) as s,
+    ):
+        yield s
 
 
 def files_under(root: Path) -> set[Path]:

@@ -16,12 +16,8 @@ from tests.conftest import Server
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = Server(tmp_path_factory.mktemp("openapi") / "data", ["--upstream", "http://127.0.0.1:9/v1"])
-    s.start()
-    try:
+    with Server(tmp_path_factory.mktemp("openapi") / "data", ["--upstream", "http://127.0.0.1:9/v1"]) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -29,15 +29,18 @@ CHAT: Final = "/v1/chat/completions"
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with FakeUpstream() as up:
-        s = Server(
-            tmp_path_factory.mktemp("schema") / "data",
-            ["--upstream", up.base_url, "--lease-seconds", "2", "--shard-lines", "10", "--max-retries", "0"],
-        )
-        s.start()
-        try:
+        args = [
+            "--upstream",
+            up.base_url,
+            "--lease-seconds",
+            "2",
+            "--shard-lines",
+            "10",
+            "--max-retries",
+            "0",
+        ]
+        with Server(tmp_path_factory.mktemp("schema") / "data", args) as s:
             yield s
-        finally:
-            s.stop()
 
 
 def ok_json(resp: httpx.Response) -> Any:

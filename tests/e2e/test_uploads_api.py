@@ -25,14 +25,12 @@ DAY = 86400
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with FakeUpstream() as up:
-        s = Server(tmp_path_factory.mktemp("uploads") / "data", ["--upstream", up.base_url, "--api-key", "sk-test",
-                   "--api-key", "sk-other"])  # fmt: skip
-        s.start()
-        try:
-            yield s
-        finally:
-            s.stop()
+    keys = ["--api-key", "sk-test", "--api-key", "sk-other"]
+    with (
+        FakeUpstream() as up,
+        Server(tmp_path_factory.mktemp("uploads") / "data", ["--upstream", up.base_url, *keys]) as s,
+    ):
+        yield s
 
 
 @pytest.fixture(scope="module")
