@@ -8,7 +8,6 @@ completed. The upload expires an hour after its creation. The client's filename 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Callable
 
@@ -21,13 +20,19 @@ from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
 from batchyard.domain import limits
 from batchyard.domain.models import FileRecord, UploadPartRecord, UploadRecord
-from batchyard.errors import BlobError, Conflict, InvalidRequest, NotFound
+from batchyard.errors import Conflict, InvalidRequest, NotFound
 
 OwnerOf = Callable[[Request], str]
 
 UPLOAD_TTL = 3600  # an upload expires an hour after it is created (OpenAI's rule)
 MAX_PART_BYTES = 64 * 1024 * 1024
 MAX_PARTS = 10_000
+
+
+def _not_pending(upload_id: str, doing: str, why: str) -> Conflict:
+    return Conflict(
+        f"Cannot {doing} upload '{upload_id}': {why}.", param="upload_id", code="invalid_upload_status"
+    )
 
 
 def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
@@ -41,11 +46,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
         now = await svc.store.now()
         status = upload.status_at(now)
         if status != "pending":
-            raise Conflict(
-                f"Cannot {doing} upload '{upload_id}': its status is '{status}'.",
-                param="upload_id",
-                code="invalid_upload_status",
-            )
+            raise _not_pending(upload_id, doing, f"its status is '{status}'")
         return upload, now
 
     @r.post("/v1/uploads")
@@ -189,12 +190,8 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
         )
         if not await svc.store.finish_upload(owner, upload.id, "completed", file):
             await svc.blobs.delete(file_key)  # another request completed or cancelled it meanwhile
-            raise Conflict(
-                f"Cannot complete upload '{upload.id}': it is no longer pending.",
-                param="upload_id",
-                code="invalid_upload_status",
-            )
-        await _drop_parts(svc, list(parts.values()))
+            raise _not_pending(upload.id, "complete", "it is no longer pending")
+        await svc.blobs.delete_quietly(p.blob_key for p in parts.values())  # composed: no longer needed
         upload.status, upload.file_id = "completed", fid
         return JSONResponse(upload.to_wire(now, file))
 
@@ -203,20 +200,9 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
         owner = owner_of(request)
         upload, now = await pending(request, upload_id, "cancel")
         if not await svc.store.finish_upload(owner, upload.id, "cancelled", None):
-            raise Conflict(
-                f"Cannot cancel upload '{upload.id}': it is no longer pending.",
-                param="upload_id",
-                code="invalid_upload_status",
-            )
-        await _drop_parts(svc, await svc.store.get_upload_parts(upload.id))
+            raise _not_pending(upload.id, "cancel", "it is no longer pending")
+        await svc.blobs.delete_quietly(p.blob_key for p in await svc.store.get_upload_parts(upload.id))
         upload.status = "cancelled"
         return JSONResponse(upload.to_wire(now))
 
     return r
-
-
-async def _drop_parts(svc: Services, parts: list[UploadPartRecord]) -> None:
-    """The parts' blobs are not needed once the upload is a file or cancelled (best effort)."""
-    for p in parts:
-        with contextlib.suppress(BlobError):
-            await svc.blobs.delete(p.blob_key)

@@ -5,9 +5,12 @@ Keys are chosen by batchyard (`files/<id>`, `parts/<batch>/<shard>.<attempt>.out
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
+
+from batchyard.errors import BlobError
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,12 @@ class BlobStore(ABC):
     async def delete(self, key: str) -> None: ...
     @abstractmethod
     async def exists(self, key: str) -> bool: ...
+
+    async def delete_quietly(self, keys: Iterable[str]) -> None:
+        """Delete blobs nothing needs any more, best effort: one that cannot be deleted now is left behind."""
+        for key in keys:
+            with contextlib.suppress(BlobError):
+                await self.delete(key)
 
     async def compose_streamed(self, key: str, sources: Sequence[str]) -> BlobInfo:
         """`compose` by reading every source through a writer: for stores with no server-side concatenation."""

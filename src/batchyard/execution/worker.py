@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 
 from batchyard.blobs.base import BlobStore
 from batchyard.config import Settings
-from batchyard.errors import BlobError
 from batchyard.execution import jobs
 from batchyard.execution.dispatcher import Dispatcher
 from batchyard.execution.shard_runner import ShardRunner
@@ -130,9 +129,7 @@ class Worker:
                 await self.blobs.delete(f.blob_key)
         for u in await self.store.expired_uploads(100):
             if await self.store.finish_upload(u.owner, u.id, "expired", None):
-                for part in await self.store.get_upload_parts(u.id):
-                    with contextlib.suppress(BlobError):
-                        await self.blobs.delete(part.blob_key)
+                await self.blobs.delete_quietly(p.blob_key for p in await self.store.get_upload_parts(u.id))
 
     async def run(self) -> None:
         """Run every loop until cancelled; an exception in one loop cancels the others and propagates."""
