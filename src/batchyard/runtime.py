@@ -262,14 +262,13 @@ class WorkerProcess:
     batch neither slows the API down nor is slowed down by it. It dies with the API process (even on SIGKILL).
 
     If it dies (a crash, the OOM killer, kill -9), a new one is started after a short pause while the API keeps
-    serving; the dead one's shards are taken over when their leases expire. A process that dies again and again
+    serving, and the dead one's leases are given back (`release`). A process that dies again and again
     (`RestartBudget`) is not restarted: `on_death` is called and the API exits non-zero."""
 
     def __init__(
         self,
         settings: Settings,
         on_death: Callable[[], None],
-        budget: RestartBudget | None = None,
         release: Callable[[str], Awaitable[int]] | None = None,
     ) -> None:
         """`release(worker name)`: give back the leases a dead child held (e.g. `MetadataStore.release_worker`),
@@ -279,10 +278,9 @@ class WorkerProcess:
         self.release = release
         self.name = ""
         self._releasing: set[asyncio.Task[None]] = set()
-        self.budget = budget or RestartBudget()
+        self.budget = RestartBudget()
         self._proc: multiprocessing.process.BaseProcess | None = None
-        self._wake_w: int | None = None
-        self._wake_conn: Any = None
+        self._wake_conn: Any = None  # the write end of the child's wake pipe
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._restart: asyncio.TimerHandle | None = None
@@ -308,7 +306,6 @@ class WorkerProcess:
         r.close()
         os.set_blocking(w.fileno(), False)
         self._wake_conn = w
-        self._wake_w = w.fileno()
         self._loop.add_reader(self._proc.sentinel, self._exited)  # readable once the child has ended
 
     def _exited(self) -> None:
@@ -348,9 +345,9 @@ class WorkerProcess:
         log.info("gave back %d shard lease(s) of dead worker %s", n, name)
 
     def wake(self) -> None:
-        if self._wake_w is not None:
+        if self._wake_conn is not None:
             with contextlib.suppress(BlockingIOError, BrokenPipeError):
-                os.write(self._wake_w, b"!")
+                os.write(self._wake_conn.fileno(), b"!")
 
     def terminate(self) -> None:
         """Ask the worker to stop (SIGTERM: it hands its leases back); `stop` waits for it."""
@@ -374,7 +371,6 @@ class WorkerProcess:
         if self._wake_conn is not None:
             self._wake_conn.close()
             self._wake_conn = None
-            self._wake_w = None
 
 
 class WorkerPool:
