@@ -22,6 +22,25 @@ Supported ``x_fake`` keys:
 ``big`` (int bytes)      pad the 200 JSON body with ``x_fake_padding`` of that size
 ``redirect`` (bool)      307 to /v1/chat/completions on this server (followed once)
 
+Misbehaving answers (a hostile or broken upstream; the normal 200 body is kept unless said otherwise):
+
+``nested`` (int N)       add ``x_fake_nested``: N arrays nested in each other (``[[[...]]]``), written as text, so
+                         N may exceed what any JSON library writes; with ``status`` the *error* body carries it
+``huge_int`` (bool)      add ``x_fake_huge``: the integer literal 2**70 (beyond 64 bits)
+``huge_usage`` (bool)    every ``usage`` count is the integer literal 2**70
+``odd_unicode`` (bool)   add ``x_fake_odd``: a lone surrogate escape, raw U+2028/U+2029, ``\\u0000``, RTL marks
+``pretty`` (bool)        the 200 body pretty-printed (raw newlines and indentation between tokens)
+``retry_after_ms`` (str) ``retry-after-ms`` header on failures (any text: ``99999999999``)
+``continue_100`` (bool)  an interim ``HTTP/1.1 100 Continue`` before the real answer
+``many_headers`` (int N) N extra response headers ``x-fake-h<i>``
+``header_bytes`` (int N) one extra response header ``x-fake-big`` whose value is N bytes
+``bad_status_line``      (bool) the raw answer starts with an invalid status line, then the connection closes
+``content_length``       (int D) declare ``Content-Length`` = real length + D, written raw: D > 0 sends the body
+                         and closes early (truncated), D < 0 sends the whole body, more than declared, then closes
+
+``GET /_received`` / :meth:`FakeUpstream.received` give the raw request bodies, in arrival order (the last
+``RECEIVED_KEEP``), so a test can check the exact bytes that reached the upstream (e.g. an integer beyond 64 bits).
+
 Server-wide modes (constructor arguments / CLI flags): ``delay``, ``status_rate`` +
 ``status`` (a deterministic, hash-chosen fraction of bodies fails, see
 :func:`selected_for_failure`), ``retry_after``, ``max_concurrency`` (429 with
@@ -65,6 +84,8 @@ __all__ = [
     "DEFAULT_MODELS",
     "EMBEDDING_DIM",
     "FAKE_KEY",
+    "HUGE_INT",
+    "ODD_UNICODE_JSON",
     "FakeUpstream",
     "build_app",
     "build_response",
@@ -73,6 +94,7 @@ __all__ = [
     "expected_embedding",
     "expected_text",
     "main",
+    "nested_json",
     "prompt_tokens",
     "selected_for_failure",
 ]
@@ -85,6 +107,10 @@ CREATED = 1_700_000_000  # fixed so whole responses are deterministic
 DEFAULT_MODELS: tuple[str, ...] = ("fake-model", "gpt-4o-mini", "text-embedding-3-small")
 REDIRECT_MARKER = "x_fake_redirected"
 INVALID_KEY = "<invalid-json>"
+HUGE_INT = 2**70  # beyond 64 bits: a float would lose it
+RECEIVED_KEEP = 10_000  # raw request bodies kept for received()
+# odd Unicode, as JSON text: a lone surrogate escape, raw U+2028 and U+2029, a NUL escape, RLM and RLO marks
+ODD_UNICODE_JSON = '"a\\ud800b \u2028 \u2029 \\u0000 \u200f\u202e \\udfff"'
 
 ENDPOINTS: tuple[str, ...] = (
     "/v1/chat/completions",
@@ -316,17 +342,74 @@ def _error(
     message: str,
     *,
     retry_after: str | None = None,
+    retry_after_ms: str | None = None,
     code: str | None = None,
     param: str | None = None,
+    nested: int = 0,
 ) -> web.Response:
-    headers = {"Retry-After": retry_after} if retry_after is not None else None
-    return web.json_response(
-        _error_body(status, message, code=code, param=param), status=status, headers=headers
-    )
+    headers: dict[str, str] = {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if retry_after_ms is not None:
+        headers["retry-after-ms"] = str(retry_after_ms)
+    body = _dumps(_error_body(status, message, code=code, param=param))
+    if nested > 0:  # inside the error object, where a client that reads error.message looks
+        body = body[:-2] + b',"x_fake_nested":' + nested_json(nested) + b"}}"
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers or None)
 
 
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def nested_json(depth: int) -> bytes:
+    """``depth`` arrays nested in each other, as JSON text (built without recursion)."""
+    return b"[" * depth + b"]" * depth
+
+
+def _with_field(data: bytes, name: str, raw_value: bytes) -> bytes:
+    """``data`` (a JSON object's text) with one more member whose value is the raw JSON text ``raw_value``."""
+    return data[:-1] + b',"' + name.encode() + b'":' + raw_value + b"}"
+
+
+def _huge_usage(payload: JSONDict) -> bytes:
+    usage = payload.get("usage")
+    marker = (
+        1234567890123  # replaced by the literal text of HUGE_INT (json.dumps would write it too, but as int)
+    )
+    if isinstance(usage, dict):
+        for k, v in usage.items():
+            if isinstance(v, int):
+                usage[k] = marker
+    return _dumps(payload).replace(str(marker).encode(), str(HUGE_INT).encode())
+
+
+def _odd_headers(fake: JSONDict) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for i in range(int(fake.get("many_headers", 0))):
+        headers[f"x-fake-h{i}"] = str(i)
+    big = int(fake.get("header_bytes", 0))
+    if big > 0:
+        headers["x-fake-big"] = "b" * big
+    return headers
+
+
+def _raw_answer(request: web.Request, raw: bytes) -> web.Response:
+    """Write ``raw`` on the connection as the whole answer and close it (aiohttp then sends nothing)."""
+    transport = request.transport
+    if transport is not None:
+        transport.write(raw)
+        transport.close()
+    return web.Response(status=200)
+
+
+def _content_length_lie(request: web.Request, data: bytes, delta: int) -> web.Response:
+    declared = max(0, len(data) + delta)
+    head = (
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {declared}\r\nx-request-id: req_{secrets.token_hex(16)}\r\n\r\n"
+    )
+    return _raw_answer(request, head.encode() + data)
 
 
 # --------------------------------------------------------------------------- server state
@@ -343,6 +426,13 @@ class _State:
         self.in_flight = 0
         self.max_in_flight = 0
         self.seen: dict[str, int] = {}
+        self.received: list[bytes] = []
+
+    def record(self, raw: bytes) -> None:
+        with self.lock:
+            self.received.append(raw)
+            if len(self.received) > RECEIVED_KEEP:
+                del self.received[: len(self.received) - RECEIVED_KEEP]
 
     def enter(self, path: str, key: str) -> int:
         with self.lock:
@@ -379,6 +469,7 @@ class _State:
             self.by_key.clear()
             self.by_path.clear()
             self.seen.clear()
+            self.received.clear()
             # in_flight reflects live requests and is kept; the peak restarts from it
             self.max_in_flight = self.in_flight
 
@@ -424,12 +515,13 @@ async def _inference(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     path = request.path
     raw = await request.read()
+    state.record(raw)
     try:
         parsed: Any = json.loads(raw)
-    except ValueError:
-        parsed = None
+        key = expected_text(parsed) if isinstance(parsed, dict) else INVALID_KEY
+    except (ValueError, RecursionError):  # nested deeper than Python's json reads: not parseable here
+        parsed, key = None, INVALID_KEY
     body: JSONDict | None = parsed if isinstance(parsed, dict) else None
-    key = expected_text(body) if body is not None else INVALID_KEY
     in_flight = state.enter(path, key)
     try:
         denied = _check_auth(request, cfg)
@@ -452,14 +544,31 @@ async def _inference(request: web.Request) -> web.StreamResponse:
             await asyncio.sleep(delay)
 
         retry_after = fake.get("retry_after", cfg.retry_after)
+        retry_after_ms = fake.get("retry_after_ms")
+        nested = int(fake.get("nested", 0))
         seen = state.see(body)
         status = fake.get("status")
         if status is not None:
             fail_times = fake.get("fail_times")
             if fail_times is None or seen <= int(fail_times):
-                return _error(int(status), f"fake failure (status {status})", retry_after=retry_after)
+                return _error(
+                    int(status),
+                    f"fake failure (status {status})",
+                    retry_after=retry_after,
+                    retry_after_ms=retry_after_ms,
+                    nested=nested,
+                )
         if selected_for_failure(body, cfg.status_rate):
-            return _error(cfg.status, f"fake failure (status {cfg.status})", retry_after=retry_after)
+            return _error(
+                cfg.status,
+                f"fake failure (status {cfg.status})",
+                retry_after=retry_after,
+                retry_after_ms=retry_after_ms,
+            )
+        if fake.get("continue_100") and request.transport is not None:
+            request.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if fake.get("bad_status_line"):
+            return _raw_answer(request, b"HTTP/1.1 2x0 NOT A STATUS\r\nContent-Length: 2\r\n\r\n{}")
 
         if fake.get("redirect") and REDIRECT_MARKER not in request.query:
             location = f"http://{request.host}/v1/chat/completions?{REDIRECT_MARKER}=1"
@@ -473,7 +582,9 @@ async def _inference(request: web.Request) -> web.StreamResponse:
         big = int(fake.get("big", 0))
         if big > 0:
             payload["x_fake_padding"] = "x" * big
-        data = _dumps(payload)
+        data = _encode(payload, fake)
+        if "content_length" in fake:
+            return _content_length_lie(request, data, int(fake["content_length"]))
 
         if fake.get("reset"):
             resp = web.StreamResponse(status=200)
@@ -495,9 +606,29 @@ async def _inference(request: web.Request) -> web.StreamResponse:
                 await asyncio.sleep(drip)
             await resp.write_eof()
             return resp
-        return web.Response(status=200, body=data, content_type="application/json")
+        return web.Response(
+            status=200, body=data, content_type="application/json", headers=_odd_headers(fake)
+        )
     finally:
         state.leave()
+
+
+def _encode(payload: JSONDict, fake: JSONDict) -> bytes:
+    """The 200 body's bytes, with the misbehaving-answer directives of ``fake`` applied."""
+    if fake.get("pretty"):
+        data = json.dumps(payload, indent=2).encode()
+    elif fake.get("huge_usage"):
+        data = _huge_usage(payload)
+    else:
+        data = _dumps(payload)
+    nested = int(fake.get("nested", 0))
+    if nested > 0:
+        data = _with_field(data, "x_fake_nested", nested_json(nested))
+    if fake.get("huge_int"):
+        data = _with_field(data, "x_fake_huge", str(HUGE_INT).encode())
+    if fake.get("odd_unicode"):
+        data = _with_field(data, "x_fake_odd", ODD_UNICODE_JSON.encode())
+    return data
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -511,6 +642,13 @@ async def _models(request: web.Request) -> web.Response:
 
 async def _stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[STATE_KEY].snapshot())
+
+
+async def _received(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    with state.lock:
+        bodies = [b.decode("utf-8", "backslashreplace") for b in state.received]
+    return web.json_response(bodies)
 
 
 async def _reset(request: web.Request) -> web.Response:
@@ -554,6 +692,7 @@ def build_app(
         app.router.add_post(path, _inference)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/_stats", _stats)
+    app.router.add_get("/_received", _received)
     app.router.add_post("/_reset", _reset)
     app.router.add_get("/health", _health)
     app.on_response_prepare.append(_add_request_id)
@@ -660,6 +799,13 @@ class FakeUpstream:
         if self._state is None:
             raise RuntimeError("FakeUpstream not started")
         return self._state.snapshot()
+
+    def received(self) -> list[bytes]:
+        """The raw request bodies received (the last ``RECEIVED_KEEP``), oldest first."""
+        if self._state is None:
+            raise RuntimeError("FakeUpstream not started")
+        with self._state.lock:
+            return list(self._state.received)
 
     def reset(self) -> None:
         if self._state is not None:

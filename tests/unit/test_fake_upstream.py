@@ -22,6 +22,7 @@ import pytest
 
 from tests.support.fake_upstream import (
     EMBEDDING_DIM,
+    HUGE_INT,
     FakeUpstream,
     build_response,
     expected_embedding,
@@ -380,3 +381,145 @@ def test_subprocess_mode_kill_and_restart() -> None:
         assert proc.wait(timeout=5) == 0
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+# --------------------------------------------------------------------------- misbehaving answers
+
+
+async def raw_post(port: int, body: dict[str, Any], path: str = "/v1/chat/completions") -> bytes:
+    """POST ``body`` on a fresh socket with ``Connection: close``; every byte that comes back, until EOF."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    )
+    writer.write(head.encode() + data)
+    try:
+        return await asyncio.wait_for(reader.read(-1), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def split_answer(raw: bytes) -> tuple[bytes, dict[str, list[str]], bytes]:
+    """(status line, headers lower-cased, body) of one raw HTTP/1.1 answer without interim responses."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers: dict[str, list[str]] = {}
+    for line in lines:
+        name, _, value = line.decode().partition(":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return status, headers, body
+
+
+def depth(value: Any) -> int:
+    n = 0
+    while isinstance(value, list) and value:
+        n, value = n + 1, value[0]
+    return n + (1 if isinstance(value, list) else 0)
+
+
+async def test_nested_200_and_error_bodies(upstream: FakeUpstream) -> None:
+    body = chat("deep", x_fake={"nested": 300})
+    _, _, data = split_answer(await raw_post(upstream.port, body))
+    assert data.startswith(b"{") and b"[" * 300 + b"]" * 300 in data
+    parsed = json.loads(data)  # 300 is within what Python's json reads
+    assert depth(parsed["x_fake_nested"]) == 300
+    assert parsed["choices"][0]["message"]["content"] == expected_text(body)
+    # beyond what any serializer writes (orjson writes 254 levels): written as text
+    _, _, data = split_answer(await raw_post(upstream.port, chat(x_fake={"nested": 5000})))
+    assert data.endswith(b"[" * 5000 + b"]" * 5000 + b"}")
+    status, _, data = split_answer(await raw_post(upstream.port, chat(x_fake={"status": 500, "nested": 300})))
+    assert status == b"HTTP/1.1 500 Internal Server Error"
+    err = json.loads(data)["error"]
+    assert err["type"] == "server_error" and depth(err["x_fake_nested"]) == 300
+
+
+async def test_huge_integers(upstream: FakeUpstream, session: aiohttp.ClientSession) -> None:
+    _, _, data = split_answer(await raw_post(upstream.port, chat(x_fake={"huge_int": True})))
+    assert b'"x_fake_huge":1180591620717411303424}' in data
+    assert json.loads(data)["x_fake_huge"] == HUGE_INT
+    body = chat(x_fake={"huge_usage": True})
+    _, _, data = split_answer(await raw_post(upstream.port, body))
+    usage = json.loads(data)["usage"]
+    assert usage["prompt_tokens"] == usage["completion_tokens"] == usage["total_tokens"] == 2**70
+    assert json.loads(data)["choices"][0]["message"]["content"] == expected_text(body)
+
+
+async def test_odd_unicode_and_pretty(upstream: FakeUpstream) -> None:
+    _, _, data = split_answer(await raw_post(upstream.port, chat(x_fake={"odd_unicode": True})))
+    assert (
+        b"\\ud800" in data and b"\\u0000" in data and "\u2028".encode() in data and "\u202e".encode() in data
+    )
+    assert json.loads(data)["x_fake_odd"] == "a\ud800b \u2028 \u2029 \x00 \u200f\u202e \udfff"
+    body = chat(x_fake={"pretty": True})
+    _, _, data = split_answer(await raw_post(upstream.port, body))
+    assert data.count(b"\n") > 10 and b'\n  "choices": [' in data
+    assert json.loads(data) == build_response("/v1/chat/completions", body)
+
+
+@pytest.mark.parametrize("value", ["Fri, 01 Jan 10000 00:00:00 GMT", "inf", "nan", "-1", "1e309", "9" * 4000])
+async def test_odd_retry_after(upstream: FakeUpstream, value: str) -> None:
+    status, headers, _ = split_answer(
+        await raw_post(upstream.port, chat(x_fake={"status": 429, "retry_after": value}))
+    )
+    assert status.startswith(b"HTTP/1.1 429 ")
+    assert headers["retry-after"] == [value]
+
+
+async def test_retry_after_ms(upstream: FakeUpstream, session: aiohttp.ClientSession) -> None:
+    body = chat(x_fake={"status": 429, "retry_after_ms": "99999999999"})
+    status, _, resp = await post(session, upstream.base_url + "/chat/completions", body)
+    assert status == 429 and resp.headers["retry-after-ms"] == "99999999999"
+    assert "Retry-After" not in resp.headers
+
+
+async def test_100_continue_before_the_answer(upstream: FakeUpstream, session: aiohttp.ClientSession) -> None:
+    body = chat(x_fake={"continue_100": True})
+    raw = await raw_post(upstream.port, body)
+    assert raw.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
+    _, _, data = split_answer(raw[len(b"HTTP/1.1 100 Continue\r\n\r\n") :])
+    assert json.loads(data) == build_response("/v1/chat/completions", body)
+    # a client that skips interim answers (aiohttp) sees the plain 200
+    assert (await post(session, upstream.base_url + "/chat/completions", body))[1] == json.loads(data)
+
+
+async def test_many_and_huge_headers(upstream: FakeUpstream) -> None:
+    _, headers, data = split_answer(await raw_post(upstream.port, chat(x_fake={"many_headers": 10_000})))
+    assert sum(1 for h in headers if h.startswith("x-fake-h")) == 10_000
+    assert json.loads(data)["object"] == "chat.completion"
+    _, headers, _ = split_answer(await raw_post(upstream.port, chat(x_fake={"header_bytes": 1_000_000})))
+    assert headers["x-fake-big"] == ["b" * 1_000_000]
+
+
+async def test_invalid_status_line(upstream: FakeUpstream, session: aiohttp.ClientSession) -> None:
+    raw = await raw_post(upstream.port, chat(x_fake={"bad_status_line": True}))
+    assert raw.startswith(b"HTTP/1.1 2x0 ")
+    with pytest.raises(aiohttp.ClientResponseError):
+        await post(session, upstream.base_url + "/chat/completions", chat(x_fake={"bad_status_line": True}))
+    assert (await post(session, upstream.base_url + "/chat/completions", chat()))[0] == 200
+
+
+async def test_content_length_mismatch(upstream: FakeUpstream) -> None:
+    body = chat(x_fake={"content_length": 100})
+    _, headers, data = split_answer(await raw_post(upstream.port, body))
+    assert int(headers["content-length"][0]) == len(data) + 100  # truncated: the connection closed early
+    assert json.loads(data) == build_response("/v1/chat/completions", body)
+    body = chat(x_fake={"content_length": -10})
+    _, headers, data = split_answer(await raw_post(upstream.port, body))
+    assert int(headers["content-length"][0]) == len(data) - 10  # more bytes than declared
+    assert headers["x-request-id"][0].startswith("req_")
+
+
+async def test_received_records_raw_bodies(upstream: FakeUpstream, session: aiohttp.ClientSession) -> None:
+    raw = b'{"model":"fake-model","messages":[],"n":1180591620717411303424}'
+    async with session.post(upstream.base_url + "/chat/completions", data=raw) as r:
+        assert r.status == 200
+    async with session.post(upstream.base_url + "/chat/completions", data=b"[" * 3000 + b"]" * 3000) as r:
+        assert r.status == 400  # deeper than Python's json reads: a clean 400, not a 500
+    assert upstream.received() == [raw, b"[" * 3000 + b"]" * 3000]
+    async with session.get(upstream.root_url + "/_received") as r:
+        assert (await r.json())[0] == raw.decode()
+    upstream.reset()
+    assert upstream.received() == []
