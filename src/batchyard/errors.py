@@ -6,9 +6,15 @@
     │   ├── Unauthorized       401
     │   ├── NotFound           404
     │   ├── Conflict           409
-    │   └── PayloadTooLarge    413
+    │   ├── PayloadTooLarge    413
+    │   ├── TooManyRequests    429 insufficient_quota (a per-key cap: stored bytes, files, uploads, batches)
+    │   ├── StorageUnavailable 503 (a store or blob store failed while answering a request)
+    │   └── InsufficientStorage 507 (the blob storage is full)
     ├── StoreError             a metadata store failure (driver errors are wrapped once, at the store's edge)
     └── BlobError              a blob store failure (missing key, I/O error)
+        ├── BlobNotFound       no blob under that key
+        ├── BlobStorageFull    the storage is full (ENOSPC, EDQUOT, or the S3 equivalent)
+        └── BlobUnavailable    the storage cannot be reached (connection refused, timeouts, S3 5xx / SlowDown)
 
 Domain code raises these; only the API layer turns them into HTTP responses.
 """
@@ -66,6 +72,25 @@ class PayloadTooLarge(APIError):
     error_type = "invalid_request_error"
 
 
+class TooManyRequests(APIError):
+    """A per-key cap is reached. OpenAI answers quota exhaustion with 429 and type/code `insufficient_quota`
+    (rate limits use type `requests`/`tokens` and code `rate_limit_exceeded`); a cap on what a key holds is a quota.
+    """
+
+    status_code = 429
+    error_type = "insufficient_quota"
+
+
+class StorageUnavailable(APIError):
+    status_code = 503
+    error_type = "server_error"
+
+
+class InsufficientStorage(APIError):
+    status_code = 507
+    error_type = "server_error"
+
+
 class StoreError(BatchyardError):
     """The metadata store failed."""
 
@@ -76,3 +101,15 @@ class BlobError(BatchyardError):
 
 class BlobNotFound(BlobError):
     """No blob under that key."""
+
+
+class BlobStorageFull(BlobError):
+    """The blob storage is full; `errno` is the OS error number when there is one (ENOSPC, EDQUOT)."""
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class BlobUnavailable(BlobError):
+    """The blob storage cannot be reached or answers a server error (connection refused, timeouts, S3 5xx)."""

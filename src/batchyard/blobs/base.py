@@ -1,4 +1,7 @@
-"""The BlobStore interface: streamed writes with a size cap, ranged reads, composition, deletion.
+"""The BlobStore interface: streamed writes with a size cap, ranged reads, composition, deletion, listing.
+
+Every failure is a BlobError (errors.py): BlobNotFound for a missing key, BlobStorageFull when the storage is full,
+BlobUnavailable when it cannot be reached; no driver or OS exception leaves a store.
 
 Keys are chosen by batchyard (`files/<id>`, `parts/<batch>/<shard>.<attempt>.out`), never by a client.
 """
@@ -53,6 +56,17 @@ class BlobStore(ABC):
     @abstractmethod
     async def exists(self, key: str) -> bool: ...
 
+    # blob lifecycle (sweeper)
+    @abstractmethod
+    def list_keys(self, prefix: str) -> AsyncIterator[tuple[str, float]]:
+        """(key, last-modified Unix time) of every committed blob whose key starts with `prefix`, in no particular
+        order (a writer's uncommitted bytes are never listed)."""
+
+    @abstractmethod
+    async def remove_abandoned_writes(self, before: float) -> int:
+        """Remove what writers that never committed left behind (local temp files, S3 multipart uploads) whose
+        last write is older than `before` (Unix time); returns how many were removed."""
+
     async def delete_quietly(self, keys: Iterable[str]) -> None:
         """Delete blobs nothing needs any more, best effort: one that cannot be deleted now is left behind."""
         for key in keys:
@@ -66,8 +80,11 @@ class BlobStore(ABC):
             for src in sources:
                 async for chunk in self.stream(src):
                     await writer.write(chunk)
-        except BaseException:
-            await writer.abort()
+        except BaseException as e:
+            try:
+                await writer.abort()
+            except BlobError as abort_error:
+                e.add_note(f"aborting the compose of {key} also failed: {abort_error}")
             raise
         return await writer.commit()
 

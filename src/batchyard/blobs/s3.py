@@ -7,7 +7,16 @@ overrun, or any failure) aborts the multipart upload. A blob that ends below one
 streams through a writer otherwise. Either way the sha256 is computed from the bytes: a server-side compose reads
 the sources once to hash them, in parallel with the copy, but uploads nothing.
 
-Every client error is turned into BlobError / BlobNotFound in one place, `_mapped`.
+Every client error is turned into a BlobError in one place, `_mapped`: BlobNotFound for a missing key or upload,
+BlobStorageFull for a server that says it is full (507, MinIO's XMinioStorageFull), BlobUnavailable when the server
+cannot be reached or answers 5xx/SlowDown (connection refused, connect/read timeouts, a connection closed mid-body),
+BlobError for anything else. Every call goes through it, including each read of a streamed body.
+
+Timeouts and retries are bounded so that an outage fails a call in seconds, not minutes, and the worker's own
+backoff (it pauses the shard on a BlobError) takes over: connect 5 s (a reachable S3 connects in milliseconds),
+read 60 s (the longest silence a healthy server leaves: large UploadPartCopy/CompleteMultipartUpload calls), and 3
+attempts (botocore's standard mode: 2 retries with jittered backoff of at most 1 s then 2 s). Unreachable: about
+3 x 5 s + 3 s at worst (refused at once: ~3 s); a server that accepts and never answers: 3 x 60 s at worst.
 """
 
 from __future__ import annotations
@@ -26,11 +35,12 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiobotocore.session import get_session
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from batchyard.blobs.base import BlobInfo, BlobStore, BlobWriter
 from batchyard.blobs.local import SizeExceeded
-from batchyard.errors import BlobError, BlobNotFound
+from batchyard.errors import BlobError, BlobNotFound, BlobStorageFull, BlobUnavailable
 
 __all__ = ["CHECKSUM_ALGORITHMS", "S3BlobStore", "SizeExceeded", "parse_checksums"]
 
@@ -42,6 +52,20 @@ CHECKSUM_ALGORITHMS = frozenset({"CRC32", "CRC32C", "CRC64NVME", "SHA1", "SHA256
 _NEEDS_CRT = frozenset({"CRC32C", "CRC64NVME"})  # botocore computes these only with awscrt (botocore[crt])
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./")
 _NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchUpload"})
+_FULL = frozenset({"XMinioStorageFull", "InsufficientStorage", "507"})
+_UNAVAILABLE = frozenset(
+    {
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestTimeout",
+        "Throttling",
+        "XMinioServerNotInitialized",
+    }
+)
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 60.0
+MAX_ATTEMPTS = 3
 _CONCURRENCY = 8
 _T = TypeVar("_T")
 
@@ -69,7 +93,8 @@ def _truthy(value: str | None) -> bool:
 
 @contextmanager
 def _mapped(key: str) -> Iterator[None]:
-    """Turn a client failure into BlobNotFound or BlobError: the one place foreign exceptions are wrapped."""
+    """Turn a client failure into a BlobError (see the module docstring): the one place foreign exceptions are
+    wrapped."""
     try:
         yield
     except ClientError as e:
@@ -78,8 +103,22 @@ def _mapped(key: str) -> Iterator[None]:
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in _NOT_FOUND:
             raise BlobNotFound(key) from e
-        raise BlobError(f"s3 {key}: {code or status}: {err.get('Message') or e}") from e
-    except (BotoCoreError, aiohttp.ClientError, OSError) as e:
+        message = f"s3 {key}: {code or status}: {err.get('Message') or e}"
+        if code in _FULL or status == 507:
+            raise BlobStorageFull(message) from e
+        if code in _UNAVAILABLE or (isinstance(status, int) and status >= 500):
+            raise BlobUnavailable(message) from e
+        raise BlobError(message) from e
+    except (
+        BotoConnectionError,
+        HTTPClientError,
+        aiohttp.ClientConnectionError,
+        aiohttp.ClientPayloadError,
+    ) as e:
+        raise BlobUnavailable(f"s3 {key}: {e}") from e
+    except OSError as e:  # sockets, and TimeoutError
+        raise BlobUnavailable(f"s3 {key}: {e!r}") from e
+    except (BotoCoreError, aiohttp.ClientError) as e:
         raise BlobError(f"s3 {key}: {e}") from e
 
 
@@ -232,7 +271,10 @@ class _S3Writer(BlobWriter):
 
     async def commit(self) -> BlobInfo:
         self._check_open()
-        await self._or_abort(self._finish())
+        try:
+            await self._or_abort(self._finish())
+        except BlobNotFound as e:  # NoSuchUpload: the upload was aborted under us (or a retried complete)
+            raise BlobError(f"s3 {self._key}: the multipart upload is gone: {e}") from e
         self._state = "committed"
         return BlobInfo(self._key, self._size, self._sha.hexdigest())
 
@@ -287,7 +329,7 @@ class S3BlobStore(BlobStore):
         checksums: bool | str = False,
         allow_http: bool = False,
         part_size: int = DEFAULT_PART,
-        max_attempts: int = 5,
+        max_attempts: int = MAX_ATTEMPTS,
     ) -> None:
         if not bucket or set(bucket) & set("/:@?# "):
             raise ValueError(f"invalid bucket name {bucket!r}")
@@ -369,8 +411,8 @@ class S3BlobStore(BlobStore):
             request_checksum_calculation=mode,
             response_checksum_validation=mode,
             retries={"mode": "standard", "max_attempts": self.max_attempts},
-            connect_timeout=10,
-            read_timeout=120,
+            connect_timeout=CONNECT_TIMEOUT,
+            read_timeout=READ_TIMEOUT,
         )
         access_key, secret_key, token = self._credentials
         with _mapped(f"s3://{self.bucket}"):
@@ -540,3 +582,57 @@ class S3BlobStore(BlobStore):
         except BlobNotFound:
             return False
         return True
+
+    # -- blob lifecycle (sweeper) ---------------------------------------------------------------------------
+    async def list_keys(self, prefix: str) -> AsyncIterator[tuple[str, float]]:
+        """ListObjectsV2 under the store's prefix + `prefix`, a page (1,000 keys) at a time."""
+        s3, where = await self.client(), self.prefix + prefix
+        token: dict[str, str] = {}
+        while True:
+            with _mapped(where):
+                page = await s3.list_objects_v2(Bucket=self.bucket, Prefix=where, **token)
+            for obj in page.get("Contents", []) or []:
+                yield str(obj["Key"]).removeprefix(self.prefix), obj["LastModified"].timestamp()
+            if not page.get("IsTruncated") or not page.get("NextContinuationToken"):
+                return
+            token = {"ContinuationToken": str(page["NextContinuationToken"])}
+
+    async def _pending_uploads(self) -> AsyncIterator[tuple[str, str, float]]:
+        """(object key, upload id, initiated) of every multipart upload begun under the prefix and not ended."""
+        s3 = await self.client()
+        markers: dict[str, str] = {}
+        while True:
+            with _mapped(self.prefix):
+                page = await s3.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix, **markers)
+            for up in page.get("Uploads", []) or []:
+                yield str(up["Key"]), str(up["UploadId"]), up["Initiated"].timestamp()
+            if not page.get("IsTruncated"):
+                return
+            markers = {
+                "KeyMarker": str(page["NextKeyMarker"]),
+                "UploadIdMarker": str(page["NextUploadIdMarker"]),
+            }
+
+    async def _last_part_at(self, obj: str, upload_id: str) -> float | None:
+        s3 = await self.client()
+        with _mapped(obj):
+            parts = await s3.list_parts(Bucket=self.bucket, Key=obj, UploadId=upload_id, MaxParts=1000)
+        times = [p["LastModified"].timestamp() for p in parts.get("Parts", []) or []]
+        return max(times, default=None)
+
+    async def remove_abandoned_writes(self, before: float) -> int:
+        """Abort multipart uploads begun before `before` whose last part (if any) is older too: a writer that is
+        still uploading a long blob sends a part every few MiB, so it is never taken for an abandoned one."""
+        s3, removed = await self.client(), 0
+        stale = [(obj, uid) async for obj, uid, began in self._pending_uploads() if began < before]
+        for obj, upload_id in stale:
+            last = await self._last_part_at(obj, upload_id)
+            if last is not None and last >= before:
+                continue
+            try:
+                with _mapped(obj):
+                    await s3.abort_multipart_upload(Bucket=self.bucket, Key=obj, UploadId=upload_id)
+            except BlobNotFound:
+                continue  # completed or aborted meanwhile
+            removed += 1
+        return removed
