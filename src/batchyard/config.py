@@ -130,6 +130,13 @@ class Settings:
     max_batch_file_bytes: int = limits.MAX_BATCH_FILE_BYTES
     max_file_bytes: int = limits.MAX_FILE_BYTES
     max_response_bytes: int = 64 * 1024 * 1024
+    # HTTP edge (api/server.py): beyond a head limit 431; a head must arrive within head_timeout; idle keep-alive
+    # connections close after keep_alive_timeout; at max_connections the oldest idle connection makes room
+    max_head_bytes: int = 64 * 1024
+    max_headers: int = 100
+    head_timeout: float = 10.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 1000
 
     @property
     def database_path(self) -> Path:

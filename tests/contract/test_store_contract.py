@@ -1141,3 +1141,42 @@ async def test_webhook_event_types_and_the_since_filter(store: MetadataStore, cl
         "d1", LEASE, 10, int(T0) + 50
     )  # events older than `since` are skipped
     assert [e.batch_id for e in late] == [cancelled.id]
+
+
+# -- per-key usage (caps) ---------------------------------------------------------------------------------------
+
+
+async def test_owner_usage_counts_live_files_pending_uploads_and_unfinished_batches(
+    store: MetadataStore, clock: Clock
+) -> None:
+    from batchyard.store.base import OwnerUsage
+
+    assert await store.owner_usage(ALICE) == OwnerUsage(0, 0, 0, 0)
+    kept, gone, expiring = file_rec(), file_rec(), file_rec(expires_at=int(T0) + 60)
+    for f in (kept, gone, expiring):
+        await store.insert_file(f)
+    await store.insert_file(file_rec(BOB))
+    assert await store.delete_file(ALICE, gone.id) is not None
+    up, done = upload_rec(), upload_rec()
+    await store.insert_upload(up)
+    await store.insert_upload(done)
+    assert await store.finish_upload(ALICE, done.id, "cancelled", None)
+    await store.insert_upload(upload_rec(BOB))
+    running = batch_rec(kept.id)
+    failed = batch_rec(kept.id)
+    await store.insert_batch(running)
+    await store.insert_batch(failed)
+    await store.insert_batch(batch_rec(kept.id, BOB))
+    # the oldest validating batch is claimed first: fail `running`'s sibling by claiming until it is ours
+    while (job := await store.claim_validation("w1", LEASE)) is not None and job.batch.id != failed.id:
+        pass
+    assert job is not None
+    assert await store.fail_batch(failed.id, "w1", [{"code": "x", "message": "m", "param": None, "line": 1}])
+
+    usage = await store.owner_usage(ALICE)
+    assert usage == OwnerUsage(
+        files=2, stored_bytes=kept.bytes + expiring.bytes, pending_uploads=1, active_batches=1
+    )
+    clock.advance(3600)  # the file's expiry and the upload's hour have passed
+    assert await store.owner_usage(ALICE) == OwnerUsage(1, kept.bytes, 0, 1)
+    assert (await store.owner_usage(BOB)).files == 1

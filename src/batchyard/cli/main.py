@@ -344,6 +344,11 @@ def settings_from(opts: dict[str, Any], **extra: Any) -> Settings:
     )
 
 
+def _edge_settings(opts: dict[str, Any]) -> dict[str, Any]:
+    names = ("max_head_bytes", "max_headers", "head_timeout", "keep_alive_timeout", "max_connections")
+    return {name: opts[name] for name in names}
+
+
 @cli.command(context_settings={**CONTEXT, "auto_envvar_prefix": "BATCHYARD"})
 @execution_options
 @state_options
@@ -370,6 +375,36 @@ def settings_from(opts: dict[str, Any], **extra: Any) -> Settings:
     type=click.IntRange(1),
     help="Largest input file for purpose 'batch' (larger uploads get 413).",
 )
+@_opt(
+    "--max-head-bytes",
+    default=64 * 1024,
+    type=click.IntRange(1024),
+    help="Largest request head (request line and headers); beyond it, 431 and the connection is closed.",
+)
+@_opt(
+    "--max-headers",
+    default=100,
+    type=click.IntRange(1),
+    help="Most headers in one request; beyond it, 431 and the connection is closed.",
+)
+@_opt(
+    "--head-timeout",
+    default=10.0,
+    type=click.FloatRange(0.1, 3600),
+    help="Seconds a client has to send a whole request head (from the connection or the head's first byte).",
+)
+@_opt(
+    "--keep-alive-timeout",
+    default=5.0,
+    type=click.FloatRange(0.1, 3600),
+    help="Seconds an idle keep-alive connection stays open.",
+)
+@_opt(
+    "--max-connections",
+    default=1000,
+    type=click.IntRange(1),
+    help="Open connections; at the bound a new one closes the oldest idle one (503 if every one is busy).",
+)
 def serve(**opts: Any) -> None:
     """Run the API server and a worker on one machine (SQLite + a local directory)."""
     if not opts["api_keys"] and not opts["insecure_no_auth"] and not _is_loopback(opts["host"]):
@@ -386,6 +421,7 @@ def serve(**opts: Any) -> None:
         run_worker=not opts["no_worker"],
         worker_mode="thread" if opts["worker_in_process"] else "process",
         max_batch_file_bytes=opts["max_batch_file_bytes"],
+        **_edge_settings(opts),
     )
     sys.exit(asyncio.run(_serve(settings)) if sys.platform == "win32" else _serve_uvloop(settings))
 
@@ -492,21 +528,12 @@ def _serve_uvloop(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings) -> int:
-    import uvicorn
-
+    from batchyard.api.server import build_server
     from batchyard.runtime import Runtime
 
     died = asyncio.Event()
     rt = Runtime.create(settings)
-    config = uvicorn.Config(
-        rt.app(died.set),
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
+    server = build_server(rt.app(died.set), settings)
 
     async def watch() -> None:
         await died.wait()

@@ -41,6 +41,17 @@ class BatchJob:
     db_now: float
 
 
+@dataclass(frozen=True, slots=True)
+class OwnerUsage:
+    """What one key holds, for its caps: live files (not deleted, not expired) and their bytes, pending uploads
+    (not expired), batches not yet in a final status."""
+
+    files: int = 0
+    stored_bytes: int = 0
+    pending_uploads: int = 0
+    active_batches: int = 0
+
+
 @dataclass(slots=True)
 class Heartbeat:
     batch_status: BatchStatus
@@ -177,3 +188,8 @@ class MetadataStore(ABC):
     @abstractmethod
     async def complete_shard(self, claim: ShardClaim, result: ShardResult, expired: int) -> bool:
         """Fenced commit: only the attempt that holds the lease can mark the shard done."""
+
+    # per-key usage (caps)
+    @abstractmethod
+    async def owner_usage(self, owner: str) -> OwnerUsage:
+        """What `owner` holds now (on the store's clock): see `OwnerUsage`."""

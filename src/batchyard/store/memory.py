@@ -30,7 +30,7 @@ from batchyard.domain.states import TERMINAL, BatchStatus, check_transition
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
-from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, Page
+from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, OwnerUsage, Page
 
 S = BatchStatus
 _LIVE = frozenset({S.VALIDATING, S.IN_PROGRESS, S.FINALIZING, S.CANCELLING})
@@ -511,3 +511,22 @@ class MemoryStore(MetadataStore):
         sh.rec.usage = replace(result.usage)
         sh.rec.out_key, sh.rec.err_key = result.out_key, result.err_key
         return True
+
+    # per-key usage (caps)
+    async def owner_usage(self, owner: str) -> OwnerUsage:
+        now = int(self._clock())
+        live = [
+            f.rec
+            for f in self._s.files.values()
+            if f.rec.owner == owner and not f.deleted and (f.rec.expires_at is None or f.rec.expires_at > now)
+        ]
+        return OwnerUsage(
+            files=len(live),
+            stored_bytes=sum(f.bytes for f in live),
+            pending_uploads=sum(
+                1 for u in self._s.uploads.values() if u.owner == owner and u.status_at(now) == "pending"
+            ),
+            active_batches=sum(
+                1 for b in self._s.batches.values() if b.rec.owner == owner and b.rec.status not in TERMINAL
+            ),
+        )

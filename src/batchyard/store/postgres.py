@@ -44,7 +44,7 @@ from batchyard.domain.states import TERMINAL, BatchStatus, check_transition
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
-from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, Page
+from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, OwnerUsage, Page
 from batchyard.store.rows import (
     EVENT_COLS,
     FILE_COLS,
@@ -712,3 +712,23 @@ class PostgresStore(MetadataStore):
                 claim.worker,
             )
         return _rowcount(status) == 1
+
+    # per-key usage (caps)
+    async def owner_usage(self, owner: str) -> OwnerUsage:
+        now = f"trunc({_now('$2')})::bigint"
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                "SELECT "
+                "(SELECT COUNT(*) FROM files WHERE owner = $1 AND NOT deleted "
+                f"AND (expires_at IS NULL OR expires_at > {now})) AS files, "
+                "(SELECT COALESCE(SUM(bytes), 0) FROM files WHERE owner = $1 AND NOT deleted "
+                f"AND (expires_at IS NULL OR expires_at > {now})) AS stored, "
+                "(SELECT COUNT(*) FROM uploads WHERE owner = $1 AND status = 'pending' "
+                f"AND expires_at > {now}) AS uploads, "
+                "(SELECT COUNT(*) FROM batches WHERE owner = $1 AND NOT (status = ANY($3::text[]))) AS batches",
+                owner,
+                self._t(),
+                [str(s) for s in TERMINAL],
+            )
+        assert row is not None
+        return OwnerUsage(int(row["files"]), int(row["stored"]), int(row["uploads"]), int(row["batches"]))

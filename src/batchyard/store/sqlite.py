@@ -33,7 +33,7 @@ from batchyard.domain.states import TERMINAL, BatchStatus, check_transition
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
-from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, Page
+from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, OwnerUsage, Page
 from batchyard.store.rows import (
     EVENT_COLS,
     FILE_COLS,
@@ -721,5 +721,28 @@ class SQLiteStore(MetadataStore):
                     ),
                 )
                 return cur.rowcount == 1
+
+        return await self._run(q)
+
+    # per-key usage (caps)
+    async def owner_usage(self, owner: str) -> OwnerUsage:
+        now = int(self._clock())
+        final = tuple(str(s) for s in TERMINAL)
+
+        def q(db: sqlite3.Connection) -> OwnerUsage:
+            files = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM files "
+                "WHERE owner = ? AND deleted = 0 AND (expires_at IS NULL OR expires_at > ?)",
+                (owner, now),
+            ).fetchone()
+            uploads = db.execute(
+                "SELECT COUNT(*) FROM uploads WHERE owner = ? AND status = 'pending' AND expires_at > ?",
+                (owner, now),
+            ).fetchone()
+            batches = db.execute(
+                f"SELECT COUNT(*) FROM batches WHERE owner = ? AND status NOT IN ({','.join('?' * len(final))})",
+                (owner, *final),
+            ).fetchone()
+            return OwnerUsage(files[0], files[1], uploads[0], batches[0])
 
         return await self._run(q)

@@ -1,0 +1,270 @@
+"""The HTTP server of the API, with limits on everything a client controls before the app sees a request.
+
+`build_server(app, settings)` gives a `uvicorn.Server` whose protocol is `EdgeProtocol`: uvicorn's httptools
+protocol with five limits added (all in `Settings`, flags of `batchyard serve`):
+
+- the request head (request line and headers) may be `max_head_bytes` long (64 KiB) and carry `max_headers`
+  headers (100); beyond either, 431 Request Header Fields Too Large in the OpenAI envelope, and the connection
+  is closed. The bytes of an unfinished head are counted as they arrive, so memory stays bounded however long a
+  header the client sends;
+- a head must be complete within `head_timeout` seconds (10) of its first byte, or of the connection's opening
+  (slowloris): then 408 (or a silent close when nothing came) and close;
+- an idle keep-alive connection is closed after `keep_alive_timeout` seconds (5);
+- at most `max_connections` connections (1000) are open. At the bound, a new connection closes the oldest idle
+  one (no request in flight: a keep-alive connection, or a head still coming), as nginx reuses keep-alive
+  connections when it runs out; when every connection has a request in flight, the newcomer gets 503 and is
+  closed. So idle or half-sent connections can never lock out `/health` or a real client, and no request being
+  served is cut.
+
+Why this and not a server's own settings (measured with `python bench/http_edge.py`, docs/performance.md,
+"HTTP edge under abuse"):
+- uvicorn with httptools (its default, what batchyard ran) has no head limit at all: httptools appends each
+  piece of a header value to a bytes object, so a 128 MiB header grows memory by its size and costs quadratic
+  copying (/health p99 3.5 s during it); 10,000 headers are accepted; there is no head timeout (a half head
+  stays open for ever); `limit_concurrency` answers 503 to *every* new request once idle connections fill the
+  bound, so idle connections lock out /health.
+- uvicorn's h11 protocol has `h11_max_incomplete_event_size` (a head limit, answered 400, not 431) but no header
+  count, no head timeout and the same `limit_concurrency`; h11 is pure Python and slower on large bodies.
+- hypercorn (h11 too) and granian have head-size and read timeouts, but granian runs its own threads and
+  process model outside the asyncio loop the API and its in-process worker share, and either would replace a
+  server the rest of batchyard (lifespan, shutdown on a dead worker) is built around.
+The added code sits only on the head path: a body's bytes go through httptools exactly as before (the 100 MB
+upload time is unchanged, docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import httptools
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from batchyard.config import Settings
+
+log = logging.getLogger("batchyard.api.server")
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeLimits:
+    max_head_bytes: int = 64 * 1024
+    max_headers: int = 100
+    head_timeout: float = 10.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 1000
+
+    @classmethod
+    def of(cls, settings: Settings) -> EdgeLimits:
+        return cls(
+            max_head_bytes=settings.max_head_bytes,
+            max_headers=settings.max_headers,
+            head_timeout=settings.head_timeout,
+            keep_alive_timeout=settings.keep_alive_timeout,
+            max_connections=settings.max_connections,
+        )
+
+
+def _response(status: int, reason: str, message: str, *, type_: str, code: str) -> bytes:
+    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+HEAD_TOO_LARGE = _response(
+    431,
+    "Request Header Fields Too Large",
+    "The request head (request line and headers) is too large or has too many headers.",
+    type_="invalid_request_error",
+    code="request_header_fields_too_large",
+)
+HEAD_TIMEOUT = _response(
+    408,
+    "Request Timeout",
+    "The request head did not arrive in time.",
+    type_="invalid_request_error",
+    code="request_timeout",
+)
+BUSY = _response(
+    503,
+    "Service Unavailable",
+    "The server has too many connections; retry later.",
+    type_="server_error",
+    code="too_many_connections",
+)
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback to stop parsing a head over the limits."""
+
+
+class Edge:
+    """The connections of one server: how many are open, and the idle ones, oldest first."""
+
+    def __init__(self, limits: EdgeLimits) -> None:
+        self.limits = limits
+        self.open = 0
+        self.idle: dict[EdgeProtocol, None] = {}  # insertion-ordered: the first is the oldest idle
+
+    def admit(self, conn: EdgeProtocol) -> bool:
+        """Count `conn` in; at the bound, close the oldest idle connection first. False: refuse `conn`."""
+        if self.open >= self.limits.max_connections:
+            if not self.idle:
+                return False
+            oldest = next(iter(self.idle))
+            self.forget(oldest)
+            oldest.evict()
+        self.open += 1
+        self.idle[conn] = None
+        return True
+
+    def set_idle(self, conn: EdgeProtocol, idle: bool) -> None:
+        self.idle.pop(conn, None)
+        if idle:
+            self.idle[conn] = None  # to the end: the most recently idle
+
+    def forget(self, conn: EdgeProtocol) -> None:
+        if conn.counted:
+            conn.counted = False
+            self.open -= 1
+            self.idle.pop(conn, None)
+
+
+class EdgeProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the head limits, the head timer and the connection bound."""
+
+    edge: ClassVar[Edge]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = self.edge.limits
+        self.timeout_keep_alive = self.limits.keep_alive_timeout  # type: ignore[assignment]  # a float works
+        self.counted = False
+        self.reading_head = True
+        self.head_bytes = 0
+        self.head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if not self.edge.admit(self):
+            log.warning("connection refused: %d connections, all with a request in flight", self.edge.open)
+            self._reject(BUSY)
+            return
+        self.counted = True
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.edge.forget(self)
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.reading_head:
+            self.head_bytes += len(data)
+            if self.head_timer is None:
+                self._arm_head_timer()
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, _HeadTooLarge):
+                self._reject(HEAD_TOO_LARGE)
+            else:
+                self.send_400_response("Invalid HTTP request received.")
+            return
+        except httptools.HttpParserError:
+            self.send_400_response("Invalid HTTP request received.")
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        if self.reading_head and self.head_bytes > self.limits.max_head_bytes:
+            self._reject(HEAD_TOO_LARGE)
+
+    # parser callbacks
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.header_count = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_count += 1
+        if self.header_count > self.limits.max_headers:
+            raise _HeadTooLarge
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self.reading_head = False
+        self._cancel_head_timer()
+        self.edge.set_idle(self, False)
+        size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+        if size > self.limits.max_head_bytes:
+            raise _HeadTooLarge
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.reading_head = True
+        self.head_bytes = 0
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.counted and not self.transport.is_closing() and not self.pipeline:
+            self.edge.set_idle(self, True)
+
+    # the limits' actions
+    def evict(self) -> None:
+        """Closed to make room for a new connection (this one is idle)."""
+        self._cancel_head_timer()
+        self.transport.close()
+
+    def _reject(self, response: bytes) -> None:
+        self._cancel_head_timer()
+        self.edge.forget(self)
+        if not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
+
+    def _arm_head_timer(self) -> None:
+        self.head_timer = self.loop.call_later(self.limits.head_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        busy = self.cycle is not None and not self.cycle.response_complete
+        if self.transport.is_closing() or not self.reading_head or busy:
+            return  # a pipelined head behind a request in flight: the keep-alive timer bounds it afterwards
+        if self.head_bytes:
+            self._reject(HEAD_TIMEOUT)
+        else:
+            self.edge.forget(self)
+            self.transport.close()
+
+
+def build_server(app: Any, settings: Settings) -> uvicorn.Server:
+    """A uvicorn server for `app` on settings.host:port with the edge limits of `settings`."""
+    protocol = type("BoundEdgeProtocol", (EdgeProtocol,), {"edge": Edge(EdgeLimits.of(settings))})
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=protocol,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_keep_alive=max(1, round(settings.keep_alive_timeout)),  # the protocol uses the exact float
+        backlog=2048,
+    )
+    return uvicorn.Server(config)
