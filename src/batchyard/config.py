@@ -130,6 +130,11 @@ class Settings:
     max_batch_file_bytes: int = limits.MAX_BATCH_FILE_BYTES
     max_file_bytes: int = limits.MAX_FILE_BYTES
     max_response_bytes: int = 64 * 1024 * 1024
+    # per-key caps (0: no limit); beyond one the API answers 429 insufficient_quota
+    max_stored_bytes_per_key: int = limits.MAX_STORED_BYTES_PER_KEY
+    max_files_per_key: int = limits.MAX_FILES_PER_KEY
+    max_pending_uploads_per_key: int = limits.MAX_PENDING_UPLOADS_PER_KEY
+    max_active_batches_per_key: int = limits.MAX_ACTIVE_BATCHES_PER_KEY
     # HTTP edge (api/server.py): beyond a head limit 431; a head must arrive within head_timeout; idle keep-alive
     # connections close after keep_alive_timeout; at max_connections the oldest idle connection makes room
     max_head_bytes: int = 64 * 1024

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import secrets
 
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -10,6 +11,21 @@ _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 def _suffix(n: int = 24) -> str:
     return "".join(secrets.choice(_ALPHABET) for _ in range(n))
+
+
+# The shapes of the ids clients send back. The suffix is `_suffix()`'s 24 characters (a derived output file id,
+# `execution.jobs.derived_file_id`, is 24 hex digits: the same shape); up to 64 are accepted, so ids made by a
+# later version with longer suffixes stay valid. Anything else (a NUL, a path, 1 MB of text) is not an id.
+_SHAPES = {
+    kind: re.compile(rf"{re.escape(prefix)}[0-9A-Za-z]{{1,64}}")
+    for kind, prefix in (("file", "file-"), ("batch", "batch_"), ("upload", "upload_"), ("part", "part_"))
+}
+MAX_ID_CHARS = 70
+
+
+def has_shape(kind: str, value: str) -> bool:
+    """Whether `value` can be an id of `kind` ("file", "batch", "upload" or "part")."""
+    return len(value) <= MAX_ID_CHARS and _SHAPES[kind].fullmatch(value) is not None
 
 
 def file_id() -> str:

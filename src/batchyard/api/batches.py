@@ -7,7 +7,17 @@ from collections.abc import Callable
 from fastapi import APIRouter, Request
 
 from batchyard import ids
-from batchyard.api.deps import expires_after, json_body, list_body, query_int, required_str
+from batchyard.api.deps import (
+    bad_cursor,
+    expires_after,
+    is_id,
+    json_body,
+    list_body,
+    query_int,
+    required_str,
+    shown,
+)
+from batchyard.api.quotas import Quotas
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
 from batchyard.domain import limits
@@ -20,16 +30,28 @@ OwnerOf = Callable[[Request], str]
 
 def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     r = APIRouter()
+    quotas = Quotas(svc.store, svc.settings)
+
+    def no_such_batch(batch_id: str) -> NotFound:
+        return NotFound(
+            f"No batch found with id '{shown(batch_id)}'.", param="batch_id", code="batch_not_found"
+        )
 
     @r.post("/v1/batches")
     async def create(request: Request) -> JSONResponse:
         owner = owner_of(request)
         body = await json_body(request)
         input_file_id = required_str(body, "input_file_id")
+        if not is_id("file", input_file_id):
+            raise InvalidRequest(
+                f"Invalid 'input_file_id': {shown(input_file_id)!r} is not a file id.",
+                param="input_file_id",
+                code="invalid_value",
+            )
         endpoint = required_str(body, "endpoint")
         if endpoint not in limits.ENDPOINTS:
             raise InvalidRequest(
-                f"Invalid value for 'endpoint': {endpoint!r}. Supported: {', '.join(limits.ENDPOINTS)}.",
+                f"Invalid value for 'endpoint': {shown(endpoint)!r}. Supported: {', '.join(limits.ENDPOINTS)}.",
                 param="endpoint",
                 code="invalid_value",
             )
@@ -37,7 +59,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
         window_s = limits.parse_completion_window(window)
         if window_s is None:
             raise InvalidRequest(
-                f"Invalid value for 'completion_window': {window!r}. Use '24h' (or, in batchyard, a duration such "
+                f"Invalid value for 'completion_window': {shown(window)!r}. Use '24h' (or, in batchyard, a duration such "
                 "as '90s', '30m', '2h', '3d' up to 7 days).",
                 param="completion_window",
                 code="invalid_value",
@@ -47,6 +69,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
         if problem is not None:
             raise InvalidRequest(problem, param="metadata", code="invalid_value")
         out_exp = expires_after(body.get("output_expires_after"), "output_expires_after")
+        await quotas.room_for_batch(owner)
         now = int(await svc.store.now())
         batch = BatchRecord(
             id=ids.batch_id(),
@@ -68,21 +91,25 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     async def list_batches(request: Request) -> JSONResponse:
         owner = owner_of(request)
         limit = query_int(request, "limit", 20, 1, 100)
+        if bad_cursor(request, "batch"):
+            return JSONResponse(list_body([], False))
         page = await svc.store.list_batches(owner, limit=limit, after=request.query_params.get("after"))
         return JSONResponse(list_body([b.to_wire() for b in page.items], page.has_more))
 
     @r.get("/v1/batches/{batch_id}")
     async def retrieve(request: Request, batch_id: str) -> JSONResponse:
-        b = await svc.store.get_batch(owner_of(request), batch_id)
+        owner = owner_of(request)
+        b = await svc.store.get_batch(owner, batch_id) if is_id("batch", batch_id) else None
         if b is None:
-            raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id", code="batch_not_found")
+            raise no_such_batch(batch_id)
         return JSONResponse(b.to_wire())
 
     @r.post("/v1/batches/{batch_id}/cancel")
     async def cancel(request: Request, batch_id: str) -> JSONResponse:
-        b = await svc.store.request_cancel(owner_of(request), batch_id)
+        owner = owner_of(request)
+        b = await svc.store.request_cancel(owner, batch_id) if is_id("batch", batch_id) else None
         if b is None:
-            raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id", code="batch_not_found")
+            raise no_such_batch(batch_id)
         if b.status in (
             BatchStatus.COMPLETED,
             BatchStatus.FAILED,

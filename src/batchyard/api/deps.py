@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from fastapi import Request
 
+from batchyard import ids
 from batchyard.api.multipart import MultipartError, PartTooLarge
 from batchyard.blobs.base import BlobStore, BlobWriter
 from batchyard.domain import limits
@@ -39,6 +40,43 @@ def query_choice(request: Request, name: str, default: str, choices: tuple[str, 
     if value not in choices:
         raise InvalidRequest(
             f"Invalid '{name}': must be one of {', '.join(choices)}.", param=name, code="invalid_value"
+        )
+    return value
+
+
+def shown(value: str, most: int = ids.MAX_ID_CHARS) -> str:
+    """A client's value as echoed in an error message: bounded, control characters escaped."""
+    text = value if len(value) <= most else value[:most] + "..."
+    return text.encode("unicode_escape").decode("ascii") if limits.has_control(text) else text
+
+
+def is_id(kind: str, value: str) -> bool:
+    """Whether an id from a path or a body has the shape of a `kind` id; an id of any other shape names nothing
+    (the routes answer it as they answer an unknown id, without asking the store)."""
+    return ids.has_shape(kind, value)
+
+
+def bad_cursor(request: Request, kind: str) -> bool:
+    """Whether the `after` cursor of a listing cannot be an id of `kind`: it names no object, so the page after it
+    is empty, as after an unknown id (the route answers without asking the store)."""
+    after = request.query_params.get("after")
+    return after is not None and not ids.has_shape(kind, after)
+
+
+def bounded_str(body: dict[str, Any], name: str, most: int, *, controls: bool = False) -> str:
+    """A required string of at most `most` characters, without control characters unless `controls` (the caller
+    replaces them)."""
+    value = required_str(body, name)
+    if len(value) > most:
+        raise InvalidRequest(
+            f"Invalid '{name}': string too long. Expected a string with maximum length {most}, but got a string "
+            f"with length {len(value)} instead.",
+            param=name,
+            code="string_above_max_length",
+        )
+    if not controls and limits.has_control(value):
+        raise InvalidRequest(
+            f"Invalid '{name}': control characters are not allowed.", param=name, code="invalid_value"
         )
     return value
 
@@ -134,10 +172,12 @@ async def receiving(
     sink = BlobSink(blobs, key)
     try:
         yield sink
-    except PartTooLarge:
+    except PartTooLarge as e:
         await sink.abort()
         raise PayloadTooLarge(
-            f"The {what} is too large: the limit is {cap} bytes.", param=field, code=too_large_code
+            f"The {what} is too large: the limit is {min(cap, e.limit)} bytes.",
+            param=field,
+            code=too_large_code,
         ) from None
     except MultipartError as e:
         await sink.abort()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from fastapi import FastAPI, Request
@@ -9,7 +10,31 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from batchyard.api.responses import JSONResponse
-from batchyard.errors import APIError
+from batchyard.errors import (
+    APIError,
+    BlobError,
+    BlobStorageFull,
+    InsufficientStorage,
+    StorageUnavailable,
+    StoreError,
+    TooManyRequests,
+)
+
+FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def storage_full() -> JSONResponse:
+    exc = InsufficientStorage(
+        "The storage is full: the file could not be stored. Delete some files, or retry later.",
+        code="storage_full",
+    )
+    return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+
+
+def storage_down() -> JSONResponse:
+    exc = StorageUnavailable("The storage is unavailable; retry later.", code="storage_unavailable")
+    return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+
 
 log = logging.getLogger("batchyard.api")
 
@@ -25,7 +50,33 @@ def envelope(
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+        resp = JSONResponse(exc.to_dict(), status_code=exc.status_code)
+        if isinstance(exc, TooManyRequests):
+            resp.headers["x-should-retry"] = (
+                "false"  # a cap is not lifted by retrying (the openai SDK obeys this)
+            )
+        return resp
+
+    @app.exception_handler(BlobError)
+    async def blob_error(_: Request, exc: BlobError) -> JSONResponse:
+        if isinstance(exc, BlobStorageFull):
+            log.error("blob storage full: %s", exc)
+            return storage_full()
+        log.error("blob storage failed: %r", exc)
+        return storage_down()
+
+    @app.exception_handler(StoreError)
+    async def store_error(_: Request, exc: StoreError) -> JSONResponse:
+        log.error("metadata store failed: %r", exc)
+        return storage_down()
+
+    @app.exception_handler(OSError)
+    async def os_error(_: Request, exc: OSError) -> JSONResponse:
+        if exc.errno in FULL:
+            log.error("storage full: %s", exc)
+            return storage_full()
+        log.exception("I/O error", exc_info=exc)
+        return storage_down()
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -2,22 +2,76 @@
 
 from __future__ import annotations
 
+import logging
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from batchyard import ids
-from batchyard.api.deps import list_body, query_choice, query_int, receiving
+from batchyard.api.deps import bad_cursor, is_id, list_body, query_choice, query_int, receiving, shown
 from batchyard.api.multipart import ParsedForm, parse_upload
+from batchyard.api.quotas import Quotas
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
 from batchyard.domain import limits
 from batchyard.domain.models import FileRecord
-from batchyard.errors import InvalidRequest, NotFound, PayloadTooLarge
+from batchyard.errors import APIError, BlobNotFound, InvalidRequest, NotFound, PayloadTooLarge
 
 OwnerOf = Callable[[Request], str]
+log = logging.getLogger("batchyard.api")
+
+# What a multipart body may carry beside the file (boundaries, part headers, text fields): a Content-Length beyond a
+# cap by more than this is refused before the body is read.
+FORM_OVERHEAD = 1024 * 1024
+
+
+def _content_length(request: Request) -> int | None:
+    length = request.headers.get("content-length")
+    return int(length) if length is not None and length.isdigit() else None
+
+
+def _too_large(cap: int, purpose: str | None = None) -> PayloadTooLarge:
+    scope = f" for purpose {purpose!r}" if purpose else ""
+    return PayloadTooLarge(
+        f"The file is too large: the limit{scope} is {cap} bytes.", param="file", code="file_too_large"
+    )
+
+
+def _purpose(form: ParsedForm) -> str:
+    purpose = form.fields.get("purpose")
+    if purpose is None:
+        raise InvalidRequest(
+            "Missing required parameter: 'purpose'.", param="purpose", code="missing_required_parameter"
+        )
+    if purpose not in limits.FILE_PURPOSES:
+        raise InvalidRequest(
+            f"Invalid value for 'purpose': {shown(purpose, limits.MAX_PURPOSE_CHARS)!r}.",
+            param="purpose",
+            code="invalid_value",
+        )
+    return purpose
+
+
+def _no_such_file(file_id: str) -> NotFound:
+    return NotFound(f"No such File object: {shown(file_id)}", param="id", code="file_not_found")
+
+
+async def _started(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The stream with its first chunk already read: a blob that cannot be opened fails before any header is sent."""
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        first = b""
+
+    async def rest() -> AsyncIterator[bytes]:
+        if first:
+            yield first
+        async for chunk in stream:
+            yield chunk
+
+    return rest()
 
 
 def _expiry(form: ParsedForm, purpose: str, created_at: int) -> int | None:
@@ -54,44 +108,48 @@ def _disposition(filename: str) -> str:
 def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     r = APIRouter()
     settings = svc.settings
+    quotas = Quotas(svc.store, settings)
 
     @r.post("/v1/files")
     async def upload(request: Request) -> JSONResponse:
         owner = owner_of(request)
         cap = settings.max_file_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > cap + 1024 * 1024:
-            raise PayloadTooLarge(
-                f"The file is too large: the limit is {cap} bytes.", param="file", code="file_too_large"
-            )
+        length = _content_length(request)
+        if length is not None and length > cap + FORM_OVERHEAD:
+            raise _too_large(cap)
+        usage = await quotas.usage(owner)
+        quotas.check_file(usage, max(0, (length or 0) - FORM_OVERHEAD))
+
+        async def on_file(fields: dict[str, str]) -> int | None:
+            # The purpose is known before the file when the client sends it first (the openai SDK does): the
+            # purpose's cap then applies at once, to the Content-Length and to the stream. Otherwise the overall
+            # cap streams and the purpose's is checked at the end.
+            if fields.get("purpose") != "batch":
+                return None
+            batch_cap = settings.max_batch_file_bytes
+            if length is not None and length > batch_cap + FORM_OVERHEAD:
+                raise _too_large(batch_cap, "batch")
+            return batch_cap
+
         fid = ids.file_id()
         async with receiving(
             svc.blobs, f"files/{fid}", field="file", cap=cap, too_large_code="file_too_large"
         ) as sink:
             form = await parse_upload(
-                request.headers.get("content-type"), request.stream(), sink.open, max_file_bytes=cap
+                request.headers.get("content-type"),
+                request.stream(),
+                sink.open,
+                max_file_bytes=cap,
+                on_file=on_file,
             )
-            purpose = form.fields.get("purpose")
-            if purpose is None:
-                raise InvalidRequest(
-                    "Missing required parameter: 'purpose'.",
-                    param="purpose",
-                    code="missing_required_parameter",
-                )
-            if purpose not in limits.FILE_PURPOSES:
-                raise InvalidRequest(
-                    f"Invalid value for 'purpose': {purpose!r}.", param="purpose", code="invalid_value"
-                )
+            purpose = _purpose(form)
             if form.filename is None or sink.writer is None:
                 raise InvalidRequest(
                     "Missing required parameter: 'file'.", param="file", code="missing_required_parameter"
                 )
             if purpose == "batch" and form.file_bytes > settings.max_batch_file_bytes:
-                raise PayloadTooLarge(
-                    f"The file is too large: the limit for purpose 'batch' is {settings.max_batch_file_bytes} bytes.",
-                    param="file",
-                    code="file_too_large",
-                )
+                raise _too_large(settings.max_batch_file_bytes, "batch")
+            quotas.check_file(usage, form.file_bytes)
             created = int(await svc.store.now())
             expires_at = _expiry(form, purpose, created)
             info = await sink.writer.commit()
@@ -101,7 +159,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
             bytes=info.size,
             created_at=created,
             expires_at=expires_at,
-            filename=(form.filename or "file").replace("\x00", "\ufffd"),
+            filename=limits.clean_filename(form.filename or "file"),
             purpose=purpose,
             blob_key=info.key,
             sha256=info.sha256,
@@ -114,9 +172,18 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
         owner = owner_of(request)
         limit = query_int(request, "limit", 10_000, 1, 10_000)
         order = query_choice(request, "order", "desc", ("asc", "desc"))
+        purpose = request.query_params.get("purpose")
+        if purpose is not None and (len(purpose) > limits.MAX_PURPOSE_CHARS or limits.has_control(purpose)):
+            raise InvalidRequest(
+                f"Invalid value for 'purpose': {shown(purpose, limits.MAX_PURPOSE_CHARS)!r}.",
+                param="purpose",
+                code="invalid_value",
+            )
+        if bad_cursor(request, "file"):
+            return JSONResponse(list_body([], False))
         page = await svc.store.list_files(
             owner,
-            purpose=request.query_params.get("purpose"),
+            purpose=purpose,
             limit=limit,
             order=order,
             after=request.query_params.get("after"),
@@ -124,9 +191,10 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
         return JSONResponse(list_body([f.to_wire() for f in page.items], page.has_more))
 
     async def _get(request: Request, file_id: str) -> FileRecord:
-        f = await svc.store.get_file(owner_of(request), file_id)
+        owner = owner_of(request)
+        f = await svc.store.get_file(owner, file_id) if is_id("file", file_id) else None
         if f is None:
-            raise NotFound(f"No such File object: {file_id}", param="id", code="file_not_found")
+            raise _no_such_file(file_id)
         return f
 
     @r.get("/v1/files/{file_id}")
@@ -136,17 +204,27 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     @r.get("/v1/files/{file_id}/content")
     async def content(request: Request, file_id: str) -> StreamingResponse:
         f = await _get(request, file_id)
+        try:
+            body = await _started(svc.blobs.stream(f.blob_key))
+        except BlobNotFound:
+            if await svc.store.get_file(f.owner, f.id) is None:  # deleted meanwhile
+                raise _no_such_file(file_id) from None
+            log.error("file %s: its blob %s is missing", f.id, f.blob_key)
+            raise APIError(
+                f"The content of file {f.id} is missing from storage.", code="file_content_missing"
+            ) from None
         return StreamingResponse(
-            svc.blobs.stream(f.blob_key),
+            body,
             media_type="application/octet-stream",
             headers={"Content-Disposition": _disposition(f.filename), "Content-Length": str(f.bytes)},
         )
 
     @r.delete("/v1/files/{file_id}")
     async def delete(request: Request, file_id: str) -> JSONResponse:
-        res = await svc.store.delete_file(owner_of(request), file_id)
+        owner = owner_of(request)
+        res = await svc.store.delete_file(owner, file_id) if is_id("file", file_id) else None
         if res is None:
-            raise NotFound(f"No such File object: {file_id}", param="id", code="file_not_found")
+            raise _no_such_file(file_id)
         rec, removable = res
         if removable:
             await svc.blobs.delete(rec.blob_key)

@@ -399,6 +399,7 @@ async def parse_upload(
     max_file_bytes: int,
     max_field_bytes: int = 64 * 1024,
     max_fields: int = 32,
+    on_file: Callable[[dict[str, str]], Awaitable[int | None]] | None = None,
 ) -> ParsedForm:
     """Parse a multipart/form-data upload body incrementally.
 
@@ -413,6 +414,9 @@ async def parse_upload(
             immediately (the rest of the stream is not read).
         max_field_bytes: cap on each text field's size.
         max_fields: cap on the number of parts (file part included).
+        on_file: called when the headers of the ``file_field`` part are complete, before ``open_sink``, with the
+            text fields seen so far (those sent before the file, as the openai SDK sends them); it may raise to
+            refuse the upload before any of the file is stored, or return a smaller cap for the file part.
 
     Returns:
         The parsed form.  ``filename`` is ``None`` when there was no file part.
@@ -443,6 +447,12 @@ async def parse_upload(
             raise MultipartError(f"Malformed multipart body: {exc}") from None
         if state.need_open:
             state.need_open = False
+            if on_file is not None:
+                cap = await on_file(dict(state.form.fields))
+                if cap is not None and cap < state.max_file_bytes:
+                    state.max_file_bytes = cap
+                    if state.received > cap:
+                        raise PartTooLarge(cap)
             sink = await open_sink()
         if sink is not None and state.pending and (state.pending_bytes >= FLUSH_BYTES or state.file_done):
             await state.flush(sink)

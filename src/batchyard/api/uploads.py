@@ -14,8 +14,9 @@ from collections.abc import Callable
 from fastapi import APIRouter, Request
 
 from batchyard import ids
-from batchyard.api.deps import expires_after, json_body, receiving, required_str
-from batchyard.api.multipart import parse_upload
+from batchyard.api.deps import bounded_str, expires_after, is_id, json_body, receiving, shown
+from batchyard.api.multipart import PartTooLarge, parse_upload
+from batchyard.api.quotas import Quotas
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
 from batchyard.domain import limits
@@ -38,11 +39,15 @@ def _not_pending(upload_id: str, doing: str, why: str) -> Conflict:
 def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     r = APIRouter()
     settings = svc.settings
+    quotas = Quotas(svc.store, settings)
 
     async def pending(request: Request, upload_id: str, doing: str) -> tuple[UploadRecord, float]:
-        upload = await svc.store.get_upload(owner_of(request), upload_id)
+        owner = owner_of(request)
+        upload = await svc.store.get_upload(owner, upload_id) if is_id("upload", upload_id) else None
         if upload is None:
-            raise NotFound(f"No upload found with id '{upload_id}'.", param="upload_id", code="not_found")
+            raise NotFound(
+                f"No upload found with id '{shown(upload_id)}'.", param="upload_id", code="not_found"
+            )
         now = await svc.store.now()
         status = upload.status_at(now)
         if status != "pending":
@@ -53,13 +58,15 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     async def create(request: Request) -> JSONResponse:
         owner = owner_of(request)
         body = await json_body(request)
-        filename = required_str(body, "filename")
-        purpose = required_str(body, "purpose")
+        filename = limits.clean_filename(
+            bounded_str(body, "filename", limits.MAX_FILENAME_CHARS, controls=True)
+        )
+        purpose = bounded_str(body, "purpose", limits.MAX_PURPOSE_CHARS)
         if purpose not in limits.FILE_PURPOSES:
             raise InvalidRequest(
                 f"Invalid value for 'purpose': {purpose!r}.", param="purpose", code="invalid_value"
             )
-        mime_type = required_str(body, "mime_type")
+        mime_type = bounded_str(body, "mime_type", limits.MAX_MIME_TYPE_CHARS)
         size = body.get("bytes")
         if size is None:
             raise InvalidRequest(
@@ -79,13 +86,14 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
                 code="file_too_large",
             )
         file_ttl = expires_after(body.get("expires_after"), "expires_after")
+        await quotas.room_for_upload(owner, size)
         if file_ttl is None and purpose == "batch":
             file_ttl = limits.BATCH_FILE_DEFAULT_EXPIRY
         now = int(await svc.store.now())
         upload = UploadRecord(
             id=ids.upload_id(),
             owner=owner,
-            filename=filename.replace("\x00", "\ufffd"),
+            filename=filename,
             purpose=purpose,
             bytes=size,
             mime_type=mime_type,
@@ -99,18 +107,38 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     @r.post("/v1/uploads/{upload_id}/parts")
     async def add_part(request: Request, upload_id: str) -> JSONResponse:
         upload, now = await pending(request, upload_id, "add a part to")
+        parts = await svc.store.get_upload_parts(upload.id)
+        if len(parts) >= MAX_PARTS:
+            raise InvalidRequest(
+                f"Upload '{upload.id}' already has {MAX_PARTS} parts, the most it can have.",
+                param="data",
+                code="too_many_parts",
+            )
+        # A part never takes the upload past the size it was created for: its stream is capped at what is left.
+        room = max(0, upload.bytes - sum(p.bytes for p in parts))
+        cap = min(MAX_PART_BYTES, room)
         pid = ids.part_id()
         key = f"uploads/{upload.id}/{pid}"
         async with receiving(
             svc.blobs, key, field="data", cap=MAX_PART_BYTES, too_large_code="part_too_large", what="part"
         ) as sink:
-            await parse_upload(
-                request.headers.get("content-type"),
-                request.stream(),
-                sink.open,
-                file_field="data",
-                max_file_bytes=MAX_PART_BYTES,
-            )
+            try:
+                await parse_upload(
+                    request.headers.get("content-type"),
+                    request.stream(),
+                    sink.open,
+                    file_field="data",
+                    max_file_bytes=cap,
+                )
+            except PartTooLarge:
+                if cap == MAX_PART_BYTES:
+                    raise
+                raise InvalidRequest(
+                    f"The part would take upload '{upload.id}' past the {upload.bytes} bytes it was created for "
+                    f"({upload.bytes - room} bytes are in its parts already, {room} are left).",
+                    param="data",
+                    code="upload_size_exceeded",
+                ) from None
             if sink.writer is None:
                 raise InvalidRequest(
                     "Missing required parameter: 'data'.", param="data", code="missing_required_parameter"
@@ -125,6 +153,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
         owner = owner_of(request)
         body = await json_body(request)
         upload, now = await pending(request, upload_id, "complete")
+        await quotas.room_for_file(owner, upload.bytes)
         part_ids = body.get("part_ids")
         if part_ids is None:
             raise InvalidRequest(
@@ -147,7 +176,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
         unknown = [p for p in part_ids if p not in parts]
         if unknown:
             raise InvalidRequest(
-                f"Part '{unknown[0]}' does not belong to upload '{upload.id}'.",
+                f"Part '{shown(unknown[0])}' does not belong to upload '{upload.id}'.",
                 param="part_ids",
                 code="invalid_value",
             )

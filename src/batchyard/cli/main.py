@@ -376,6 +376,30 @@ def _edge_settings(opts: dict[str, Any]) -> dict[str, Any]:
     help="Largest input file for purpose 'batch' (larger uploads get 413).",
 )
 @_opt(
+    "--max-stored-bytes-per-key",
+    default=100 * 1000**3,
+    type=click.IntRange(0),
+    help="Bytes of live files one API key may hold (uploads and batch outputs; 0: no limit); beyond it, 429.",
+)
+@_opt(
+    "--max-files-per-key",
+    default=10_000,
+    type=click.IntRange(0),
+    help="Live files one API key may hold (0: no limit); beyond it, 429.",
+)
+@_opt(
+    "--max-pending-uploads-per-key",
+    default=100,
+    type=click.IntRange(0),
+    help="Uploads (/v1/uploads) one API key may have pending at once (0: no limit); beyond it, 429.",
+)
+@_opt(
+    "--max-active-batches-per-key",
+    default=100,
+    type=click.IntRange(0),
+    help="Batches one API key may have not yet finished (0: no limit); beyond it, 429.",
+)
+@_opt(
     "--max-head-bytes",
     default=64 * 1024,
     type=click.IntRange(1024),
@@ -421,6 +445,10 @@ def serve(**opts: Any) -> None:
         run_worker=not opts["no_worker"],
         worker_mode="thread" if opts["worker_in_process"] else "process",
         max_batch_file_bytes=opts["max_batch_file_bytes"],
+        max_stored_bytes_per_key=opts["max_stored_bytes_per_key"],
+        max_files_per_key=opts["max_files_per_key"],
+        max_pending_uploads_per_key=opts["max_pending_uploads_per_key"],
+        max_active_batches_per_key=opts["max_active_batches_per_key"],
         **_edge_settings(opts),
     )
     sys.exit(asyncio.run(_serve(settings)) if sys.platform == "win32" else _serve_uvloop(settings))

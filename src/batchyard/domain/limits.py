@@ -17,6 +17,19 @@ FILE_EXPIRY_MIN = 3600
 FILE_EXPIRY_MAX = 2_592_000
 BATCH_FILE_DEFAULT_EXPIRY = 30 * 24 * 3600
 FILE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
+# Per-key caps (defaults of the settings; 0 there means no limit).
+MAX_STORED_BYTES_PER_KEY = 100 * 1000**3
+MAX_FILES_PER_KEY = 10_000
+MAX_PENDING_UPLOADS_PER_KEY = 100
+MAX_ACTIVE_BATCHES_PER_KEY = 100
+# String caps at the edge (what a client sends is stored and echoed in every listing: keep each bounded).
+MAX_FILENAME_CHARS = 1024  # as the multipart parser's cap (a longer multipart filename is truncated there)
+MAX_MIME_TYPE_CHARS = 255  # RFC 6838: type and subtype of at most 127 characters each
+MAX_PURPOSE_CHARS = 64
+# C0 controls and DEL: never part of a name, a type or a purpose (PostgreSQL refuses NUL in text outright).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# In metadata values a tab or a line break is ordinary text; the other controls are not.
+_VALUE_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 _WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -46,4 +59,16 @@ def metadata_problem(metadata: object) -> str | None:
             return f"metadata keys must be strings of at most {METADATA_MAX_KEY} characters."
         if not isinstance(v, str) or len(v) > METADATA_MAX_VALUE:
             return f"metadata values must be strings of at most {METADATA_MAX_VALUE} characters."
+        if has_control(k) or _VALUE_CONTROL.search(v) is not None:
+            return "metadata keys and values must not contain control characters."
     return None
+
+
+def has_control(value: str) -> bool:
+    """Whether `value` holds a control character (C0 or DEL)."""
+    return _CONTROL.search(value) is not None
+
+
+def clean_filename(name: str) -> str:
+    """A client's filename as stored: control characters (NUL included) become U+FFFD, the rest is kept verbatim."""
+    return _CONTROL.sub("\ufffd", name)
