@@ -69,6 +69,15 @@ class PostgresCluster:
         finally:
             await conn.close()
 
+    def halt(self, mode: str = "fast") -> None:
+        """Stop the server (an outage or the first half of a restart), keeping its data, port and socket dir:
+        `fast` ends every session at once (clients see 57P01 admin_shutdown), `immediate` is a crash."""
+        _run(_as_owner([str(PG_BIN / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop"]))
+
+    def resume(self) -> None:
+        """Start a halted cluster again on the same port and data (its databases are still there)."""
+        _run(_as_owner(_start_cmd(self.root, self.port)))
+
     def stop(self) -> None:
         """Stop at once (no checkpoint: the data is thrown away) and delete everything."""
         try:

@@ -149,6 +149,24 @@ class Seaweed:
 
     def start(self, timeout: float = 60.0) -> Seaweed:
         self.ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
+        return self._launch(timeout)
+
+    def halt(self, timeout: float = 20.0) -> None:
+        """Stop the server like an outage would (SIGKILL: no clean shutdown), keeping its ports, data and logs
+        so that `resume` brings the same server back; S3 requests are refused until then."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout)
+        self.proc = None
+        self._remove_sockets()
+
+    def resume(self, timeout: float = 60.0) -> Seaweed:
+        """Start a halted server again on the same ports and data directory (its objects are still there)."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        return self._launch(timeout)
+
+    def _launch(self, timeout: float) -> Seaweed:
         for sub in ("data", "logs"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         # weed mini turns these two variables into its one admin identity: S3 requests must be signed with them.
@@ -208,10 +226,16 @@ class Seaweed:
                 self.proc.kill()
                 self.proc.wait(5)
         self.proc = None
+        self._remove_sockets()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _remove_sockets(self) -> None:
+        """The unix sockets a killed weed leaves behind (they would stop a new one from listening)."""
         for flag, port in self.ports.items():
             if flag.endswith(".grpc"):
                 Path(f"/tmp/seaweedfs-{flag.split('.')[0]}-grpc-{port}.sock").unlink(missing_ok=True)
-        shutil.rmtree(self.root, ignore_errors=True)
+        for name in ("filer.sock", "s3.sock"):
+            (self.root / name).unlink(missing_ok=True)
 
 
 def start_seaweed(bucket: str = "batchyard-test", timeout: float = 60.0) -> Seaweed:
