@@ -253,6 +253,9 @@ def test_bom_at_the_start_of_the_file_is_accepted(hostile_server: Server) -> Non
     assert not outcome.errors
 
 
+@pytest.mark.xfail(
+    reason="issue 9: an upstream 100 Continue is taken as the answer (status_code 100)", strict=True
+)
 def test_upstream_100_continue_is_skipped(hostile_server: Server) -> None:
     line = chat_line(0, x_fake={"continue_100": True}) | {"custom_id": "poison"}
     data = hostile_file(json.dumps(line))
@@ -502,7 +505,9 @@ def test_validator_accepts_only_lines_that_can_be_written_back(depth: int) -> No
 
 
 @pytest.mark.xfail(reason="issue 9: a UTF-8 BOM fails line 1 as invalid_json_line", strict=True)
-def test_validator_accepts_a_bom() -> None:
-    result = _validate(BOM + jsonl([chat_line(0), chat_line(1)]), [1, 2])
+@pytest.mark.parametrize("cuts", [[], [1, 2]], ids=["one-chunk", "bom-split-across-chunks"])
+def test_validator_accepts_a_bom(cuts: list[int]) -> None:
+    result = _validate(BOM + jsonl([chat_line(0), chat_line(1)]), cuts)
     assert result.ok, result.errors
     assert result.total_lines == 2
+    assert result.shards[0].start == len(BOM)
