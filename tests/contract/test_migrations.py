@@ -105,6 +105,9 @@ COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
         ],
         ("out_key", "text", NULL, None),
         ("err_key", "text", NULL, None),
+        ("failures", "int", NOT_NULL, "zero"),
+        ("last_error", "text", NULL, None),
+        ("retry_at", "float", NULL, None),
     ],
     "uploads": [
         ("seq", "serial", NOT_NULL, None),

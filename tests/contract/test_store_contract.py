@@ -1064,6 +1064,27 @@ async def test_release_worker_gives_back_a_dead_workers_leases_at_once(store: Me
     assert got is not None and (got.completed, got.failed) == (1, 0)  # the live worker's progress only
 
 
+async def test_a_failed_attempt_counts_and_a_paused_shard_waits(store: MetadataStore, clock: Clock) -> None:
+    await planned_batch(store, shards=1)
+    first = await claim(store, "w1")
+    assert first.shard.failures == 0 and first.shard.last_error is None
+    await store.release_shard(first, failure="ValueError: boom")  # a failure, claimable again at once
+    second = await claim(store, "w2")
+    assert (second.shard.failures, second.shard.last_error) == (1, "ValueError: boom")
+    await store.release_shard(second, retry_in=5.0)  # paused (storage down): not a failure, not claimable yet
+    assert await store.claim_shard("w3", LEASE) is None
+    clock.advance(5.1)
+    third = await claim(store, "w3")
+    assert (third.shard.failures, third.shard.last_error) == (1, "ValueError: boom")
+    await store.release_shard(second, failure="stale attempt")  # fenced: an old attempt changes nothing
+    assert await store.release_worker("w3") == 1  # a crashed worker: counts as a failure of its shard
+    fourth = await claim(store, "w4")
+    assert fourth.shard.failures == 2 and fourth.shard.last_error == "the worker process running it died"
+    await store.release_shard(fourth)  # a graceful hand-back: no failure
+    fifth = await claim(store, "w5")
+    assert fifth.shard.failures == 2
+
+
 # -- webhooks ---------------------------------------------------------------------------------------------------
 
 

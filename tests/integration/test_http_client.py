@@ -312,3 +312,33 @@ async def test_https_with_verification(serve, tls_ca: trustme.CA) -> None:  # ty
 def test_header_injection_through_the_api_key_is_refused() -> None:
     with pytest.raises(ValueError):
         HTTPUpstream("http://127.0.0.1:1/v1", api_key="sk\r\nX-Evil: 1")
+
+
+async def test_interim_100_continue_and_103_are_skipped_and_the_connection_reused(serve) -> None:  # type: ignore[no-untyped-def]
+    async def h(_r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        w.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        w.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n")
+        w.write(ok(b'{"n": %d}' % n))
+
+    s = await serve(h)
+    up = HTTPUpstream(f"http://127.0.0.1:{s.port}/v1")
+    for i in range(3):
+        status, body, _ = await call(up)
+        assert (status, orjson.loads(body)) == (200, {"n": i})
+    await up.close()
+    assert s.connections == 1
+
+
+async def test_an_endless_response_head_is_cut_off(serve) -> None:  # type: ignore[no-untyped-def]
+    async def h(_r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\n")
+        for i in range(2000):  # 2000 headers of 1 KiB: a head of 2 MiB
+            w.write(b"X-Pad-%d: %s\r\n" % (i, b"p" * 1024))
+            await w.drain()
+
+    s = await serve(h)
+    up = HTTPUpstream(f"http://127.0.0.1:{s.port}/v1")
+    with pytest.raises(UpstreamError) as e:
+        await call(up)
+    assert e.value.kind == "too_large" and "head" in e.value.message
+    await up.close()

@@ -6,6 +6,7 @@ import json
 import re
 from typing import Any
 
+import orjson
 import pytest
 
 from batchyard.domain.lines import (
@@ -61,10 +62,25 @@ def test_raw_body_surrounding_whitespace_is_stripped() -> None:
 
 
 @pytest.mark.parametrize("raw", [b'{"a":\n1}', b'{"a": 1}\n', b'{"a":\r\n 1}', b'{\r"a": 1}'])
-def test_raw_body_with_newlines_is_reserialized(raw: bytes) -> None:
+def test_raw_body_with_newlines_stays_on_one_line_without_reserializing(raw: bytes) -> None:
     line = response_line("req-1", 200, "r", {"a": 1}, raw)
-    assert b'"body":{"a":1}}' in line
+    assert line.count(b"\n") == 1 and line.endswith(b"\n") and b"\r" not in line
     assert parse(line)["response"]["body"] == {"a": 1}
+
+
+def test_a_body_deeper_than_any_json_writer_allows_is_spliced_not_reserialized() -> None:
+    raw = b"[" * 900 + b"]" * 900  # orjson reads 1024 levels but writes 254
+    body = {"deep": orjson.loads(raw)}
+    raw_body = b'{"deep":\n' + raw + b"}"
+    line = response_line("req-1", 200, "r", body, raw_body)
+    assert line.count(b"\n") == 1 and raw in line
+
+
+def test_a_huge_request_id_and_absurd_usage_are_bounded() -> None:
+    line = response_line("req-1", 200, "r" * 100_000, {"a": 1}, b'{"a":1}')
+    assert len(parse(line)["response"]["request_id"]) == 256
+    u = extract_usage({"usage": {"prompt_tokens": 2**64 - 1, "completion_tokens": -5, "total_tokens": 1}})
+    assert (u.input_tokens, u.output_tokens) == (0, 0)
 
 
 def test_custom_id_and_request_id_are_escaped() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Any
 
 import orjson
@@ -413,9 +414,38 @@ def test_whitespace_around_object_is_fine() -> None:
     assert res.ok
 
 
-def test_leading_bom_is_invalid_json() -> None:
-    res = validate(b"\xef\xbb\xbf" + line(req("a")))
-    assert codes(res) == [("invalid_json_line", None, 1)]
+def test_a_leading_utf8_bom_is_skipped_and_the_first_shard_starts_after_it() -> None:
+    data = b"\xef\xbb\xbf" + line(req("a")) + line(req("b"))
+    res = validate(data, shard_lines=1)
+    assert res.ok and res.total_lines == 2
+    first = len(line(req("a")))
+    assert res.shards == [ShardPlan(0, 3, 3 + first, 1, 1), ShardPlan(1, 3 + first, len(data), 2, 1)]
+    assert orjson.loads(data[res.shards[0].start : res.shards[0].end]) == req("a")
+
+
+def test_a_bom_anywhere_but_the_start_is_invalid_json() -> None:
+    res = validate(line(req("a")) + b"\xef\xbb\xbf" + line(req("b")))
+    assert codes(res) == [("invalid_json_line", None, 2)]
+
+
+def test_a_line_nested_deeper_than_the_limit_is_refused_with_its_line_number() -> None:
+    from batchyard.domain.wire import MAX_DEPTH
+
+    def nested(levels: int) -> Any:
+        v: Any = "x"
+        for _ in range(levels):
+            v = [v]
+        return v
+
+    ok = req("a")
+    ok["body"]["messages"][0]["content"] = nested(MAX_DEPTH - 5)  # line, body, messages, message: 4 levels
+    deep = req("b")
+    deep["body"]["messages"][0]["content"] = nested(300)  # orjson reads it but cannot write it back
+    brackets = req("c")
+    brackets["body"]["messages"][0]["content"] = "[" * 5000  # many brackets, all inside a string: fine
+    res = validate(line(ok) + json.dumps(deep).encode() + b"\n" + line(brackets))
+    assert codes(res) == [("invalid_json_line", None, 2)]
+    assert "levels deep" in res.errors[0].message
 
 
 # ---------------------------------------------------------------------------------------- chunk boundaries

@@ -6,8 +6,12 @@ from typing import Any
 
 import orjson
 
+from batchyard.domain import wire
 from batchyard.domain.models import Usage
 from batchyard.ids import request_line_id
+
+MAX_REQUEST_ID = 256  # an upstream's x-request-id is copied into every line: keep it bounded
+MAX_TOKENS = 1 << 40  # a token count above this in one answer is not believed (sums must fit in 64 bits)
 
 NOT_EXECUTED_MESSAGES = {
     "batch_expired": "This request could not be executed before the completion window expired.",
@@ -20,21 +24,21 @@ def response_line(
 ) -> bytes:
     """A line carrying an upstream HTTP response (2xx goes to the output file, others to the error file).
 
-    When the upstream's raw JSON bytes are given and hold no newline, they are spliced in verbatim, which keeps the
-    upstream body byte-exact and saves re-serializing it.
+    When the upstream's raw JSON bytes are given (the caller parsed them: they are valid JSON), they are spliced in
+    verbatim, which keeps the upstream body byte-exact, saves re-serializing it, and never re-serializes a value
+    nested deeper than a JSON writer allows; only its line breaks (whitespace in valid JSON) become spaces.
     """
     head = orjson.dumps({"id": request_line_id(), "custom_id": custom_id})[:-1]
-    if raw_body is None or b"\n" in raw_body or b"\r" in raw_body:
-        raw_body = orjson.dumps(body)
+    raw = wire.dumps(body) if raw_body is None else wire.compact_raw(raw_body)
     return b"".join(
         (
             head,
             b',"response":{"status_code":',
             str(status_code).encode(),
             b',"request_id":',
-            orjson.dumps(request_id),
+            orjson.dumps(request_id[:MAX_REQUEST_ID]),
             b',"body":',
-            raw_body.strip(),
+            raw,
             b'},"error":null}\n',
         )
     )
@@ -60,7 +64,8 @@ def not_executed_line(custom_id: str, code: str) -> bytes:
 
 
 def _int(v: object) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+    """A token count from an upstream's usage: an integer in [0, MAX_TOKENS], else 0 (never trusted as is)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_TOKENS else 0
 
 
 def extract_usage(body: object) -> Usage:

@@ -200,6 +200,8 @@ class ShardRecord:
     usage: Usage = field(default_factory=Usage)
     out_key: str | None = None
     err_key: str | None = None
+    failures: int = 0  # attempts that failed for a reason other than a lost lease (quarantined at a limit)
+    last_error: str | None = None  # what the last failed attempt died of
 
 
 @dataclass(slots=True)

@@ -11,13 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 KEY_CHARS = 4096
+_MAX_PARTS_DEPTH = 4
 
 
-def _text(value: Any) -> str:
+def _text(value: Any, depth: int = 0) -> str:
+    """The text of a prompt, content, or list of content parts; nesting beyond a few levels holds no prompt text
+    a server would cache (and is a tenant's to make as deep as it likes): it is not walked."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list):  # content parts, or a list of prompts
-        return "".join(_text(v.get("text", "") if isinstance(v, dict) else v) for v in value)
+    if isinstance(value, list) and depth < _MAX_PARTS_DEPTH:  # content parts, or a list of prompts
+        return "".join(_text(v.get("text", "") if isinstance(v, dict) else v, depth + 1) for v in value)
     return ""
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import math
 import random
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
@@ -13,27 +14,45 @@ def is_retryable_status(status: int) -> bool:
     return status in RETRYABLE_STATUS or status >= 500
 
 
+def _seconds(text: str, scale: float = 1.0) -> float | None:
+    """A finite, non-negative number of seconds, or None (not a number, NaN, infinite)."""
+    if len(text) > 32:  # a header value is the upstream's: never parse an unbounded one
+        return None
+    try:
+        value = float(text) * scale
+    except ValueError:
+        return None
+    return max(0.0, value) if math.isfinite(value) else None
+
+
 def parse_retry_after(headers: dict[str, str] | None, now: float) -> float | None:
-    """Seconds to wait from `retry-after-ms`, `retry-after` (seconds or HTTP date); None if absent/invalid."""
+    """Seconds to wait from `retry-after-ms`, `retry-after` (seconds or HTTP date); None if absent or invalid.
+
+    The value is the upstream's and is never trusted: anything that is not a finite number or a date that
+    `email.utils` can turn into a timestamp (the year 10000 cannot) counts as absent, and the caller caps what is
+    left (`backoff_delay` honours at most MAX_RETRY_AFTER seconds, as openai-python does)."""
     if not headers:
         return None
     ms = headers.get("retry-after-ms")
     if ms is not None:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
+        value = _seconds(ms, 1 / 1000.0)
+        if value is not None:
+            return value
     ra = headers.get("retry-after")
     if ra is None:
         return None
-    try:
-        return max(0.0, float(ra))
-    except ValueError:
-        pass
-    parsed = email.utils.parsedate_tz(ra)
-    if parsed is None:
+    value = _seconds(ra)
+    if value is not None:
+        return value
+    if len(ra) > 64:
         return None
-    return max(0.0, float(email.utils.mktime_tz(parsed)) - now)
+    try:
+        parsed = email.utils.parsedate_tz(ra)
+        if parsed is None:
+            return None
+        return _seconds(str(float(email.utils.mktime_tz(parsed)) - now))
+    except (ValueError, OverflowError, OSError, TypeError):
+        return None
 
 
 def backoff_delay(

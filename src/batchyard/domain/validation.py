@@ -9,7 +9,10 @@ Line rules (shared with :func:`iter_lines`):
   may lack a newline;
 - a line holding only ASCII whitespace (or nothing) is blank: it is skipped, but it still counts in the
   1-based physical line numbers;
-- every other line is a request line.
+- every other line is a request line;
+- a UTF-8 byte order mark at the start of the file is skipped (the first shard starts after it);
+- a line nested more than ``wire.MAX_DEPTH`` levels deep is refused (``invalid_json_line``): nothing downstream
+  re-serializes or walks it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any, Final
 
 import numpy as np
 import orjson
+
+from batchyard.domain.wire import MAX_DEPTH, nested_deeper
 
 __all__ = ["BatchValidator", "LineError", "ShardPlan", "ValidationResult", "iter_lines"]
 
@@ -75,6 +80,11 @@ _MAX_ECHO = 256  # longest user value echoed back in a message
 _Problem = tuple[str, str, str | None]
 
 _INVALID_JSON: Final[_Problem] = ("invalid_json_line", INVALID_JSON_MESSAGE, None)
+_TOO_DEEP: Final[_Problem] = (
+    "invalid_json_line",
+    f"This line nests arrays and objects more than {MAX_DEPTH} levels deep, which is not supported.",
+    None,
+)
 _DUPLICATE: Final[_Problem] = ("duplicate_custom_id", DUPLICATE_CUSTOM_ID_MESSAGE, "custom_id")
 
 
@@ -118,6 +128,7 @@ def _echo(value: str) -> str:
     return value if len(value) <= _MAX_ECHO else value[:_MAX_ECHO] + "..."
 
 
+_BOM: Final = b"\xef\xbb\xbf"
 _WHITESPACE: Final = b" \t\n\r\x0b\x0c"  # what bytes.isspace() accepts
 
 
@@ -211,6 +222,11 @@ class BatchValidator:
             raise RuntimeError("feed() after finish()")
         if type(chunk) is not bytes:
             chunk = bytes(chunk)  # never keep a reference to a buffer the caller may reuse
+        if self._bytes == 0 and chunk.startswith(_BOM):
+            # A UTF-8 byte order mark (Windows editors write one) is not part of the first line: the first
+            # shard starts after it.
+            self._bytes = self._offset = len(_BOM)
+            chunk = chunk[len(_BOM) :]
         self._bytes += len(chunk)
         if self._bytes > self._max_bytes:
             self._too_large = True
@@ -330,6 +346,7 @@ class BatchValidator:
         max_lines = self._max_lines
         shard_lines = self._shard_lines
         shards = self._shards
+        max_depth = MAX_DEPTH
         find = buf.find
         whitespace = _WHITESPACE
         view = memoryview(buf)
@@ -367,7 +384,12 @@ class BatchValidator:
             except decode_error:
                 problem = _INVALID_JSON
             else:
-                problem = check(obj, line_no)
+                if buf.count(b"[", start, end) + buf.count(b"{", start, end) > max_depth and nested_deeper(
+                    obj, max_depth
+                ):
+                    problem = _TOO_DEEP  # would break re-serialization and recursive code downstream
+                else:
+                    problem = check(obj, line_no)
             if problem is not None:
                 error_count += 1
                 if len(errors) < max_errors:

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from batchyard.domain import lines
+from batchyard.domain import lines, wire
 from batchyard.domain.models import Usage
 from batchyard.domain.retry import backoff_delay, is_retryable_status, parse_retry_after
 from batchyard.execution.limiter import AdaptiveLimiter, Limiter, Signal
@@ -92,7 +92,7 @@ class Dispatcher:
                 limiter.release(started, Signal.ERROR)  # ejected while we waited: choose again
                 continue
             if member.priority is not None and "priority" not in body:  # the request's own priority wins
-                payload = orjson.dumps({**body, "priority": member.priority})
+                payload = wire.dumps({**body, "priority": member.priority})
             return await self._send(member, limiter, started, endpoint, body, payload, stop)
 
     async def _send(
@@ -134,7 +134,7 @@ class Dispatcher:
             return Outcome(
                 False, lines.error_line(custom_id, "model_not_found", f"No upstream serves {model!r}.")
             )
-        payload = orjson.dumps(body)
+        payload = wire.dumps(body)  # exact: integers past 64 bits are sent as they were written
         retries = 0
         while True:
             if stop.code is not None:
@@ -163,9 +163,9 @@ class Dispatcher:
                 await asyncio.sleep(delay)
                 retries += 1
                 continue
+            body_obj, raw = _error_body(resp.body)
             return Outcome(
-                False,
-                lines.response_line(custom_id, resp.status, resp.request_id or "", _error_body(resp.body)),
+                False, lines.response_line(custom_id, resp.status, resp.request_id or "", body_obj, raw)
             )
 
 
@@ -183,13 +183,14 @@ def _signal_of(status: int) -> Signal:
     return Signal.ERROR if status >= 500 else Signal.OK
 
 
-def _error_body(raw: bytes) -> dict[str, Any]:
-    """The upstream's error body as an object: kept as is when it is JSON, wrapped when it is not."""
+def _error_body(raw: bytes) -> tuple[dict[str, Any], bytes | None]:
+    """The upstream's error body as an object and the bytes to splice into the line: kept as is (its raw bytes,
+    never re-serialized) when it is a JSON object, wrapped when it is not."""
     try:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError:
         parsed = None
     if isinstance(parsed, dict):
-        return parsed
+        return parsed, raw
     text = raw[:4096].decode("utf-8", "replace")
-    return {"error": {"message": text, "type": "upstream_error", "param": None, "code": None}}
+    return {"error": {"message": text, "type": "upstream_error", "param": None, "code": None}}, None

@@ -15,6 +15,7 @@ from batchyard.domain.models import BatchRecord, FileRecord
 from batchyard.domain.states import BatchStatus
 from batchyard.domain.validation import BatchValidator
 from batchyard.errors import BlobNotFound
+from batchyard.execution.containment import describe
 from batchyard.store.base import BatchJob, MetadataStore
 from batchyard.upstreams.router import Router
 
@@ -43,6 +44,14 @@ async def keep_job_lease(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def fail_unexpectedly(job: BatchJob, store: MetadataStore, worker: str, e: BaseException) -> None:
+    """End a batch whose validation raised (a bug, or an input nothing foresaw) as failed, with the reason."""
+    message = f"The batch could not be validated: batchyard failed on its input file ({describe(e, 300)})."
+    await store.fail_batch(
+        job.batch.id, worker, [{"code": "internal_error", "message": message, "param": None, "line": None}]
+    )
 
 
 def _file_error(message: str) -> list[dict[str, Any]]:

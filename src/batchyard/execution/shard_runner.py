@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,13 +13,17 @@ import orjson
 
 from batchyard.blobs.base import BlobStore, BlobWriter
 from batchyard.config import Settings
-from batchyard.domain import lines
+from batchyard.domain import lines, wire
 from batchyard.domain.models import ShardClaim, ShardResult, Usage
 from batchyard.domain.ordering import prefix_order
 from batchyard.domain.states import BatchStatus
 from batchyard.domain.validation import iter_lines
+from batchyard.execution.containment import DEPENDENCY_ERRORS, QUARANTINE_AFTER, Backoff, Paused, describe
 from batchyard.execution.dispatcher import Dispatcher, Outcome, StopSignal
 from batchyard.store.base import Heartbeat, MetadataStore
+
+PROGRESS_INTERVAL = 1.0  # a running shard publishes its progress and reads its batch's status this often
+_CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*("(?:[^"\\]|\\.){1,4096}")')
 
 log = logging.getLogger("batchyard.shard")
 
@@ -71,6 +76,39 @@ class _Attempt:
             self.usage.add(outcome.usage)
         self.unrecorded -= 1
 
+    async def abort(self) -> None:
+        await _abort(self.out)
+        await _abort(self.err)
+
+
+async def _abort(writer: BlobWriter) -> None:
+    """Drop a part being written; when even that fails (storage down), the sweeper removes what is left."""
+    with contextlib.suppress(Exception):
+        await writer.abort()
+
+
+def parse_line(raw: bytes, line_no: int) -> dict[str, Any]:
+    """A request line of a validated shard, read exactly (`wire.loads`). Validation read it before, so this does
+    not fail; if it does anyway, the line is still answered: its custom_id is dug out of the bytes and it carries a
+    `problem` that the lane turns into its error line."""
+    try:
+        req = wire.loads(raw)
+        if (
+            isinstance(req, dict)
+            and isinstance(req.get("custom_id"), str)
+            and isinstance(req.get("body"), dict)
+        ):
+            return req
+        problem = "The request line is not an object with a string custom_id and an object body."
+    except Exception as e:
+        problem = f"The request line could not be read ({describe(e, 200)})."
+    m = _CUSTOM_ID.search(raw)
+    custom_id = f"line-{line_no}"
+    if m is not None:
+        with contextlib.suppress(Exception):
+            custom_id = str(orjson.loads(m.group(1)))
+    return {"custom_id": custom_id, "body": None, "problem": problem}
+
 
 class ShardRunner:
     def __init__(
@@ -81,37 +119,119 @@ class ShardRunner:
         self.dispatcher = dispatcher
         self.settings = settings
         self.running = 0  # shards this runner is executing now
+        self.outage = Backoff("running shards", log)  # the storage or database is down
+        self._nudge = asyncio.Event()  # set by `nudge`: every running shard looks at its batch at once
+
+    def nudge(self) -> None:
+        """Make every running shard heartbeat now (a batch was cancelled here: stop its lines at once)."""
+        self._nudge.set()
 
     async def run(self, claim: ShardClaim) -> bool:
-        """Run the shard to the end; True when this attempt's results were committed."""
+        """Run the shard to the end; True when this attempt's results were committed.
+
+        Whatever happens, the worker goes on: a dependency that is down hands the shard back to be retried later
+        (`Paused` is raised for the caller to back off), any other failure hands it back counted (and logged), and a
+        shard that failed QUARANTINE_AFTER times ends its lines as error lines instead of running them again."""
+        try:
+            if claim.shard.failures >= QUARANTINE_AFTER:
+                result = await self._quarantine(claim)
+            else:
+                result = await self._run(claim)
+        except asyncio.CancelledError:
+            await self._release(claim)  # shutting down: hand the shard back now rather than at lease expiry
+            raise
+        except DEPENDENCY_ERRORS as e:
+            delay = self.outage.failed(e)
+            await self._release(claim, retry_in=delay)
+            raise Paused(delay, e) from e
+        except Exception as e:
+            log.exception(
+                "shard %s/%d attempt %d failed (failure %d of %d before quarantine)",
+                claim.shard.batch_id,
+                claim.shard.index,
+                claim.attempt,
+                claim.shard.failures + 1,
+                QUARANTINE_AFTER,
+            )
+            await self._release(claim, failure=describe(e))
+            return False
+        self.outage.ok()
+        return result
+
+    async def _release(self, claim: ShardClaim, *, retry_in: float = 0.0, failure: str | None = None) -> None:
+        """Hand the shard back (best effort: when the store is down too, the lease runs out instead)."""
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self.store.release_shard(claim, retry_in=retry_in, failure=failure))
+
+    async def _open(self, claim: ShardClaim) -> tuple[_Attempt, list[dict[str, Any]]]:
         shard = claim.shard
         data = await self.blobs.read_range(claim.input_blob_key, shard.start, shard.end)
+        requests = [parse_line(raw, n) for n, raw in iter_lines(data, shard.first_line)]
+        del data
         out = await self.blobs.open_writer(part_key(claim, "out"))
-        err = await self.blobs.open_writer(part_key(claim, "err"))
+        try:
+            err = await self.blobs.open_writer(part_key(claim, "err"))
+        except BaseException:
+            await _abort(out)
+            raise
         att = _Attempt(claim, out, err)
         code = stop_code(claim.batch_status, claim.expires_at, claim.db_now)
         if code is not None:
             att.stop.set(code)
-        requests = [orjson.loads(raw) for _, raw in iter_lines(data, shard.first_line)]
-        del data
-        if self.settings.prefix_ordering:
-            requests = prefix_order(requests)
-        todo = iter(requests)
+        return att, requests
+
+    async def _run(self, claim: ShardClaim) -> bool:
+        att, requests = await self._open(claim)
         try:
-            await self._execute(att, todo)
+            if self.settings.prefix_ordering:
+                try:
+                    requests = prefix_order(requests)
+                except Exception:  # an ordering is an optimisation: never a reason to fail the lines
+                    log.exception(
+                        "prefix ordering failed for shard %s/%d", claim.shard.batch_id, claim.shard.index
+                    )
+            await self._execute(att, iter(requests))
+            if att.lost:
+                await att.abort()
+                log.warning(
+                    "shard %s/%d attempt %d lost its lease",
+                    claim.shard.batch_id,
+                    claim.shard.index,
+                    claim.attempt,
+                )
+                return False
+            return await self._commit(att)
         except BaseException:
-            await out.abort()
-            await err.abort()
-            # Shutting down or failing: hand the shard back now rather than at lease expiry.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.store.release_shard(claim))
+            await att.abort()  # nothing half-written stays behind
             raise
-        if att.lost:
-            await out.abort()
-            await err.abort()
-            log.warning("shard %s/%d attempt %d lost its lease", shard.batch_id, shard.index, claim.attempt)
-            return False
-        return await self._commit(att)
+
+    async def _quarantine(self, claim: ShardClaim) -> bool:
+        """Every line of a shard that keeps failing ends as an error line, without being sent again."""
+        att, requests = await self._open(claim)
+        log.error(
+            "shard %s/%d quarantined after %d failed attempts (last: %s): its %d lines end as error lines",
+            claim.shard.batch_id,
+            claim.shard.index,
+            claim.shard.failures,
+            claim.shard.last_error,
+            len(requests),
+        )
+        message = (
+            f"This request was not executed: the part of the batch holding it failed {claim.shard.failures} times "
+            f"(last error: {claim.shard.last_error or 'unknown'}), so it was quarantined."
+        )
+        try:
+            for req in requests:
+                cid = req["custom_id"]
+                if att.stop.code is not None:
+                    line = lines.not_executed_line(cid, att.stop.code)
+                    await att.record(Outcome(False, line, stopped=att.stop.code))
+                else:
+                    await att.record(Outcome(False, lines.error_line(cid, "shard_quarantined", message)))
+            return await self._commit(att)
+        except BaseException:
+            await att.abort()
+            raise
 
     def _fair_lanes(self) -> int:
         """Lanes for one shard: its share of the upstreams' concurrency among the shards running here.
@@ -185,10 +305,18 @@ class ShardRunner:
                     Outcome(False, lines.not_executed_line(custom_id, att.stop.code), stopped=att.stop.code)
                 )
                 continue
+            problem = req.get("problem")
+            if problem is not None:  # the line could not be read back (validation read it: not expected)
+                await att.record(Outcome(False, lines.error_line(custom_id, "invalid_request", problem)))
+                continue
             task = asyncio.current_task()
             att.executing.add(task)  # type: ignore[arg-type]
             try:
                 outcome = await self.dispatcher.execute(endpoint, custom_id, req["body"], att.stop)
+            except Exception as e:  # a line fails alone, whatever went wrong while sending or parsing it
+                log.exception("line %r of batch %s failed", custom_id[:64], att.claim.shard.batch_id)
+                msg = f"batchyard could not process this request ({describe(e, 200)})."
+                outcome = Outcome(False, lines.error_line(custom_id, "internal_error", msg))
             except asyncio.CancelledError:
                 # Cancelled by the heartbeat: either the lease is gone (give up) or the grace period for
                 # in-flight lines of a cancelled/expired batch ran out (the line is recorded as not executed).
@@ -215,11 +343,22 @@ class ShardRunner:
         s = self.settings
         grace_deadline: float | None = None
         loop = asyncio.get_running_loop()
+        period = min(s.heartbeat_seconds, PROGRESS_INTERVAL)
         while True:
-            await asyncio.sleep(min(s.heartbeat_seconds, 1.0) if att.stop.code else s.heartbeat_seconds)
-            hb: Heartbeat | None = await self.store.heartbeat_shard(
-                att.claim, s.lease_seconds, att.completed, att.failed, att.usage
-            )
+            # Every second (or when nudged): publish progress, extend the lease, see a cancel or an expiry.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(period):
+                    await self._nudge.wait()
+            self._nudge.clear()
+            try:
+                hb: Heartbeat | None = await self.store.heartbeat_shard(
+                    att.claim, s.lease_seconds, att.completed, att.failed, att.usage
+                )
+            except (
+                DEPENDENCY_ERRORS
+            ) as e:  # the store is down: keep working; the lease is lost if it stays down
+                log.warning("shard heartbeat failed: %s", describe(e))
+                continue
             log.debug(
                 "shard %s/%d: %d done, %d lanes, concurrency limit %d",
                 att.claim.shard.batch_id,

@@ -1,4 +1,8 @@
-"""The worker: supervised loops that validate, run shards, finalize and sweep. One dying stops the worker."""
+"""The worker: supervised loops that validate, run shards, finalize and sweep.
+
+No loop dies of its work (execution/containment.py): a dependency that is down makes the loop wait with a bounded
+backoff, any other error is logged and the loop goes on. A loop that still ends (a bug in the loop itself) stops
+the worker, whose supervisor restarts it."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from batchyard.blobs.base import BlobStore
 from batchyard.config import Settings
 from batchyard.execution import jobs
+from batchyard.execution.containment import DEPENDENCY_ERRORS, Backoff, Paused
 from batchyard.execution.dispatcher import Dispatcher
 from batchyard.execution.shard_runner import ShardRunner
 from batchyard.execution.webhooks import WebhookSender
@@ -62,9 +67,13 @@ class Worker:
         except RuntimeError:
             current = None
         if current is loop:
-            self._wake.set()
+            self._woken()
         else:
-            loop.call_soon_threadsafe(self._wake.set)
+            loop.call_soon_threadsafe(self._woken)
+
+    def _woken(self) -> None:
+        self._wake.set()
+        self.runner.nudge()  # a cancel may be why: running shards look at their batch now
 
     async def _idle(self) -> None:
         with contextlib.suppress(TimeoutError):
@@ -72,9 +81,25 @@ class Worker:
                 await self._wake.wait()
         self._wake.clear()
 
-    async def _loop(self, step: Callable[[], Awaitable[bool]]) -> None:
+    async def _loop(self, step: Callable[[], Awaitable[bool]], what: str) -> None:
+        """Run `step` until cancelled: again at once while it finds work, after an idle wait when it does not, after
+        a backoff when a dependency is down or it failed (never ending the loop)."""
+        outage = Backoff(what, log)
         while True:
-            if not await step():
+            try:
+                busy = await step()
+            except Paused as p:  # a shard was handed back: its storage or database is down
+                await asyncio.sleep(p.delay)
+                continue
+            except DEPENDENCY_ERRORS as e:
+                await asyncio.sleep(outage.failed(e))
+                continue
+            except Exception:
+                log.exception("%s failed; going on", what)
+                await asyncio.sleep(outage.failed(RuntimeError("unexpected error (logged above)")))
+                continue
+            outage.ok()
+            if not busy:
                 await self._idle()
 
     async def validate_once(self) -> bool:
@@ -83,8 +108,13 @@ class Worker:
             return False
         try:
             await jobs.validate(job, self.store, self.blobs, self.router, self.settings, self.id)
-        except BaseException:
-            with contextlib.suppress(Exception):
+        except BaseException as e:
+            if isinstance(e, Exception) and not isinstance(e, DEPENDENCY_ERRORS):
+                # validation is pure: the same input fails the same way, so the batch fails (with the reason)
+                log.exception("validating batch %s failed", job.batch.id)
+                await jobs.fail_unexpectedly(job, self.store, self.id, e)
+                return True
+            with contextlib.suppress(Exception):  # cancelled, or a dependency is down: hand the job back
                 await asyncio.shield(self.store.release_job(job.batch.id, self.id))
             raise
         self.wake()
@@ -137,13 +167,15 @@ class Worker:
         log.info("worker %s started", self.id)
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._loop(self.validate_once), name="validator")
-                tg.create_task(self._loop(self.finalize_once), name="finalizer")
-                tg.create_task(self._loop(self.sweep_files_once), name="file-sweeper")
+                tg.create_task(self._loop(self.validate_once, "validation"), name="validator")
+                tg.create_task(self._loop(self.finalize_once, "finalization"), name="finalizer")
+                tg.create_task(self._loop(self.sweep_files_once, "sweeping"), name="file-sweeper")
                 if self.webhooks is not None:
-                    tg.create_task(self._loop(self.deliver_webhooks_once), name="webhooks")
+                    tg.create_task(self._loop(self.deliver_webhooks_once, "webhooks"), name="webhooks")
                 for i in range(self.settings.max_shards):
-                    tg.create_task(self._loop(self.run_shard_once), name=f"shard-runner-{i}")
+                    tg.create_task(
+                        self._loop(self.run_shard_once, "running shards"), name=f"shard-runner-{i}"
+                    )
         finally:
             if self.webhooks is not None:
                 await self.webhooks.close()

@@ -173,8 +173,12 @@ class MetadataStore(ABC):
         """Extend the lease and publish progress; None when the lease was lost (another attempt owns it)."""
 
     @abstractmethod
-    async def release_shard(self, claim: ShardClaim) -> None:
-        """Give a claimed shard back at once (graceful shutdown), if this attempt still holds it."""
+    async def release_shard(
+        self, claim: ShardClaim, *, retry_in: float = 0.0, failure: str | None = None
+    ) -> None:
+        """Give a claimed shard back, if this attempt still holds it: at once (graceful shutdown), or not to be
+        claimed again for `retry_in` seconds (a dependency is down). `failure`: the attempt failed of this error,
+        which counts towards the shard's quarantine (`ShardRecord.failures`, `last_error`)."""
 
     @abstractmethod
     async def release_job(self, batch_id: str, worker: str) -> None:
@@ -183,7 +187,8 @@ class MetadataStore(ABC):
     @abstractmethod
     async def release_worker(self, worker: str) -> int:
         """Give back every lease `worker` holds (shards and batch jobs), for a worker known to be dead (its parent
-        saw it exit): its work is taken over at once instead of after the lease. Returns the shards released."""
+        saw it exit): its work is taken over at once instead of after the lease. The death counts as a failure of
+        each of its running shards (one that kills its worker is quarantined). Returns the shards released."""
 
     @abstractmethod
     async def complete_shard(self, claim: ShardClaim, result: ShardResult, expired: int) -> bool:

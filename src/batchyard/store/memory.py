@@ -61,6 +61,12 @@ class _Shard:
     expired: int = 0
     lease_owner: str | None = None
     lease_until: float | None = None
+    retry_at: float | None = None  # a paused shard (its storage was down) is not claimed before this
+
+    def claimable(self, now: float) -> bool:
+        if self.rec.status == "pending":
+            return self.retry_at is None or self.retry_at <= now
+        return self.lease_ran_out(now)
 
     def leased(self, now: float) -> bool:
         """Running under a lease that has not run out (it runs up to and including `lease_until`)."""
@@ -421,7 +427,7 @@ class MemoryStore(MetadataStore):
             if b.rec.status not in _CLAIMABLE or b.rec.input_file_id not in self._s.files:
                 continue
             mine = self._s.shards.get(b.rec.id, {}).values()
-            free = [sh for sh in mine if sh.rec.status == "pending" or sh.lease_ran_out(now)]
+            free = [sh for sh in mine if sh.claimable(now)]
             if free:
                 key = (b.rec.status != S.CANCELLING, sum(sh.leased(now) for sh in mine), b.seq)
                 if best is None or key < best[0]:
@@ -471,10 +477,16 @@ class MemoryStore(MetadataStore):
         b = self._s.batches[claim.shard.batch_id]
         return Heartbeat(b.rec.status, b.rec.expires_at, now)
 
-    async def release_shard(self, claim: ShardClaim) -> None:
+    async def release_shard(
+        self, claim: ShardClaim, *, retry_in: float = 0.0, failure: str | None = None
+    ) -> None:
         sh = self._fenced(claim)
         if sh is not None:  # the attempt's progress goes with it
             _lease(sh, "pending", None, None)
+            sh.retry_at = self._clock() + retry_in if retry_in > 0 else None
+            if failure is not None:
+                sh.rec.failures += 1
+                sh.rec.last_error = failure
 
     async def release_worker(self, worker: str) -> int:
         n = 0
@@ -482,6 +494,8 @@ class MemoryStore(MetadataStore):
             for sh in mine.values():
                 if sh.rec.status == "running" and sh.lease_owner == worker:
                     _lease(sh, "pending", None, None)
+                    sh.rec.failures += 1
+                    sh.rec.last_error = "the worker process running it died"
                     n += 1
         for b in self._s.batches.values():
             if b.job_owner == worker:

@@ -46,6 +46,7 @@ from batchyard.errors import StoreError
 from batchyard.ids import event_id
 from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, OwnerUsage, Page
 from batchyard.store.rows import (
+    CRASHED,
     EVENT_COLS,
     FILE_COLS,
     NO_PROGRESS,
@@ -76,7 +77,7 @@ _BATCH_COLS = (
 )
 _SHARD_COLS = (
     "batch_id, idx, start_off, end_off, first_line, line_count, status, attempt, completed, failed, "
-    "input_tokens, cached_tokens, output_tokens, reasoning_tokens, out_key, err_key"
+    "input_tokens, cached_tokens, output_tokens, reasoning_tokens, out_key, err_key, failures, last_error"
 )
 
 
@@ -597,7 +598,8 @@ class PostgresStore(MetadataStore):
                 "t.db_now FROM shards s JOIN batches b ON b.id = s.batch_id JOIN files f ON f.id = b.input_file_id "
                 f"CROSS JOIN (SELECT {_now('$1')} AS db_now) t "
                 "WHERE b.status IN ('in_progress', 'cancelling') "
-                "AND (s.status = 'pending' OR (s.status = 'running' AND s.lease_until < t.db_now)) "
+                "AND ((s.status = 'pending' AND (s.retry_at IS NULL OR s.retry_at <= t.db_now)) "
+                " OR (s.status = 'running' AND s.lease_until < t.db_now)) "
                 "ORDER BY b.status = 'cancelling' DESC, "
                 "(SELECT count(*) FROM shards r WHERE r.batch_id = s.batch_id AND r.status = 'running' "
                 " AND r.lease_until >= t.db_now), b.seq, s.idx "
@@ -658,21 +660,29 @@ class PostgresStore(MetadataStore):
             return None
         return Heartbeat(S(row["status"]), row["expires_at"], float(row["db_now"]))
 
-    async def release_shard(self, claim: ShardClaim) -> None:
+    async def release_shard(
+        self, claim: ShardClaim, *, retry_in: float = 0.0, failure: str | None = None
+    ) -> None:
         async with self._conn() as conn:
             await conn.execute(
-                f"UPDATE shards SET {RELEASED} "
+                f"UPDATE shards SET {RELEASED}, "
+                f"retry_at = CASE WHEN $5 > 0 THEN {_now('$8')} + $5 END, "
+                "failures = failures + $6, last_error = COALESCE($7, last_error) "
                 "WHERE batch_id = $1 AND idx = $2 AND attempt = $3 AND lease_owner = $4 AND status = 'running'",
                 claim.shard.batch_id,
                 claim.shard.index,
                 claim.attempt,
                 claim.worker,
+                float(retry_in),
+                0 if failure is None else 1,
+                failure,
+                self._t(),
             )
 
     async def release_worker(self, worker: str) -> int:
         async with self._tx() as conn:
             n = await conn.fetchval(
-                f"WITH r AS (UPDATE shards SET {RELEASED} WHERE lease_owner = $1 AND status = 'running' RETURNING 1) "
+                f"WITH r AS (UPDATE shards SET {CRASHED} WHERE lease_owner = $1 AND status = 'running' RETURNING 1) "
                 "SELECT count(*) FROM r",
                 worker,
             )

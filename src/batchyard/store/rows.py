@@ -28,6 +28,8 @@ NO_PROGRESS = (
     "reasoning_tokens = 0"
 )
 RELEASED = f"status = 'pending', lease_owner = NULL, lease_until = NULL, {NO_PROGRESS}"
+# A crashed worker's shards: given back, and the crash counts as a failure of each (a poison shard is quarantined).
+CRASHED = f"{RELEASED}, failures = failures + 1, last_error = 'the worker process running it died'"
 
 # Records whose fields are their table's columns, one to one: the column list is the mapping.
 FILE_FIELDS = (
@@ -92,6 +94,8 @@ def shard_from_row(row: Row) -> ShardRecord:
         usage=Usage(row["input_tokens"], row["cached_tokens"], row["output_tokens"], row["reasoning_tokens"]),
         out_key=row["out_key"],
         err_key=row["err_key"],
+        failures=row["failures"],
+        last_error=row["last_error"],
     )
 
 

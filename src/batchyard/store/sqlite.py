@@ -35,6 +35,7 @@ from batchyard.errors import StoreError
 from batchyard.ids import event_id
 from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, OwnerUsage, Page
 from batchyard.store.rows import (
+    CRASHED,
     EVENT_COLS,
     FILE_COLS,
     NO_PROGRESS,
@@ -62,7 +63,7 @@ _BATCH_COLS = (
 )
 _SHARD_COLS = (
     "batch_id, idx, start_off, end_off, first_line, line_count, status, attempt, completed, failed, "
-    "input_tokens, cached_tokens, output_tokens, reasoning_tokens, out_key, err_key"
+    "input_tokens, cached_tokens, output_tokens, reasoning_tokens, out_key, err_key, failures, last_error"
 )
 _COUNTS = (
     "SELECT COALESCE(SUM(completed),0), COALESCE(SUM(failed),0), COALESCE(SUM(input_tokens),0), "
@@ -79,6 +80,24 @@ def migrations() -> list[tuple[int, str]]:
         if entry.name.endswith(".sql"):
             out.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
     return sorted(out)
+
+
+def _statements(sql: str) -> list[str]:
+    """The statements of a migration script, split where SQLite says a statement is complete (a `;` inside a
+    comment or a string literal does not end one)."""
+    out: list[str] = []
+    pending = ""
+    for line in sql.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            if pending.strip():
+                out.append(pending.strip())
+            pending = ""
+    if pending.strip() and not all(
+        ln.strip().startswith("--") or not ln.strip() for ln in pending.splitlines()
+    ):
+        out.append(pending.strip())
+    return out
 
 
 class SQLiteStore(MetadataStore):
@@ -135,9 +154,8 @@ class SQLiteStore(MetadataStore):
             done = {r[0] for r in db.execute("SELECT version FROM schema_migrations")}
             for version, sql in migrations():
                 if version not in done:
-                    for stmt in (s.strip() for s in sql.split(";")):
-                        if stmt:
-                            db.execute(stmt)
+                    for stmt in _statements(sql):
+                        db.execute(stmt)
                     db.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
 
     async def open(self) -> None:
@@ -586,11 +604,12 @@ class SQLiteStore(MetadataStore):
                     "b.status AS bstatus, b.endpoint, b.expires_at, f.blob_key "
                     "FROM shards s JOIN batches b ON b.id = s.batch_id JOIN files f ON f.id = b.input_file_id "
                     "WHERE b.status IN ('in_progress', 'cancelling') "
-                    "AND (s.status = 'pending' OR (s.status = 'running' AND s.lease_until < ?)) "
+                    "AND ((s.status = 'pending' AND (s.retry_at IS NULL OR s.retry_at <= ?)) "
+                    " OR (s.status = 'running' AND s.lease_until < ?)) "
                     "ORDER BY b.status = 'cancelling' DESC, "
                     "(SELECT COUNT(*) FROM shards r WHERE r.batch_id = s.batch_id AND r.status = 'running' "
                     " AND r.lease_until >= ?), b.seq, s.idx LIMIT 1",
-                    (now, now),
+                    (now, now, now),
                 ).fetchone()
                 if row is None:
                     return None
@@ -648,12 +667,23 @@ class SQLiteStore(MetadataStore):
 
         return await self._run(q)
 
-    async def release_shard(self, claim: ShardClaim) -> None:
+    async def release_shard(
+        self, claim: ShardClaim, *, retry_in: float = 0.0, failure: str | None = None
+    ) -> None:
         def q(db: sqlite3.Connection) -> None:
             db.execute(
-                f"UPDATE shards SET {RELEASED} "
+                f"UPDATE shards SET {RELEASED}, retry_at = ?, failures = failures + ?, "
+                "last_error = COALESCE(?, last_error) "
                 "WHERE batch_id = ? AND idx = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
-                (claim.shard.batch_id, claim.shard.index, claim.attempt, claim.worker),
+                (
+                    self._clock() + retry_in if retry_in > 0 else None,
+                    0 if failure is None else 1,
+                    failure,
+                    claim.shard.batch_id,
+                    claim.shard.index,
+                    claim.attempt,
+                    claim.worker,
+                ),
             )
 
         await self._run(q)
@@ -662,7 +692,7 @@ class SQLiteStore(MetadataStore):
         def q(db: sqlite3.Connection) -> int:
             with self._tx(db):
                 cur = db.execute(
-                    f"UPDATE shards SET {RELEASED} WHERE lease_owner = ? AND status = 'running'",
+                    f"UPDATE shards SET {CRASHED} WHERE lease_owner = ? AND status = 'running'",
                     (worker,),
                 )
                 db.execute(

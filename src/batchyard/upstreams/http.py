@@ -8,7 +8,8 @@ and the body. What it does need is kept:
 
 - keep-alive connections, pooled per upstream (one request at a time on each; as many as requests in flight);
 - bodies framed by Content-Length, chunked encoding or the end of the connection; a size cap (`too_large`);
-- redirects are never followed (a 3xx is an answer like any other);
+- redirects are never followed (a 3xx is an answer like any other); interim 1xx answers (100 Continue) are
+  skipped; the head of an answer is capped (MAX_HEAD_BYTES) like its body;
 - TLS for https:// upstreams (system trust store, SNI);
 - the caller's overall deadline: a request cancelled mid-way closes its connection, never returns it to the pool;
 - a pooled connection that the server closed while idle is detected, and a request that finds it dead before any
@@ -29,6 +30,7 @@ from batchyard.ids import request_id
 from batchyard.upstreams.base import Upstream, UpstreamError, UpstreamResponse
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+MAX_HEAD_BYTES = 256 * 1024  # status line and headers of one answer (including interim 1xx answers)
 # The only response headers batchyard reads.
 _KEPT_HEADERS = frozenset((b"x-request-id", b"retry-after", b"retry-after-ms"))
 
@@ -50,6 +52,7 @@ class _Connection(asyncio.Protocol):
         self._begin()
 
     def _begin(self) -> None:
+        self._head_bytes = 0
         self._headers: dict[str, str] = {}
         self._chunks: list[bytes] = []
         self._size = 0
@@ -67,6 +70,15 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         self._received = True
+        if not self._headers_done:
+            self._head_bytes += len(
+                data
+            )  # an upstream's head is bounded like its body (llhttp would buffer it all)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(
+                    UpstreamError("too_large", f"upstream response head exceeded {MAX_HEAD_BYTES} bytes")
+                )
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
@@ -118,6 +130,9 @@ class _Connection(asyncio.Protocol):
             self._chunks.append(body)
 
     def on_message_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            return  # an interim answer (100 Continue, 103 Early Hints): the real one follows on the same stream
         if self._error is None:
             self._finish()
 

@@ -1,0 +1,87 @@
+"""Where failures stop: what a dependency outage and an unexpected error do to a worker loop.
+
+The worker never dies of the work it does (DESIGN.md, "Failure is contained per item"):
+
+- a line that fails, fails alone (the shard runner's lanes turn any error into that line's error line);
+- a shard attempt that fails for a reason other than a lost lease is handed back and counted; at
+  `QUARANTINE_AFTER` counted failures its lines end as `shard_quarantined` error lines;
+- a dependency that is down (the blob store, the metadata store, the disk: `DEPENDENCY_ERRORS`) pauses the work
+  that needs it: the shard is handed back with a `retry_at`, the loop waits with a bounded exponential backoff
+  (`Backoff`) and logs once per interval, and everything resumes when the dependency is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+from batchyard.errors import BlobError, StoreError
+
+# The metadata store, the blob store and the operating system (disk full, connection refused, a timeout).
+DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (StoreError, BlobError, OSError)
+QUARANTINE_AFTER = 3  # counted failures of a shard before its lines end as error lines
+LOG_EVERY = 30.0  # seconds between two log lines about the same ongoing outage
+
+
+def describe(e: BaseException, limit: int = 500) -> str:
+    """An error in one bounded line, for logs and for `last_error` (no traceback, no unbounded message)."""
+    text = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Backoff:
+    """Bounded exponential backoff with jitter for one loop, and its rate-limited log.
+
+    `failed(e)` gives the next delay (base, 2·base, ... up to cap, less up to a quarter of jitter) and logs the
+    outage at most once per LOG_EVERY seconds, saying how many failures the interval held; `ok()` ends the outage
+    (logged once when there was one)."""
+
+    def __init__(
+        self,
+        what: str,
+        logger: logging.Logger,
+        *,
+        base: float = 0.5,
+        cap: float = 30.0,
+    ) -> None:
+        self.what = what
+        self.log = logger
+        self.base = base
+        self.cap = cap
+        self.failures = 0
+        self._logged_at: float | None = None
+        self._unlogged = 0
+
+    def delay(self) -> float:
+        d = min(self.cap, self.base * (2.0 ** min(self.failures - 1, 30)))
+        return d * (1.0 - 0.25 * random.random())
+
+    def failed(self, e: BaseException) -> float:
+        self.failures += 1
+        delay = self.delay()
+        now = time.monotonic()
+        if self._logged_at is None or now - self._logged_at >= LOG_EVERY:
+            more = f" ({self._unlogged} more failures since the last report)" if self._unlogged else ""
+            self.log.warning("%s paused: %s; retrying in %.1f s%s", self.what, describe(e), delay, more)
+            self._logged_at = now
+            self._unlogged = 0
+        else:
+            self._unlogged += 1
+        return delay
+
+    def ok(self) -> None:
+        if self.failures:
+            self.log.warning("%s resumed after %d failed tries", self.what, self.failures)
+        self.failures = 0
+        self._logged_at = None
+        self._unlogged = 0
+
+
+class Paused(Exception):
+    """A unit of work was handed back because a dependency is down; the loop should wait `delay` seconds."""
+
+    def __init__(self, delay: float, cause: BaseException) -> None:
+        super().__init__(describe(cause))
+        self.delay = delay
+        self.cause = cause
