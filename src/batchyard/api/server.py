@@ -16,20 +16,21 @@ protocol with five limits added (all in `Settings`, flags of `batchyard serve`):
   closed. So idle or half-sent connections can never lock out `/health` or a real client, and no request being
   served is cut.
 
-Why this and not a server's own settings (measured with `python bench/http_edge.py`, docs/performance.md,
-"HTTP edge under abuse"):
-- uvicorn with httptools (its default, what batchyard ran) has no head limit at all: httptools appends each
-  piece of a header value to a bytes object, so a 128 MiB header grows memory by its size and costs quadratic
-  copying (/health p99 3.5 s during it); 10,000 headers are accepted; there is no head timeout (a half head
-  stays open for ever); `limit_concurrency` answers 503 to *every* new request once idle connections fill the
-  bound, so idle connections lock out /health.
-- uvicorn's h11 protocol has `h11_max_incomplete_event_size` (a head limit, answered 400, not 431) but no header
-  count, no head timeout and the same `limit_concurrency`; h11 is pure Python and slower on large bodies.
-- hypercorn (h11 too) and granian have head-size and read timeouts, but granian runs its own threads and
-  process model outside the asyncio loop the API and its in-process worker share, and either would replace a
-  server the rest of batchyard (lifespan, shutdown on a dead worker) is built around.
-The added code sits only on the head path: a body's bytes go through httptools exactly as before (the 100 MB
-upload time is unchanged, docs/performance.md).
+Why this and not a server's own settings (`python bench/http_edge.py`; figures in docs/performance.md, "HTTP edge
+under abuse"):
+- uvicorn with httptools (its default, what batchyard ran) has no head limit: httptools appends each piece of a
+  header to a bytes object, so one 128 MiB header took the API's RSS up by 160 MiB, with quadratic copying
+  (/health p99 6.4 s, max 8.0 s during it); 10,000 headers are accepted; a half head stays open for ever (there is
+  no head timeout); and `limit_concurrency` answers 503 to *every* new request once idle connections fill it.
+- uvicorn's h11 protocol with `h11_max_incomplete_event_size=65536` and `limit_concurrency=1000` bounds the
+  128 MiB header (400, not 431) but still accepted 10,000 headers sent at once, kept a half head open for ever,
+  and with 2,000 idle connections open answered /health with 503 every time.
+- hypercorn and granian were not measured: both have head-size limits and read timeouts, but granian runs its own
+  threads and processes outside the asyncio loop that the API and its in-process worker share, and either would
+  replace the server that the rest of batchyard (lifespan, shutdown on a dead worker) is built on, for limits that
+  about 150 lines on uvicorn's protocol give.
+The added code is on the head path only: a body's bytes go through httptools exactly as before (100 MB uploads
+took 0.42-0.90 s before and 0.47-0.61 s after on a shared 2-core machine: no difference within the noise).
 """
 
 from __future__ import annotations
@@ -261,6 +262,7 @@ def build_server(app: Any, settings: Settings) -> uvicorn.Server:
         host=settings.host,
         port=settings.port,
         http=protocol,
+        ws="none",  # the API has no WebSocket route; an upgraded connection would leave the edge's count
         log_level="warning",
         access_log=False,
         lifespan="on",
