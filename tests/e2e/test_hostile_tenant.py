@@ -174,31 +174,17 @@ def line_of(outcome: Outcome, custom_id: str = "poison") -> dict[str, Any]:
 # --------------------------------------------------------------------------- the triggers of issue 9, item 1
 
 
-@pytest.mark.xfail(
-    reason="issue 9: a body nested 300 levels passes validation, then re-serialization (orjson "
-    "writes 254 levels) kills the worker",
-    strict=True,
-)
 def test_body_nested_300_levels(hostile_server: Server) -> None:
     data = hostile_file(line_text(extra=nested_json(300).decode()))
     assert_contained(hostile_server, data, submit_both(hostile_server, data))
 
 
-@pytest.mark.xfail(
-    reason="issue 9: message content nested 600 levels kills the worker in the prefix-ordering "
-    "text extraction",
-    strict=True,
-)
 def test_message_content_nested_600_levels_with_prefix_ordering(hostile_server: Server) -> None:
     content = "[" * 600 + '{"type":"text","text":"deep"}' + "]" * 600
     data = hostile_file(line_text(content=content))
     assert_contained(hostile_server, data, submit_both(hostile_server, data))
 
 
-@pytest.mark.xfail(
-    reason="issue 9: Retry-After as an HTTP date in the year 10000 kills the worker (domain/retry.py)",
-    strict=True,
-)
 def test_upstream_429_with_retry_after_in_the_year_10000(hostile_server: Server) -> None:
     x_fake = {"status": 429, "retry_after": YEAR_10000, "fail_times": 1}
     data = hostile_file(json.dumps(chat_line(0, x_fake=x_fake) | {"custom_id": "poison"}))
@@ -210,7 +196,6 @@ def test_upstream_429_with_retry_after_in_the_year_10000(hostile_server: Server)
     assert line_of(outcome)["response"]["status_code"] == 200
 
 
-@pytest.mark.xfail(reason="issue 9: an upstream 200 body nested 300 levels kills the worker", strict=True)
 def test_upstream_200_body_nested_300_levels(hostile_server: Server) -> None:
     # pretty-printed (raw newlines), so the body cannot be spliced in verbatim and is written again
     x_fake = {"nested": 300, "pretty": True}
@@ -218,7 +203,6 @@ def test_upstream_200_body_nested_300_levels(hostile_server: Server) -> None:
     assert_contained(hostile_server, data, submit_both(hostile_server, data))
 
 
-@pytest.mark.xfail(reason="issue 9: an upstream error body nested 300 levels kills the worker", strict=True)
 def test_upstream_error_body_nested_300_levels(hostile_server: Server) -> None:
     data = hostile_file(
         json.dumps(chat_line(0, x_fake={"status": 400, "nested": 300}) | {"custom_id": "poison"})
@@ -229,7 +213,6 @@ def test_upstream_error_body_nested_300_levels(hostile_server: Server) -> None:
     assert line["error"] is not None or line["response"]["status_code"] == 400
 
 
-@pytest.mark.xfail(reason="issue 9: integers beyond 64 bits reach the upstream as floats", strict=True)
 def test_integer_beyond_64_bits_reaches_the_upstream_exactly(
     hostile_server: Server, upstream: FakeUpstream
 ) -> None:
@@ -242,9 +225,6 @@ def test_integer_beyond_64_bits_reaches_the_upstream_exactly(
     assert all(b'"x_hostile":' + str(HUGE).encode() in b.replace(b" ", b"") for b in sent), sent
 
 
-@pytest.mark.xfail(
-    reason="issue 9: a UTF-8 BOM at the start of a file fails line 1 as invalid JSON", strict=True
-)
 def test_bom_at_the_start_of_the_file_is_accepted(hostile_server: Server) -> None:
     data = hostile_file(line_text(), bom=True)
     outcome = submit_both(hostile_server, data)
@@ -253,9 +233,6 @@ def test_bom_at_the_start_of_the_file_is_accepted(hostile_server: Server) -> Non
     assert not outcome.errors
 
 
-@pytest.mark.xfail(
-    reason="issue 9: an upstream 100 Continue is taken as the answer (status_code 100)", strict=True
-)
 def test_upstream_100_continue_is_skipped(hostile_server: Server) -> None:
     line = chat_line(0, x_fake={"continue_100": True}) | {"custom_id": "poison"}
     data = hostile_file(json.dumps(line))
@@ -397,9 +374,6 @@ E2E = settings(
 )
 
 
-@pytest.mark.xfail(
-    reason="issue 9: generated poison lines (nesting, BOM) kill the worker or fail the file", strict=True
-)
 @E2E
 @given(data=hostile_files())
 def test_generated_hostile_lines_fail_alone(hostile_server: Server, data: bytes) -> None:
@@ -488,9 +462,6 @@ def _reserializable(line: bytes) -> bool:
     return True
 
 
-@pytest.mark.xfail(
-    reason="issue 9: the validator accepts lines orjson cannot write back (nesting > 254)", strict=True
-)
 @settings(max_examples=60, deadline=None, database=None, derandomize=True)
 @given(depth=st.integers(1, 1100))
 def test_validator_accepts_only_lines_that_can_be_written_back(depth: int) -> None:
@@ -504,7 +475,6 @@ def test_validator_accepts_only_lines_that_can_be_written_back(depth: int) -> No
         assert result.ok, (depth, result.errors)
 
 
-@pytest.mark.xfail(reason="issue 9: a UTF-8 BOM fails line 1 as invalid_json_line", strict=True)
 @pytest.mark.parametrize("cuts", [[], [1, 2]], ids=["one-chunk", "bom-split-across-chunks"])
 def test_validator_accepts_a_bom(cuts: list[int]) -> None:
     result = _validate(BOM + jsonl([chat_line(0), chat_line(1)]), cuts)

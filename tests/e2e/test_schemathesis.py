@@ -144,9 +144,6 @@ def test_no_5xx_and_openai_errors_on_sqlite(tmp_path: Path, up: FakeUpstream) ->
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="issue 9: PostgreSQL answers 500 for a NUL character in ids, after, purpose, ...", strict=True
-)
 def test_no_5xx_and_openai_errors_on_postgres(
     tmp_path: Path, up: FakeUpstream, request: pytest.FixtureRequest
 ) -> None:

@@ -216,17 +216,25 @@ class BatchValidator:
         self._too_large = False
         self._stopped = False  # a file-level limit was hit: the rest is only counted in bytes
         self._result: ValidationResult | None = None
+        self._head: bytes | None = b""  # the first bytes, until they are known not to be a split BOM
 
     def feed(self, chunk: bytes) -> None:
         if self._result is not None:
             raise RuntimeError("feed() after finish()")
         if type(chunk) is not bytes:
             chunk = bytes(chunk)  # never keep a reference to a buffer the caller may reuse
-        if self._bytes == 0 and chunk.startswith(_BOM):
-            # A UTF-8 byte order mark (Windows editors write one) is not part of the first line: the first
-            # shard starts after it.
-            self._bytes = self._offset = len(_BOM)
-            chunk = chunk[len(_BOM) :]
+        if self._head is not None:
+            # A UTF-8 byte order mark (Windows editors write one) is not part of the first line: the first shard
+            # starts after it. The first bytes are held until it is known whether they are one.
+            head = self._head + chunk
+            if len(head) < len(_BOM) and _BOM.startswith(head):
+                self._head = head
+                return
+            self._head = None
+            chunk = head
+            if chunk.startswith(_BOM):
+                self._bytes = self._offset = len(_BOM)
+                chunk = chunk[len(_BOM) :]
         self._bytes += len(chunk)
         if self._bytes > self._max_bytes:
             self._too_large = True
@@ -253,6 +261,9 @@ class BatchValidator:
     def finish(self) -> ValidationResult:
         if self._result is not None:
             return self._result
+        if self._head:  # a file of one or two bytes that began like a byte order mark
+            head, self._head = self._head, None
+            self.feed(head)
         if self._pending and not self._stopped:
             self._pending.append(b"\n")
             last = b"".join(self._pending)
