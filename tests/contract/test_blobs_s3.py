@@ -7,15 +7,19 @@ import hashlib
 import importlib.util
 import itertools
 import random
+import socket
 import threading
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from botocore.exceptions import EndpointConnectionError
 
+from batchyard.blobs import s3 as s3_module
 from batchyard.blobs.s3 import MAX_PART, MIN_PART, S3BlobStore, SizeExceeded, copy_plan, parse_checksums
-from batchyard.errors import BlobError, BlobNotFound
+from batchyard.errors import BlobError, BlobNotFound, BlobStorageFull, BlobUnavailable
 from tests.support.seaweed import ACCESS_KEY, REGION, SECRET_KEY, Seaweed
 
 MiB = 1024 * 1024
@@ -503,3 +507,184 @@ async def test_from_url_against_the_server(seaweed: Seaweed) -> None:
         s3 = await other.client()
         head = await s3.head_object(Bucket=seaweed.bucket, Key=f"{prefix}/files/x")
         assert head["ContentLength"] == 7
+
+
+# --- faults: an outage is BlobUnavailable, quickly; nothing half-written is visible ------------------------
+
+
+class Misbehaving:
+    """An HTTP server on a loopback port that answers every request with `answer(method, path)` (raw bytes, sent
+    as is, then the connection closed): the S3 server that fails in the ways a real one does."""
+
+    def __init__(self, answer: Callable[[str, str], bytes]) -> None:
+        self.answer = answer
+        self.requests: list[tuple[str, str]] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Misbehaving:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    @property
+    def endpoint(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            method, path = head.split(" ", 2)[:2]
+            length = next(
+                (
+                    int(h.split(":", 1)[1])
+                    for h in head.split("\r\n")
+                    if h.lower().startswith("content-length:")
+                ),
+                0,
+            )
+            if "expect: 100-continue" not in head.lower():  # else the client waits for us before sending it
+                await reader.readexactly(length)
+            self.requests.append((method, path))
+            writer.write(self.answer(method, path))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def _xml_error(status: int, code: str) -> bytes:
+    body = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+    head = f"HTTP/1.1 {status} X\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def _faulty_store(endpoint: str, **kwargs: Any) -> S3BlobStore:
+    return S3BlobStore("b", endpoint=endpoint, allow_http=True, access_key="a", secret_key="b", **kwargs)
+
+
+async def test_nothing_listening_is_unavailable_within_seconds() -> None:
+    with socket.socket() as probe:  # a loopback port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with _faulty_store(f"http://127.0.0.1:{port}") as s:  # the default timeouts and retries
+        started = time.monotonic()
+        with pytest.raises(BlobUnavailable):
+            await put(s, "k", b"v")
+        assert time.monotonic() - started < 8  # 3 attempts, at most 1 s + 2 s of backoff between them
+        with pytest.raises(BlobUnavailable):
+            await read_all(s, "k")
+        with pytest.raises(BlobUnavailable):
+            [k async for k in s.list_keys("")]
+
+
+async def test_default_timeouts_and_retries_are_bounded() -> None:
+    s = _faulty_store("http://127.0.0.1:1")
+    async with s:
+        config = (await s.client()).meta.config
+    assert (config.connect_timeout, config.read_timeout) == (5, 60)
+    assert config.retries == {"mode": "standard", "total_max_attempts": 3}
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "error"),
+    [
+        (503, "SlowDown", BlobUnavailable),
+        (500, "InternalError", BlobUnavailable),
+        (502, "BadGateway", BlobUnavailable),
+        (507, "XMinioStorageFull", BlobStorageFull),
+        (403, "AccessDenied", BlobError),
+    ],
+)
+async def test_server_errors_are_mapped(status: int, code: str, error: type[BlobError]) -> None:
+    async with (
+        Misbehaving(lambda _m, _p: _xml_error(status, code)) as server,
+        _faulty_store(server.endpoint, max_attempts=1) as s,
+    ):
+        for call in (put(s, "k", b"v"), s.read_range("k", 0, 5), s.delete("k")):
+            with pytest.raises(error) as caught:
+                await call
+            assert type(caught.value) is error
+
+
+async def test_connection_reset_is_unavailable() -> None:
+    # accepts, reads the request, closes without a word
+    async with Misbehaving(lambda _m, _p: b"") as server, _faulty_store(server.endpoint, max_attempts=2) as s:
+        with pytest.raises(BlobUnavailable):
+            await put(s, "k", b"v")
+        # botocore tried twice, then gave up; aiohttp resends once on a connection closed before an answer
+        assert 2 <= len(server.requests) <= 4
+
+
+async def test_a_body_cut_short_while_streaming_is_unavailable() -> None:
+    def answer(method: str, _path: str) -> bytes:
+        # A GET whose body stops after 10 of its 1,000,000 bytes: the failure comes inside stream()'s iteration.
+        return b'HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\nETag: "e"\r\n\r\n' + b"x" * 10
+
+    async with Misbehaving(answer) as server, _faulty_store(server.endpoint, max_attempts=1) as s:
+        with pytest.raises(BlobUnavailable):
+            await read_all(s, "k", chunk_size=100)
+
+
+async def test_a_failed_multipart_writer_leaves_nothing_visible(store: S3BlobStore, seaweed: Seaweed) -> None:
+    """A part upload fails mid-blob (the server went away): the writer aborts, nothing is listed under the key."""
+    w = await store.open_writer("parts/b/000001.1.out")
+    await w.write(data(MIN_PART + 1))  # one part is uploaded
+    assert await pending_uploads(store) == ["parts/b/000001.1.out"]
+    real = await store.client()
+
+    async def refused(**kwargs: Any) -> Any:
+        raise EndpointConnectionError(endpoint_url=seaweed.endpoint)
+
+    real.upload_part, saved = refused, real.upload_part
+    try:
+        with pytest.raises(BlobUnavailable):
+            await w.write(data(MIN_PART + 1, 1))
+    finally:
+        real.upload_part = saved
+    assert await listing(store) == []
+    assert await pending_uploads(store) == []
+    with pytest.raises(BlobError):
+        await w.commit()
+
+
+# --- listing, abandoned writes ------------------------------------------------------------------------------
+
+
+async def test_list_keys_pages_through_everything(
+    store: S3BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3_module, "LIST_PAGE", 2)
+    keys = ["parts/b1/0.1.out", "parts/b1/0.1.err", "parts/b2/0.1.out", "files/f1", "filesx"]
+    before = time.time()
+    for key in keys:
+        await put(store, key, b"x")
+    pending = await store.open_writer("parts/b1/1.1.out")
+    await pending.write(data(MIN_PART + 1))  # an upload begun, not completed: never listed
+
+    async def keys_under(prefix: str) -> list[str]:
+        return sorted([k async for k, _ in store.list_keys(prefix)])
+
+    assert await keys_under("parts/") == ["parts/b1/0.1.err", "parts/b1/0.1.out", "parts/b2/0.1.out"]
+    assert await keys_under("files") == ["files/f1", "filesx"]
+    assert await keys_under("") == sorted(keys)
+    assert await keys_under("none/") == []
+    assert all(before - 60 < m < time.time() + 60 for _, m in [x async for x in store.list_keys("")])
+    await pending.abort()
+
+
+async def test_remove_abandoned_writes_aborts_only_old_uploads(store: S3BlobStore) -> None:
+    await put(store, "files/kept", b"k")
+    w = await store.open_writer("parts/b/0.1.out")
+    await w.write(data(MIN_PART + 1))
+    assert await pending_uploads(store) == ["parts/b/0.1.out"]
+    assert await store.remove_abandoned_writes(time.time() - 3600) == 0  # begun just now: left alone
+    assert await pending_uploads(store) == ["parts/b/0.1.out"]
+    assert await store.remove_abandoned_writes(time.time() + 60) == 1  # as if an hour had passed
+    assert await pending_uploads(store) == []
+    assert await listing(store) == ["files/kept"]

@@ -66,6 +66,7 @@ _UNAVAILABLE = frozenset(
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 60.0
 MAX_ATTEMPTS = 3
+LIST_PAGE = 1000  # keys per ListObjectsV2 page (S3's maximum)
 _CONCURRENCY = 8
 _T = TypeVar("_T")
 
@@ -312,8 +313,8 @@ class S3BlobStore(BlobStore):
 
     `checksums`: False (default) sends no checksum headers, which every S3-compatible server accepts; True sends
     CRC32 like boto3's default; a name from CHECKSUM_ALGORITHMS picks the algorithm. `allow_http` permits an
-    http:// endpoint. `part_size` is the upload buffer (one part in memory per writer); `max_attempts` bounds
-    botocore's retries of throttling, 5xx and connection errors.
+    http:// endpoint. `part_size` is the upload buffer (one part in memory per writer); `max_attempts` is how many
+    times botocore tries a call (the first included) on throttling, 5xx and connection errors.
     """
 
     def __init__(
@@ -410,7 +411,7 @@ class S3BlobStore(BlobStore):
             s3={"addressing_style": "path" if self.endpoint else "auto"},
             request_checksum_calculation=mode,
             response_checksum_validation=mode,
-            retries={"mode": "standard", "max_attempts": self.max_attempts},
+            retries={"mode": "standard", "total_max_attempts": self.max_attempts},  # the first call included
             connect_timeout=CONNECT_TIMEOUT,
             read_timeout=READ_TIMEOUT,
         )
@@ -590,7 +591,7 @@ class S3BlobStore(BlobStore):
         token: dict[str, str] = {}
         while True:
             with _mapped(where):
-                page = await s3.list_objects_v2(Bucket=self.bucket, Prefix=where, **token)
+                page = await s3.list_objects_v2(Bucket=self.bucket, Prefix=where, MaxKeys=LIST_PAGE, **token)
             for obj in page.get("Contents", []) or []:
                 yield str(obj["Key"]).removeprefix(self.prefix), obj["LastModified"].timestamp()
             if not page.get("IsTruncated") or not page.get("NextContinuationToken"):
