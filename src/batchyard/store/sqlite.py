@@ -3,6 +3,14 @@
 Every call runs on a dedicated thread, so the event loop never blocks on the database and writes are serialized.
 Write transactions use BEGIN IMMEDIATE so that several processes sharing one file (a server and a one-shot `run`)
 serialize instead of failing. Leases use this machine's clock, which is the database's clock.
+
+Durability: WAL with `synchronous=FULL`, so every commit (a shard's fenced commit, a status change, a file row) is
+on disk when the call returns. With NORMAL, WAL commits survive a process crash but the last ones may be lost on a
+power loss or kernel crash: a batch answered `completed` (and its webhook event) could come back `in_progress`, and
+a file row could vanish while its blob (fsynced by the blob store) stays. FULL costs one fsync of the WAL per commit;
+measured on a shard commit loop (claim + complete, 300 shards, /tmp/syncb/sync_bench.py): 290 -> 250 commits/s
+(~0.5 ms more per commit) on this VM's disk. A shard holds hundreds to thousands of lines, so at ~18,000 lines/s
+that is well under 1 % of the worker's time.
 """
 
 from __future__ import annotations
@@ -145,7 +153,7 @@ class SQLiteStore(MetadataStore):
                 if "locked" not in str(e) or attempt == 199:
                     raise
                 time.sleep(0.05)
-        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA synchronous=FULL")  # every commit survives a power loss: see the module docstring
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA busy_timeout=30000")
         self._db = db
