@@ -56,6 +56,7 @@ COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
         ("blob_key", "text", NOT_NULL, None),
         ("sha256", "text", NOT_NULL, None),
         ("deleted", "bool", NOT_NULL, "false"),
+        ("blob_removed", "bool", NOT_NULL, "false"),
     ],
     "batches": [
         ("seq", "serial", NOT_NULL, None),

@@ -42,6 +42,7 @@ class _File:
     seq: int
     rec: FileRecord
     deleted: bool = False
+    blob_removed: bool = False  # a deleted file's blob is gone (the sweeper removed it)
 
 
 @dataclass(slots=True)
@@ -544,3 +545,29 @@ class MemoryStore(MetadataStore):
                 1 for b in self._s.batches.values() if b.rec.owner == owner and b.rec.status not in TERMINAL
             ),
         )
+
+    # blob lifecycle (sweeper)
+    async def removable_deleted_files(self, limit: int) -> list[FileRecord]:
+        read = {b.rec.input_file_id for b in self._s.batches.values() if b.rec.status in _LIVE}
+        hits = [
+            f for f in self._s.files.values() if f.deleted and not f.blob_removed and f.rec.id not in read
+        ]
+        return [replace(f.rec) for f in sorted(hits, key=lambda f: f.seq)[:limit]]
+
+    async def forget_file_blob(self, file_id: str) -> None:
+        f = self._s.files.get(file_id)
+        if f is not None and f.deleted:
+            f.blob_removed = True
+
+    async def needed_blob_keys(self, keys: Sequence[str]) -> set[str]:
+        files = {f.rec.blob_key for f in self._s.files.values() if not f.blob_removed}
+        parts = {
+            p.blob_key
+            for upload_id, ps in self._s.parts.items()
+            if (u := self._s.uploads.get(upload_id)) is not None and u.status == "pending"
+            for p in ps
+        }
+        return {k for k in keys if k in files or k in parts}
+
+    async def batches_done_with(self, batch_ids: Sequence[str]) -> set[str]:
+        return {i for i in batch_ids if (b := self._s.batches.get(i)) is None or b.rec.status not in _LIVE}

@@ -784,3 +784,54 @@ class SQLiteStore(MetadataStore):
             return OwnerUsage(files[0], files[1], uploads[0], batches[0])
 
         return await self._run(q)
+
+    # blob lifecycle (sweeper)
+    async def removable_deleted_files(self, limit: int) -> list[FileRecord]:
+        def q(db: sqlite3.Connection) -> list[FileRecord]:
+            rows = db.execute(
+                f"SELECT {FILE_COLS} FROM files f WHERE deleted = 1 AND blob_removed = 0 AND NOT EXISTS "
+                "(SELECT 1 FROM batches b WHERE b.input_file_id = f.id AND b.status IN (?,?,?,?)) "
+                "ORDER BY seq LIMIT ?",
+                (S.VALIDATING, S.IN_PROGRESS, S.FINALIZING, S.CANCELLING, limit),
+            ).fetchall()
+            return [file_from_row(r) for r in rows]
+
+        return await self._run(q)
+
+    async def forget_file_blob(self, file_id: str) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE files SET blob_removed = 1 WHERE id = ? AND deleted = 1", (file_id,)
+            )
+        )
+
+    async def needed_blob_keys(self, keys: Sequence[str]) -> set[str]:
+        def q(db: sqlite3.Connection) -> set[str]:
+            needed: set[str] = set()
+            for i in range(0, len(keys), 500):
+                chunk = list(keys[i : i + 500])
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(
+                    f"SELECT blob_key FROM files WHERE blob_removed = 0 AND blob_key IN ({marks}) "
+                    "UNION SELECT p.blob_key FROM upload_parts p JOIN uploads u ON u.id = p.upload_id "
+                    f"WHERE u.status = 'pending' AND p.blob_key IN ({marks})",
+                    (*chunk, *chunk),
+                ).fetchall()
+                needed.update(r[0] for r in rows)
+            return needed
+
+        return await self._run(q)
+
+    async def batches_done_with(self, batch_ids: Sequence[str]) -> set[str]:
+        def q(db: sqlite3.Connection) -> set[str]:
+            live: set[str] = set()
+            for i in range(0, len(batch_ids), 500):
+                chunk = list(batch_ids[i : i + 500])
+                rows = db.execute(
+                    f"SELECT id FROM batches WHERE id IN ({','.join('?' * len(chunk))}) AND status IN (?,?,?,?)",
+                    (*chunk, S.VALIDATING, S.IN_PROGRESS, S.FINALIZING, S.CANCELLING),
+                ).fetchall()
+                live.update(r[0] for r in rows)
+            return set(batch_ids) - live
+
+        return await self._run(q)
