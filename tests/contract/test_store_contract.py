@@ -6,6 +6,7 @@ skip the fake with the reason."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
@@ -1085,6 +1086,49 @@ async def test_a_failed_attempt_counts_and_a_paused_shard_waits(store: MetadataS
     assert fifth.shard.failures == 2
 
 
+async def test_listen_pushes_cancels_and_new_work_to_other_processes(
+    backend: str, make_store: StoreFactory, clock: Clock
+) -> None:
+    if backend != "postgres":
+        store = make_store(clock)
+        await store.open()
+        try:
+            assert await store.listen(lambda what: None) is False  # no push: workers poll and heartbeat
+        finally:
+            await store.close()
+        return
+    api, worker = make_store(clock), make_store(clock)
+    await api.open()
+    await worker.open()
+    heard: list[str] = []
+
+    async def hear(n: int) -> None:
+        for _ in range(500):
+            if len(heard) >= n:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"heard only {heard}")
+
+    listening = asyncio.create_task(worker.listen(heard.append))
+    try:
+        await hear(1)
+        assert heard == ["work"]  # once when subscribed: what changed while nobody listened
+        b = await planned_batch(api, shards=1)  # created, then planned: new work twice
+        await hear(3)
+        assert await api.request_cancel(ALICE, b.id) is not None
+        await hear(4)
+        assert heard == ["work", "work", "work", "cancel"]
+        assert await api.request_cancel(ALICE, b.id) is not None  # already cancelling: nothing to tell
+        await asyncio.sleep(0.3)
+        assert heard[-1] == "cancel" and len(heard) == 4
+    finally:
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
+        await api.close()
+        await worker.close()
+
+
 # -- webhooks ---------------------------------------------------------------------------------------------------
 
 
@@ -1201,3 +1245,69 @@ async def test_owner_usage_counts_live_files_pending_uploads_and_unfinished_batc
     clock.advance(3600)  # the file's expiry and the upload's hour have passed
     assert await store.owner_usage(ALICE) == OwnerUsage(1, kept.bytes, 0, 1)
     assert (await store.owner_usage(BOB)).files == 1
+
+
+# -- blob lifecycle (sweeper) ---------------------------------------------------------------------------------
+
+
+async def _fail_validation(store: MetadataStore, batch_id: str) -> None:
+    job = await store.claim_validation("validator", LEASE)
+    assert job is not None and job.batch.id == batch_id
+    assert await store.fail_batch(batch_id, "validator", [{"code": "x", "message": "m", "param": None}])
+
+
+async def test_a_deleted_files_blob_is_removable_once_no_live_batch_reads_it(store: MetadataStore) -> None:
+    f, b = await new_batch(store)  # validating: it will read f
+    kept = file_rec()
+    await store.insert_file(kept)
+    res = await store.delete_file(ALICE, f.id)
+    assert res is not None and res[1] is False  # the route keeps the blob
+    assert await store.removable_deleted_files(10) == []
+    await _fail_validation(store, b.id)  # the batch is final: nothing reads f any more
+    assert await store.removable_deleted_files(10) == [f]
+    await store.forget_file_blob(f.id)
+    assert await store.removable_deleted_files(10) == []  # not offered twice
+    await store.forget_file_blob(kept.id)  # a file not deleted is never forgotten
+    assert await store.needed_blob_keys([kept.blob_key]) == {kept.blob_key}
+
+
+async def test_removable_deleted_files_honours_the_limit(store: MetadataStore) -> None:
+    files = [file_rec() for _ in range(3)]
+    for f in files:
+        await store.insert_file(f)
+        await store.delete_file(ALICE, f.id)
+    assert await store.removable_deleted_files(2) == files[:2]
+
+
+async def test_needed_blob_keys(store: MetadataStore) -> None:
+    live, deleted, forgotten = file_rec(), file_rec(), file_rec()
+    for f in (live, deleted, forgotten):
+        await store.insert_file(f)
+    await store.delete_file(ALICE, deleted.id)
+    await store.delete_file(ALICE, forgotten.id)
+    await store.forget_file_blob(forgotten.id)
+    pending, done = upload_rec(), upload_rec()
+    for u in (pending, done):
+        await store.insert_upload(u)
+        await store.insert_upload_part(
+            UploadPartRecord(f"part_{u.id}", u.id, 4, f"uploads/{u.id}/p", int(T0))
+        )
+    assert await store.finish_upload(ALICE, done.id, "cancelled", None)
+    keys = [f.blob_key for f in (live, deleted, forgotten)] + [f"uploads/{u.id}/p" for u in (pending, done)]
+    assert await store.needed_blob_keys([*keys, "files/never-was"]) == {
+        live.blob_key,
+        deleted.blob_key,  # a deleted file's blob is the sweeper's, through removable_deleted_files
+        f"uploads/{pending.id}/p",
+    }
+    assert await store.needed_blob_keys([]) == set()
+
+
+async def test_batches_done_with(store: MetadataStore) -> None:
+    live = await planned_batch(store)  # in_progress
+    _, failed = await new_batch(store)
+    await _fail_validation(store, failed.id)
+    assert await store.batches_done_with([live.id, failed.id, "batch_unknown"]) == {
+        failed.id,
+        "batch_unknown",
+    }
+    assert await store.batches_done_with([]) == set()

@@ -3,15 +3,18 @@ line within a couple of seconds, and progress moves every second while a batch r
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import Server
 from tests.support.batches import chat_line, read_lines, upload, wait_for
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.processes import WorkerProcess
 
 DELAY = 0.2
 
@@ -79,3 +82,45 @@ def test_progress_moves_every_second(make_server: Callable[..., Server], slow: F
         time.sleep(0.25)
     moves = [n for n in sorted(set(seen)) if 0 < n < 60]
     assert len(moves) >= 2, seen  # a running shard published its progress at least twice before it ended
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_a_cancel_reaches_a_worker_on_another_machine(
+    make_server: Callable[..., Server],
+    slow: FakeUpstream,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    store: str,
+) -> None:
+    """An API replica (`serve --no-worker`) and a `batchyard worker` that share only the store: on PostgreSQL the
+    cancel reaches the worker by NOTIFY at once; on SQLite (no push) by the running shard's heartbeat, every
+    second, so at most about a second of lines (16 lanes × 5 lines a second) may still leave."""
+    if store == "postgres":
+        dsn = asyncio.run(request.getfixturevalue("pg_cluster").create_database())
+        shared = ["--database-url", dsn, "--storage-url", f"file://{tmp_path / 'blobs'}"]
+    else:
+        shared = ["--data-dir", str(tmp_path / "shared")]
+    common = ["--upstream", slow.base_url, "--concurrency", "16", *shared]
+    api = make_server(*common, "--no-worker")
+    own = ["--data-dir", str(tmp_path / "w")] if store == "postgres" else []
+    worker = WorkerProcess([*common, *own], tmp_path / "worker.log").start()
+    try:
+        client = api.client()
+        reqs = [chat_line(i) for i in range(300)]
+        b = client.batches.create(
+            input_file_id=upload(client, reqs), endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        deadline = time.monotonic() + 30
+        while slow.stats()["total"] < 40 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.batches.cancel(b.id).status == "cancelling"
+        sent_at_cancel = slow.stats()["total"]
+        done = wait_for(client, b.id, timeout=30)
+        assert done.status == "cancelled"
+        late = slow.stats()["total"] - sent_at_cancel
+        assert late <= (2 if store == "postgres" else 16 * 6), late
+        out = read_lines(client, done.output_file_id)
+        errs = read_lines(client, done.error_file_id)
+        assert Counter(x["custom_id"] for x in out + errs) == Counter(r["custom_id"] for r in reqs)
+    finally:
+        worker.stop()

@@ -17,6 +17,7 @@ from batchyard.execution import jobs
 from batchyard.execution.containment import DEPENDENCY_ERRORS, Backoff, Paused
 from batchyard.execution.dispatcher import Dispatcher
 from batchyard.execution.shard_runner import ShardRunner
+from batchyard.execution.sweeper import Sweeper, SweepReport
 from batchyard.execution.webhooks import WebhookSender
 from batchyard.ids import worker_id
 from batchyard.store.base import MetadataStore
@@ -49,6 +50,7 @@ class Worker:
             max_retries=settings.max_retries,
         )
         self.runner = ShardRunner(store, blobs, self.dispatcher, settings)
+        self.sweeper = Sweeper(store, blobs)
         self.webhooks = (
             WebhookSender(settings.webhook_urls, settings.webhook_secret or "")
             if settings.webhook_urls
@@ -57,8 +59,9 @@ class Worker:
         self._wake = asyncio.Event()
         self._event_loop: asyncio.AbstractEventLoop | None = None
 
-    def wake(self) -> None:
-        """Poll now. Safe to call from any thread (the API runs on another event loop than the worker)."""
+    def wake(self, *, nudge: bool = True) -> None:
+        """Poll now, and with `nudge` make running shards look at their batch now (a cancel may be why). Safe to
+        call from any thread (the API runs on another event loop than the worker)."""
         loop = self._event_loop
         if loop is None:
             return
@@ -67,13 +70,14 @@ class Worker:
         except RuntimeError:
             current = None
         if current is loop:
-            self._woken()
+            self._woken(nudge)
         else:
-            loop.call_soon_threadsafe(self._woken)
+            loop.call_soon_threadsafe(self._woken, nudge)
 
-    def _woken(self) -> None:
+    def _woken(self, nudge: bool) -> None:
         self._wake.set()
-        self.runner.nudge()  # a cancel may be why: running shards look at their batch now
+        if nudge:
+            self.runner.nudge()
 
     async def _idle(self) -> None:
         with contextlib.suppress(TimeoutError):
@@ -102,6 +106,21 @@ class Worker:
             if not busy:
                 await self._idle()
 
+    async def _listen(self) -> None:
+        """Wake on the store's change notifications (PostgreSQL: a cancel or new work from another machine)."""
+        outage = Backoff("listening for store changes", log)
+
+        def changed(what: str) -> None:
+            outage.ok()
+            self.wake(nudge=what == "cancel")  # only a cancel makes running shards look at their batch now
+
+        while True:
+            try:
+                if not await self.store.listen(changed):
+                    return  # the store cannot push changes: polling and heartbeats suffice
+            except DEPENDENCY_ERRORS as e:
+                await asyncio.sleep(outage.failed(e))
+
     async def validate_once(self) -> bool:
         job = await self.store.claim_validation(self.id, self.settings.lease_seconds)
         if job is None:
@@ -117,7 +136,7 @@ class Worker:
             with contextlib.suppress(Exception):  # cancelled, or a dependency is down: hand the job back
                 await asyncio.shield(self.store.release_job(job.batch.id, self.id))
             raise
-        self.wake()
+        self.wake(nudge=False)
         return True
 
     async def finalize_once(self) -> bool:
@@ -137,7 +156,7 @@ class Worker:
         if claim is None:
             return False
         await self.runner.run(claim)
-        self.wake()
+        self.wake(nudge=False)
         return True
 
     async def deliver_webhooks_once(self) -> bool:
@@ -151,15 +170,9 @@ class Worker:
         await asyncio.sleep(30)
         return True
 
-    async def sweep(self) -> None:
-        """Delete expired files, and end expired uploads (removing the blobs of their parts)."""
-        for f in await self.store.expired_files(100):
-            res = await self.store.delete_file(f.owner, f.id)
-            if res is not None and res[1]:
-                await self.blobs.delete(f.blob_key)
-        for u in await self.store.expired_uploads(100):
-            if await self.store.finish_upload(u.owner, u.id, "expired", None):
-                await self.blobs.delete_quietly(p.blob_key for p in await self.store.get_upload_parts(u.id))
+    async def sweep(self) -> SweepReport:
+        """One pass of the sweeper: expired files and uploads, deleted files' blobs, orphans (execution/sweeper)."""
+        return await self.sweeper.sweep()
 
     async def run(self) -> None:
         """Run every loop until cancelled; an exception in one loop cancels the others and propagates."""
@@ -172,6 +185,7 @@ class Worker:
                 tg.create_task(self._loop(self.sweep_files_once, "sweeping"), name="file-sweeper")
                 if self.webhooks is not None:
                     tg.create_task(self._loop(self.deliver_webhooks_once, "webhooks"), name="webhooks")
+                tg.create_task(self._listen(), name="store-listener")
                 for i in range(self.settings.max_shards):
                     tg.create_task(
                         self._loop(self.run_shard_once, "running shards"), name=f"shard-runner-{i}"

@@ -7,7 +7,7 @@ clock of the machine that holds the database file), never a worker's.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,14 @@ class MetadataStore(ABC):
     async def close(self) -> None: ...
     @abstractmethod
     async def now(self) -> float: ...
+
+    async def listen(self, on_change: Callable[[str], None]) -> bool:
+        """Call `on_change(what)` whenever another process cancels a batch (what: "cancel") or makes new work (a
+        batch created or planned: "work"), and once with "work" when the subscription starts, until cancelled; raises StoreError when the subscription breaks (the caller subscribes again).
+        Returns False at once when the store cannot push changes (workers then rely on polling and heartbeats).
+        PostgreSQL pushes them with LISTEN/NOTIFY, which is how a cancel reaches shards on other machines in
+        milliseconds."""
+        return False
 
     # files
     @abstractmethod
@@ -198,3 +206,22 @@ class MetadataStore(ABC):
     @abstractmethod
     async def owner_usage(self, owner: str) -> OwnerUsage:
         """What `owner` holds now (on the store's clock): see `OwnerUsage`."""
+
+    # blob lifecycle (sweeper)
+    @abstractmethod
+    async def removable_deleted_files(self, limit: int) -> list[FileRecord]:
+        """Deleted files whose blob is still there (not yet `forget_file_blob`) and that no non-final batch reads:
+        their blobs may be removed."""
+
+    @abstractmethod
+    async def forget_file_blob(self, file_id: str) -> None:
+        """The blob of deleted file `file_id` is gone: `removable_deleted_files` does not offer it again."""
+
+    @abstractmethod
+    async def needed_blob_keys(self, keys: Sequence[str]) -> set[str]:
+        """Of `keys`, those a record still points to: the blob of a file (deleted or not) not yet forgotten, or a
+        part of an upload still pending. (Shard parts are judged by their batch: `batches_done_with`.)"""
+
+    @abstractmethod
+    async def batches_done_with(self, batch_ids: Sequence[str]) -> set[str]:
+        """Of `batch_ids`, those whose batch is final or unknown: nothing of theirs is written or read any more."""

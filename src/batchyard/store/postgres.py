@@ -21,6 +21,8 @@ It behaves like `sqlite.SQLiteStore` call for call; the contract suite runs agai
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -136,6 +138,14 @@ def _driver_errors() -> Iterator[None]:
         raise StoreError(f"postgres: {type(e).__name__}: {e}") from e
 
 
+CHANNEL = "batchyard_changes"  # NOTIFY channel; payload "cancel:<batch id>" or "work:<batch id>"
+
+
+async def _notify(conn: Any, what: str, batch_id: str) -> None:
+    """Tell every listening worker, when the transaction commits: `what` is "cancel" or "work"."""
+    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{what}:{batch_id}")
+
+
 def _rowcount(status: str) -> int:
     """asyncpg's command tag ("UPDATE 1", "INSERT 0 3") -> rows affected."""
     return int(status.rsplit(" ", 1)[1])
@@ -198,6 +208,30 @@ class PostgresStore(MetadataStore):
         if pool is not None:
             with _driver_errors():
                 await pool.close()
+
+    async def listen(self, on_change: Callable[[str], None]) -> bool:
+        """LISTEN on a connection of its own (not the pool's) until it breaks or the caller is cancelled."""
+        lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def notified(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            on_change(payload.partition(":")[0])
+
+        def terminated(*_: object) -> None:
+            if not lost.done():
+                lost.set_result(None)
+
+        with _driver_errors():
+            conn = await asyncpg.connect(self._dsn, timeout=10)
+        try:
+            conn.add_termination_listener(terminated)
+            with _driver_errors():
+                await conn.add_listener(CHANNEL, notified)
+            on_change("work")  # changes made while we were not listening
+            await lost
+            raise StoreError("postgres: the LISTEN connection was lost")
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(conn.close(timeout=5))
 
     async def now(self) -> float:
         if self._clock is not None:
@@ -409,6 +443,7 @@ class PostgresStore(MetadataStore):
                 None if rec.metadata is None else json.dumps(rec.metadata),
                 rec.output_expires_after,
             )
+            await _notify(conn, "work", rec.id)  # a worker elsewhere validates it now, not at its next poll
 
     async def get_batch(self, owner: str | None, batch_id: str) -> BatchRecord | None:
         async with self._conn() as conn:
@@ -434,6 +469,7 @@ class PostgresStore(MetadataStore):
                 return None
             if b.status in (S.VALIDATING, S.IN_PROGRESS):
                 await self._transition(conn, batch_id, b.status, S.CANCELLING)
+                await _notify(conn, "cancel", batch_id)  # delivered when this transaction commits
                 return await self._get_batch(conn, batch_id)
             return b
 
@@ -516,6 +552,7 @@ class PostgresStore(MetadataStore):
             )
             if b.status == S.VALIDATING:
                 await self._transition(conn, batch_id, S.VALIDATING, S.IN_PROGRESS)
+            await _notify(conn, "work", batch_id)  # its shards can be claimed everywhere now
             return True
 
     async def fail_batch(self, batch_id: str, worker: str, errors: list[dict[str, Any]]) -> bool:
@@ -742,3 +779,38 @@ class PostgresStore(MetadataStore):
             )
         assert row is not None
         return OwnerUsage(int(row["files"]), int(row["stored"]), int(row["uploads"]), int(row["batches"]))
+
+    # blob lifecycle (sweeper)
+    async def removable_deleted_files(self, limit: int) -> list[FileRecord]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"SELECT {FILE_COLS} FROM files f WHERE deleted AND NOT blob_removed AND NOT EXISTS "
+                "(SELECT 1 FROM batches b WHERE b.input_file_id = f.id AND b.status = ANY($1::text[])) "
+                "ORDER BY seq LIMIT $2",
+                [str(s) for s in _LIVE],
+                limit,
+            )
+        return [file_from_row(r) for r in rows]
+
+    async def forget_file_blob(self, file_id: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute("UPDATE files SET blob_removed = TRUE WHERE id = $1 AND deleted", file_id)
+
+    async def needed_blob_keys(self, keys: Sequence[str]) -> set[str]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT blob_key FROM files WHERE NOT blob_removed AND blob_key = ANY($1::text[]) "
+                "UNION SELECT p.blob_key FROM upload_parts p JOIN uploads u ON u.id = p.upload_id "
+                "WHERE u.status = 'pending' AND p.blob_key = ANY($1::text[])",
+                list(keys),
+            )
+        return {str(r[0]) for r in rows}
+
+    async def batches_done_with(self, batch_ids: Sequence[str]) -> set[str]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT id FROM batches WHERE id = ANY($1::text[]) AND status = ANY($2::text[])",
+                list(batch_ids),
+                [str(s) for s in _LIVE],
+            )
+        return set(batch_ids) - {str(r[0]) for r in rows}
