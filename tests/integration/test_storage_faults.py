@@ -28,7 +28,7 @@ from openai import OpenAI
 from openai.types import Batch
 
 from tests.conftest import Server, _unavailable
-from tests.support.batches import chat_line, read_lines, upload, wait_for
+from tests.support.batches import TERMINAL, chat_line, read_lines, upload, wait_for
 from tests.support.fake_upstream import FakeUpstream, expected_text
 from tests.support.postgres import PostgresCluster, PostgresUnavailable, start_postgres
 from tests.support.seaweed import Seaweed, WeedUnavailable, start_seaweed
@@ -213,7 +213,7 @@ def test_disk_full_pauses_the_batch_until_there_is_room_again(
     file_id = upload(client, reqs)  # while there is room
     filler = fill(tmpfs_dir)
     b = create(client, file_id)
-    b = wait_for(client, b.id, {"in_progress", *("completed", "failed", "expired", "cancelled")}, timeout=20)
+    b = wait_for(client, b.id, {"in_progress", *TERMINAL}, timeout=20)
     assert b.status == "in_progress", f"{b.status} with a full disk:\n{log_excerpt(server)}"
     hold(server, client, b.id, 8.0, {"in_progress"})
     filler.unlink()
