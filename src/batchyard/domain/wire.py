@@ -14,20 +14,27 @@ orjson is the fast path everywhere. Where it would change or refuse a value, the
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
 
 MAX_DEPTH = 128  # nesting levels of a request line (the line's own object is level 1)
-_LONG_DIGITS = re.compile(rb"[0-9]{20}")  # a number orjson might not read exactly (u64 max has 20 digits)
+# A run of 20 digits: a number orjson might not read exactly (u64's maximum has 20). Found by mapping every digit to
+# "0" and everything else to " " and searching for 20 zeros: ~2 us for a 4 KB line, where the regular expression
+# [0-9]{20} takes ~25 us (more than everything else the worker does with a line).
+_DIGITS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_RUN = b"0" * 20
 
 
-def loads(raw: bytes | memoryview) -> Any:
+def has_long_digit_run(raw: bytes) -> bool:
+    return _RUN in raw.translate(_DIGITS)
+
+
+def loads(raw: bytes) -> Any:
     """A request line parsed exactly (raises orjson.JSONDecodeError / ValueError on invalid JSON)."""
     obj = orjson.loads(raw)
-    if _LONG_DIGITS.search(raw) is not None:  # maybe an integer past 64 bits: orjson gave a float for it
-        return json.loads(bytes(raw))
+    if has_long_digit_run(raw):  # maybe an integer past 64 bits: orjson gave a float for it
+        return json.loads(raw)
     return obj
 
 
