@@ -9,6 +9,7 @@ Keys are chosen by batchyard (`files/<id>`, `parts/<batch>/<shard>.<attempt>.out
 from __future__ import annotations
 
 import contextlib
+import secrets
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,20 @@ class BlobStore(ABC):
     async def remove_abandoned_writes(self, before: float) -> int:
         """Remove what writers that never committed left behind (local temp files, S3 multipart uploads) whose
         last write is older than `before` (Unix time); returns how many were removed."""
+
+    async def probe(self) -> None:
+        """Raise BlobError unless the store takes a write now: a small blob is written, committed and deleted.
+        A worker that met a storage outage probes before it claims work again, so that no line is sent to an
+        upstream while its result could not be stored."""
+        key = f"probe/{secrets.token_hex(8)}"
+        writer = await self.open_writer(key)
+        try:
+            await writer.write(b"\0" * 4096)
+        except BaseException:
+            await writer.abort()
+            raise
+        await writer.commit()
+        await self.delete(key)
 
     async def delete_quietly(self, keys: Iterable[str]) -> None:
         """Delete blobs nothing needs any more, best effort: one that cannot be deleted now is left behind."""

@@ -6,8 +6,10 @@ The worker never dies of the work it does (DESIGN.md, "Failure is contained per 
 - a shard attempt that fails for a reason other than a lost lease is handed back and counted; at
   `QUARANTINE_AFTER` counted failures its lines end as `shard_quarantined` error lines;
 - a dependency that is down (the blob store, the metadata store, the disk: `DEPENDENCY_ERRORS`) pauses the work
-  that needs it: the shard is handed back with a `retry_at`, the loop waits with a bounded exponential backoff
-  (`Backoff`) and logs once per interval, and everything resumes when the dependency is back.
+  that needs it: the shard is handed back with a short `retry_at`, the loop waits with a bounded exponential backoff
+  (`Backoff`, 0.5 s doubling to 10 s, 5 s for shards) and logs once per interval; while it lasts, a shard runner
+  probes the blob store (`BlobStore.probe`) before it claims a shard, so no line is sent whose result could not be
+  stored; everything resumes when the dependency is back.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Backoff:
         logger: logging.Logger,
         *,
         base: float = 0.5,
-        cap: float = 30.0,
+        cap: float = 10.0,
     ) -> None:
         self.what = what
         self.log = logger

@@ -119,7 +119,9 @@ class ShardRunner:
         self.dispatcher = dispatcher
         self.settings = settings
         self.running = 0  # shards this runner is executing now
-        self.outage = Backoff("running shards", log)  # the storage or database is down
+        # The storage or database is down: retried every few seconds at most (a probe first: see Worker), so that
+        # work resumes soon after the outage ends.
+        self.outage = Backoff("running shards", log, cap=5.0)
         self._nudge = asyncio.Event()  # set by `nudge`: every running shard looks at its batch at once
 
     def nudge(self) -> None:

@@ -32,7 +32,7 @@ ORPHAN_AGE = 3600.0
 ORPHAN_INTERVAL = 600.0
 CONFIRM_AFTER = 300.0
 _PAGE = 500
-_PREFIXES = ("files/", "uploads/", "parts/")
+_PREFIXES = ("files/", "uploads/", "parts/", "probe/")  # probe/: a storage probe whose delete failed
 
 
 @dataclass(slots=True)

@@ -152,6 +152,11 @@ class Worker:
         return True
 
     async def run_shard_once(self) -> bool:
+        if self.runner.outage.failures:  # storage was down: claim (and send lines) only once it takes a write
+            try:
+                await self.blobs.probe()
+            except DEPENDENCY_ERRORS as e:
+                raise Paused(self.runner.outage.failed(e), e) from e
         claim = await self.store.claim_shard(self.id, self.settings.lease_seconds)
         if claim is None:
             return False
