@@ -313,6 +313,8 @@ class WorkerProcess:
             self._loop.remove_reader(self._proc.sentinel)
         if self._stopping or self._loop is None:
             return
+        if self._proc is not None:
+            self._proc.join(timeout=1.0)  # reap it: the sentinel is readable before exitcode is set
         code = self._proc.exitcode if self._proc else None
         if self.release is not None:
             task = self._loop.create_task(self._release_leases(self.name))
