@@ -237,3 +237,30 @@ async def test_a_cancel_is_seen_at_once_when_the_worker_is_nudged(tmp_path: Path
     out, err = await rig.result_lines()
     assert len(out) == 4 and len(err) == 36
     assert {x["error"]["code"] for x in err} == {"batch_cancelled"}
+
+
+async def test_a_shard_that_failed_before_runs_alone(tmp_path: Path) -> None:
+    """After a worker death every shard it ran is counted failed; run alone next, an innocent one succeeds and
+    is never blamed for another shard's next crash."""
+    up = Echo()
+    up.gate = asyncio.Event()
+    rig = Rig(tmp_path, up)
+    await rig.batch()
+    first = await rig.claim("w0")
+    await rig.store.release_shard(first, failure="the worker process running it died")
+    suspect = await rig.claim("w1")
+    assert suspect.shard.failures == 1
+    rig.runner.active += 1  # another shard is running in this process (as far as the runner can tell)
+    alone = asyncio.create_task(rig.runner.run(suspect))
+    await asyncio.sleep(0.3)
+    assert up.sent == [] and not rig.runner.solo_done.is_set()  # it waits; the worker claims nothing new
+    rig.runner.active -= 1
+    rig.runner._idle.set()  # that shard ended
+    for _ in range(100):
+        if up.sent:
+            break
+        await asyncio.sleep(0.01)
+    assert up.sent  # now it runs, alone
+    up.gate.set()
+    assert await asyncio.wait_for(alone, 5)
+    assert rig.runner.solo_done.is_set()

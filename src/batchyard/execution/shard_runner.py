@@ -123,6 +123,11 @@ class ShardRunner:
         # work resumes soon after the outage ends.
         self.outage = Backoff("running shards", log, cap=5.0)
         self._nudge = asyncio.Event()  # set by `nudge`: every running shard looks at its batch at once
+        self.active = 0  # shards this runner holds (claimed and not yet done), whatever they are doing
+        self._suspects = 0  # of those, shards that failed before and wait to run alone (`_run_alone`)
+        self.solo_done = asyncio.Event()  # clear while a suspect shard waits or runs: claim nothing new
+        self.solo_done.set()
+        self._idle = asyncio.Event()  # set when a shard ends (a suspect may be waiting for that)
 
     def nudge(self) -> None:
         """Make every running shard heartbeat now (a batch was cancelled here: stop its lines at once)."""
@@ -134,9 +139,16 @@ class ShardRunner:
         Whatever happens, the worker goes on: a dependency that is down hands the shard back to be retried later
         (`Paused` is raised for the caller to back off), any other failure hands it back counted (and logged), and a
         shard that failed QUARANTINE_AFTER times ends its lines as error lines instead of running them again."""
+        suspect = 0 < claim.shard.failures < QUARANTINE_AFTER
+        if suspect and self._suspects:  # one suspect at a time here: this one is taken up later, or elsewhere
+            await self._release(claim, retry_in=1.0)
+            return False
+        self.active += 1
         try:
             if claim.shard.failures >= QUARANTINE_AFTER:
                 result = await self._quarantine(claim)
+            elif suspect:
+                result = await self._run_alone(claim)
             else:
                 result = await self._run(claim)
         except asyncio.CancelledError:
@@ -157,8 +169,38 @@ class ShardRunner:
             )
             await self._release(claim, failure=describe(e))
             return False
+        finally:
+            self.active -= 1
+            self._idle.set()
         self.outage.ok()
         return result
+
+    async def _run_alone(self, claim: ShardClaim) -> bool:
+        """Run a shard that failed before with nothing else running in this process.
+
+        When a worker process dies, every shard it was running is counted as failed (`release_worker`): which one
+        killed it cannot be known. Run alone afterwards, an innocent shard succeeds and a poison one is the only
+        one blamed for the next death, so one tenant's poison shard does not get another tenant's quarantined.
+        While it waits for the others to finish it keeps its lease; no new shard is claimed here meanwhile."""
+        self._suspects += 1
+        self.solo_done.clear()
+        try:
+            while self.active > 1:  # the others finish; the worker's loops claim nothing new meanwhile
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(self.settings.heartbeat_seconds, PROGRESS_INTERVAL)):
+                        await self._idle.wait()
+                self._idle.clear()
+                if (
+                    self.active > 1
+                    and await self.store.heartbeat_shard(claim, self.settings.lease_seconds, 0, 0, Usage())
+                    is None
+                ):
+                    return False  # the lease went elsewhere while we waited
+            return await self._run(claim)
+        finally:
+            self._suspects -= 1
+            if self._suspects == 0:
+                self.solo_done.set()
 
     async def _release(self, claim: ShardClaim, *, retry_in: float = 0.0, failure: str | None = None) -> None:
         """Hand the shard back (best effort: when the store is down too, the lease runs out instead)."""

@@ -157,6 +157,9 @@ class Worker:
                 await self.blobs.probe()
             except DEPENDENCY_ERRORS as e:
                 raise Paused(self.runner.outage.failed(e), e) from e
+        await (
+            self.runner.solo_done.wait()
+        )  # a shard that failed before runs alone (see ShardRunner._run_alone)
         claim = await self.store.claim_shard(self.id, self.settings.lease_seconds)
         if claim is None:
             return False
