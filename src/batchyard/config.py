@@ -142,6 +142,7 @@ class Settings:
     head_timeout: float = 10.0
     keep_alive_timeout: float = 5.0
     max_connections: int = 1000
+    body_timeout: float = 60.0  # a request body with no byte for this long is cut
 
     @property
     def database_path(self) -> Path:

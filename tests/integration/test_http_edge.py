@@ -221,3 +221,24 @@ def test_health_stays_fast_while_an_attacker_streams_huge_headers(edge: Server) 
         attacker.join(30)
     assert streamed[0] > 1024 * 1024  # the attack ran
     assert max(latencies) < 1, latencies
+
+
+def test_a_stalled_request_body_is_cut_and_its_partial_upload_removed(
+    make_server: Callable[..., Server], upstream: FakeUpstream
+) -> None:
+    srv = make_server("--upstream", upstream.base_url, "--no-worker", *EDGE_ARGS, "--body-timeout", "1")
+    with connect(srv) as s:
+        s.sendall(
+            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 100000\r\n\r\n"
+            b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n' + b"x" * 5000
+        )
+        _, closed = read_until_closed(s, 8)  # then nothing more: a slow-body client
+    assert closed is not None and 0.8 < closed < 5, closed
+    blobs = srv.data_dir / "blobs"
+    assert not [p for p in blobs.rglob("*") if p.is_file()] if blobs.exists() else True
+    with connect(srv) as ok:  # and the server goes on serving
+        ok.sendall(HEAD + b"Connection: close\r\n\r\n")
+        got, _ = read_until_closed(ok, 5)
+    assert got.startswith(b"HTTP/1.1 200 ")

@@ -1,7 +1,7 @@
 """The HTTP server of the API, with limits on everything a client controls before the app sees a request.
 
 `build_server(app, settings)` gives a `uvicorn.Server` whose protocol is `EdgeProtocol`: uvicorn's httptools
-protocol with five limits added (all in `Settings`, flags of `batchyard serve`):
+protocol with six limits added (all in `Settings`, flags of `batchyard serve`):
 
 - the request head (request line and headers) may be `max_head_bytes` long (64 KiB) and carry `max_headers`
   headers (100); beyond either, 431 Request Header Fields Too Large in the OpenAI envelope, and the connection
@@ -10,6 +10,8 @@ protocol with five limits added (all in `Settings`, flags of `batchyard serve`):
 - a head must be complete within `head_timeout` seconds (10) of its first byte, or of the connection's opening
   (slowloris): then 408 (or a silent close when nothing came) and close;
 - an idle keep-alive connection is closed after `keep_alive_timeout` seconds (5);
+- a request body that stops arriving is cut after `body_timeout` seconds without a byte (60; time while the
+  server itself paused reading does not count), so a slow-body client cannot hold a connection for ever;
 - at most `max_connections` connections (1000) are open. At the bound, a new connection closes the oldest idle
   one (no request in flight: a keep-alive connection, or a head still coming), as nginx reuses keep-alive
   connections when it runs out; when every connection has a request in flight, the newcomer gets 503 and is
@@ -57,6 +59,7 @@ class EdgeLimits:
     head_timeout: float = 10.0
     keep_alive_timeout: float = 5.0
     max_connections: int = 1000
+    body_timeout: float = 60.0
 
     @classmethod
     def of(cls, settings: Settings) -> EdgeLimits:
@@ -66,6 +69,7 @@ class EdgeLimits:
             head_timeout=settings.head_timeout,
             keep_alive_timeout=settings.keep_alive_timeout,
             max_connections=settings.max_connections,
+            body_timeout=settings.body_timeout,
         )
 
 
@@ -150,6 +154,9 @@ class EdgeProtocol(HttpToolsProtocol):
         self.reading_head = True
         self.head_bytes = 0
         self.head_timer: asyncio.TimerHandle | None = None
+        self.reading_body = False
+        self.body_data_at = 0.0  # when the last bytes of the body being read came
+        self.body_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -163,9 +170,12 @@ class EdgeProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.edge.forget(self)
         self._cancel_head_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.reading_body:
+            self.body_data_at = self.loop.time()
         if self.reading_head:
             self.head_bytes += len(data)
             if self.head_timer is None:
@@ -210,11 +220,16 @@ class EdgeProtocol(HttpToolsProtocol):
         if size > self.limits.max_head_bytes:
             raise _HeadTooLarge
         super().on_headers_complete()
+        self.reading_body = True
+        self.body_data_at = self.loop.time()
+        self._arm_body_timer()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self.reading_head = True
         self.head_bytes = 0
+        self.reading_body = False
+        self._cancel_body_timer()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -241,6 +256,32 @@ class EdgeProtocol(HttpToolsProtocol):
         if self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
+
+    def _arm_body_timer(self) -> None:
+        self.body_timer = self.loop.call_later(self.limits.body_timeout / 4, self._check_body)
+
+    def _cancel_body_timer(self) -> None:
+        if self.body_timer is not None:
+            self.body_timer.cancel()
+            self.body_timer = None
+
+    def _check_body(self) -> None:
+        """A body that stops arriving (slowloris on the body) holds a connection and a request; it is cut after
+        `body_timeout` seconds without a byte. Time while uvicorn itself paused reading (the app is slower than
+        the client) does not count."""
+        self.body_timer = None
+        if not self.reading_body or self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if self.flow is not None and self.flow.read_paused:
+            self.body_data_at = now
+        elif now - self.body_data_at > self.limits.body_timeout:
+            log.info("closing a connection whose request body stalled for %.0f s", self.limits.body_timeout)
+            self.reading_body = False
+            self.edge.forget(self)
+            self.transport.close()  # the app sees a disconnect: a partial upload is removed
+            return
+        self._arm_body_timer()
 
     def _head_timed_out(self) -> None:
         self.head_timer = None

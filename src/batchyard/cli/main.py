@@ -345,7 +345,14 @@ def settings_from(opts: dict[str, Any], **extra: Any) -> Settings:
 
 
 def _edge_settings(opts: dict[str, Any]) -> dict[str, Any]:
-    names = ("max_head_bytes", "max_headers", "head_timeout", "keep_alive_timeout", "max_connections")
+    names = (
+        "max_head_bytes",
+        "max_headers",
+        "head_timeout",
+        "keep_alive_timeout",
+        "max_connections",
+        "body_timeout",
+    )
     return {name: opts[name] for name in names}
 
 
@@ -422,6 +429,12 @@ def _edge_settings(opts: dict[str, Any]) -> dict[str, Any]:
     default=5.0,
     type=click.FloatRange(0.1, 3600),
     help="Seconds an idle keep-alive connection stays open.",
+)
+@_opt(
+    "--body-timeout",
+    default=60.0,
+    type=click.FloatRange(0.1, 3600),
+    help="Seconds a request body may go without a byte before the connection is cut.",
 )
 @_opt(
     "--max-connections",
