@@ -113,6 +113,8 @@ class Settings:
     max_concurrency: int = 512
     initial_concurrency: int = 64  # where the automatic concurrency starts
     shard_lines: int = 1000  # lines per shard
+    # and bytes per shard at most (a shard is read into memory whole: 1000 lines of 200 KB would be 200 MB)
+    shard_bytes: int = 16 * 1024 * 1024
     max_shards: int = 4  # shards one worker runs at once
     lease_seconds: float = 30.0
     prefix_ordering: bool = (

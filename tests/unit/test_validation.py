@@ -771,3 +771,13 @@ def test_20mb_file_sanity() -> None:
     assert len(res.shards) == 5
     assert res.shards[-1].end == len(data)
     check_shards(data, res)
+
+
+def test_shards_are_bounded_in_bytes_as_well_as_lines() -> None:
+    big = req("a", model="gpt-4o-mini", messages=[{"role": "user", "content": "x" * 3000}])
+    data = b"".join(line({**big, "custom_id": f"r{i}"}) for i in range(10))
+    size = len(line({**big, "custom_id": "r0"}))
+    res = validate(data, shard_lines=1000, shard_bytes=3 * size)
+    assert res.ok and [s.line_count for s in res.shards] == [3, 3, 3, 1]
+    assert all(s.end - s.start <= 3 * size for s in res.shards)
+    assert res.shards[-1].end == len(data)

@@ -169,6 +169,7 @@ class BatchValidator:
         max_bytes: int = 200 * 1024 * 1024,
         max_errors: int = 100,
         shard_lines: int = 1000,
+        shard_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         if max_lines < 1:
             raise ValueError("max_lines must be at least 1")
@@ -178,12 +179,15 @@ class BatchValidator:
             raise ValueError("max_errors must not be negative")
         if shard_lines < 1:
             raise ValueError("shard_lines must be at least 1")
+        if shard_bytes < 1:
+            raise ValueError("shard_bytes must be at least 1")
         self._endpoint = endpoint
         self._is_routable = is_routable
         self._max_lines = max_lines
         self._max_bytes = max_bytes
         self._max_errors = max_errors
         self._shard_lines = shard_lines
+        self._shard_bytes = shard_bytes
         self._body_field = _BODY_FIELDS.get(endpoint)
         self._invalid_url: _Problem = (
             "invalid_url",
@@ -356,6 +360,7 @@ class BatchValidator:
         max_errors = self._max_errors
         max_lines = self._max_lines
         shard_lines = self._shard_lines
+        shard_bytes = self._shard_bytes
         shards = self._shards
         max_depth = MAX_DEPTH
         find = buf.find
@@ -387,7 +392,7 @@ class BatchValidator:
                 shard_start = base + start
                 shard_first = line_no
             shard_count += 1
-            if shard_count == shard_lines:
+            if shard_count == shard_lines or last_end - shard_start >= shard_bytes:
                 shards.append(ShardPlan(len(shards), shard_start, last_end, shard_first, shard_count))
                 shard_count = 0
             try:
