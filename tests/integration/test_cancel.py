@@ -8,8 +8,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from openai import OpenAI
 
 from tests.conftest import Server
 from tests.support.batches import chat_line, read_lines, upload, wait_for
@@ -30,13 +32,8 @@ def start(make_server: Callable[..., Server], slow: FakeUpstream, *args: str) ->
     return make_server("--upstream", slow.base_url, "--concurrency", "16", *args)
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_no_line_leaves_after_the_cancel_is_answered(
-    make_server: Callable[..., Server], slow: FakeUpstream, workers: str
-) -> None:
-    srv = start(make_server, slow, "--workers", workers)
-    client = srv.client()
-    reqs = [chat_line(i) for i in range(300)]
+def cancel_mid_batch(client: OpenAI, slow: FakeUpstream, reqs: list[dict[str, Any]]) -> tuple[str, int]:
+    """Create a batch, cancel it once 40 of its lines reached the upstream; its id and the lines sent by then."""
     b = client.batches.create(
         input_file_id=upload(client, reqs), endpoint="/v1/chat/completions", completion_window="24h"
     )
@@ -44,9 +41,19 @@ def test_no_line_leaves_after_the_cancel_is_answered(
     while slow.stats()["total"] < 40 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert client.batches.cancel(b.id).status == "cancelling"
-    sent_at_cancel = slow.stats()["total"]
+    return b.id, slow.stats()["total"]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_no_line_leaves_after_the_cancel_is_answered(
+    make_server: Callable[..., Server], slow: FakeUpstream, workers: str
+) -> None:
+    srv = start(make_server, slow, "--workers", workers)
+    client = srv.client()
+    reqs = [chat_line(i) for i in range(300)]
+    batch_id, sent_at_cancel = cancel_mid_batch(client, slow, reqs)
     t_answered = time.monotonic()
-    done = wait_for(client, b.id, timeout=30)
+    done = wait_for(client, batch_id, timeout=30)
     t_done = time.monotonic()
     assert done.status == "cancelled"
     sent = slow.stats()["total"]
@@ -107,15 +114,8 @@ def test_a_cancel_reaches_a_worker_on_another_machine(
     try:
         client = api.client()
         reqs = [chat_line(i) for i in range(300)]
-        b = client.batches.create(
-            input_file_id=upload(client, reqs), endpoint="/v1/chat/completions", completion_window="24h"
-        )
-        deadline = time.monotonic() + 30
-        while slow.stats()["total"] < 40 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert client.batches.cancel(b.id).status == "cancelling"
-        sent_at_cancel = slow.stats()["total"]
-        done = wait_for(client, b.id, timeout=30)
+        batch_id, sent_at_cancel = cancel_mid_batch(client, slow, reqs)
+        done = wait_for(client, batch_id, timeout=30)
         assert done.status == "cancelled"
         late = slow.stats()["total"] - sent_at_cancel
         assert late <= (2 if store == "postgres" else 16 * 6), late
