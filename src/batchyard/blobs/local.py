@@ -180,7 +180,10 @@ class LocalBlobStore(BlobStore):
         """Make the folders of a new key, fsyncing the parent of each one made (so the blob's path survives)."""
         missing: list[Path] = []
         with _os_errors(key, "creating the folder of"):
-            while folder != self.root and not folder.is_dir():
+            while not folder.is_dir():
+                if folder == self.root:  # removed since the store was made (`batchyard run` starting over)
+                    self.root.mkdir(parents=True, exist_ok=True)
+                    break
                 missing.append(folder)
                 folder = folder.parent
             for made in reversed(missing):
