@@ -105,7 +105,7 @@ def main() -> None:
                 pid = server_pid(proc)
                 print(f"-- {name}")
                 for attack in chosen:
-                    report(attack, pid, port, lambda a=attack: attacks[a](port))
+                    report(attack, pid, port, lambda a=attack, p=port: attacks[a](p))
             finally:
                 proc.terminate()
                 proc.wait(10)
