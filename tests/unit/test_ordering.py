@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchyard.domain.ordering import prefix_key, prefix_order
+from batchyard.domain.ordering import WAIT, PrefixScheduler, group_key, prefix_key, prefix_order
 
 
 def chat(cid: str, system: str, user: str, model: str = "m") -> dict[str, Any]:
@@ -51,3 +51,76 @@ def test_content_parts_completions_and_responses_have_keys() -> None:
 def test_key_is_bounded() -> None:
     huge = chat("1", "x" * 100_000, "y")
     assert len(prefix_key(huge["body"])) <= 4096
+
+
+# -- PrefixScheduler: one first line per group, then the group; lanes keep to their group ------------------------
+
+
+def grouped(n_groups: int, per_group: int) -> list[dict[str, Any]]:
+    return prefix_order(
+        [
+            chat(f"{g}-{i}", f"system prompt {g}", f"question {i}")
+            for i in range(per_group)
+            for g in range(n_groups)
+        ]
+    )
+
+
+def test_a_groups_first_line_goes_alone_and_the_rest_waits_for_it() -> None:
+    s = PrefixScheduler(grouped(1, 5))
+    first = s.take(0)
+    assert first["custom_id"] == "0-0" or first["custom_id"].startswith("0-")
+    assert s.take(1) is WAIT and s.take(2) is WAIT  # the prefix is not cached yet: nobody else sends it
+    assert s.done(0, first)  # it came back: the group is open
+    taken = [s.take(lane) for lane in (0, 1, 2)]
+    assert all(isinstance(t, dict) for t in taken)
+    assert s.take(3)["custom_id"].startswith("0-") and s.take(3) is None
+
+
+def test_each_lane_starts_its_own_group_and_keeps_to_it() -> None:
+    s = PrefixScheduler(grouped(4, 3))
+    firsts = {lane: s.take(lane) for lane in range(4)}
+    groups = {lane: r["custom_id"].split("-")[0] for lane, r in firsts.items()}
+    assert sorted(groups.values()) == ["0", "1", "2", "3"]  # four lanes, four groups, four prefills
+    for lane, r in firsts.items():
+        s.done(lane, r)
+    for lane in range(4):
+        for _ in range(2):  # the rest of its own group, on the slot that holds its prefix
+            r = s.take(lane)
+            assert r["custom_id"].split("-")[0] == groups[lane]
+            s.done(lane, r)
+    assert all(s.take(lane) is None for lane in range(4))
+
+
+def test_a_lane_without_a_group_to_start_joins_the_largest_open_one() -> None:
+    s = PrefixScheduler(grouped(1, 6))
+    first = s.take(0)
+    s.done(0, first)
+    assert s.take(1)["custom_id"].startswith("0-")  # no other group: share this one
+
+
+def test_lines_sharing_nothing_are_never_held() -> None:
+    reqs = [
+        {"custom_id": str(i), "body": {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]}}
+        for i in range(5)
+    ]
+    s = PrefixScheduler(reqs)
+    assert [s.take(i)["custom_id"] for i in range(5)] == ["0", "1", "2", "3", "4"]
+    assert s.take(0) is None
+
+
+def test_drain_lifts_the_holds() -> None:
+    s = PrefixScheduler(grouped(1, 3))
+    s.take(0)
+    assert s.take(1) is WAIT
+    s.drain()  # the batch stopped: the remaining lines are only recorded
+    assert isinstance(s.take(1), dict) and isinstance(s.take(2), dict) and s.take(2) is None
+
+
+def test_group_key_is_the_shared_context() -> None:
+    a = chat("1", "sys", "q1")["body"]
+    b = chat("2", "sys", "q2")["body"]
+    assert group_key(a) == group_key(b) is not None
+    assert group_key(chat("3", "other", "q1")["body"]) != group_key(a)
+    assert group_key({"model": "m", "messages": [{"role": "user", "content": "q"}]}) is None
+    assert group_key({"model": "m", "input": "x", "instructions": "be brief"}) is not None

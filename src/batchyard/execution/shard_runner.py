@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -15,7 +16,7 @@ from batchyard.blobs.base import BlobStore, BlobWriter
 from batchyard.config import Settings
 from batchyard.domain import lines, wire
 from batchyard.domain.models import ShardClaim, ShardResult, Usage
-from batchyard.domain.ordering import prefix_order
+from batchyard.domain.ordering import WAIT, FileOrder, PrefixScheduler, Scheduler, prefix_order
 from batchyard.domain.states import BatchStatus
 from batchyard.domain.validation import iter_lines
 from batchyard.execution.containment import DEPENDENCY_ERRORS, QUARANTINE_AFTER, Backoff, Paused, describe
@@ -62,6 +63,7 @@ class _Attempt:
         self.executing: set[asyncio.Task[Any]] = set()  # lanes inside an upstream call
         self.untaken = 0  # lines no lane has taken yet
         self.unrecorded = 0  # lines without an output or error line yet
+        self._waiters: list[asyncio.Future[None]] = []  # lanes waiting for a prefix group to open
 
     async def record(self, outcome: Outcome) -> None:
         if outcome.ok:
@@ -79,6 +81,18 @@ class _Attempt:
     async def abort(self) -> None:
         await _abort(self.out)
         await _abort(self.err)
+
+    async def changed(self) -> None:
+        """Wait for `notify` (a prefix group opened, or the batch stopped)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    def notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
 
 async def _abort(writer: BlobWriter) -> None:
@@ -128,6 +142,7 @@ class ShardRunner:
         self.solo_done = asyncio.Event()  # clear while a suspect shard waits or runs: claim nothing new
         self.solo_done.set()
         self._idle = asyncio.Event()  # set when a shard ends (a suspect may be waiting for that)
+        self._lane_ids = itertools.count()
 
     def nudge(self) -> None:
         """Make every running shard heartbeat now (a batch was cancelled here: stop its lines at once)."""
@@ -227,14 +242,15 @@ class ShardRunner:
     async def _run(self, claim: ShardClaim) -> bool:
         att, requests = await self._open(claim)
         try:
+            sched: Scheduler = FileOrder(requests)
             if self.settings.prefix_ordering:
                 try:
-                    requests = prefix_order(requests)
+                    sched = PrefixScheduler(prefix_order(requests))
                 except Exception:  # an ordering is an optimisation: never a reason to fail the lines
                     log.exception(
                         "prefix ordering failed for shard %s/%d", claim.shard.batch_id, claim.shard.index
                     )
-            await self._execute(att, iter(requests))
+            await self._execute(att, sched)
             if att.lost:
                 await att.abort()
                 log.warning(
@@ -286,7 +302,7 @@ class ShardRunner:
         total = self.dispatcher.total_limit()
         return max(1, -(-total // max(1, self.running)))
 
-    async def _execute(self, att: _Attempt, todo: Iterator[dict[str, Any]]) -> None:
+    async def _execute(self, att: _Attempt, sched: Scheduler) -> None:
         lanes: set[asyncio.Task[None]] = (
             set()
         )  # for cancellation; att.lanes counts the live ones synchronously
@@ -296,7 +312,7 @@ class ShardRunner:
 
         async def lane() -> None:
             try:
-                await self._lane(att, todo, spawn)
+                await self._lane(att, sched, spawn)
             except asyncio.CancelledError:
                 raise
             except BaseException as e:
@@ -336,52 +352,61 @@ class ShardRunner:
         if att.unrecorded:
             raise RuntimeError(f"shard ended with {att.unrecorded} lines unrecorded")
 
-    async def _lane(self, att: _Attempt, todo: Iterator[dict[str, Any]], spawn: Callable[[], None]) -> None:
-        endpoint = att.claim.endpoint
+    async def _lane(self, att: _Attempt, sched: Scheduler, spawn: Callable[[], None]) -> None:
+        lane = next(self._lane_ids)
         done = 0
-        for req in todo:
-            att.untaken -= 1
-            if att.lost:
-                return
-            custom_id: str = req["custom_id"]
-            if att.stop.code is not None:
-                await att.record(
-                    Outcome(False, lines.not_executed_line(custom_id, att.stop.code), stopped=att.stop.code)
-                )
-                continue
-            problem = req.get("problem")
-            if problem is not None:  # the line could not be read back (validation read it: not expected)
-                await att.record(Outcome(False, lines.error_line(custom_id, "invalid_request", problem)))
-                continue
-            task = asyncio.current_task()
-            att.executing.add(task)  # type: ignore[arg-type]
-            try:
-                outcome = await self.dispatcher.execute(endpoint, custom_id, req["body"], att.stop)
-            except Exception as e:  # a line fails alone, whatever went wrong while sending or parsing it
-                log.exception("line %r of batch %s failed", custom_id[:64], att.claim.shard.batch_id)
-                msg = f"batchyard could not process this request ({describe(e, 200)})."
-                outcome = Outcome(False, lines.error_line(custom_id, "internal_error", msg))
-            except asyncio.CancelledError:
-                # Cancelled by the heartbeat: either the lease is gone (give up) or the grace period for
-                # in-flight lines of a cancelled/expired batch ran out (the line is recorded as not executed).
-                if att.lost or not att.hard_stop or att.stop.code is None:
-                    raise
-                if task is not None:
-                    task.uncancel()
-                outcome = Outcome(
-                    False, lines.not_executed_line(custom_id, att.stop.code), stopped=att.stop.code
-                )
-            finally:
-                att.executing.discard(task)
-            await att.record(outcome)
-            done += 1
-            if done % 8 and att.lanes > 1:
-                continue  # the fair share changes slowly: look at it every 8 lines (at once for a lone lane)
-            fair = self._fair_lanes()
-            if att.lanes > fair:
-                return  # retire: the shard has more lanes than its share
-            if att.lanes < fair and att.untaken > att.lanes:
-                spawn()  # grow toward the share (one more lane per finished line)
+        try:
+            while not att.lost:
+                if att.stop.code is not None:
+                    sched.drain()  # stopped: no line is held back any more, every one is only recorded
+                req = sched.take(lane)
+                if req is None:
+                    return
+                if req is WAIT:  # every line left waits on a group's first line in flight
+                    await att.changed()
+                    continue
+                att.untaken -= 1
+                await att.record(await self._outcome(att, req))
+                if sched.done(lane, req):
+                    att.notify()  # a group's prefix is cached now: lanes waiting for it go on
+                done += 1
+                if done % 8 and att.lanes > 1:
+                    continue  # the fair share changes slowly: look at it every 8 lines (at once for a lone lane)
+                fair = self._fair_lanes()
+                if att.lanes > fair:
+                    return  # retire: the shard has more lanes than its share
+                if att.lanes < fair and att.untaken > att.lanes:
+                    spawn()  # grow toward the share (one more lane per finished line)
+        finally:
+            sched.leave(lane)
+
+    async def _outcome(self, att: _Attempt, req: dict[str, Any]) -> Outcome:
+        """One line's outcome: executed, or not (the batch stopped, the line could not be read); never raises but
+        for a cancellation that is not a hard stop."""
+        custom_id: str = req["custom_id"]
+        if att.stop.code is not None:
+            return Outcome(False, lines.not_executed_line(custom_id, att.stop.code), stopped=att.stop.code)
+        problem = req.get("problem")
+        if problem is not None:  # the line could not be read back (validation read it: not expected)
+            return Outcome(False, lines.error_line(custom_id, "invalid_request", problem))
+        task = asyncio.current_task()
+        att.executing.add(task)  # type: ignore[arg-type]
+        try:
+            return await self.dispatcher.execute(att.claim.endpoint, custom_id, req["body"], att.stop)
+        except Exception as e:  # a line fails alone, whatever went wrong while sending or parsing it
+            log.exception("line %r of batch %s failed", custom_id[:64], att.claim.shard.batch_id)
+            msg = f"batchyard could not process this request ({describe(e, 200)})."
+            return Outcome(False, lines.error_line(custom_id, "internal_error", msg))
+        except asyncio.CancelledError:
+            # Cancelled by the heartbeat: either the lease is gone (give up) or the grace period for in-flight
+            # lines of a cancelled/expired batch ran out (the line is recorded as not executed).
+            if att.lost or not att.hard_stop or att.stop.code is None:
+                raise
+            if task is not None:
+                task.uncancel()
+            return Outcome(False, lines.not_executed_line(custom_id, att.stop.code), stopped=att.stop.code)
+        finally:
+            att.executing.discard(task)
 
     async def _heartbeat(self, att: _Attempt, lanes: set[asyncio.Task[None]]) -> None:
         s = self.settings
@@ -419,6 +444,7 @@ class ShardRunner:
             code = stop_code(hb.batch_status, hb.expires_at, hb.db_now)
             if code is not None:
                 att.stop.set(code)
+                att.notify()  # lanes holding back for a prefix group go on: they only record lines now
                 if grace_deadline is None:
                     grace_deadline = loop.time() + s.cancel_grace
                 elif loop.time() >= grace_deadline and not att.hard_stop:

@@ -1,0 +1,239 @@
+"""Prefix ordering against a real engine: llama.cpp's own HTTP server (`xllamacpp.Server`, the binding the embedded
+engine uses) serving SmolLM2-135M on this machine's CPU, a fresh engine for every run.
+
+    python bench/prefix_engine.py [--lines 160] [--groups 8] [--prompt-words 450] [--cache on,off] [--random 48]
+
+Runs, for each RAM prompt-cache setting of the engine (`cache_ram_mib` default = on, 0 = off):
+- direct: the engine driven by a minimal client in file order, as many requests in flight as it has slots;
+- batchyard --no-prefix-ordering, and batchyard with its prefix ordering (the default), both with --concurrency
+  equal to the slots, the file uploaded and the output downloaded through the API;
+on a chat file whose lines share `--groups` system prompts of ~600 tokens (lines shuffled, `max_tokens` 16), and
+(with the cache on) a file of `--random` lines with no shared prefix. Prints wall seconds, the ratios to file order in
+the same run, and the share of prompt tokens the engine answered from its cache (`usage`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from openai import OpenAI
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BatchyardServer, free_port
+
+from batchyard.embedded.models import ensure_smollm2
+
+SLOTS = 4
+ENGINE = """
+import sys, time, xllamacpp
+p = xllamacpp.CommonParams()
+p.model.path = sys.argv[1]
+p.n_parallel = {slots}
+p.n_ctx = {slots} * 2048
+if sys.argv[3] == "off":
+    p.cache_ram_mib = 0
+p.cpuparams.n_threads = 2
+p.cpuparams_batch.n_threads = 2
+p.hostnames = ["127.0.0.1"]
+p.port = int(sys.argv[2])
+p.verbosity = 0
+server = xllamacpp.Server(p)
+print("ready", flush=True)
+time.sleep(1e9)
+""".format(slots=SLOTS)
+
+WORDS = (
+    "river mountain quiet engine answer carefully history science bright window garden story market simple "
+    "winter summer number letter friend travel ocean forest music paper light shadow country city village "
+    "question problem reason method result system process value change order pattern signal record detail"
+).split()
+
+
+@dataclass
+class Run:
+    name: str
+    seconds: float
+    prompt_tokens: int
+    cached_tokens: int
+
+    @property
+    def cached_share(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+def system_prompt(rng: random.Random, words: int, tag: int) -> str:
+    text = " ".join(rng.choice(WORDS) for _ in range(words))
+    return f"You are assistant number {tag}. Follow these notes: {text}"
+
+
+def make_file(path: Path, lines: int, groups: int, words: int, seed: int = 7) -> None:
+    """`lines` chat requests over `groups` distinct system prompts (groups == lines: no shared prefix), shuffled."""
+    rng = random.Random(seed)
+    prompts = [system_prompt(rng, words, g) for g in range(groups)]
+    reqs = []
+    for i in range(lines):
+        body = {
+            "model": "smollm2",
+            "max_tokens": 16,
+            "temperature": 0,
+            "messages": [
+                {"role": "system", "content": prompts[i % groups]},
+                {"role": "user", "content": f"Question {i}: name one {rng.choice(WORDS)}."},
+            ],
+        }
+        reqs.append({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+    rng.shuffle(reqs)
+    path.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+
+
+class Engine:
+    def __init__(self, model: Path, cache: str) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ENGINE, str(model), str(self.port), cache],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the engine did not start")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("the engine is not healthy")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def usage_of(body: dict[str, Any]) -> tuple[int, int]:
+    u = body.get("usage") or {}
+    cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens")
+    if cached is None:
+        cached = (body.get("timings") or {}).get("cache_n", 0)
+    return int(u.get("prompt_tokens", 0)), int(cached or 0)
+
+
+async def drive_direct(base_url: str, path: Path) -> tuple[int, int]:
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    todo = iter(lines)
+    totals = [0, 0]
+    async with httpx.AsyncClient(timeout=600) as client:
+
+        async def lane() -> None:
+            for req in todo:
+                r = await client.post(base_url + "/chat/completions", json=req["body"])
+                r.raise_for_status()
+                p, c = usage_of(r.json())
+                totals[0] += p
+                totals[1] += c
+
+        await asyncio.gather(*(lane() for _ in range(SLOTS)))
+    return totals[0], totals[1]
+
+
+def direct(model: Path, cache: str, path: Path) -> Run:
+    with Engine(model, cache) as eng:
+        t0 = time.perf_counter()
+        p, c = asyncio.run(drive_direct(eng.base_url, path))
+        return Run("direct, file order", time.perf_counter() - t0, p, c)
+
+
+def through_batchyard(model: Path, cache: str, path: Path, ordering: bool, work: Path) -> Run:
+    flag = "--prefix-ordering" if ordering else "--no-prefix-ordering"
+    with Engine(model, cache) as eng, tempfile.TemporaryDirectory(dir=work) as d:
+        args = ["--upstream", eng.base_url, "--concurrency", str(SLOTS), flag, "--attempt-timeout", "900"]
+        with BatchyardServer(Path(d), *args) as srv:
+            client = OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=900)
+            t0 = time.perf_counter()
+            f = client.files.create(file=path.open("rb"), purpose="batch")
+            b = client.batches.create(
+                input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            while b.status not in ("completed", "failed", "expired", "cancelled"):
+                time.sleep(0.2)
+                b = client.batches.retrieve(b.id)
+            assert b.status == "completed" and b.output_file_id, b
+            out = client.files.content(b.output_file_id).text
+            took = time.perf_counter() - t0
+    p = c = 0
+    ok = 0
+    for line in out.splitlines():
+        rec = json.loads(line)
+        pp, cc = usage_of(rec["response"]["body"])
+        p, c, ok = p + pp, c + cc, ok + 1
+    assert b.request_counts is not None and b.request_counts.failed == 0, b.request_counts
+    name = "batchyard, prefix ordering" if ordering else "batchyard, --no-prefix-ordering"
+    return Run(name, took, p, c)
+
+
+def show(title: str, runs: list[Run]) -> None:
+    base = runs[0].seconds
+    print(f"\n{title}")
+    for r in runs:
+        print(
+            f"  {r.name:34} {r.seconds:7.1f} s   {base / r.seconds:5.2f}x file order   "
+            f"cached {r.cached_share * 100:5.1f}% of {r.prompt_tokens} prompt tokens",
+            flush=True,
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lines", type=int, default=160)
+    ap.add_argument("--groups", type=int, default=8)
+    ap.add_argument("--prompt-words", type=int, default=450)  # ~600 tokens with the system prompt's frame
+    ap.add_argument("--cache", default="on,off")
+    ap.add_argument("--random", type=int, default=48, help="lines of the file with no shared prefix (0: skip)")
+    ap.add_argument("--only", default="direct,off,on")
+    args = ap.parse_args()
+    model = ensure_smollm2()
+    which = args.only.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shared = work / "shared.jsonl"
+        make_file(shared, args.lines, args.groups, args.prompt_words)
+        for cache in args.cache.split(","):
+            runs = []
+            if "direct" in which:
+                runs.append(direct(model, cache, shared))
+            if "off" in which:
+                runs.append(through_batchyard(model, cache, shared, False, work))
+            if "on" in which:
+                runs.append(through_batchyard(model, cache, shared, True, work))
+            show(
+                f"{args.lines} lines over {args.groups} shared system prompts, engine RAM prompt cache {cache}", runs
+            )
+        if args.random:
+            rand = work / "random.jsonl"
+            make_file(rand, args.random, args.random, args.prompt_words // 3)
+            runs = [direct(model, "on", rand), through_batchyard(model, "on", rand, True, work)]
+            show(f"{args.random} lines, no shared prefix, RAM prompt cache on", runs)
+
+
+if __name__ == "__main__":
+    main()
