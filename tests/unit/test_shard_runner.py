@@ -19,7 +19,7 @@ from batchyard.domain.validation import BatchValidator
 from batchyard.errors import BlobError
 from batchyard.execution.containment import QUARANTINE_AFTER, Paused
 from batchyard.execution.dispatcher import Dispatcher
-from batchyard.execution.shard_runner import ShardRunner
+from batchyard.execution.shard_runner import MIN_BEAT_GAP, ShardRunner
 from batchyard.store.memory import MemoryStore
 from batchyard.upstreams.base import Upstream, UpstreamResponse
 from batchyard.upstreams.router import Router
@@ -264,3 +264,30 @@ async def test_a_shard_that_failed_before_runs_alone(tmp_path: Path) -> None:
     up.gate.set()
     assert await asyncio.wait_for(alone, 5)
     assert rig.runner.solo_done.is_set()
+
+
+async def test_a_storm_of_nudges_does_not_become_a_storm_of_heartbeats(tmp_path: Path) -> None:
+    """Every cancel call wakes the workers; a client cancelling in a loop must not turn that into writes."""
+    up = Echo()
+    up.gate = asyncio.Event()
+    rig = Rig(tmp_path, up)
+    await rig.batch()
+    beats = 0
+    real = rig.store.heartbeat_shard
+
+    async def counted(*args: Any, **kw: Any) -> Any:
+        nonlocal beats
+        beats += 1
+        return await real(*args, **kw)
+
+    rig.store.heartbeat_shard = counted  # type: ignore[method-assign]
+    task = asyncio.create_task(rig.runner.run(await rig.claim()))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for _ in range(500):  # nudges, one a millisecond
+        rig.runner.nudge()
+        await asyncio.sleep(0.001)
+    elapsed = loop.time() - started
+    assert 1 <= beats <= elapsed / MIN_BEAT_GAP + 2, (beats, elapsed)  # at most one per MIN_BEAT_GAP
+    up.gate.set()
+    assert await asyncio.wait_for(task, 5)

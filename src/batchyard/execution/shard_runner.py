@@ -24,6 +24,7 @@ from batchyard.execution.dispatcher import Dispatcher, Outcome, StopSignal
 from batchyard.store.base import Heartbeat, MetadataStore
 
 PROGRESS_INTERVAL = 1.0  # a running shard publishes its progress and reads its batch's status this often
+MIN_BEAT_GAP = 0.05  # seconds between two heartbeats of one shard, however often it is nudged
 _CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*("(?:[^"\\]|\\.){1,4096}")')
 
 log = logging.getLogger("batchyard.shard")
@@ -413,12 +414,17 @@ class ShardRunner:
         grace_deadline: float | None = None
         loop = asyncio.get_running_loop()
         period = min(s.heartbeat_seconds, PROGRESS_INTERVAL)
+        last = loop.time()
         while True:
             # Every second (or when nudged): publish progress, extend the lease, see a cancel or an expiry.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(period):
+                async with asyncio.timeout(max(0.0, last + period - loop.time())):
                     await self._nudge.wait()
             self._nudge.clear()
+            # Nudges come from API requests (every cancel call wakes the workers): at most MIN_BEAT_GAP apart,
+            # so that a client calling cancel in a loop cannot turn heartbeats into a write storm.
+            await asyncio.sleep(max(0.0, last + MIN_BEAT_GAP - loop.time()))
+            last = loop.time()
             try:
                 hb: Heartbeat | None = await self.store.heartbeat_shard(
                     att.claim, s.lease_seconds, att.completed, att.failed, att.usage
