@@ -781,3 +781,13 @@ def test_shards_are_bounded_in_bytes_as_well_as_lines() -> None:
     assert res.ok and [s.line_count for s in res.shards] == [3, 3, 3, 1]
     assert all(s.end - s.start <= 3 * size for s in res.shards)
     assert res.shards[-1].end == len(data)
+
+
+def test_a_line_over_the_line_cap_is_refused_unparsed() -> None:
+    small, big = (
+        line(req("a")),
+        line(req("b", model="gpt-4o-mini", messages=[{"role": "user", "content": "x" * 500}])),
+    )
+    res = validate(small + big + small.replace(b'"a"', b'"c"'), max_line_bytes=len(big) - 2)
+    assert codes(res) == [("invalid_request", None, 2)]
+    assert "larger than the maximum" in res.errors[0].message

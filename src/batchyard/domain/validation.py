@@ -129,6 +129,7 @@ def _echo(value: str) -> str:
 
 
 _BOM: Final = b"\xef\xbb\xbf"
+MAX_LINE_BYTES: Final = 32 * 1024 * 1024  # one request line (a few large images inline still fit)
 _WHITESPACE: Final = b" \t\n\r\x0b\x0c"  # what bytes.isspace() accepts
 
 
@@ -170,6 +171,7 @@ class BatchValidator:
         max_errors: int = 100,
         shard_lines: int = 1000,
         shard_bytes: int = 16 * 1024 * 1024,
+        max_line_bytes: int = MAX_LINE_BYTES,
     ) -> None:
         if max_lines < 1:
             raise ValueError("max_lines must be at least 1")
@@ -188,6 +190,12 @@ class BatchValidator:
         self._max_errors = max_errors
         self._shard_lines = shard_lines
         self._shard_bytes = shard_bytes
+        self._max_line_bytes = max_line_bytes
+        self._too_long: _Problem = (
+            "invalid_request",
+            f"This request line is larger than the maximum of {max_line_bytes} bytes.",
+            None,
+        )
         self._body_field = _BODY_FIELDS.get(endpoint)
         self._invalid_url: _Problem = (
             "invalid_url",
@@ -363,6 +371,7 @@ class BatchValidator:
         shard_bytes = self._shard_bytes
         shards = self._shards
         max_depth = MAX_DEPTH
+        max_line = self._max_line_bytes
         find = buf.find
         whitespace = _WHITESPACE
         view = memoryview(buf)
@@ -395,17 +404,20 @@ class BatchValidator:
             if shard_count == shard_lines or last_end - shard_start >= shard_bytes:
                 shards.append(ShardPlan(len(shards), shard_start, last_end, shard_first, shard_count))
                 shard_count = 0
-            try:
-                obj = loads(view[start:end])
-            except decode_error:
-                problem = _INVALID_JSON
+            if end - start > max_line:
+                problem = self._too_long  # never parsed: a worker holds a shard's lines in memory
             else:
-                if buf.count(b"[", start, end) + buf.count(b"{", start, end) > max_depth and nested_deeper(
-                    obj, max_depth
-                ):
-                    problem = _TOO_DEEP  # would break re-serialization and recursive code downstream
+                try:
+                    obj = loads(view[start:end])
+                except decode_error:
+                    problem = _INVALID_JSON
                 else:
-                    problem = check(obj, line_no)
+                    if buf.count(b"[", start, end) + buf.count(
+                        b"{", start, end
+                    ) > max_depth and nested_deeper(obj, max_depth):
+                        problem = _TOO_DEEP  # would break re-serialization and recursive code downstream
+                    else:
+                        problem = check(obj, line_no)
             if problem is not None:
                 error_count += 1
                 if len(errors) < max_errors:
