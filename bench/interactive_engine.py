@@ -1,0 +1,169 @@
+"""Interactive users of an engine while a batch runs on it (llm-d batch-gateway's benchmark #491, on this machine's CPU):
+llama.cpp's own server (`xllamacpp.Server`, SmolLM2-135M, 4 slots, 2 threads), a fresh engine per setting.
+
+    python bench/interactive_engine.py [--users 2] [--requests 12] [--lines 240] [--settings auto,3]
+
+Measures, in one run:
+- idle: `--users` interactive users, each sending `--requests` short chat requests one after the other straight to
+  the engine (p50/p99 latency of a whole request: the engine answers without streaming, `max_tokens` 16);
+- batch alone: the batch's throughput through batchyard (lines/s while it runs);
+- together: the same users while the batch runs, for each `--settings` value of batchyard's `--concurrency`
+  (`auto`: the adaptive limit; a number: a fixed one); the users' p50/p99 against idle, and the batch's throughput
+  while they were active against its throughput alone.
+Goal (issue 13): p99 <= 1.3x idle while the batch keeps >= 0.8 of its throughput alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from openai import OpenAI
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BatchyardServer
+from prefix_engine import Engine, make_file
+
+from batchyard.embedded.models import ensure_smollm2
+
+QUESTION = {
+    "model": "smollm2",
+    "max_tokens": 16,
+    "temperature": 0,
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant. Answer in one short sentence."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ],
+}
+
+
+async def users(base_url: str, n: int, requests: int) -> list[float]:
+    """Latencies of `n` users each sending `requests` requests in sequence."""
+    lat: list[float] = []
+    async with httpx.AsyncClient(timeout=600) as client:
+
+        async def user(u: int) -> None:
+            for i in range(requests):
+                body = {
+                    **QUESTION,
+                    "messages": [
+                        *QUESTION["messages"][:1],
+                        {"role": "user", "content": f"{u}/{i}: capital of France?"},
+                    ],
+                }
+                t0 = time.perf_counter()
+                r = await client.post(base_url + "/chat/completions", json=body)
+                r.raise_for_status()
+                lat.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(user(u) for u in range(n)))
+    return lat
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+class BatchRun:
+    """A batch through batchyard on `engine`, watched from a thread: completed lines over time."""
+
+    def __init__(self, engine: Engine, path: Path, work: Path, concurrency: str) -> None:
+        self.engine, self.path, self.work, self.concurrency = engine, path, work, concurrency
+        self.samples: list[tuple[float, int]] = []  # (time, completed lines)
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            args = [
+                "--upstream",
+                self.engine.base_url,
+                "--concurrency",
+                self.concurrency,
+                "--attempt-timeout",
+                "900",
+            ]
+            with tempfile.TemporaryDirectory(dir=self.work) as d, BatchyardServer(Path(d), *args) as srv:
+                client = OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=900)
+                f = client.files.create(file=self.path.open("rb"), purpose="batch")
+                b = client.batches.create(
+                    input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+                )
+                while b.status not in ("completed", "failed", "expired", "cancelled"):
+                    time.sleep(0.25)
+                    b = client.batches.retrieve(b.id)
+                    if b.request_counts is not None:
+                        self.samples.append((time.perf_counter(), b.request_counts.completed))
+                assert b.status == "completed", b
+        except BaseException as e:
+            self.error = e
+        finally:
+            self.done.set()
+
+    def rate(self, t0: float, t1: float) -> float:
+        """Lines a second completed between t0 and t1 (from the samples around them)."""
+        inside = [(t, n) for t, n in self.samples if t0 <= t <= t1]
+        if len(inside) < 2:
+            return 0.0
+        (ta, na), (tb, nb) = inside[0], inside[-1]
+        return (nb - na) / (tb - ta) if tb > ta else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--users", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=12)
+    ap.add_argument("--lines", type=int, default=240)
+    ap.add_argument("--settings", default="auto,3")
+    args = ap.parse_args()
+    model = ensure_smollm2()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        batch = work / "batch.jsonl"
+        make_file(batch, args.lines, args.lines, 60)  # no shared prefix: every line is full work
+        with Engine(model, "on") as eng:
+            idle = asyncio.run(users(eng.base_url, args.users, args.requests))
+        p50_idle, p99_idle = statistics.median(idle), pct(idle, 0.99)
+        print(
+            f"idle: users p50 {p50_idle * 1000:.0f} ms, p99 {p99_idle * 1000:.0f} ms (n={len(idle)})",
+            flush=True,
+        )
+        for setting in args.settings.split(","):
+            with Engine(model, "on") as eng:
+                run = BatchRun(eng, batch, work, setting)
+                th = threading.Thread(target=run.run, daemon=True)
+                th.start()
+                while not run.samples and not run.done.is_set():
+                    time.sleep(0.2)
+                time.sleep(8)  # let the batch reach its pace
+                t_before = time.perf_counter()
+                time.sleep(8)
+                alone = run.rate(t_before, time.perf_counter())
+                t0 = time.perf_counter()
+                lat = asyncio.run(users(eng.base_url, args.users, args.requests))
+                t1 = time.perf_counter()
+                together = run.rate(t0, t1)
+                run.done.wait(1800)
+                th.join(5)
+                if run.error is not None:
+                    raise run.error
+            p50, p99 = statistics.median(lat), pct(lat, 0.99)
+            share = together / alone if alone else float("nan")
+            print(
+                f"--concurrency {setting}: batch alone {alone:.2f} lines/s, with users {together:.2f} lines/s "
+                f"({share:.2f} of alone); users p50 {p50 * 1000:.0f} ms ({p50 / p50_idle:.2f}x idle), "
+                f"p99 {p99 * 1000:.0f} ms ({p99 / p99_idle:.2f}x idle)",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
