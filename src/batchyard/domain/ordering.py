@@ -30,10 +30,20 @@ def prefix_key(body: dict[str, Any]) -> str:
     for field in ("instructions", "input", "prompt"):
         if field in body and not isinstance(body.get(field), list | dict):
             parts.append(_text(body.get(field)))
+    return _joined(parts, _messages(body))
+
+
+def _messages(body: dict[str, Any]) -> list[Any]:
+    """The conversation: chat `messages`, or a responses `input` list."""
     messages = body.get("messages")
     if not isinstance(messages, list):
         inp = body.get("input")
         messages = inp if isinstance(inp, list) else []
+    return messages
+
+
+def _joined(parts: list[str], messages: list[Any]) -> str:
+    """`parts` and each message's role and text, bounded to KEY_CHARS."""
     size = 0
     for m in messages:
         if size > KEY_CHARS:
@@ -54,23 +64,12 @@ def group_key(body: dict[str, Any]) -> str | None:
     """What requests of one prefix group share: the model, the instructions and every message but the last (the
     system prompt and the conversation so far). None when a request has nothing before its own last message: it
     shares no context a server could cache for another line."""
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        inp = body.get("input")
-        messages = inp if isinstance(inp, list) else []
+    messages = _messages(body)
     instructions = body.get("instructions")
     if len(messages) < 2 and not isinstance(instructions, str):
         return None
     parts = [str(body.get("model", "")), instructions if isinstance(instructions, str) else ""]
-    size = 0
-    for m in messages[:-1]:
-        if size > KEY_CHARS:
-            break
-        if isinstance(m, dict):
-            piece = f"{m.get('role', '')}:{_text(m.get('content'))}\x1e"
-            parts.append(piece)
-            size += len(piece)
-    return "\x00".join(parts)[:KEY_CHARS]
+    return _joined(parts, messages[:-1])
 
 
 class _Group:
