@@ -16,10 +16,11 @@ from batchyard.config import Settings
 from batchyard.domain.models import BatchRecord, FileRecord, ShardClaim
 from batchyard.domain.states import BatchStatus
 from batchyard.domain.validation import BatchValidator
-from batchyard.errors import BlobError
+from batchyard.errors import BlobError, BlobNotFound
 from batchyard.execution.containment import QUARANTINE_AFTER, Paused
 from batchyard.execution.dispatcher import Dispatcher
 from batchyard.execution.shard_runner import MIN_BEAT_GAP, ShardRunner
+from batchyard.execution.worker import Worker
 from batchyard.store.memory import MemoryStore
 from batchyard.upstreams.base import Upstream, UpstreamResponse
 from batchyard.upstreams.router import Router
@@ -170,16 +171,24 @@ async def test_a_line_that_raises_fails_alone_and_the_shard_commits(tmp_path: Pa
     assert bad["error"]["code"] == "internal_error" and "ZeroDivisionError" in bad["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    "error",
+    [ValueError("cannot read this shard"), BlobNotFound("cannot read this shard")],
+    ids=["a-bug", "input-blob-gone"],  # a blob missing for good is a failure, not an outage to wait out
+)
 async def test_a_shard_that_keeps_failing_is_quarantined_and_its_lines_end_as_error_lines(
-    tmp_path: Path,
+    tmp_path: Path, error: Exception
 ) -> None:
     rig = Rig(tmp_path, Echo())
     await rig.batch()
     rig.blobs.fail_reads = QUARANTINE_AFTER
+    rig.blobs.read_error = error
     for i in range(QUARANTINE_AFTER):
         claim = await rig.claim(f"w{i}")
         assert claim.shard.failures == i
         assert not await rig.runner.run(claim)  # handed back, counted: the worker goes on
+        assert await rig.store.claim_shard("too-soon", 30) is None  # and not claimed again at once
+        rig.clock.t += 60
     claim = await rig.claim("w-last")
     assert claim.shard.failures == QUARANTINE_AFTER and "cannot read this shard" in (
         claim.shard.last_error or ""
@@ -291,3 +300,25 @@ async def test_a_storm_of_nudges_does_not_become_a_storm_of_heartbeats(tmp_path:
     assert 1 <= beats <= elapsed / MIN_BEAT_GAP + 2, (beats, elapsed)  # at most one per MIN_BEAT_GAP
     up.gate.set()
     assert await asyncio.wait_for(task, 5)
+
+
+async def test_after_an_outage_the_probe_stops_once_storage_takes_a_write(tmp_path: Path) -> None:
+    """A worker that met a storage outage probes before claiming; once a probe succeeds it stops probing, even when
+    there is no shard left to run (before, it probed every poll for ever)."""
+    rig = Rig(tmp_path, Echo())
+    await rig.store.open()
+    worker = Worker(rig.store, rig.blobs, rig.dispatcher.router, rig.runner.settings)
+    probes = 0
+    real = worker.blobs.probe
+
+    async def counted() -> None:
+        nonlocal probes
+        probes += 1
+        await real()
+
+    worker.blobs.probe = counted  # type: ignore[method-assign]
+    worker.runner.outage.failed(BlobError("s3 down"))
+    assert not await worker.run_shard_once()  # probes (storage is back), finds no shard
+    assert not await worker.run_shard_once()  # no probe any more
+    assert probes == 1 and worker.runner.outage.failures == 0
+    assert not [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]  # the probe left nothing

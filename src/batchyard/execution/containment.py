@@ -18,11 +18,24 @@ import logging
 import random
 import time
 
-from batchyard.errors import BlobError, StoreError
+from batchyard.errors import BlobError, BlobNotFound, StoreError
 
 # The metadata store, the blob store and the operating system (disk full, connection refused, a timeout).
 DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (StoreError, BlobError, OSError)
 QUARANTINE_AFTER = 3  # counted failures of a shard before its lines end as error lines
+
+
+def is_outage(e: BaseException) -> bool:
+    """A dependency error that waiting may cure: not a blob that is missing for good (BlobNotFound)."""
+    return isinstance(e, DEPENDENCY_ERRORS) and not isinstance(e, BlobNotFound)
+
+
+def failure_delay(failures: int) -> float:
+    """How long a shard whose attempt failed (for the `failures`-th time before this one) is not claimed: 1 s,
+    2 s, 4 s, ... up to 30 s, so that one that fails at once every time never keeps a worker busy."""
+    return float(min(30, 2**failures))
+
+
 LOG_EVERY = 30.0  # seconds between two log lines about the same ongoing outage
 
 

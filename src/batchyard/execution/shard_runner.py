@@ -19,7 +19,15 @@ from batchyard.domain.models import ShardClaim, ShardResult, Usage
 from batchyard.domain.ordering import WAIT, FileOrder, PrefixScheduler, Scheduler, prefix_order
 from batchyard.domain.states import BatchStatus
 from batchyard.domain.validation import iter_lines
-from batchyard.execution.containment import DEPENDENCY_ERRORS, QUARANTINE_AFTER, Backoff, Paused, describe
+from batchyard.execution.containment import (
+    DEPENDENCY_ERRORS,
+    QUARANTINE_AFTER,
+    Backoff,
+    Paused,
+    describe,
+    failure_delay,
+    is_outage,
+)
 from batchyard.execution.dispatcher import Dispatcher, Outcome, StopSignal
 from batchyard.store.base import Heartbeat, MetadataStore
 
@@ -137,6 +145,7 @@ class ShardRunner:
         # The storage or database is down: retried every few seconds at most (a probe first: see Worker), so that
         # work resumes soon after the outage ends.
         self.outage = Backoff("running shards", log, cap=5.0)
+        self._beats = Backoff("shard heartbeats", log)  # only for its rate-limited log
         self._nudge = asyncio.Event()  # set by `nudge`: every running shard looks at its batch at once
         self.active = 0  # shards this runner holds (claimed and not yet done), whatever they are doing
         self._suspects = 0  # of those, shards that failed before and wait to run alone (`_run_alone`)
@@ -170,11 +179,13 @@ class ShardRunner:
         except asyncio.CancelledError:
             await self._release(claim)  # shutting down: hand the shard back now rather than at lease expiry
             raise
-        except DEPENDENCY_ERRORS as e:
-            delay = self.outage.failed(e)
-            await self._release(claim, retry_in=delay)
-            raise Paused(delay, e) from e
         except Exception as e:
+            if is_outage(
+                e
+            ):  # storage or database down: hand back, not counted, and tell the loop to back off
+                delay = self.outage.failed(e)
+                await self._release(claim, retry_in=delay)
+                raise Paused(delay, e) from e
             log.exception(
                 "shard %s/%d attempt %d failed (failure %d of %d before quarantine)",
                 claim.shard.batch_id,
@@ -183,7 +194,8 @@ class ShardRunner:
                 claim.shard.failures + 1,
                 QUARANTINE_AFTER,
             )
-            await self._release(claim, failure=describe(e))
+            # Not claimable again at once: a shard that fails every time (even in quarantine) never spins.
+            await self._release(claim, retry_in=failure_delay(claim.shard.failures), failure=describe(e))
             return False
         finally:
             self.active -= 1
@@ -432,8 +444,9 @@ class ShardRunner:
             except (
                 DEPENDENCY_ERRORS
             ) as e:  # the store is down: keep working; the lease is lost if it stays down
-                log.warning("shard heartbeat failed: %s", describe(e))
+                self._beats.failed(e)  # logged once per interval, not once a second per shard
                 continue
+            self._beats.ok()
             log.debug(
                 "shard %s/%d: %d done, %d lanes, concurrency limit %d",
                 att.claim.shard.batch_id,

@@ -157,9 +157,9 @@ class Worker:
                 await self.blobs.probe()
             except DEPENDENCY_ERRORS as e:
                 raise Paused(self.runner.outage.failed(e), e) from e
-        await (
-            self.runner.solo_done.wait()
-        )  # a shard that failed before runs alone (see ShardRunner._run_alone)
+            self.runner.outage.ok()  # it is back (with nothing left to run, no probe every poll for ever)
+        # A shard that failed before runs alone (ShardRunner._run_alone): nothing new is claimed meanwhile.
+        await self.runner.solo_done.wait()
         claim = await self.store.claim_shard(self.id, self.settings.lease_seconds)
         if claim is None:
             return False
