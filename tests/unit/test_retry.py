@@ -128,3 +128,8 @@ def test_base_and_cap_are_parameters() -> None:
 def test_default_rng_is_bounded() -> None:
     for _ in range(50):
         assert 6.0 < backoff_delay(10, None) <= 8.0
+
+
+def test_backoff_after_very_many_tries_stays_at_the_cap() -> None:
+    # A loop backing off through a day-long outage counts tens of thousands of failures (2.0**20000 overflows).
+    assert backoff_delay(20_000, None, cap=5.0, rng=random.Random(1)) <= 5.0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +19,7 @@ from batchyard.errors import (
     StoreError,
     TooManyRequests,
 )
+from batchyard.throttled_log import ThrottledLog
 
 FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -38,29 +38,12 @@ def storage_down() -> JSONResponse:
 
 
 log = logging.getLogger("batchyard.api")
-LOG_EVERY = 30.0  # seconds: an outage fails every request; it is logged once per interval, with a count
+_outages = ThrottledLog(log)
 
 
-class _OutageLog:
-    """Logs a failing dependency at most once per LOG_EVERY seconds per kind, saying how many more failed."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-        self._quiet: dict[str, int] = {}
-
-    def error(self, kind: str, exc: BaseException) -> None:
-        now = time.monotonic()
-        last = self._last.get(kind)
-        if last is not None and now - last < LOG_EVERY:
-            self._quiet[kind] = self._quiet.get(kind, 0) + 1
-            return
-        more = self._quiet.pop(kind, 0)
-        suffix = f" ({more} more requests failed so since the last report)" if more else ""
-        log.error("%s: %s: %s%s", kind, type(exc).__name__, str(exc)[:300], suffix)
-        self._last[kind] = now
-
-
-outage = _OutageLog()
+def _outage(kind: str, exc: BaseException) -> None:
+    """A failing dependency, logged once per interval (an outage fails every request)."""
+    _outages.log(logging.ERROR, kind, "%s: %s: %s", kind, type(exc).__name__, str(exc)[:300])
 
 
 def envelope(
@@ -84,22 +67,22 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(BlobError)
     async def blob_error(_: Request, exc: BlobError) -> JSONResponse:
         if isinstance(exc, BlobStorageFull):
-            outage.error("blob storage full", exc)
+            _outage("blob storage full", exc)
             return storage_full()
-        outage.error("blob storage failed", exc)
+        _outage("blob storage failed", exc)
         return storage_down()
 
     @app.exception_handler(StoreError)
     async def store_error(_: Request, exc: StoreError) -> JSONResponse:
-        outage.error("metadata store failed", exc)
+        _outage("metadata store failed", exc)
         return storage_down()
 
     @app.exception_handler(OSError)
     async def os_error(_: Request, exc: OSError) -> JSONResponse:
         if exc.errno in FULL:
-            outage.error("storage full", exc)
+            _outage("storage full", exc)
             return storage_full()
-        outage.error("I/O error", exc)
+        _outage("I/O error", exc)
         return storage_down()
 
     @app.exception_handler(RequestValidationError)

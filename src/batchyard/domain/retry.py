@@ -74,5 +74,5 @@ def backoff_delay(
     if retry_after == 0:
         base /= 10
     r = (rng or random).random()
-    delay = min(base * (2.0**retries_done), cap)
+    delay = min(base * (2.0 ** min(retries_done, 60)), cap)  # no float overflow after very many tries
     return delay * (1.0 - 0.25 * r)

@@ -15,10 +15,10 @@ The worker never dies of the work it does (DESIGN.md, "Failure is contained per 
 from __future__ import annotations
 
 import logging
-import random
-import time
 
+from batchyard.domain.retry import backoff_delay
 from batchyard.errors import BlobError, BlobNotFound, StoreError
+from batchyard.throttled_log import ThrottledLog
 
 # The metadata store, the blob store and the operating system (disk full, connection refused, a timeout).
 DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (StoreError, BlobError, OSError)
@@ -36,9 +36,6 @@ def failure_delay(failures: int) -> float:
     return float(min(30, 2**failures))
 
 
-LOG_EVERY = 30.0  # seconds between two log lines about the same ongoing outage
-
-
 def describe(e: BaseException, limit: int = 500) -> str:
     """An error in one bounded line, for logs and for `last_error` (no traceback, no unbounded message)."""
     text = f"{type(e).__name__}: {e}".replace("\n", " ")
@@ -46,51 +43,30 @@ def describe(e: BaseException, limit: int = 500) -> str:
 
 
 class Backoff:
-    """Bounded exponential backoff with jitter for one loop, and its rate-limited log.
+    """Bounded exponential backoff for one loop (`retry.backoff_delay`: base, 2·base, ... up to cap, with jitter),
+    and its throttled log: `failed(e)` gives the next delay and says so at most once per interval; `ok()` ends
+    the outage (saying so once, when there was one)."""
 
-    `failed(e)` gives the next delay (base, 2·base, ... up to cap, less up to a quarter of jitter) and logs the
-    outage at most once per LOG_EVERY seconds, saying how many failures the interval held; `ok()` ends the outage
-    (logged once when there was one)."""
-
-    def __init__(
-        self,
-        what: str,
-        logger: logging.Logger,
-        *,
-        base: float = 0.5,
-        cap: float = 10.0,
-    ) -> None:
+    def __init__(self, what: str, logger: logging.Logger, *, base: float = 0.5, cap: float = 10.0) -> None:
         self.what = what
-        self.log = logger
         self.base = base
         self.cap = cap
         self.failures = 0
-        self._logged_at: float | None = None
-        self._unlogged = 0
-
-    def delay(self) -> float:
-        d = min(self.cap, self.base * (2.0 ** min(self.failures - 1, 30)))
-        return d * (1.0 - 0.25 * random.random())
+        self._log = ThrottledLog(logger)
 
     def failed(self, e: BaseException) -> float:
+        delay = backoff_delay(self.failures, None, base=self.base, cap=self.cap)
         self.failures += 1
-        delay = self.delay()
-        now = time.monotonic()
-        if self._logged_at is None or now - self._logged_at >= LOG_EVERY:
-            more = f" ({self._unlogged} more failures since the last report)" if self._unlogged else ""
-            self.log.warning("%s paused: %s; retrying in %.1f s%s", self.what, describe(e), delay, more)
-            self._logged_at = now
-            self._unlogged = 0
-        else:
-            self._unlogged += 1
+        self._log.log(
+            logging.WARNING, "paused", "%s paused: %s; retrying in %.1f s", self.what, describe(e), delay
+        )
         return delay
 
     def ok(self) -> None:
         if self.failures:
-            self.log.warning("%s resumed after %d failed tries", self.what, self.failures)
+            self._log.logger.warning("%s resumed after %d failed tries", self.what, self.failures)
         self.failures = 0
-        self._logged_at = None
-        self._unlogged = 0
+        self._log.forget("paused")
 
 
 class Paused(Exception):
