@@ -73,12 +73,11 @@ def group_key(body: dict[str, Any]) -> str | None:
 
 
 class _Group:
-    __slots__ = ("first", "lines", "warm")
+    __slots__ = ("lines", "warm")
 
     def __init__(self) -> None:
         self.lines: list[Any] = []  # in dispatch order, reversed when planning ends (pop from the end)
         self.warm = False  # its first line has come back: its prefix is in the server's cache
-        self.first: Any = None
 
 
 WAIT = object()  # `Scheduler.take`: nothing can be sent now, but lines remain (a group's first is in flight)
@@ -165,10 +164,10 @@ class PrefixScheduler:
             g = self._order[self._next_cold]
             self._next_cold += 1
             if g.lines:
-                g.first = g.lines.pop()
-                self._group_of[id(g.first)] = g
+                first = g.lines.pop()
+                self._group_of[id(first)] = g
                 self._home[lane] = g
-                return g.first
+                return first
         if self._free:
             return self._free.pop()
         open_groups = [g for g in self._order if g.lines and (g.warm or self._draining)]

@@ -14,15 +14,19 @@ def is_retryable_status(status: int) -> bool:
     return status in RETRYABLE_STATUS or status >= 500
 
 
+def _finite(value: float) -> float | None:
+    """A finite, non-negative number of seconds, or None (NaN, infinite)."""
+    return max(0.0, value) if math.isfinite(value) else None
+
+
 def _seconds(text: str, scale: float = 1.0) -> float | None:
-    """A finite, non-negative number of seconds, or None (not a number, NaN, infinite)."""
+    """A header's number of seconds (times `scale`), or None when it is not a finite number."""
     if len(text) > 32:  # a header value is the upstream's: never parse an unbounded one
         return None
     try:
-        value = float(text) * scale
+        return _finite(float(text) * scale)
     except ValueError:
         return None
-    return max(0.0, value) if math.isfinite(value) else None
 
 
 def parse_retry_after(headers: dict[str, str] | None, now: float) -> float | None:
@@ -50,7 +54,7 @@ def parse_retry_after(headers: dict[str, str] | None, now: float) -> float | Non
         parsed = email.utils.parsedate_tz(ra)
         if parsed is None:
             return None
-        return _seconds(str(float(email.utils.mktime_tz(parsed)) - now))
+        return _finite(float(email.utils.mktime_tz(parsed)) - now)
     except (ValueError, OverflowError, OSError, TypeError):
         return None
 

@@ -25,7 +25,7 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
-from batchyard.domain.wire import MAX_DEPTH, nested_deeper
+from batchyard.domain.wire import MAX_DEPTH, depth_exceeds
 
 __all__ = ["BatchValidator", "LineError", "ShardPlan", "ValidationResult", "iter_lines"]
 
@@ -370,7 +370,7 @@ class BatchValidator:
         shard_lines = self._shard_lines
         shard_bytes = self._shard_bytes
         shards = self._shards
-        max_depth = MAX_DEPTH
+        too_deep = depth_exceeds
         max_line = self._max_line_bytes
         find = buf.find
         whitespace = _WHITESPACE
@@ -412,12 +412,8 @@ class BatchValidator:
                 except decode_error:
                     problem = _INVALID_JSON
                 else:
-                    if buf.count(b"[", start, end) + buf.count(
-                        b"{", start, end
-                    ) > max_depth and nested_deeper(obj, max_depth):
-                        problem = _TOO_DEEP  # would break re-serialization and recursive code downstream
-                    else:
-                        problem = check(obj, line_no)
+                    # too deep for re-serialization and recursive code downstream, or the first rule it breaks
+                    problem = _TOO_DEEP if too_deep(buf, start, end, obj) else check(obj, line_no)
             if problem is not None:
                 error_count += 1
                 if len(errors) < max_errors:

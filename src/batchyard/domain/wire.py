@@ -46,10 +46,10 @@ def dumps(obj: Any) -> bytes:
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
-def depth_exceeds(raw: bytes, obj: Any, limit: int = MAX_DEPTH) -> bool:
-    """True when the parsed JSON `obj` (from `raw`) nests arrays/objects more than `limit` levels deep."""
-    if raw.count(b"[") + raw.count(b"{") <= limit:
-        return False  # each level opens a bracket: too few of them for that depth
+def depth_exceeds(buf: bytes, start: int, end: int, obj: Any, limit: int = MAX_DEPTH) -> bool:
+    """True when `obj`, parsed from `buf[start:end]`, nests arrays/objects more than `limit` levels deep."""
+    if buf.count(b"[", start, end) + buf.count(b"{", start, end) <= limit:
+        return False  # each level opens a bracket: too few of them for that depth (two C scans, no walk)
     return nested_deeper(obj, limit)
 
 

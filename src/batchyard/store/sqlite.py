@@ -101,9 +101,7 @@ def _statements(sql: str) -> list[str]:
             if pending.strip():
                 out.append(pending.strip())
             pending = ""
-    if pending.strip() and not all(
-        ln.strip().startswith("--") or not ln.strip() for ln in pending.splitlines()
-    ):
+    if pending.strip():  # a last statement without its `;` (a trailing comment alone executes as nothing)
         out.append(pending.strip())
     return out
 
