@@ -30,6 +30,8 @@ TRANSITIONS: dict[BatchStatus, frozenset[BatchStatus]] = {
 }
 
 TERMINAL: frozenset[BatchStatus] = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
+# Batches not final yet: they may still read their input file and own part blobs.
+UNFINISHED: frozenset[BatchStatus] = frozenset(TRANSITIONS) - TERMINAL
 
 # The timestamp field each state stamps when entered.
 STAMP: dict[BatchStatus, str] = {

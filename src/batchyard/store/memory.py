@@ -26,14 +26,13 @@ from batchyard.domain.models import (
     Usage,
     WebhookEvent,
 )
-from batchyard.domain.states import TERMINAL, BatchStatus, check_transition
+from batchyard.domain.states import TERMINAL, UNFINISHED, BatchStatus, check_transition
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
 from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, OwnerUsage, Page
 
 S = BatchStatus
-_LIVE = frozenset({S.VALIDATING, S.IN_PROGRESS, S.FINALIZING, S.CANCELLING})
 _CLAIMABLE = frozenset({S.IN_PROGRESS, S.CANCELLING})
 
 
@@ -240,7 +239,9 @@ class MemoryStore(MetadataStore):
         if f is None or f.deleted or f.rec.owner != owner:
             return None
         f.deleted = True
-        live = any(b.rec.input_file_id == file_id and b.rec.status in _LIVE for b in self._s.batches.values())
+        live = any(
+            b.rec.input_file_id == file_id and b.rec.status in UNFINISHED for b in self._s.batches.values()
+        )
         return replace(f.rec), not live
 
     async def expired_files(self, limit: int) -> list[FileRecord]:
@@ -548,7 +549,7 @@ class MemoryStore(MetadataStore):
 
     # blob lifecycle (sweeper)
     async def removable_deleted_files(self, limit: int) -> list[FileRecord]:
-        read = {b.rec.input_file_id for b in self._s.batches.values() if b.rec.status in _LIVE}
+        read = {b.rec.input_file_id for b in self._s.batches.values() if b.rec.status in UNFINISHED}
         hits = [
             f for f in self._s.files.values() if f.deleted and not f.blob_removed and f.rec.id not in read
         ]
@@ -570,4 +571,6 @@ class MemoryStore(MetadataStore):
         return {k for k in keys if k in files or k in parts}
 
     async def batches_done_with(self, batch_ids: Sequence[str]) -> set[str]:
-        return {i for i in batch_ids if (b := self._s.batches.get(i)) is None or b.rec.status not in _LIVE}
+        return {
+            i for i in batch_ids if (b := self._s.batches.get(i)) is None or b.rec.status not in UNFINISHED
+        }

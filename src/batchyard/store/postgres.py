@@ -42,7 +42,7 @@ from batchyard.domain.models import (
     Usage,
     WebhookEvent,
 )
-from batchyard.domain.states import TERMINAL, BatchStatus, check_transition
+from batchyard.domain.states import TERMINAL, UNFINISHED, BatchStatus, check_transition
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
@@ -96,7 +96,7 @@ _BATCH_SELECT = (
     "COALESCE(SUM(s.reasoning_tokens), 0)::bigint AS sum_reasoning "
     "FROM shards s WHERE s.batch_id = b.id) c"
 )
-_LIVE = [S.VALIDATING, S.IN_PROGRESS, S.FINALIZING, S.CANCELLING]
+_UNFINISHED = sorted(str(s) for s in UNFINISHED)  # a text[] parameter
 
 
 def _now(param: str) -> str:
@@ -346,7 +346,7 @@ class PostgresStore(MetadataStore):
             live = await conn.fetchval(
                 "SELECT 1 FROM batches WHERE input_file_id = $1 AND status = ANY($2::text[]) LIMIT 1",
                 file_id,
-                [str(s) for s in _LIVE],
+                _UNFINISHED,
             )
             return file_from_row(row), live is None
 
@@ -787,7 +787,7 @@ class PostgresStore(MetadataStore):
                 f"SELECT {FILE_COLS} FROM files f WHERE deleted AND NOT blob_removed AND NOT EXISTS "
                 "(SELECT 1 FROM batches b WHERE b.input_file_id = f.id AND b.status = ANY($1::text[])) "
                 "ORDER BY seq LIMIT $2",
-                [str(s) for s in _LIVE],
+                _UNFINISHED,
                 limit,
             )
         return [file_from_row(r) for r in rows]
@@ -811,6 +811,6 @@ class PostgresStore(MetadataStore):
             rows = await conn.fetch(
                 "SELECT id FROM batches WHERE id = ANY($1::text[]) AND status = ANY($2::text[])",
                 list(batch_ids),
-                [str(s) for s in _LIVE],
+                _UNFINISHED,
             )
         return set(batch_ids) - {str(r[0]) for r in rows}

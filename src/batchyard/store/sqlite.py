@@ -37,7 +37,7 @@ from batchyard.domain.models import (
     Usage,
     WebhookEvent,
 )
-from batchyard.domain.states import TERMINAL, BatchStatus, check_transition
+from batchyard.domain.states import TERMINAL, UNFINISHED, BatchStatus, check_transition
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
@@ -73,6 +73,8 @@ _SHARD_COLS = (
     "batch_id, idx, start_off, end_off, first_line, line_count, status, attempt, completed, failed, "
     "input_tokens, cached_tokens, output_tokens, reasoning_tokens, out_key, err_key, failures, last_error"
 )
+_UNFINISHED = tuple(sorted(str(s) for s in UNFINISHED))
+_UNFINISHED_MARKS = ",".join("?" * len(_UNFINISHED))
 _COUNTS = (
     "SELECT COALESCE(SUM(completed),0), COALESCE(SUM(failed),0), COALESCE(SUM(input_tokens),0), "
     "COALESCE(SUM(cached_tokens),0), COALESCE(SUM(output_tokens),0), COALESCE(SUM(reasoning_tokens),0) "
@@ -298,8 +300,8 @@ class SQLiteStore(MetadataStore):
                     return None
                 db.execute("UPDATE files SET deleted = 1 WHERE id = ?", (file_id,))
                 live = db.execute(
-                    "SELECT 1 FROM batches WHERE input_file_id = ? AND status IN (?,?,?,?) LIMIT 1",
-                    (file_id, S.VALIDATING, S.IN_PROGRESS, S.FINALIZING, S.CANCELLING),
+                    f"SELECT 1 FROM batches WHERE input_file_id = ? AND status IN ({_UNFINISHED_MARKS}) LIMIT 1",
+                    (file_id, *_UNFINISHED),
                 ).fetchone()
                 return file_from_row(row), live is None
 
@@ -788,9 +790,9 @@ class SQLiteStore(MetadataStore):
         def q(db: sqlite3.Connection) -> list[FileRecord]:
             rows = db.execute(
                 f"SELECT {FILE_COLS} FROM files f WHERE deleted = 1 AND blob_removed = 0 AND NOT EXISTS "
-                "(SELECT 1 FROM batches b WHERE b.input_file_id = f.id AND b.status IN (?,?,?,?)) "
+                f"(SELECT 1 FROM batches b WHERE b.input_file_id = f.id AND b.status IN ({_UNFINISHED_MARKS})) "
                 "ORDER BY seq LIMIT ?",
-                (S.VALIDATING, S.IN_PROGRESS, S.FINALIZING, S.CANCELLING, limit),
+                (*_UNFINISHED, limit),
             ).fetchall()
             return [file_from_row(r) for r in rows]
 
@@ -826,8 +828,8 @@ class SQLiteStore(MetadataStore):
             for i in range(0, len(batch_ids), 500):
                 chunk = list(batch_ids[i : i + 500])
                 rows = db.execute(
-                    f"SELECT id FROM batches WHERE id IN ({','.join('?' * len(chunk))}) AND status IN (?,?,?,?)",
-                    (*chunk, S.VALIDATING, S.IN_PROGRESS, S.FINALIZING, S.CANCELLING),
+                    f"SELECT id FROM batches WHERE id IN ({','.join('?' * len(chunk))}) AND status IN ({_UNFINISHED_MARKS})",
+                    (*chunk, *_UNFINISHED),
                 ).fetchall()
                 live.update(r[0] for r in rows)
             return set(batch_ids) - live
