@@ -1129,6 +1129,13 @@ async def test_listen_pushes_cancels_and_new_work_to_other_processes(
         await worker.close()
 
 
+async def test_a_job_on_a_deleted_input_file_has_no_input_file(store: MetadataStore) -> None:
+    f, b = await new_batch(store)
+    assert await store.delete_file(ALICE, f.id) is not None
+    job = await store.claim_validation("v", LEASE)
+    assert job is not None and job.batch.id == b.id and job.input_file is None  # validation fails the batch
+
+
 # -- webhooks ---------------------------------------------------------------------------------------------------
 
 

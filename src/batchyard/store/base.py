@@ -37,7 +37,7 @@ class BatchJob:
     """A batch leased to one worker for a batch-level job (validation or finalization)."""
 
     batch: BatchRecord
-    input_file: FileRecord | None
+    input_file: FileRecord | None  # None when unknown or deleted
     db_now: float
 
 

@@ -332,8 +332,11 @@ class MemoryStore(MetadataStore):
         if b is None:
             return None
         b.job_owner, b.job_lease_until = worker, now + lease_s
-        f = self._s.files.get(b.rec.input_file_id)  # deleted or not
-        return BatchJob(self._batch_out(b), None if f is None else replace(f.rec), now)
+        f = self._s.files.get(b.rec.input_file_id)
+        gone = (
+            f is None or f.deleted
+        )  # a deleted file does not exist (its blob may live on for older batches)
+        return BatchJob(self._batch_out(b), None if gone else replace(f.rec), now)
 
     def _all_done(self, b: _Batch) -> bool:
         return all(sh.rec.status == "done" for sh in self._s.shards.get(b.rec.id, {}).values())

@@ -493,7 +493,9 @@ class PostgresStore(MetadataStore):
             )
             batch = await self._get_batch(conn, picked["id"])
             assert batch is not None
-            frow = await conn.fetchrow(f"SELECT {FILE_COLS} FROM files WHERE id = $1", batch.input_file_id)
+            frow = await conn.fetchrow(
+                f"SELECT {FILE_COLS} FROM files WHERE id = $1 AND NOT deleted", batch.input_file_id
+            )
             return BatchJob(batch, None if frow is None else file_from_row(frow), now)
 
     async def claim_validation(self, worker: str, lease_s: float) -> BatchJob | None:

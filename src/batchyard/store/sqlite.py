@@ -464,7 +464,7 @@ class SQLiteStore(MetadataStore):
             )
             batch = self._batch(db, row)
             frow = db.execute(
-                f"SELECT {FILE_COLS} FROM files WHERE id = ?", (batch.input_file_id,)
+                f"SELECT {FILE_COLS} FROM files WHERE id = ? AND deleted = 0", (batch.input_file_id,)
             ).fetchone()
             return BatchJob(batch, None if frow is None else file_from_row(frow), now)
 
