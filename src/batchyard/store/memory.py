@@ -333,10 +333,9 @@ class MemoryStore(MetadataStore):
             return None
         b.job_owner, b.job_lease_until = worker, now + lease_s
         f = self._s.files.get(b.rec.input_file_id)
-        gone = (
-            f is None or f.deleted
-        )  # a deleted file does not exist (its blob may live on for older batches)
-        return BatchJob(self._batch_out(b), None if gone else replace(f.rec), now)
+        # a deleted file does not exist (its blob may live on for older batches)
+        file = replace(f.rec) if f is not None and not f.deleted else None
+        return BatchJob(self._batch_out(b), file, now)
 
     def _all_done(self, b: _Batch) -> bool:
         return all(sh.rec.status == "done" for sh in self._s.shards.get(b.rec.id, {}).values())
