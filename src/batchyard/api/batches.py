@@ -10,7 +10,6 @@ from batchyard import ids
 from batchyard.api.deps import (
     bad_cursor,
     expires_after,
-    is_id,
     json_body,
     list_body,
     query_int,
@@ -42,7 +41,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
         owner = owner_of(request)
         body = await json_body(request)
         input_file_id = required_str(body, "input_file_id")
-        if not is_id("file", input_file_id):
+        if not ids.has_shape("file", input_file_id):
             raise InvalidRequest(
                 f"Invalid 'input_file_id': {shown(input_file_id)!r} is not a file id.",
                 param="input_file_id",
@@ -99,7 +98,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     @r.get("/v1/batches/{batch_id}")
     async def retrieve(request: Request, batch_id: str) -> JSONResponse:
         owner = owner_of(request)
-        b = await svc.store.get_batch(owner, batch_id) if is_id("batch", batch_id) else None
+        b = await svc.store.get_batch(owner, batch_id) if ids.has_shape("batch", batch_id) else None
         if b is None:
             raise no_such_batch(batch_id)
         return JSONResponse(b.to_wire())
@@ -107,7 +106,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     @r.post("/v1/batches/{batch_id}/cancel")
     async def cancel(request: Request, batch_id: str) -> JSONResponse:
         owner = owner_of(request)
-        b = await svc.store.request_cancel(owner, batch_id) if is_id("batch", batch_id) else None
+        b = await svc.store.request_cancel(owner, batch_id) if ids.has_shape("batch", batch_id) else None
         if b is None:
             raise no_such_batch(batch_id)
         if b.status in (

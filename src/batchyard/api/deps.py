@@ -50,12 +50,6 @@ def shown(value: str, most: int = ids.MAX_ID_CHARS) -> str:
     return text.encode("unicode_escape").decode("ascii") if limits.has_control(text) else text
 
 
-def is_id(kind: str, value: str) -> bool:
-    """Whether an id from a path or a body has the shape of a `kind` id; an id of any other shape names nothing
-    (the routes answer it as they answer an unknown id, without asking the store)."""
-    return ids.has_shape(kind, value)
-
-
 def bad_cursor(request: Request, kind: str) -> bool:
     """Whether the `after` cursor of a listing cannot be an id of `kind`: it names no object, so the page after it
     is empty, as after an unknown id (the route answers without asking the store)."""

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from batchyard import ids
-from batchyard.api.deps import bad_cursor, is_id, list_body, query_choice, query_int, receiving, shown
+from batchyard.api.deps import bad_cursor, list_body, query_choice, query_int, receiving, shown
 from batchyard.api.multipart import ParsedForm, parse_upload
 from batchyard.api.quotas import Quotas
 from batchyard.api.responses import JSONResponse
@@ -192,7 +192,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
 
     async def _get(request: Request, file_id: str) -> FileRecord:
         owner = owner_of(request)
-        f = await svc.store.get_file(owner, file_id) if is_id("file", file_id) else None
+        f = await svc.store.get_file(owner, file_id) if ids.has_shape("file", file_id) else None
         if f is None:
             raise _no_such_file(file_id)
         return f
@@ -222,7 +222,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     @r.delete("/v1/files/{file_id}")
     async def delete(request: Request, file_id: str) -> JSONResponse:
         owner = owner_of(request)
-        res = await svc.store.delete_file(owner, file_id) if is_id("file", file_id) else None
+        res = await svc.store.delete_file(owner, file_id) if ids.has_shape("file", file_id) else None
         if res is None:
             raise _no_such_file(file_id)
         rec, removable = res

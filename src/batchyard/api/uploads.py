@@ -14,7 +14,7 @@ from collections.abc import Callable
 from fastapi import APIRouter, Request
 
 from batchyard import ids
-from batchyard.api.deps import bounded_str, expires_after, is_id, json_body, receiving, shown
+from batchyard.api.deps import bounded_str, expires_after, json_body, receiving, shown
 from batchyard.api.multipart import PartTooLarge, parse_upload
 from batchyard.api.quotas import Quotas
 from batchyard.api.responses import JSONResponse
@@ -43,7 +43,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
 
     async def pending(request: Request, upload_id: str, doing: str) -> tuple[UploadRecord, float]:
         owner = owner_of(request)
-        upload = await svc.store.get_upload(owner, upload_id) if is_id("upload", upload_id) else None
+        upload = await svc.store.get_upload(owner, upload_id) if ids.has_shape("upload", upload_id) else None
         if upload is None:
             raise NotFound(
                 f"No upload found with id '{shown(upload_id)}'.", param="upload_id", code="not_found"
