@@ -94,12 +94,13 @@ def lines(n: int) -> bytes:
 
 
 class Rig:
-    def __init__(self, tmp: Path, upstream: Echo, n: int = 10) -> None:
+    def __init__(self, tmp: Path, upstream: Echo, n: int = 10, shard_lines: int | None = None) -> None:
         self.clock = Clock()
         self.store = MemoryStore(clock=self.clock)
         self.blobs = FaultyBlobs(tmp / "blobs")
         self.upstream = upstream
         self.n = n
+        self.shard_lines = shard_lines or n
         settings = Settings(data_dir=tmp, lease_seconds=30.0, shard_lines=n, cancel_grace=0.5)
         self.dispatcher = Dispatcher(
             Router([(None, upstream)]), concurrency=4, attempt_timeout=5.0, max_retries=0
@@ -137,7 +138,7 @@ class Rig:
             expires_at=now + 86400,
         )
         await self.store.insert_batch(b)
-        v = BatchValidator(CHAT, lambda m: True, shard_lines=self.n)
+        v = BatchValidator(CHAT, lambda m: True, shard_lines=self.shard_lines)
         v.feed(data)
         res = v.finish()
         assert res.ok
@@ -253,25 +254,25 @@ async def test_a_shard_that_failed_before_runs_alone(tmp_path: Path) -> None:
     is never blamed for another shard's next crash."""
     up = Echo()
     up.gate = asyncio.Event()
-    rig = Rig(tmp_path, up)
+    rig = Rig(tmp_path, up, n=10, shard_lines=5)  # two shards: r0-r4 and r5-r9
     await rig.batch()
-    first = await rig.claim("w0")
-    await rig.store.release_shard(first, failure="the worker process running it died")
-    suspect = await rig.claim("w1")
-    assert suspect.shard.failures == 1
-    rig.runner.active += 1  # another shard is running in this process (as far as the runner can tell)
-    alone = asyncio.create_task(rig.runner.run(suspect))
-    await asyncio.sleep(0.3)
-    assert up.sent == [] and not rig.runner.solo_done.is_set()  # it waits; the worker claims nothing new
-    rig.runner.active -= 1
-    rig.runner._idle.set()  # that shard ended
+    normal = asyncio.create_task(rig.runner.run(await rig.claim("w0")))  # shard 0 runs, held at the upstream
     for _ in range(100):
-        if up.sent:
+        if len(up.sent) >= 4:
             break
         await asyncio.sleep(0.01)
-    assert up.sent  # now it runs, alone
-    up.gate.set()
-    assert await asyncio.wait_for(alone, 5)
+    counted = await rig.claim("w1")  # shard 1: as if a worker had died running it
+    await rig.store.release_shard(counted, failure="the worker process running it died")
+    suspect = await rig.claim("w1")
+    assert suspect.shard.failures == 1
+    alone = asyncio.create_task(rig.runner.run(suspect))
+    await asyncio.sleep(0.3)
+    sent = {r["messages"][0]["content"] for r in up.sent}
+    assert all(int(c.split()[1]) < 5 for c in sent)  # it waits: none of shard 1's lines was sent
+    assert not rig.runner.solo_done.is_set()  # and the worker claims nothing new meanwhile
+    up.gate.set()  # shard 0 finishes; then shard 1 runs, alone
+    assert await asyncio.wait_for(normal, 5) and await asyncio.wait_for(alone, 5)
+    assert {int(r["messages"][0]["content"].split()[1]) for r in up.sent} == set(range(10))
     assert rig.runner.solo_done.is_set()
 
 
