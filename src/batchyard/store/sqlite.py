@@ -8,8 +8,8 @@ Durability: WAL with `synchronous=FULL`, so every commit (a shard's fenced commi
 on disk when the call returns. With NORMAL, WAL commits survive a process crash but the last ones may be lost on a
 power loss or kernel crash: a batch answered `completed` (and its webhook event) could come back `in_progress`, and
 a file row could vanish while its blob (fsynced by the blob store) stays. FULL costs one fsync of the WAL per commit;
-measured on a shard commit loop (claim + complete, 300 shards, /tmp/syncb/sync_bench.py): 290 -> 250 commits/s
-(~0.5 ms more per commit) on this VM's disk. A shard holds hundreds to thousands of lines, so at ~18,000 lines/s
+measured on a shard commit loop (`python bench/sqlite_sync.py --dir <the disk>`: claim + complete, 300 shards):
+281/294 -> 248/252 commits/s (~0.5 ms more per commit) on this VM's disk, 2026-12-01. A shard holds hundreds to thousands of lines, so at ~18,000 lines/s
 that is well under 1 % of the worker's time.
 """
 
