@@ -59,6 +59,7 @@ def test_no_line_leaves_after_the_cancel_is_answered(
     sent = slow.stats()["total"]
     # In-flight lines finish; none starts after the answer (a few ms between the answer and the worker
     # seeing the wake-up may let one lane start one line, not more).
+    print(f"\n--workers {workers}: {sent - sent_at_cancel} lines left after the cancel was answered")
     assert sent - sent_at_cancel <= 2, (sent_at_cancel, sent)
     # The in-flight lines take DELAY; `cancelled` follows within a couple of seconds.
     assert t_done - t_answered < DELAY + 3.0
@@ -118,6 +119,7 @@ def test_a_cancel_reaches_a_worker_on_another_machine(
         done = wait_for(client, batch_id, timeout=30)
         assert done.status == "cancelled"
         late = slow.stats()["total"] - sent_at_cancel
+        print(f"\nAPI replica + worker on {store}: {late} lines left after the cancel was answered")
         assert late <= (2 if store == "postgres" else 16 * 6), late
         out = read_lines(client, done.output_file_id)
         errs = read_lines(client, done.error_file_id)
