@@ -121,5 +121,5 @@ def test_status_values_are_the_wire_strings() -> None:
 def test_unfinished_is_every_status_but_the_terminal_ones() -> None:
     from batchyard.domain.states import UNFINISHED
 
-    assert UNFINISHED == {S.VALIDATING, S.IN_PROGRESS, S.FINALIZING, S.CANCELLING}
+    assert {S.VALIDATING, S.IN_PROGRESS, S.FINALIZING, S.CANCELLING} == UNFINISHED
     assert not UNFINISHED & TERMINAL
