@@ -35,12 +35,12 @@ from common import BatchyardServer, free_port
 from batchyard.embedded.models import ensure_smollm2
 
 SLOTS = 4
-ENGINE = """
+ENGINE = f"""
 import sys, time, xllamacpp
 p = xllamacpp.CommonParams()
 p.model.path = sys.argv[1]
-p.n_parallel = {slots}
-p.n_ctx = {slots} * 2048
+p.n_parallel = {SLOTS}
+p.n_ctx = {SLOTS} * 2048
 if sys.argv[3] == "off":
     p.cache_ram_mib = 0
 p.cpuparams.n_threads = 2
@@ -51,13 +51,53 @@ p.verbosity = 0
 server = xllamacpp.Server(p)
 print("ready", flush=True)
 time.sleep(1e9)
-""".format(slots=SLOTS)
+"""
 
-WORDS = (
-    "river mountain quiet engine answer carefully history science bright window garden story market simple "
-    "winter summer number letter friend travel ocean forest music paper light shadow country city village "
-    "question problem reason method result system process value change order pattern signal record detail"
-).split()
+WORDS = [
+    "river",
+    "mountain",
+    "quiet",
+    "engine",
+    "answer",
+    "carefully",
+    "history",
+    "science",
+    "bright",
+    "window",
+    "garden",
+    "story",
+    "market",
+    "simple",
+    "winter",
+    "summer",
+    "number",
+    "letter",
+    "friend",
+    "travel",
+    "ocean",
+    "forest",
+    "music",
+    "paper",
+    "light",
+    "shadow",
+    "country",
+    "city",
+    "village",
+    "question",
+    "problem",
+    "reason",
+    "method",
+    "result",
+    "system",
+    "process",
+    "value",
+    "change",
+    "order",
+    "pattern",
+    "signal",
+    "record",
+    "detail",
+]
 
 
 @dataclass
@@ -138,8 +178,7 @@ def usage_of(body: dict[str, Any]) -> tuple[int, int]:
     return int(u.get("prompt_tokens", 0)), int(cached or 0)
 
 
-async def drive_direct(base_url: str, path: Path) -> tuple[int, int]:
-    lines = [json.loads(x) for x in path.read_text().splitlines()]
+async def drive_direct(base_url: str, lines: list[dict[str, Any]]) -> tuple[int, int]:
     todo = iter(lines)
     totals = [0, 0]
     async with httpx.AsyncClient(timeout=600) as client:
@@ -159,7 +198,7 @@ async def drive_direct(base_url: str, path: Path) -> tuple[int, int]:
 def direct(model: Path, cache: str, path: Path) -> Run:
     with Engine(model, cache) as eng:
         t0 = time.perf_counter()
-        p, c = asyncio.run(drive_direct(eng.base_url, path))
+        p, c = asyncio.run(drive_direct(eng.base_url, [json.loads(x) for x in path.read_text().splitlines()]))
         return Run("direct, file order", time.perf_counter() - t0, p, c)
 
 
@@ -208,7 +247,9 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=8)
     ap.add_argument("--prompt-words", type=int, default=450)  # ~600 tokens with the system prompt's frame
     ap.add_argument("--cache", default="on,off")
-    ap.add_argument("--random", type=int, default=48, help="lines of the file with no shared prefix (0: skip)")
+    ap.add_argument(
+        "--random", type=int, default=48, help="lines of the file with no shared prefix (0: skip)"
+    )
     ap.add_argument("--only", default="direct,off,on")
     args = ap.parse_args()
     model = ensure_smollm2()
@@ -226,7 +267,8 @@ def main() -> None:
             if "on" in which:
                 runs.append(through_batchyard(model, cache, shared, True, work))
             show(
-                f"{args.lines} lines over {args.groups} shared system prompts, engine RAM prompt cache {cache}", runs
+                f"{args.lines} lines over {args.groups} shared system prompts, engine RAM prompt cache {cache}",
+                runs,
             )
         if args.random:
             rand = work / "random.jsonl"
