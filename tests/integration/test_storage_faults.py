@@ -221,7 +221,8 @@ def test_disk_full_pauses_the_batch_until_there_is_room_again(
     assert done.status == "completed", log_excerpt(server)
     assert accounted(client, done, reqs)[1] == []  # no error lines
     # While the disk was full the worker probed it before claiming again: the lines of the shards that met the
-    # outage were sent once (and once more after it), not once per retry (160 sends of 60 lines in 8 s before).
+    # outage were sent once (and once more after it), not once per retry (a diagnostic run before the probe saw
+    # 160 sends of these 60 lines in 8 s).
     assert sent_while_full <= len(reqs), sent_while_full
     assert sorted(p.name for p in tmpfs_dir.rglob("*.tmp")) == []  # nothing half-written left behind
     assert_serving(server)
