@@ -134,7 +134,8 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 
 
 class BatchyardServer:
-    def __init__(self, workdir: Path, *args: str) -> None:
+    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.env = env  # None: this process's environment
         self.port = free_port()
         self.data = workdir / "batchyard-data"
         self.args = args
@@ -163,6 +164,7 @@ class BatchyardServer:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=self.env,
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

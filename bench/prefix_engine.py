@@ -2,6 +2,7 @@
 engine uses) serving SmolLM2-135M on this machine's CPU, a fresh engine for every run.
 
     python bench/prefix_engine.py [--lines 160] [--groups 8] [--prompt-words 450] [--cache on,off] [--random 48]
+                                  [--shard-lines N] [--baseline-src DIR]
 
 Runs, for each RAM prompt-cache setting of the engine (`cache_ram_mib` default = on, 0 = off):
 - direct: the engine driven by a minimal client in file order, as many requests in flight as it has slots;
@@ -10,6 +11,11 @@ Runs, for each RAM prompt-cache setting of the engine (`cache_ram_mib` default =
 on a chat file whose lines share `--groups` system prompts of ~600 tokens (lines shuffled, `max_tokens` 16), and
 (with the cache on) a file of `--random` lines with no shared prefix. Prints wall seconds, the ratios to file order in
 the same run, and the share of prompt tokens the engine answered from its cache (`usage`).
+
+`--shard-lines N` cuts the file into shards of N lines (batchyard's default is 1,000: a 160-line file is one shard),
+which is how a large file meets prefix ordering: each shard holds some lines of every prompt. `--baseline-src DIR`
+adds a run of batchyard from another source tree (`PYTHONPATH=DIR`, e.g. an export of an earlier commit) with its
+prefix ordering, for a before/after in one run.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import subprocess
 import sys
@@ -202,11 +209,22 @@ def direct(model: Path, cache: str, path: Path) -> Run:
         return Run("direct, file order", time.perf_counter() - t0, p, c)
 
 
-def through_batchyard(model: Path, cache: str, path: Path, ordering: bool, work: Path) -> Run:
+def through_batchyard(
+    model: Path,
+    cache: str,
+    path: Path,
+    ordering: bool,
+    work: Path,
+    shard_lines: int | None = None,
+    src: str | None = None,
+) -> Run:
     flag = "--prefix-ordering" if ordering else "--no-prefix-ordering"
+    env = None if src is None else {**os.environ, "PYTHONPATH": src}
     with Engine(model, cache) as eng, tempfile.TemporaryDirectory(dir=work) as d:
         args = ["--upstream", eng.base_url, "--concurrency", str(SLOTS), flag, "--attempt-timeout", "900"]
-        with BatchyardServer(Path(d), *args) as srv:
+        if shard_lines:
+            args += ["--shard-lines", str(shard_lines)]
+        with BatchyardServer(Path(d), *args, env=env) as srv:
             client = OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=900)
             t0 = time.perf_counter()
             f = client.files.create(file=path.open("rb"), purpose="batch")
@@ -227,6 +245,8 @@ def through_batchyard(model: Path, cache: str, path: Path, ordering: bool, work:
         p, c, ok = p + pp, c + cc, ok + 1
     assert b.request_counts is not None and b.request_counts.failed == 0, b.request_counts
     name = "batchyard, prefix ordering" if ordering else "batchyard, --no-prefix-ordering"
+    if src is not None:
+        name += f" ({Path(src).parent.name})"
     return Run(name, took, p, c)
 
 
@@ -251,7 +271,12 @@ def main() -> None:
         "--random", type=int, default=48, help="lines of the file with no shared prefix (0: skip)"
     )
     ap.add_argument("--only", default="direct,off,on")
+    ap.add_argument("--shard-lines", type=int, default=None)
+    ap.add_argument(
+        "--baseline-src", default=None, help="another source tree to run as well (its src/ folder)"
+    )
     args = ap.parse_args()
+    sl = args.shard_lines
     model = ensure_smollm2()
     which = args.only.split(",")
     with tempfile.TemporaryDirectory() as tmp:
@@ -263,17 +288,20 @@ def main() -> None:
             if "direct" in which:
                 runs.append(direct(model, cache, shared))
             if "off" in which:
-                runs.append(through_batchyard(model, cache, shared, False, work))
+                runs.append(through_batchyard(model, cache, shared, False, work, sl))
+            if args.baseline_src:
+                runs.append(through_batchyard(model, cache, shared, True, work, sl, args.baseline_src))
             if "on" in which:
-                runs.append(through_batchyard(model, cache, shared, True, work))
+                runs.append(through_batchyard(model, cache, shared, True, work, sl))
+            shards = f", shards of {sl} lines" if sl else ""
             show(
-                f"{args.lines} lines over {args.groups} shared system prompts, engine RAM prompt cache {cache}",
+                f"{args.lines} lines over {args.groups} shared system prompts{shards}, engine RAM prompt cache {cache}",
                 runs,
             )
         if args.random:
             rand = work / "random.jsonl"
             make_file(rand, args.random, args.random, args.prompt_words // 3)
-            runs = [direct(model, "on", rand), through_batchyard(model, "on", rand, True, work)]
+            runs = [direct(model, "on", rand), through_batchyard(model, "on", rand, True, work, sl)]
             show(f"{args.random} lines, no shared prefix, RAM prompt cache on", runs)
 
 

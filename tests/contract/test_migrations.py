@@ -33,6 +33,7 @@ TYPES = {
     "bool": ("INTEGER", "boolean"),
     "float": ("REAL", "double precision"),
     "json": ("TEXT", "json"),
+    "bytes": ("BLOB", "bytea"),
 }
 # Logical default -> (SQLite, PostgreSQL), as each reports it.
 DEFAULTS = {"zero": ("0", "0"), "false": ("0", "false"), "pending": ("'pending'", "'pending'::text")}
@@ -109,6 +110,7 @@ COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
         ("failures", "int", NOT_NULL, "zero"),
         ("last_error", "text", NULL, None),
         ("retry_at", "float", NULL, None),
+        ("spans", "bytes", NULL, None),
     ],
     "uploads": [
         ("seq", "serial", NOT_NULL, None),

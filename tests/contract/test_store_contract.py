@@ -22,8 +22,8 @@ from batchyard.domain.models import (
     UploadRecord,
     Usage,
 )
+from batchyard.domain.planning import ShardPlan, Span
 from batchyard.domain.states import BatchStatus, IllegalTransition
-from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.store.base import BatchJob, MetadataStore
 from batchyard.store.sqlite import SQLiteStore, migrations
@@ -725,6 +725,21 @@ async def test_concurrent_claims_never_share_a_shard(
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_a_shard_planned_from_spans_is_claimed_with_its_spans(store: MetadataStore) -> None:
+    _, b = await new_batch(store)
+    assert await store.claim_validation("v", LEASE) is not None
+    spans = (Span(900, 1000, 40), Span(10, 20, 2), Span(2**40, 2**40 + 7, 2**33))
+    plan = [
+        ShardPlan(0, 10, 2**40 + 7, 2, 3, spans),
+        ShardPlan(1, 0, 500, 1, 5),
+    ]
+    assert await store.plan_batch(b.id, "v", plan, 8, "m")
+    got = {c.shard.index: c.shard for c in [await claim(store, "w1"), await claim(store, "w2")]}
+    assert got[0].spans == spans and got[0].ranges() == spans
+    assert got[1].spans == () and got[1].ranges() == (Span(0, 500, 1),)
+    assert (got[0].start, got[0].end, got[0].first_line, got[0].line_count) == (10, 2**40 + 7, 2, 3)
 
 
 async def test_unplanned_batch_has_no_shards_to_claim(store: MetadataStore) -> None:

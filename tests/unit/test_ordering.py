@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchyard.domain.ordering import WAIT, PrefixScheduler, group_key, prefix_key, prefix_order
+from batchyard.domain.ordering import WAIT, Prefixes, PrefixScheduler, group_key, prefix_key, prefix_order
 
 
 def chat(cid: str, system: str, user: str, model: str = "m") -> dict[str, Any]:
@@ -124,3 +124,51 @@ def test_group_key_is_the_shared_context() -> None:
     assert group_key(chat("3", "other", "q1")["body"]) != group_key(a)
     assert group_key({"model": "m", "messages": [{"role": "user", "content": "q"}]}) is None
     assert group_key({"model": "m", "input": "x", "instructions": "be brief"}) is not None
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_two_shards_of_one_group_prefill_it_once() -> None:
+    shared = Prefixes()
+    a, b = PrefixScheduler(grouped(1, 4), shared), PrefixScheduler(grouped(1, 4), shared)
+    first = a.take(0)
+    assert isinstance(first, dict)
+    assert b.take(0) is WAIT  # shard b's copy of the group waits for shard a's first line
+    assert a.done(0, first)  # it came back (the runner wakes every shard's lanes)
+    got = [b.take(lane) for lane in range(4)]  # now all of b's lines go, none of them alone
+    assert all(isinstance(r, dict) for r in got) and b.take(0) is None
+    assert isinstance(PrefixScheduler(grouped(1, 2), shared).take(0), dict)  # a later shard starts warm
+    c = PrefixScheduler(grouped(1, 2), shared)
+    c.take(0)
+    assert isinstance(c.take(1), dict)  # warm: no line of it is held back
+
+
+def test_a_first_line_given_up_by_its_shard_is_sent_by_another() -> None:
+    shared = Prefixes()
+    a, b = PrefixScheduler(grouped(1, 3), shared), PrefixScheduler(grouped(1, 3), shared)
+    assert isinstance(a.take(0), dict)
+    assert b.take(0) is WAIT
+    a.close()  # shard a's attempt ended (lost lease, stop) with its first line in flight
+    first = b.take(0)
+    assert isinstance(first, dict) and b.take(1) is WAIT  # b starts the group itself, first line alone
+    assert b.done(0, first) and isinstance(b.take(1), dict)
+
+
+def test_a_stalled_prefill_and_an_old_warm_entry_stop_counting() -> None:
+    clock = FakeClock()
+    shared = Prefixes(ttl=10.0, stale=5.0, clock=clock)
+    a, b = PrefixScheduler(grouped(1, 3), shared), PrefixScheduler(grouped(1, 3), shared)
+    first = a.take(0)
+    assert b.take(0) is WAIT
+    clock.now = 6.0  # shard a stalled past `stale`: b does not wait for it any more
+    assert isinstance(b.take(0), dict) and b.take(1) is WAIT
+    a.done(0, first)
+    clock.now = 17.0  # warm entries expire after `ttl`: a new shard's first line goes alone again
+    c = PrefixScheduler(grouped(1, 3), shared)
+    assert isinstance(c.take(0), dict) and c.take(1) is WAIT

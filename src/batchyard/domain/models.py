@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchyard.domain.planning import Span
 from batchyard.domain.states import BatchStatus
 
 
@@ -202,6 +203,13 @@ class ShardRecord:
     err_key: str | None = None
     failures: int = 0  # attempts that failed for a reason other than a lost lease (quarantined at a limit)
     last_error: str | None = None  # what the last failed attempt died of
+    spans: tuple[
+        Span, ...
+    ] = ()  # a shard planned from spans of the file (domain/planning.py); () = start..end
+
+    def ranges(self) -> tuple[Span, ...]:
+        """The byte spans of the input file to read, in order."""
+        return self.spans or (Span(self.start, self.end, self.first_line),)
 
 
 @dataclass(slots=True)

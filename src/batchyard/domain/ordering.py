@@ -8,6 +8,9 @@ is stable, so requests with equal keys keep their file order.
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol
 
 KEY_CHARS = 4096
@@ -73,11 +76,61 @@ def group_key(body: dict[str, Any]) -> str | None:
 
 
 class _Group:
-    __slots__ = ("lines", "warm")
+    __slots__ = ("key", "lines", "warm")
 
-    def __init__(self) -> None:
+    def __init__(self, key: int) -> None:
+        self.key = key  # hash of its group_key
         self.lines: list[Any] = []  # in dispatch order, reversed when planning ends (pop from the end)
         self.warm = False  # its first line has come back: its prefix is in the server's cache
+
+
+class Prefixes:
+    """The prefix groups a worker process's shards are prefilling or have prefilled, shared by their schedulers.
+
+    A group's lines can sit in several shards that run at the same time (a large group fills several shards); only
+    one of them sends the group's first line, the others wait for it to come back. Warm entries are forgotten after
+    `ttl` seconds (an engine's cache moves on) or beyond `size` entries; a prefill in flight after `stale` seconds
+    (its shard stalled or died without saying so) no longer holds anyone back. Keys are hashes of `group_key`."""
+
+    def __init__(
+        self,
+        size: int = 4096,
+        ttl: float = 600.0,
+        stale: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._size, self._ttl, self._stale, self._clock = size, ttl, stale, clock
+        self._warm: OrderedDict[int, float] = OrderedDict()  # key -> when it came back
+        self._warming: dict[int, float] = {}  # key -> when its first line left
+
+    def state(self, key: int) -> str:
+        """ "warm", "warming" or "cold"."""
+        now = self._clock()
+        since = self._warm.get(key)
+        if since is not None:
+            if now - since <= self._ttl:
+                return "warm"
+            del self._warm[key]
+        started = self._warming.get(key)
+        if started is not None:
+            if now - started <= self._stale:
+                return "warming"
+            del self._warming[key]
+        return "cold"
+
+    def start(self, key: int) -> None:
+        self._warming[key] = self._clock()
+
+    def warmed(self, key: int) -> None:
+        self._warming.pop(key, None)
+        self._warm[key] = self._clock()
+        self._warm.move_to_end(key)
+        while len(self._warm) > self._size:
+            self._warm.popitem(last=False)
+
+    def abandon(self, key: int) -> None:
+        """A first line in flight will not come back (its attempt ended): the group is cold again."""
+        self._warming.pop(key, None)
 
 
 WAIT = object()  # `Scheduler.take`: nothing can be sent now, but lines remain (a group's first is in flight)
@@ -90,6 +143,7 @@ class Scheduler(Protocol):
     def done(self, lane: int, req: Any) -> bool: ...
     def leave(self, lane: int) -> None: ...
     def drain(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class FileOrder:
@@ -110,6 +164,9 @@ class FileOrder:
     def drain(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 class PrefixScheduler:
     """Which line a lane sends next, so that a server's prefix cache is filled once per group and then reused.
@@ -122,22 +179,26 @@ class PrefixScheduler:
     - only when no group is left to start does a lane join another warm group (the one with most lines left), and
       only when every remaining line waits on a first line in flight does a lane wait (`WAIT`);
     - lines that share nothing (`group_key` None) are sent in order whenever a lane has nothing better.
-    `drain()` lifts the holds (the batch stopped: remaining lines are not sent, only recorded). Pure: no I/O, no
-    clock; the shard runner calls it from its lanes."""
+    - with a shared `Prefixes`, a group another shard of the process has prefilled starts warm, and one whose first
+      line another shard has in flight waits for it (`done` there opens it here; the caller wakes the lanes).
+    `drain()` lifts the holds (the batch stopped: remaining lines are not sent, only recorded); `close()` gives
+    back the first lines still in flight. No I/O; the shard runner calls it from its lanes."""
 
-    def __init__(self, requests: list[dict[str, Any]]) -> None:
-        groups: dict[str, _Group] = {}
+    def __init__(self, requests: list[dict[str, Any]], shared: Prefixes | None = None) -> None:
+        self._shared = shared if shared is not None else Prefixes(size=0)
+        groups: dict[int, _Group] = {}
         self._order: list[_Group] = []
         self._free: list[Any] = []
         for req in requests:
             body = req.get("body")
-            key = group_key(body) if isinstance(body, dict) else None
-            if key is None:
+            text = group_key(body) if isinstance(body, dict) else None
+            if text is None:
                 self._free.append(req)
                 continue
+            key = hash(text)
             g = groups.get(key)
             if g is None:
-                g = groups[key] = _Group()
+                g = groups[key] = _Group(key)
                 self._order.append(g)
             g.lines.append(req)
         for g in self._order:
@@ -148,6 +209,7 @@ class PrefixScheduler:
             g.lines.reverse()
         self._free.reverse()
         self._next_cold = 0
+        self._elsewhere: list[_Group] = []  # groups whose first line another shard has in flight
         self._home: dict[int, _Group] = {}
         self._group_of: dict[int, _Group] = {}  # id(first line) -> its group, until it is done
         self._draining = False
@@ -160,10 +222,23 @@ class PrefixScheduler:
         home = self._home.get(lane)
         if home is not None and home.lines and (home.warm or self._draining):
             return home.lines.pop()
+        if self._elsewhere:
+            self._opened_elsewhere()
         while self._next_cold < len(self._order):  # start the next group: its first line goes alone
             g = self._order[self._next_cold]
             self._next_cold += 1
+            if not g.lines:
+                continue
+            state = self._shared.state(g.key)
+            if state == "warm":  # prefilled by another shard: no line of it is held back
+                g.warm = True
+                self._home[lane] = g
+                return g.lines.pop()
+            if state == "warming" and not self._draining:
+                self._elsewhere.append(g)
+                continue
             if g.lines:
+                self._shared.start(g.key)
                 first = g.lines.pop()
                 self._group_of[id(first)] = g
                 self._home[lane] = g
@@ -175,7 +250,7 @@ class PrefixScheduler:
             g = max(open_groups, key=lambda x: len(x.lines))
             self._home[lane] = g
             return g.lines.pop()
-        if any(g.lines for g in self._order):
+        if self._elsewhere or any(g.lines for g in self._order):
             return WAIT
         return None
 
@@ -185,7 +260,28 @@ class PrefixScheduler:
         if g is None:
             return False
         g.warm = True
-        return bool(g.lines)
+        self._shared.warmed(g.key)
+        return True  # lanes of other shards may wait for this group too
+
+    def _opened_elsewhere(self) -> None:
+        """Groups whose first line another shard had in flight: open now if it came back, cold again (started
+        here) if that shard gave it up."""
+        still = []
+        for g in self._elsewhere:
+            state = self._shared.state(g.key)
+            if state == "warm" or self._draining:
+                g.warm = True
+            elif state == "cold":
+                self._order.append(g)  # started by the cold loop, first line alone
+            else:
+                still.append(g)
+        self._elsewhere = still
+
+    def close(self) -> None:
+        """The attempt ended: first lines still in flight will not come back from here."""
+        for g in self._group_of.values():
+            self._shared.abandon(g.key)
+        self._group_of.clear()
 
     def leave(self, lane: int) -> None:
         """A lane retired: its home is free for others."""

@@ -25,6 +25,8 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
+from batchyard.domain.ordering import group_key
+from batchyard.domain.planning import PrefixPlanner, ShardPlan
 from batchyard.domain.wire import MAX_DEPTH, depth_exceeds
 
 __all__ = ["BatchValidator", "LineError", "ShardPlan", "ValidationResult", "iter_lines"]
@@ -36,15 +38,6 @@ class LineError:
     message: str
     line: int | None
     param: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class ShardPlan:
-    index: int  # 0-based
-    start: int  # byte offset of first byte of the shard's first line
-    end: int  # byte offset just past the shard's last line (including its newline)
-    first_line: int  # 1-based line number of its first line
-    line_count: int  # number of request lines in the shard (blank lines are skipped and not counted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +165,7 @@ class BatchValidator:
         shard_lines: int = 1000,
         shard_bytes: int = 16 * 1024 * 1024,
         max_line_bytes: int = MAX_LINE_BYTES,
+        prefix_planning: bool = False,
     ) -> None:
         if max_lines < 1:
             raise ValueError("max_lines must be at least 1")
@@ -229,6 +223,8 @@ class BatchValidator:
         self._stopped = False  # a file-level limit was hit: the rest is only counted in bytes
         self._result: ValidationResult | None = None
         self._head: bytes | None = b""  # the first bytes, until they are known not to be a split BOM
+        # lines that share a prompt prefix land in the same shards across the whole file (domain/planning.py)
+        self._planner = PrefixPlanner(shard_lines, shard_bytes) if prefix_planning else None
 
     def feed(self, chunk: bytes) -> None:
         if self._result is not None:
@@ -286,6 +282,8 @@ class BatchValidator:
             if self._shards and self._shards[-1].end > self._bytes:
                 s = self._shards[-1]
                 self._shards[-1] = ShardPlan(s.index, s.start, self._bytes, s.first_line, s.line_count)
+            if self._planner is not None:
+                self._planner.clamp(self._bytes)
         if self._shard_count and not self._stopped:
             shard = ShardPlan(
                 len(self._shards), self._shard_start, self._last_end, self._shard_first, self._shard_count
@@ -328,13 +326,20 @@ class BatchValidator:
             errors=errors,
             error_count=error_count,
             total_lines=self._total,
-            shards=self._shards if ok else [],
+            shards=self._planned() if ok else [],
             model=self._model,
         )
         self._id_h1 = self._id_h2 = self._id_line = array("q")
         self._id_valid = array("B")
         self._routable = {}
         return self._result
+
+    def _planned(self) -> list[ShardPlan]:
+        if self._planner is None:
+            return self._shards
+        shards = self._planner.plan(self._shards)
+        self._planner = None  # its arrays are no longer needed
+        return shards
 
     def _duplicate_lines(self) -> Any:
         """Line numbers (sorted) of otherwise valid lines whose custom_id an earlier line already used."""
@@ -383,6 +388,7 @@ class BatchValidator:
         shard_first = self._shard_first
         shard_count = self._shard_count
         last_end = self._last_end
+        planner = self._planner
         problem: _Problem | None
         while pos < stop:
             end = find(b"\n", pos)
@@ -414,6 +420,10 @@ class BatchValidator:
                 else:
                     # too deep for re-serialization and recursive code downstream, or the first rule it breaks
                     problem = _TOO_DEEP if too_deep(buf, start, end, obj) else check(obj, line_no)
+                    if problem is None and planner is not None:
+                        key = group_key(obj["body"])
+                        if key is not None:
+                            planner.add(hash(key), base + start, base + pos, line_no, total - 1)
             if problem is not None:
                 error_count += 1
                 if len(errors) < max_errors:

@@ -76,6 +76,7 @@ async def validate(
         max_bytes=settings.max_batch_file_bytes,
         shard_lines=settings.shard_lines,
         shard_bytes=settings.shard_bytes,
+        prefix_planning=settings.prefix_ordering,
     )
     async with keep_job_lease(store, batch.id, worker, settings.lease_seconds):
         try:

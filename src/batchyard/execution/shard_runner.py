@@ -16,9 +16,8 @@ from batchyard.blobs.base import BlobStore, BlobWriter
 from batchyard.config import Settings
 from batchyard.domain import lines, wire
 from batchyard.domain.models import ShardClaim, ShardResult, Usage
-from batchyard.domain.ordering import WAIT, FileOrder, PrefixScheduler, Scheduler, prefix_order
+from batchyard.domain.ordering import WAIT, FileOrder, Prefixes, PrefixScheduler, Scheduler, prefix_order
 from batchyard.domain.states import BatchStatus
-from batchyard.domain.validation import iter_lines
 from batchyard.execution.containment import (
     DEPENDENCY_ERRORS,
     QUARANTINE_AFTER,
@@ -29,6 +28,7 @@ from batchyard.execution.containment import (
     is_outage,
 )
 from batchyard.execution.dispatcher import Dispatcher, Outcome, StopSignal
+from batchyard.execution.shard_input import read_lines
 from batchyard.store.base import Heartbeat, MetadataStore
 
 PROGRESS_INTERVAL = 1.0  # a running shard publishes its progress and reads its batch's status this often
@@ -153,6 +153,13 @@ class ShardRunner:
         self.solo_done.set()
         self._idle = asyncio.Event()  # set when a shard ends (a suspect may be waiting for that)
         self._lane_ids = itertools.count()
+        # prefix groups this process's shards prefill: a group in several running shards is prefilled once
+        self.prefixes = Prefixes()
+        self._attempts: set[_Attempt] = set()  # running attempts, woken when a group opens in any of them
+
+    def _wake_all(self) -> None:
+        for a in self._attempts:
+            a.notify()
 
     def nudge(self) -> None:
         """Make every running shard heartbeat now (a batch was cancelled here: stop its lines at once)."""
@@ -237,9 +244,9 @@ class ShardRunner:
 
     async def _open(self, claim: ShardClaim) -> tuple[_Attempt, list[dict[str, Any]]]:
         shard = claim.shard
-        data = await self.blobs.read_range(claim.input_blob_key, shard.start, shard.end)
-        requests = [parse_line(raw, n) for n, raw in iter_lines(data, shard.first_line)]
-        del data
+        lines = await read_lines(self.blobs, claim.input_blob_key, shard.ranges())
+        requests = [parse_line(raw, n) for n, raw in lines]
+        del lines
         out = await self.blobs.open_writer(part_key(claim, "out"))
         try:
             err = await self.blobs.open_writer(part_key(claim, "err"))
@@ -258,12 +265,18 @@ class ShardRunner:
             sched: Scheduler = FileOrder(requests)
             if self.settings.prefix_ordering:
                 try:
-                    sched = PrefixScheduler(prefix_order(requests))
+                    sched = PrefixScheduler(prefix_order(requests), self.prefixes)
                 except Exception:  # an ordering is an optimisation: never a reason to fail the lines
                     log.exception(
                         "prefix ordering failed for shard %s/%d", claim.shard.batch_id, claim.shard.index
                     )
-            await self._execute(att, sched)
+            self._attempts.add(att)
+            try:
+                await self._execute(att, sched)
+            finally:
+                self._attempts.discard(att)
+                sched.close()
+                self._wake_all()  # a group whose first line this attempt gave up is cold again elsewhere
             if att.lost:
                 await att.abort()
                 log.warning(
@@ -376,12 +389,14 @@ class ShardRunner:
                 if req is None:
                     return
                 if req is WAIT:  # every line left waits on a group's first line in flight
-                    await att.changed()
+                    # (woken when it comes back; a look every second in case another shard's stalled)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(att.changed(), 1.0)
                     continue
                 att.untaken -= 1
                 await att.record(await self._outcome(att, req))
                 if sched.done(lane, req):
-                    att.notify()  # a group's prefix is cached now: lanes waiting for it go on
+                    self._wake_all()  # a group's prefix is cached now: lanes waiting for it go on
                 done += 1
                 if done % 8 and att.lanes > 1:
                     continue  # the fair share changes slowly: look at it every 8 lines (at once for a lone lane)

@@ -371,7 +371,9 @@ class MemoryStore(MetadataStore):
         if b.rec.status == S.VALIDATING:
             self._transition(b, S.IN_PROGRESS)
         added = {
-            p.index: _Shard(ShardRecord(batch_id, p.index, p.start, p.end, p.first_line, p.line_count))
+            p.index: _Shard(
+                ShardRecord(batch_id, p.index, p.start, p.end, p.first_line, p.line_count, spans=p.spans)
+            )
             for p in shards
         }
         self._s.shards[batch_id] = {**mine, **added}

@@ -42,8 +42,8 @@ from batchyard.domain.models import (
     Usage,
     WebhookEvent,
 )
+from batchyard.domain.planning import ShardPlan, pack_spans
 from batchyard.domain.states import TERMINAL, UNFINISHED, BatchStatus, check_transition
-from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
 from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, OwnerUsage, Page
@@ -79,7 +79,7 @@ _BATCH_COLS = (
 )
 _SHARD_COLS = (
     "batch_id, idx, start_off, end_off, first_line, line_count, status, attempt, completed, failed, "
-    "input_tokens, cached_tokens, output_tokens, reasoning_tokens, out_key, err_key, failures, last_error"
+    "input_tokens, cached_tokens, output_tokens, reasoning_tokens, out_key, err_key, failures, last_error, spans"
 )
 
 
@@ -536,14 +536,16 @@ class PostgresStore(MetadataStore):
                 return False
             # One statement whatever the number of shards (a 100M-line batch has ~100k).
             await conn.execute(
-                "INSERT INTO shards (batch_id, idx, start_off, end_off, first_line, line_count) "
-                "SELECT $1, * FROM unnest($2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[])",
+                "INSERT INTO shards (batch_id, idx, start_off, end_off, first_line, line_count, spans) "
+                "SELECT $1, * FROM unnest($2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[], "
+                "$7::bytea[])",
                 batch_id,
                 [p.index for p in shards],
                 [p.start for p in shards],
                 [p.end for p in shards],
                 [p.first_line for p in shards],
                 [p.line_count for p in shards],
+                [pack_spans(p.spans) for p in shards],
             )
             await conn.execute(
                 "UPDATE batches SET planned = TRUE, total = $1, model = $2, job_owner = NULL, "

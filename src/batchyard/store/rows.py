@@ -17,6 +17,7 @@ from batchyard.domain.models import (
     Usage,
     WebhookEvent,
 )
+from batchyard.domain.planning import unpack_spans
 from batchyard.domain.states import BatchStatus
 
 Row = Any  # sqlite3.Row or asyncpg.Record
@@ -96,6 +97,7 @@ def shard_from_row(row: Row) -> ShardRecord:
         err_key=row["err_key"],
         failures=row["failures"],
         last_error=row["last_error"],
+        spans=unpack_spans(row["spans"]),
     )
 
 

@@ -37,8 +37,8 @@ from batchyard.domain.models import (
     Usage,
     WebhookEvent,
 )
+from batchyard.domain.planning import ShardPlan, pack_spans
 from batchyard.domain.states import TERMINAL, UNFINISHED, BatchStatus, check_transition
-from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
 from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, OwnerUsage, Page
@@ -71,7 +71,7 @@ _BATCH_COLS = (
 )
 _SHARD_COLS = (
     "batch_id, idx, start_off, end_off, first_line, line_count, status, attempt, completed, failed, "
-    "input_tokens, cached_tokens, output_tokens, reasoning_tokens, out_key, err_key, failures, last_error"
+    "input_tokens, cached_tokens, output_tokens, reasoning_tokens, out_key, err_key, failures, last_error, spans"
 )
 _UNFINISHED = tuple(sorted(str(s) for s in UNFINISHED))
 _UNFINISHED_MARKS = ",".join("?" * len(_UNFINISHED))
@@ -504,9 +504,12 @@ class SQLiteStore(MetadataStore):
                 if b is None or b.status not in (S.VALIDATING, S.CANCELLING):
                     return False
                 db.executemany(
-                    "INSERT INTO shards (batch_id, idx, start_off, end_off, first_line, line_count) "
-                    "VALUES (?,?,?,?,?,?)",
-                    [(batch_id, p.index, p.start, p.end, p.first_line, p.line_count) for p in shards],
+                    "INSERT INTO shards (batch_id, idx, start_off, end_off, first_line, line_count, spans) "
+                    "VALUES (?,?,?,?,?,?,?)",
+                    [
+                        (batch_id, p.index, p.start, p.end, p.first_line, p.line_count, pack_spans(p.spans))
+                        for p in shards
+                    ],
                 )
                 db.execute(
                     "UPDATE batches SET planned = 1, total = ?, model = ?, job_owner = NULL, job_lease_until = NULL "

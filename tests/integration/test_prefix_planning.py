@@ -1,0 +1,91 @@
+"""Lines that share a system prompt, spread over a file of many shards, are planned into the same shards (issue 13
+section 1), and every line is still answered once, with its own answer."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from batchyard.domain.planning import Span, unpack_spans
+from batchyard.domain.validation import iter_lines
+from tests.conftest import Server
+from tests.support.batches import jsonl, read_lines, run_batch
+from tests.support.fake_upstream import FakeUpstream, build_response
+
+SYSTEMS = [f"You are assistant {k}. " + "Answer briefly. " * 30 for k in range(4)]
+
+
+def grouped_lines(n: int, seed: int = 5) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        messages = [
+            {"role": "system", "content": SYSTEMS[rng.randrange(4)]},
+            {"role": "user", "content": f"q{i}"},
+        ]
+        out.append(
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "test-model", "messages": messages},
+            }
+        )
+    return out
+
+
+def prompts_per_shard(srv: Server, batch_id: str, data: bytes) -> list[int]:
+    """How many system prompts each of the batch's shards holds, read from the server's database and its spans
+    (white box: which lines a worker reads for a shard)."""
+    with contextlib.closing(sqlite3.connect(srv.data_dir / "batchyard.sqlite3")) as db:
+        rows = db.execute(
+            "SELECT start_off, end_off, first_line, spans FROM shards WHERE batch_id = ? ORDER BY idx",
+            (batch_id,),
+        ).fetchall()
+    out = []
+    for start, end, first, spans in rows:
+        ranges = unpack_spans(spans) or (Span(start, end, first),)
+        lines = [raw for r in ranges for _, raw in iter_lines(data[r.start : r.end], r.first_line)]
+        out.append(len({json.loads(raw)["body"]["messages"][0]["content"] for raw in lines}))
+    return out
+
+
+@pytest.mark.parametrize("ordering", ["--prefix-ordering", "--no-prefix-ordering"])
+def test_a_prompts_lines_run_together_across_the_file(
+    make_server: Callable[..., Server], upstream: FakeUpstream, ordering: str
+) -> None:
+    # 120 lines over 4 prompts, shards of 10: each contiguous shard mixes all four prompts
+    srv = make_server(
+        "--upstream",
+        upstream.base_url,
+        "--shard-lines",
+        "10",
+        "--concurrency",
+        "1",
+        "--workers",
+        "1",
+        ordering,
+    )
+    client = srv.client()
+    reqs = grouped_lines(120)
+    b = run_batch(client, reqs)
+    assert b.status == "completed", b.errors
+    assert b.request_counts is not None and (b.request_counts.completed, b.request_counts.failed) == (120, 0)
+    out = read_lines(client, b.output_file_id)
+    assert sorted(x["custom_id"] for x in out) == sorted(r["custom_id"] for r in reqs)
+    by_id = {r["custom_id"]: r["body"] for r in reqs}
+    for line in out:
+        assert line["response"]["body"] == build_response("/v1/chat/completions", by_id[line["custom_id"]])
+    per_shard = prompts_per_shard(srv, b.id, jsonl(reqs))
+    assert len(per_shard) == 12
+    if ordering == "--prefix-ordering":
+        # gathered: one prompt a shard, two where one prompt's lines end and the next one's begin
+        assert sum(per_shard) <= len(per_shard) + 3 and max(per_shard) == 2
+    else:
+        assert min(per_shard) >= 3  # file order: every shard of 10 lines mixes three or four prompts
