@@ -323,6 +323,27 @@ def assert_same_schema(got: dict[str, Any], want: dict[str, Any]) -> None:
 # -- tests ----------------------------------------------------------------------------------------------------
 
 
+def test_sqlite_migration_statements_split_where_sqlite_says_a_statement_ends() -> None:
+    """A `;` inside a string literal, a comment or a trigger body does not end a statement."""
+    script = (
+        "CREATE TABLE t (a TEXT DEFAULT 'x;y'); -- a comment; with a semicolon\n"
+        "CREATE TRIGGER t_ins AFTER INSERT ON t BEGIN\n"
+        "  UPDATE t SET a = a || ';' WHERE rowid = NEW.rowid;\n"
+        "  SELECT 1;\n"
+        "END;\n"
+        "/* a block comment; */ INSERT INTO t (a) VALUES ('p;q');\n"
+        "INSERT INTO t DEFAULT VALUES"
+    )
+    stmts = sqlite_store._statements(script)
+    assert len(stmts) == 4
+    assert stmts[1].startswith("CREATE TRIGGER") and stmts[1].endswith("END;")
+    assert stmts[3] == "INSERT INTO t DEFAULT VALUES"  # the last one needs no `;`
+    db = sqlite3.connect(":memory:")
+    for stmt in stmts:
+        db.execute(stmt)
+    assert sorted(r[0] for r in db.execute("SELECT a FROM t")) == ["p;q;", "x;y;"]
+
+
 def test_both_backends_have_the_same_numbered_migrations() -> None:
     sq, pg = all_versions("sqlite"), all_versions("postgres")
     assert sq == pg

@@ -23,7 +23,7 @@ from batchyard.domain.models import (
     Usage,
 )
 from batchyard.domain.planning import ShardPlan, Span
-from batchyard.domain.states import BatchStatus, IllegalTransition
+from batchyard.domain.states import VALIDATABLE, BatchStatus, IllegalTransition, ShardStatus, UploadStatus
 from batchyard.errors import StoreError
 from batchyard.store.base import BatchJob, MetadataStore
 from batchyard.store.sqlite import SQLiteStore, migrations
@@ -327,6 +327,18 @@ async def test_cancelling_an_upload(store: MetadataStore) -> None:
     got = await store.get_upload(ALICE, u.id)
     assert got is not None and (got.status, got.file_id) == ("cancelled", None)
     assert await store.finish_upload(ALICE, u.id, "completed", file_rec()) is False
+
+
+@pytest.mark.parametrize("status", ["pending", "bogus"])
+async def test_an_upload_ends_only_in_a_final_status(store: MetadataStore, status: str) -> None:
+    """The domain decides which statuses end an upload; the store refuses any other and changes nothing."""
+    u = upload_rec()
+    await store.insert_upload(u)
+    with pytest.raises(IllegalTransition):
+        await store.finish_upload(ALICE, u.id, status, file_rec())
+    got = await store.get_upload(ALICE, u.id)
+    assert got is not None and (got.status, got.file_id) == (UploadStatus.PENDING, None)
+    assert (await store.list_files(ALICE, purpose=None, limit=100, order="asc", after=None)).items == []
 
 
 async def test_list_files_owner_isolation_and_order(store: MetadataStore) -> None:
@@ -648,6 +660,29 @@ async def test_claim_validation_of_a_batch_cancelled_before_it_was_validated(sto
     assert job is not None
     assert job.batch.id == b.id
     assert job.batch.status == S.CANCELLING
+
+
+@pytest.mark.parametrize("status", list(BatchStatus), ids=str)
+async def test_claim_validation_only_of_batches_in_a_validatable_state(
+    store: MetadataStore, status: BatchStatus
+) -> None:
+    f = file_rec()
+    await store.insert_file(f)
+    b = batch_rec(f.id, status=status)
+    await store.insert_batch(b)
+    job = await store.claim_validation("w1", LEASE)
+    if status in VALIDATABLE:
+        assert job is not None and (job.batch.id, job.batch.status) == (b.id, status)
+    else:
+        assert job is None
+
+
+async def test_plan_then_fail_is_refused(store: MetadataStore) -> None:
+    """Validation ends once: after the plan, a late failure report (the job lease is gone) changes nothing."""
+    b = await planned_batch(store, shards=1)
+    assert not await store.fail_batch(b.id, "validator", [{"code": "x", "message": "y"}])
+    got = await store.get_batch(ALICE, b.id)
+    assert got is not None and (got.status, got.failed_at, got.errors) == (S.IN_PROGRESS, None, None)
 
 
 async def test_fail_batch(store: MetadataStore, clock: Clock) -> None:
@@ -1209,6 +1244,24 @@ async def test_a_failed_delivery_is_due_again_later_and_a_lost_lease_is_taken_ov
     assert await store.settle_webhook_event(ev.id, "d2", "abandoned", None, "gave up")
     clock.t += 3600
     assert await store.claim_webhook_events("d3", LEASE, 10, 0) == []
+
+
+@pytest.mark.parametrize("status", ["bogus", "completed"])
+async def test_a_webhook_event_settles_only_in_a_webhook_status(store: MetadataStore, status: str) -> None:
+    await finished(store)
+    (ev,) = await store.claim_webhook_events("d1", LEASE, 10, 0)
+    with pytest.raises(IllegalTransition):
+        await store.settle_webhook_event(ev.id, "d1", status, None, None)
+    assert await store.settle_webhook_event(ev.id, "d1", "delivered", None, None)  # still pending, still d1's
+
+
+async def test_shard_statuses_read_back_as_the_enum(store: MetadataStore) -> None:
+    b = await planned_batch(store, shards=2)
+    c = await claim(store, "w1")
+    assert c.shard.status is ShardStatus.RUNNING
+    assert await store.complete_shard(c, result(10, 0, tag="0"), 0)
+    (done,) = await store.done_shards(b.id)
+    assert done.status == ShardStatus.DONE and isinstance(done.status, ShardStatus)
 
 
 async def test_webhook_event_types_and_the_since_filter(store: MetadataStore, clock: Clock) -> None:

@@ -8,13 +8,29 @@ import pytest
 
 from batchyard.domain.states import (
     ACTIVE,
+    CANCELLABLE,
+    FINALIZABLE,
+    ON_STEP,
+    SHARD_TRANSITIONS,
     STAMP,
     TERMINAL,
     TRANSITIONS,
+    UPLOAD_TRANSITIONS,
+    VALIDATABLE,
+    WEBHOOK_TRANSITIONS,
     BatchStatus,
     IllegalTransition,
+    ShardStatus,
+    Step,
+    UploadStatus,
+    WebhookStatus,
+    check_shard,
     check_transition,
+    finished_upload,
+    on,
+    settled_webhook,
     sources_of,
+    webhook_type,
 )
 
 S = BatchStatus
@@ -123,3 +139,96 @@ def test_unfinished_is_every_status_but_the_terminal_ones() -> None:
 
     assert {S.VALIDATING, S.IN_PROGRESS, S.FINALIZING, S.CANCELLING} == UNFINISHED
     assert not UNFINISHED & TERMINAL
+
+
+# What each step does from each state, written out by hand (None: the step does not apply).
+STEPS = {
+    Step.CANCEL: {S.VALIDATING: S.CANCELLING, S.IN_PROGRESS: S.CANCELLING},
+    Step.PLANNED: {S.VALIDATING: S.IN_PROGRESS, S.CANCELLING: S.CANCELLING},
+    Step.INVALID: {S.VALIDATING: S.FAILED, S.CANCELLING: S.CANCELLED},
+    Step.FINALIZE: {S.IN_PROGRESS: S.FINALIZING, S.CANCELLING: S.CANCELLING, S.FINALIZING: S.FINALIZING},
+}
+
+
+@pytest.mark.parametrize(("step", "status"), list(itertools.product(Step, BatchStatus)), ids=str)
+def test_each_step_from_each_state(step: Step, status: BatchStatus) -> None:
+    assert on(step, status) == STEPS[step].get(status)
+
+
+def test_every_move_of_a_step_is_a_legal_transition() -> None:
+    for moves in ON_STEP.values():
+        for src, dst in moves.items():
+            assert dst == src or dst in TRANSITIONS[src]
+            assert src not in TERMINAL  # nothing happens to a final batch
+
+
+def test_a_cancel_applies_where_cancelling_can_be_entered() -> None:
+    assert frozenset({S.VALIDATING, S.IN_PROGRESS}) == CANCELLABLE == sources_of(S.CANCELLING)
+    assert set(ON_STEP[Step.CANCEL]) == CANCELLABLE
+
+
+def test_a_batch_that_fails_validation_while_cancelling_ends_cancelled() -> None:
+    assert on(Step.INVALID, S.CANCELLING) == S.CANCELLED
+    assert on(Step.INVALID, S.VALIDATING) == S.FAILED
+
+
+def test_validation_and_finalization_jobs_are_claimed_where_their_steps_apply() -> None:
+    assert frozenset({S.VALIDATING, S.CANCELLING}) == VALIDATABLE == frozenset(ON_STEP[Step.INVALID])
+    assert frozenset({S.IN_PROGRESS, S.CANCELLING, S.FINALIZING}) == FINALIZABLE
+    assert ACTIVE <= FINALIZABLE
+
+
+@pytest.mark.parametrize("status", sorted(TERMINAL), ids=str)
+def test_webhook_type_of_each_final_status(status: BatchStatus) -> None:
+    assert webhook_type(status) == f"batch.{status}"
+
+
+@pytest.mark.parametrize("status", sorted(set(BatchStatus) - TERMINAL), ids=str)
+def test_no_webhook_before_a_final_status(status: BatchStatus) -> None:
+    with pytest.raises(ValueError):
+        webhook_type(status)
+
+
+def test_the_other_statuses_are_the_stored_strings() -> None:
+    assert [str(s) for s in ShardStatus] == ["pending", "running", "done"]
+    assert [str(s) for s in UploadStatus] == ["pending", "completed", "cancelled", "expired"]
+    assert [str(s) for s in WebhookStatus] == ["pending", "delivered", "abandoned"]
+
+
+SHARD_LEGAL = {("pending", "running"), ("running", "running"), ("running", "pending"), ("running", "done")}
+
+
+def test_the_shard_lifecycle() -> None:
+    assert set(SHARD_TRANSITIONS) == set(ShardStatus)
+    for src, dst in itertools.product(ShardStatus, ShardStatus):
+        if (src, dst) in SHARD_LEGAL:
+            assert check_shard(src, dst) is dst
+        else:
+            with pytest.raises(IllegalTransition, match=f"illegal shard transition {src} -> {dst}"):
+                check_shard(src, dst)
+
+
+def test_the_upload_lifecycle() -> None:
+    assert set(UPLOAD_TRANSITIONS) == set(UploadStatus)
+    assert {s for s in UploadStatus if s != "pending" and not UPLOAD_TRANSITIONS[s]} == {
+        "completed",
+        "cancelled",
+        "expired",
+    }
+    for status in ("completed", "cancelled", "expired"):
+        assert finished_upload(status) == status
+        assert isinstance(finished_upload(status), UploadStatus)
+    for status in ("pending", "", "done"):
+        with pytest.raises(IllegalTransition, match="illegal upload transition pending -> "):
+            finished_upload(status)
+
+
+def test_the_webhook_event_lifecycle() -> None:
+    assert set(WEBHOOK_TRANSITIONS) == set(WebhookStatus)
+    for status in ("pending", "delivered", "abandoned"):
+        assert settled_webhook(status) == status
+    for status in ("completed", "failed", ""):
+        with pytest.raises(IllegalTransition, match="illegal webhook event transition pending -> "):
+            settled_webhook(status)
+    assert not WEBHOOK_TRANSITIONS[WebhookStatus.DELIVERED]
+    assert not WEBHOOK_TRANSITIONS[WebhookStatus.ABANDONED]

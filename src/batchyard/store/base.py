@@ -111,7 +111,8 @@ class MetadataStore(ABC):
     async def finish_upload(self, owner: str, upload_id: str, status: str, file: FileRecord | None) -> bool:
         """pending -> `status` ("completed", inserting `file` and linking it; "cancelled"; "expired"), in one
         transaction.
-        False (and nothing changed) if the upload is not pending (another request finished it first)."""
+        False (and nothing changed) if the upload is not pending (another request finished it first); any other
+        `status` raises IllegalTransition (`domain.states.finished_upload`)."""
 
     # webhooks: every transition to a final status writes one event in the same transaction (an outbox)
     @abstractmethod
@@ -125,7 +126,8 @@ class MetadataStore(ABC):
         self, event_id: str, worker: str, status: str, next_at: float | None, error: str | None
     ) -> bool:
         """After a delivery attempt by the lease holder: status "delivered", "abandoned", or "pending" again (then
-        due at `next_at`); counts the attempt. False if `worker` no longer holds the event."""
+        due at `next_at`); counts the attempt. False if `worker` no longer holds the event; any other `status`
+        raises IllegalTransition (`domain.states.settled_webhook`)."""
 
     # batches
     @abstractmethod

@@ -26,14 +26,31 @@ from batchyard.domain.models import (
     Usage,
     WebhookEvent,
 )
-from batchyard.domain.states import TERMINAL, UNFINISHED, BatchStatus, check_transition
+from batchyard.domain.states import (
+    ACTIVE,
+    FINALIZABLE,
+    TERMINAL,
+    UNFINISHED,
+    VALIDATABLE,
+    BatchStatus,
+    ShardStatus,
+    Step,
+    UploadStatus,
+    WebhookStatus,
+    check_shard,
+    check_transition,
+    finished_upload,
+    on,
+    settled_webhook,
+    webhook_type,
+)
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
 from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, OwnerUsage, Page
 
 S = BatchStatus
-_CLAIMABLE = frozenset({S.IN_PROGRESS, S.CANCELLING})
+Sh = ShardStatus
 
 
 @dataclass(slots=True)
@@ -64,16 +81,16 @@ class _Shard:
     retry_at: float | None = None  # a paused shard (its storage was down) is not claimed before this
 
     def claimable(self, now: float) -> bool:
-        if self.rec.status == "pending":
+        if self.rec.status == Sh.PENDING:
             return self.retry_at is None or self.retry_at <= now
         return self.lease_ran_out(now)
 
     def leased(self, now: float) -> bool:
         """Running under a lease that has not run out (it runs up to and including `lease_until`)."""
-        return self.rec.status == "running" and self.lease_until is not None and self.lease_until >= now
+        return self.rec.status == Sh.RUNNING and self.lease_until is not None and self.lease_until >= now
 
     def lease_ran_out(self, now: float) -> bool:
-        return self.rec.status == "running" and self.lease_until is not None and self.lease_until < now
+        return self.rec.status == Sh.RUNNING and self.lease_until is not None and self.lease_until < now
 
 
 @dataclass(slots=True)
@@ -81,7 +98,7 @@ class _Event:
     seq: int
     ev: WebhookEvent
     next_at: float
-    status: str = "pending"
+    status: WebhookStatus = WebhookStatus.PENDING
     lease_owner: str | None = None
     lease_until: float | None = None
     last_error: str | None = None
@@ -106,9 +123,10 @@ def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-def _lease(sh: _Shard, status: str, owner: str | None, until: float | None) -> None:
+def _lease(sh: _Shard, status: ShardStatus, owner: str | None, until: float | None) -> None:
     """A shard attempt starts (running, leased) or is given back (pending): its progress starts from zero."""
-    sh.rec.status, sh.lease_owner, sh.lease_until = status, owner, until
+    sh.rec.status = check_shard(Sh(sh.rec.status), status)
+    sh.lease_owner, sh.lease_until = owner, until
     sh.rec.completed = sh.rec.failed = sh.expired = 0
     sh.rec.usage = Usage()
 
@@ -153,7 +171,7 @@ class MemoryStore(MetadataStore):
             setattr(b, name, value)
         if dst in TERMINAL and b.rec.id not in self._s.events:  # the webhook, with the final status
             now = self._clock()
-            ev = WebhookEvent(event_id(), b.rec.id, b.rec.owner, f"batch.{dst}", int(now))
+            ev = WebhookEvent(event_id(), b.rec.id, b.rec.owner, webhook_type(dst), int(now))
             self._s.events[b.rec.id] = _Event(self._next_seq(), ev, now)
         return True
 
@@ -205,17 +223,20 @@ class MemoryStore(MetadataStore):
 
     async def expired_uploads(self, limit: int) -> list[UploadRecord]:
         now = int(self._clock())
-        hits = [u for u in self._s.uploads.values() if u.status == "pending" and u.expires_at <= now]
+        hits = [
+            u for u in self._s.uploads.values() if u.status == UploadStatus.PENDING and u.expires_at <= now
+        ]
         return [replace(u) for u in hits[:limit]]
 
     async def finish_upload(self, owner: str, upload_id: str, status: str, file: FileRecord | None) -> bool:
+        dst = finished_upload(status)
         u = self._s.uploads.get(upload_id)
-        if u is None or u.owner != owner or u.status != "pending":
+        if u is None or u.owner != owner or u.status != UploadStatus.PENDING:
             return False
         if file is not None:
             await self.insert_file(file)
             u.file_id = file.id
-        u.status = status
+        u.status = dst
         return True
 
     async def list_files(
@@ -258,7 +279,7 @@ class MemoryStore(MetadataStore):
         due = [
             e
             for e in sorted(self._s.events.values(), key=lambda e: e.seq)
-            if e.status == "pending"
+            if e.status == WebhookStatus.PENDING
             and e.next_at <= now
             and e.ev.created_at >= since
             and (e.lease_until is None or e.lease_until < now)
@@ -270,9 +291,10 @@ class MemoryStore(MetadataStore):
     async def settle_webhook_event(
         self, event_id: str, worker: str, status: str, next_at: float | None, error: str | None
     ) -> bool:
+        dst = settled_webhook(status)
         for e in self._s.events.values():
-            if e.ev.id == event_id and e.lease_owner == worker and e.status == "pending":
-                e.status, e.last_error = status, error
+            if e.ev.id == event_id and e.lease_owner == worker and e.status == WebhookStatus.PENDING:
+                e.status, e.last_error = dst, error
                 e.next_at = e.next_at if next_at is None else next_at
                 e.ev.attempts += 1
                 e.lease_owner = e.lease_until = None
@@ -315,8 +337,9 @@ class MemoryStore(MetadataStore):
         b = self._s.batches.get(batch_id)
         if b is None or b.rec.owner != owner:
             return None
-        if b.rec.status in (S.VALIDATING, S.IN_PROGRESS):
-            self._transition(b, S.CANCELLING)
+        dst = on(Step.CANCEL, b.rec.status)
+        if dst is not None:
+            self._transition(b, dst)
         return self._batch_out(b)
 
     # -- batch-level jobs -----------------------------------------------------------------------------------
@@ -338,17 +361,14 @@ class MemoryStore(MetadataStore):
         return BatchJob(self._batch_out(b), file, now)
 
     def _all_done(self, b: _Batch) -> bool:
-        return all(sh.rec.status == "done" for sh in self._s.shards.get(b.rec.id, {}).values())
+        return all(sh.rec.status == Sh.DONE for sh in self._s.shards.get(b.rec.id, {}).values())
 
     async def claim_validation(self, worker: str, lease_s: float) -> BatchJob | None:
-        return self._claim_job(
-            worker, lease_s, lambda b: not b.planned and b.rec.status in (S.VALIDATING, S.CANCELLING)
-        )
+        return self._claim_job(worker, lease_s, lambda b: not b.planned and b.rec.status in VALIDATABLE)
 
     async def claim_finalization(self, worker: str, lease_s: float) -> BatchJob | None:
-        statuses = (S.IN_PROGRESS, S.CANCELLING, S.FINALIZING)
         return self._claim_job(
-            worker, lease_s, lambda b: b.planned and b.rec.status in statuses and self._all_done(b)
+            worker, lease_s, lambda b: b.planned and b.rec.status in FINALIZABLE and self._all_done(b)
         )
 
     async def extend_job(self, batch_id: str, worker: str, lease_s: float) -> bool:
@@ -362,14 +382,15 @@ class MemoryStore(MetadataStore):
         self, batch_id: str, worker: str, shards: Sequence[ShardPlan], total: int, model: str | None
     ) -> bool:
         b = self._holds_job(batch_id, worker)
-        if b is None or b.rec.status not in (S.VALIDATING, S.CANCELLING):
+        dst = None if b is None else on(Step.PLANNED, b.rec.status)
+        if b is None or dst is None:
             return False
         mine = self._s.shards.get(batch_id, {})
         indexes = [p.index for p in shards]
         if len(set(indexes)) != len(indexes) or any(i in mine for i in indexes):
             raise StoreError(f"memory: shard index planned twice for batch {batch_id!r}")
-        if b.rec.status == S.VALIDATING:
-            self._transition(b, S.IN_PROGRESS)
+        if dst != b.rec.status:
+            self._transition(b, dst)
         added = {
             p.index: _Shard(
                 ShardRecord(batch_id, p.index, p.start, p.end, p.first_line, p.line_count, spans=p.spans)
@@ -383,9 +404,9 @@ class MemoryStore(MetadataStore):
 
     async def fail_batch(self, batch_id: str, worker: str, errors: list[dict[str, Any]]) -> bool:
         b = self._holds_job(batch_id, worker)
-        if b is None or b.rec.status not in (S.VALIDATING, S.CANCELLING):
+        dst = None if b is None else on(Step.INVALID, b.rec.status)
+        if b is None or dst is None:
             return False
-        dst = S.FAILED if b.rec.status == S.VALIDATING else S.CANCELLED
         text = _dumps(errors)
         return self._transition(b, dst, errors=text, planned=True, job_owner=None, job_lease_until=None)
 
@@ -393,13 +414,14 @@ class MemoryStore(MetadataStore):
         b = self._holds_job(batch_id, worker)
         if b is None:
             return None
-        if b.rec.status == S.IN_PROGRESS:
-            self._transition(b, S.FINALIZING)
+        dst = on(Step.FINALIZE, b.rec.status)
+        if dst is not None and dst != b.rec.status:
+            self._transition(b, dst)
         return self._batch_out(b)
 
     async def done_shards(self, batch_id: str) -> list[ShardRecord]:
         mine = self._s.shards.get(batch_id, {})
-        return [_shard_copy(mine[i].rec) for i in sorted(mine) if mine[i].rec.status == "done"]
+        return [_shard_copy(mine[i].rec) for i in sorted(mine) if mine[i].rec.status == Sh.DONE]
 
     async def batch_expired_lines(self, batch_id: str) -> int:
         return sum(sh.expired for sh in self._s.shards.get(batch_id, {}).values())
@@ -430,7 +452,7 @@ class MemoryStore(MetadataStore):
         first, then the lowest shard index: a small batch is not starved behind a big one."""
         best: tuple[tuple[bool, int, int], _Batch, _Shard] | None = None
         for b in self._s.batches.values():
-            if b.rec.status not in _CLAIMABLE or b.rec.input_file_id not in self._s.files:
+            if b.rec.status not in ACTIVE or b.rec.input_file_id not in self._s.files:
                 continue
             mine = self._s.shards.get(b.rec.id, {}).values()
             free = [sh for sh in mine if sh.claimable(now)]
@@ -448,9 +470,9 @@ class MemoryStore(MetadataStore):
         b, sh = picked
         shard = _shard_copy(sh.rec)  # as read before the reset, like the SQL stores' claim row
         attempt = sh.rec.attempt + 1
-        shard.status, shard.attempt = "running", attempt
+        shard.status, shard.attempt = Sh.RUNNING, attempt
         sh.rec.attempt = attempt
-        _lease(sh, "running", worker, now + lease_s)
+        _lease(sh, Sh.RUNNING, worker, now + lease_s)
         return ShardClaim(
             shard=shard,
             attempt=attempt,
@@ -465,7 +487,7 @@ class MemoryStore(MetadataStore):
     def _fenced(self, claim: ShardClaim) -> _Shard | None:
         """The claimed shard, if this attempt still holds it."""
         sh = self._s.shards.get(claim.shard.batch_id, {}).get(claim.shard.index)
-        if sh is None or sh.rec.status != "running":
+        if sh is None or sh.rec.status != Sh.RUNNING:
             return None
         if sh.rec.attempt != claim.attempt or sh.lease_owner != claim.worker:
             return None
@@ -488,7 +510,7 @@ class MemoryStore(MetadataStore):
     ) -> None:
         sh = self._fenced(claim)
         if sh is not None:  # the attempt's progress goes with it
-            _lease(sh, "pending", None, None)
+            _lease(sh, Sh.PENDING, None, None)
             sh.retry_at = self._clock() + retry_in if retry_in > 0 else None
             if failure is not None:
                 sh.rec.failures += 1
@@ -498,8 +520,8 @@ class MemoryStore(MetadataStore):
         n = 0
         for mine in self._s.shards.values():
             for sh in mine.values():
-                if sh.rec.status == "running" and sh.lease_owner == worker:
-                    _lease(sh, "pending", None, None)
+                if sh.rec.status == Sh.RUNNING and sh.lease_owner == worker:
+                    _lease(sh, Sh.PENDING, None, None)
                     sh.rec.failures += 1
                     sh.rec.last_error = "the worker process running it died"
                     n += 1
@@ -512,8 +534,9 @@ class MemoryStore(MetadataStore):
         """Give back every lease (only for a single-process owner of this store, as `SQLiteStore.release_all`)."""
         for mine in self._s.shards.values():
             for sh in mine.values():
-                if sh.rec.status == "running":
-                    sh.rec.status, sh.lease_owner, sh.lease_until = "pending", None, None
+                if sh.rec.status == Sh.RUNNING:
+                    sh.rec.status = check_shard(Sh.RUNNING, Sh.PENDING)
+                    sh.lease_owner, sh.lease_until = None, None
         for b in self._s.batches.values():
             b.job_owner, b.job_lease_until = None, None
 
@@ -526,7 +549,8 @@ class MemoryStore(MetadataStore):
         sh = self._fenced(claim)
         if sh is None:
             return False
-        sh.rec.status, sh.lease_owner, sh.lease_until = "done", None, None
+        sh.rec.status = check_shard(Sh.RUNNING, Sh.DONE)
+        sh.lease_owner, sh.lease_until = None, None
         sh.rec.completed, sh.rec.failed, sh.expired = result.completed, result.failed, expired
         sh.rec.usage = replace(result.usage)
         sh.rec.out_key, sh.rec.err_key = result.out_key, result.err_key
@@ -544,7 +568,9 @@ class MemoryStore(MetadataStore):
             files=len(live),
             stored_bytes=sum(f.bytes for f in live),
             pending_uploads=sum(
-                1 for u in self._s.uploads.values() if u.owner == owner and u.status_at(now) == "pending"
+                1
+                for u in self._s.uploads.values()
+                if u.owner == owner and u.status_at(now) == UploadStatus.PENDING
             ),
             active_batches=sum(
                 1 for b in self._s.batches.values() if b.rec.owner == owner and b.rec.status not in TERMINAL
@@ -569,7 +595,7 @@ class MemoryStore(MetadataStore):
         parts = {
             p.blob_key
             for upload_id, ps in self._s.parts.items()
-            if (u := self._s.uploads.get(upload_id)) is not None and u.status == "pending"
+            if (u := self._s.uploads.get(upload_id)) is not None and u.status == UploadStatus.PENDING
             for p in ps
         }
         return {k for k in keys if k in files or k in parts}

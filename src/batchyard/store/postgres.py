@@ -26,7 +26,6 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from importlib import resources
 from typing import Any
 
 import asyncpg
@@ -43,28 +42,48 @@ from batchyard.domain.models import (
     WebhookEvent,
 )
 from batchyard.domain.planning import ShardPlan, pack_spans
-from batchyard.domain.states import TERMINAL, UNFINISHED, BatchStatus, check_transition
+from batchyard.domain.states import (
+    TERMINAL,
+    UNFINISHED,
+    BatchStatus,
+    ShardStatus,
+    Step,
+    UploadStatus,
+    WebhookStatus,
+    check_transition,
+    finished_upload,
+    on,
+    settled_webhook,
+    webhook_type,
+)
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
+from batchyard.store import sql
 from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, OwnerUsage, Page
 from batchyard.store.rows import (
-    CRASHED,
-    EVENT_COLS,
+    BATCH_FIELDS,
+    EVENT_FIELDS,
     FILE_COLS,
-    NO_PROGRESS,
     PART_COLS,
     RELEASED,
+    SHARD_FIELDS,
     UPLOAD_COLS,
     batch_from_row,
+    batch_values,
+    claim_from_row,
     event_from_row,
+    fence,
     file_from_row,
     file_values,
     part_from_row,
     part_values,
+    prefixed,
     shard_from_row,
     upload_from_row,
     upload_values,
+    usage_values,
 )
+from batchyard.store.sql import numbered as pg
 
 S = BatchStatus
 Row = Any  # asyncpg.Record: asyncpg ships no type information
@@ -72,24 +91,9 @@ Row = Any  # asyncpg.Record: asyncpg ships no type information
 # pg_advisory_xact_lock key held while migrating ("batchyrd" as 8 bytes). Advisory locks are per database.
 MIGRATION_LOCK = int.from_bytes(b"batchyrd", "big") & 0x7FFF_FFFF_FFFF_FFFF
 
-_BATCH_COLS = (
-    "id, owner, endpoint, input_file_id, completion_window, status, created_at, expires_at, metadata, "
-    "output_expires_after, model, output_file_id, error_file_id, in_progress_at, finalizing_at, completed_at, "
-    "failed_at, expired_at, cancelling_at, cancelled_at, errors, total"
-)
-_SHARD_COLS = (
-    "batch_id, idx, start_off, end_off, first_line, line_count, status, attempt, completed, failed, "
-    "input_tokens, cached_tokens, output_tokens, reasoning_tokens, out_key, err_key, failures, last_error, spans"
-)
-
-
-def _prefixed(alias: str, cols: str) -> str:
-    return ", ".join(f"{alias}.{c.strip()}" for c in cols.split(","))
-
-
 # A batch with its live counts and usage: sums over its shards (the running shards' heartbeats included).
 _BATCH_SELECT = (
-    f"SELECT {_prefixed('b', _BATCH_COLS)}, c.* FROM batches b CROSS JOIN LATERAL ("
+    f"SELECT {prefixed('b', BATCH_FIELDS)}, c.* FROM batches b CROSS JOIN LATERAL ("
     "SELECT COALESCE(SUM(s.completed), 0)::bigint AS sum_completed, COALESCE(SUM(s.failed), 0)::bigint AS sum_failed, "
     "COALESCE(SUM(s.input_tokens), 0)::bigint AS sum_input, COALESCE(SUM(s.cached_tokens), 0)::bigint AS sum_cached, "
     "COALESCE(SUM(s.output_tokens), 0)::bigint AS sum_output, "
@@ -106,12 +110,7 @@ def _now(param: str) -> str:
 
 def migrations() -> list[tuple[int, str]]:
     """The numbered migrations, in order."""
-    folder = resources.files("batchyard.store") / "migrations" / "postgres"
-    out = []
-    for entry in folder.iterdir():
-        if entry.name.endswith(".sql"):
-            out.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
-    return sorted(out)
+    return sql.migrations("postgres")
 
 
 async def migrate(conn: Any) -> list[int]:
@@ -242,36 +241,29 @@ class PostgresStore(MetadataStore):
     # -- files ----------------------------------------------------------------------------------------------
     async def insert_file(self, rec: FileRecord) -> None:
         async with self._conn() as conn:
-            await conn.execute(
-                f"INSERT INTO files ({FILE_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)", *file_values(rec)
-            )
+            await conn.execute(pg(sql.INSERT_FILE), *file_values(rec))
 
     async def get_file(self, owner: str | None, file_id: str) -> FileRecord | None:
         async with self._conn() as conn:
-            row = await conn.fetchrow(f"SELECT {FILE_COLS} FROM files WHERE id = $1 AND NOT deleted", file_id)
+            row = await conn.fetchrow(pg(sql.GET_FILE), file_id)
         if row is None or (owner is not None and row["owner"] != owner):
             return None
         return file_from_row(row)
 
     async def insert_upload(self, rec: UploadRecord) -> None:
         async with self._conn() as conn:
-            await conn.execute(
-                f"INSERT INTO uploads ({UPLOAD_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
-                *upload_values(rec),
-            )
+            await conn.execute(pg(sql.INSERT_UPLOAD), *upload_values(rec))
 
     async def get_upload(self, owner: str | None, upload_id: str) -> UploadRecord | None:
         async with self._conn() as conn:
-            row = await conn.fetchrow(f"SELECT {UPLOAD_COLS} FROM uploads WHERE id = $1", upload_id)
+            row = await conn.fetchrow(pg(sql.GET_UPLOAD), upload_id)
         if row is None or (owner is not None and row["owner"] != owner):
             return None
         return upload_from_row(row)
 
     async def insert_upload_part(self, part: UploadPartRecord) -> None:
         async with self._conn() as conn:
-            await conn.execute(
-                f"INSERT INTO upload_parts ({PART_COLS}) VALUES ($1,$2,$3,$4,$5)", *part_values(part)
-            )
+            await conn.execute(pg(sql.INSERT_PART), *part_values(part))
 
     async def get_upload_parts(self, upload_id: str) -> list[UploadPartRecord]:
         # parts are added one request at a time; created_at then id keeps a stable order (the API orders by
@@ -286,7 +278,7 @@ class PostgresStore(MetadataStore):
     async def expired_uploads(self, limit: int) -> list[UploadRecord]:
         async with self._conn() as conn:
             rows = await conn.fetch(
-                f"SELECT {UPLOAD_COLS} FROM uploads WHERE status = 'pending' "
+                f"SELECT {UPLOAD_COLS} FROM uploads WHERE status = '{UploadStatus.PENDING}' "
                 f"AND expires_at <= trunc({_now('$1')})::bigint LIMIT $2",
                 self._t(),
                 limit,
@@ -294,22 +286,13 @@ class PostgresStore(MetadataStore):
         return [upload_from_row(r) for r in rows]
 
     async def finish_upload(self, owner: str, upload_id: str, status: str, file: FileRecord | None) -> bool:
+        dst = str(finished_upload(status))
         async with self._tx() as conn:
-            done = await conn.fetchval(
-                "UPDATE uploads SET status = $1, file_id = $2 WHERE id = $3 AND owner = $4 AND status = 'pending' "
-                "RETURNING 1",
-                status,
-                file.id if file else None,
-                upload_id,
-                owner,
-            )
-            if done is None:
+            done = await conn.execute(pg(sql.FINISH_UPLOAD), dst, file.id if file else None, upload_id, owner)
+            if _rowcount(done) != 1:
                 return False
             if file is not None:
-                await conn.execute(
-                    f"INSERT INTO files ({FILE_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
-                    *file_values(file),
-                )
+                await conn.execute(pg(sql.INSERT_FILE), *file_values(file))
             return True
 
     async def list_files(
@@ -342,12 +325,8 @@ class PostgresStore(MetadataStore):
             )
             if row is None:
                 return None
-            await conn.execute("UPDATE files SET deleted = TRUE WHERE id = $1", file_id)
-            live = await conn.fetchval(
-                "SELECT 1 FROM batches WHERE input_file_id = $1 AND status = ANY($2::text[]) LIMIT 1",
-                file_id,
-                _UNFINISHED,
-            )
+            await conn.execute(pg(sql.MARK_FILE_DELETED), file_id)
+            live = await conn.fetchval(pg(sql.FILE_IN_USE), file_id)
             return file_from_row(row), live is None
 
     async def expired_files(self, limit: int) -> list[FileRecord]:
@@ -387,7 +366,7 @@ class PostgresStore(MetadataStore):
                 f"SELECT $1, id, owner, $2, trunc({_now('$3')})::bigint, {_now('$3')} FROM batches WHERE id = $4 "
                 "ON CONFLICT DO NOTHING",
                 event_id(),
-                f"batch.{dst}",
+                webhook_type(dst),
                 self._t(),
                 batch_id,
             )
@@ -398,11 +377,12 @@ class PostgresStore(MetadataStore):
     ) -> list[WebhookEvent]:
         async with self._tx() as conn:
             rows = await conn.fetch(
-                f"WITH due AS (SELECT seq FROM webhook_events WHERE status = 'pending' AND next_at <= {_now('$1')} "
+                f"WITH due AS (SELECT seq FROM webhook_events WHERE status = '{WebhookStatus.PENDING}' "
+                f"AND next_at <= {_now('$1')} "
                 f"AND created_at >= $2 AND (lease_until IS NULL OR lease_until < {_now('$1')}) "
                 "ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) "
                 f"UPDATE webhook_events e SET lease_owner = $4, lease_until = {_now('$1')} + $5 FROM due "
-                f"WHERE e.seq = due.seq RETURNING {', '.join('e.' + c.strip() for c in EVENT_COLS.split(','))}",
+                f"WHERE e.seq = due.seq RETURNING {prefixed('e', EVENT_FIELDS)}",
                 self._t(),
                 since,
                 limit,
@@ -414,35 +394,14 @@ class PostgresStore(MetadataStore):
     async def settle_webhook_event(
         self, event_id: str, worker: str, status: str, next_at: float | None, error: str | None
     ) -> bool:
+        dst = str(settled_webhook(status))
         async with self._conn() as conn:
-            done = await conn.fetchval(
-                "UPDATE webhook_events SET status = $1, next_at = COALESCE($2, next_at), last_error = $3, "
-                "attempts = attempts + 1, lease_owner = NULL, lease_until = NULL "
-                "WHERE id = $4 AND lease_owner = $5 AND status = 'pending' RETURNING 1",
-                status,
-                next_at,
-                error,
-                event_id,
-                worker,
-            )
-        return done is not None
+            done = await conn.execute(pg(sql.SETTLE_EVENT), dst, next_at, error, event_id, worker)
+        return _rowcount(done) == 1
 
     async def insert_batch(self, rec: BatchRecord) -> None:
         async with self._conn() as conn:
-            await conn.execute(
-                "INSERT INTO batches (id, owner, endpoint, input_file_id, completion_window, status, created_at, "
-                "expires_at, metadata, output_expires_after) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
-                rec.id,
-                rec.owner,
-                rec.endpoint,
-                rec.input_file_id,
-                rec.completion_window,
-                str(rec.status),
-                rec.created_at,
-                rec.expires_at,
-                None if rec.metadata is None else json.dumps(rec.metadata),
-                rec.output_expires_after,
-            )
+            await conn.execute(pg(sql.INSERT_BATCH), *batch_values(rec))
             await _notify(conn, "work", rec.id)  # a worker elsewhere validates it now, not at its next poll
 
     async def get_batch(self, owner: str | None, batch_id: str) -> BatchRecord | None:
@@ -467,11 +426,12 @@ class PostgresStore(MetadataStore):
             b = await self._get_batch(conn, batch_id, lock=True)
             if b is None or b.owner != owner:
                 return None
-            if b.status in (S.VALIDATING, S.IN_PROGRESS):
-                await self._transition(conn, batch_id, b.status, S.CANCELLING)
-                await _notify(conn, "cancel", batch_id)  # delivered when this transaction commits
-                return await self._get_batch(conn, batch_id)
-            return b
+            dst = on(Step.CANCEL, b.status)
+            if dst is None:
+                return b
+            await self._transition(conn, batch_id, b.status, dst)
+            await _notify(conn, "cancel", batch_id)  # delivered when this transaction commits
+            return await self._get_batch(conn, batch_id)
 
     # -- batch-level jobs -----------------------------------------------------------------------------------
     async def _claim_job(self, worker: str, lease_s: float, where: str) -> BatchJob | None:
@@ -493,21 +453,14 @@ class PostgresStore(MetadataStore):
             )
             batch = await self._get_batch(conn, picked["id"])
             assert batch is not None
-            frow = await conn.fetchrow(
-                f"SELECT {FILE_COLS} FROM files WHERE id = $1 AND NOT deleted", batch.input_file_id
-            )
+            frow = await conn.fetchrow(pg(sql.GET_FILE), batch.input_file_id)
             return BatchJob(batch, None if frow is None else file_from_row(frow), now)
 
     async def claim_validation(self, worker: str, lease_s: float) -> BatchJob | None:
-        where = "NOT b.planned AND b.status IN ('validating', 'cancelling')"
-        return await self._claim_job(worker, lease_s, where)
+        return await self._claim_job(worker, lease_s, sql.NEEDS_VALIDATION)
 
     async def claim_finalization(self, worker: str, lease_s: float) -> BatchJob | None:
-        where = (
-            "b.planned AND b.status IN ('in_progress', 'cancelling', 'finalizing') AND NOT EXISTS "
-            "(SELECT 1 FROM shards s WHERE s.batch_id = b.id AND s.status <> 'done')"
-        )
-        return await self._claim_job(worker, lease_s, where)
+        return await self._claim_job(worker, lease_s, sql.NEEDS_FINALIZATION)
 
     async def _holds_job(self, conn: Any, batch_id: str, worker: str) -> BatchRecord | None:
         """The batch, locked for this transaction, if `worker` holds its job lease."""
@@ -532,7 +485,8 @@ class PostgresStore(MetadataStore):
     ) -> bool:
         async with self._tx() as conn:
             b = await self._holds_job(conn, batch_id, worker)
-            if b is None or b.status not in (S.VALIDATING, S.CANCELLING):
+            dst = None if b is None else on(Step.PLANNED, b.status)
+            if b is None or dst is None:
                 return False
             # One statement whatever the number of shards (a 100M-line batch has ~100k).
             await conn.execute(
@@ -547,22 +501,17 @@ class PostgresStore(MetadataStore):
                 [p.line_count for p in shards],
                 [pack_spans(p.spans) for p in shards],
             )
-            await conn.execute(
-                "UPDATE batches SET planned = TRUE, total = $1, model = $2, job_owner = NULL, "
-                "job_lease_until = NULL WHERE id = $3",
-                total,
-                model,
-                batch_id,
-            )
-            if b.status == S.VALIDATING:
-                await self._transition(conn, batch_id, S.VALIDATING, S.IN_PROGRESS)
+            await conn.execute(pg(sql.PLANNED), total, model, batch_id)
+            if dst != b.status:
+                await self._transition(conn, batch_id, b.status, dst)
             await _notify(conn, "work", batch_id)  # its shards can be claimed everywhere now
             return True
 
     async def fail_batch(self, batch_id: str, worker: str, errors: list[dict[str, Any]]) -> bool:
         async with self._tx() as conn:
             b = await self._holds_job(conn, batch_id, worker)
-            if b is None or b.status not in (S.VALIDATING, S.CANCELLING):
+            dst = None if b is None else on(Step.INVALID, b.status)
+            if b is None or dst is None:
                 return False
             fields = {
                 "errors": json.dumps(errors),
@@ -570,32 +519,26 @@ class PostgresStore(MetadataStore):
                 "job_owner": None,
                 "job_lease_until": None,
             }
-            if b.status == S.VALIDATING:
-                return await self._transition(conn, batch_id, S.VALIDATING, S.FAILED, **fields)
-            return await self._transition(conn, batch_id, S.CANCELLING, S.CANCELLED, **fields)
+            return await self._transition(conn, batch_id, b.status, dst, **fields)
 
     async def begin_finalizing(self, batch_id: str, worker: str) -> BatchRecord | None:
         async with self._tx() as conn:
             b = await self._holds_job(conn, batch_id, worker)
             if b is None:
                 return None
-            if b.status == S.IN_PROGRESS:
-                await self._transition(conn, batch_id, S.IN_PROGRESS, S.FINALIZING)
+            dst = on(Step.FINALIZE, b.status)
+            if dst is not None and dst != b.status:
+                await self._transition(conn, batch_id, b.status, dst)
             return await self._get_batch(conn, batch_id)
 
     async def done_shards(self, batch_id: str) -> list[ShardRecord]:
         async with self._conn() as conn:
-            rows = await conn.fetch(
-                f"SELECT {_SHARD_COLS} FROM shards WHERE batch_id = $1 AND status = 'done' ORDER BY idx",
-                batch_id,
-            )
+            rows = await conn.fetch(pg(sql.DONE_SHARDS), batch_id)
         return [shard_from_row(r) for r in rows]
 
     async def batch_expired_lines(self, batch_id: str) -> int:
         async with self._conn() as conn:
-            n = await conn.fetchval(
-                "SELECT COALESCE(SUM(expired), 0) FROM shards WHERE batch_id = $1", batch_id
-            )
+            n = await conn.fetchval(pg(sql.EXPIRED_LINES), batch_id)
         return int(n)
 
     async def finish_batch(
@@ -614,10 +557,7 @@ class PostgresStore(MetadataStore):
                 if f is not None:
                     # SQLite's INSERT OR REPLACE: the old row goes, a new one (new seq, not deleted) comes.
                     await conn.execute("DELETE FROM files WHERE id = $1", f.id)
-                    await conn.execute(
-                        f"INSERT INTO files ({FILE_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
-                        *file_values(f),
-                    )
+                    await conn.execute(pg(sql.INSERT_FILE), *file_values(f))
             return await self._transition(
                 conn,
                 batch_id,
@@ -635,15 +575,11 @@ class PostgresStore(MetadataStore):
             # Cancelling batches first (they only drain), then the batch with the fewest running shards, oldest
             # first: a small batch is not starved behind a big one. A row another worker is claiming is skipped.
             row = await conn.fetchrow(
-                f"SELECT {_prefixed('s', _SHARD_COLS)}, b.status AS bstatus, b.endpoint, b.expires_at, f.blob_key, "
+                f"SELECT {prefixed('s', SHARD_FIELDS)}, b.status AS bstatus, b.endpoint, b.expires_at, f.blob_key, "
                 "t.db_now FROM shards s JOIN batches b ON b.id = s.batch_id JOIN files f ON f.id = b.input_file_id "
                 f"CROSS JOIN (SELECT {_now('$1')} AS db_now) t "
-                "WHERE b.status IN ('in_progress', 'cancelling') "
-                "AND ((s.status = 'pending' AND (s.retry_at IS NULL OR s.retry_at <= t.db_now)) "
-                " OR (s.status = 'running' AND s.lease_until < t.db_now)) "
-                "ORDER BY b.status = 'cancelling' DESC, "
-                "(SELECT count(*) FROM shards r WHERE r.batch_id = s.batch_id AND r.status = 'running' "
-                " AND r.lease_until >= t.db_now), b.seq, s.idx "
+                f"WHERE {sql.CLAIMABLE_BATCH} AND {sql.claimable_shard('t.db_now')} "
+                f"ORDER BY {sql.DRAINING_FIRST}, {sql.running_shards('t.db_now')}, b.seq, s.idx "
                 "LIMIT 1 FOR UPDATE OF s SKIP LOCKED",
                 self._t(),
             )
@@ -652,26 +588,9 @@ class PostgresStore(MetadataStore):
             now = float(row["db_now"])
             attempt = int(row["attempt"]) + 1
             await conn.execute(
-                "UPDATE shards SET status = 'running', attempt = $1, lease_owner = $2, lease_until = $3, "
-                f"{NO_PROGRESS} WHERE batch_id = $4 AND idx = $5",
-                attempt,
-                worker,
-                now + lease_s,
-                row["batch_id"],
-                row["idx"],
+                pg(sql.TAKE_SHARD), attempt, worker, now + lease_s, row["batch_id"], row["idx"]
             )
-        shard = shard_from_row(row)
-        shard.status, shard.attempt = "running", attempt
-        return ShardClaim(
-            shard=shard,
-            attempt=attempt,
-            worker=worker,
-            batch_status=S(row["bstatus"]),
-            endpoint=row["endpoint"],
-            expires_at=row["expires_at"],
-            input_blob_key=row["blob_key"],
-            db_now=now,
-        )
+        return claim_from_row(row, attempt, worker, now)
 
     async def heartbeat_shard(
         self, claim: ShardClaim, lease_s: float, completed: int, failed: int, usage: Usage
@@ -682,20 +601,14 @@ class PostgresStore(MetadataStore):
                 "cached_tokens = $6, output_tokens = $7, reasoning_tokens = $8 "
                 f"FROM batches b, (SELECT {_now('$1')} AS db_now) t "
                 "WHERE b.id = s.batch_id AND s.batch_id = $9 AND s.idx = $10 AND s.attempt = $11 "
-                "AND s.lease_owner = $12 AND s.status = 'running' "
+                f"AND s.lease_owner = $12 AND s.status = '{ShardStatus.RUNNING}' "
                 "RETURNING b.status, b.expires_at, t.db_now",
                 self._t(),
                 lease_s,
                 completed,
                 failed,
-                usage.input_tokens,
-                usage.cached_tokens,
-                usage.output_tokens,
-                usage.reasoning_tokens,
-                claim.shard.batch_id,
-                claim.shard.index,
-                claim.attempt,
-                claim.worker,
+                *usage_values(usage),
+                *fence(claim),
             )
         if row is None:
             return None
@@ -709,11 +622,8 @@ class PostgresStore(MetadataStore):
                 f"UPDATE shards SET {RELEASED}, "
                 f"retry_at = CASE WHEN $5 > 0 THEN {_now('$8')} + $5 END, "
                 "failures = failures + $6, last_error = COALESCE($7, last_error) "
-                "WHERE batch_id = $1 AND idx = $2 AND attempt = $3 AND lease_owner = $4 AND status = 'running'",
-                claim.shard.batch_id,
-                claim.shard.index,
-                claim.attempt,
-                claim.worker,
+                f"WHERE {pg(sql.FENCE)}",
+                *fence(claim),
                 float(retry_in),
                 0 if failure is None else 1,
                 failure,
@@ -722,45 +632,19 @@ class PostgresStore(MetadataStore):
 
     async def release_worker(self, worker: str) -> int:
         async with self._tx() as conn:
-            n = await conn.fetchval(
-                f"WITH r AS (UPDATE shards SET {CRASHED} WHERE lease_owner = $1 AND status = 'running' RETURNING 1) "
-                "SELECT count(*) FROM r",
-                worker,
-            )
-            await conn.execute(
-                "UPDATE batches SET job_owner = NULL, job_lease_until = NULL WHERE job_owner = $1", worker
-            )
-        return int(n)
+            released = await conn.execute(pg(sql.RELEASE_WORKER_SHARDS), worker)
+            await conn.execute(pg(sql.RELEASE_WORKER_JOBS), worker)
+        return _rowcount(released)
 
     async def release_job(self, batch_id: str, worker: str) -> None:
         async with self._conn() as conn:
-            await conn.execute(
-                "UPDATE batches SET job_owner = NULL, job_lease_until = NULL WHERE id = $1 AND job_owner = $2",
-                batch_id,
-                worker,
-            )
+            await conn.execute(pg(sql.RELEASE_JOB), batch_id, worker)
 
     async def complete_shard(self, claim: ShardClaim, result: ShardResult, expired: int) -> bool:
-        u = result.usage
         async with self._conn() as conn:
+            values = (result.completed, result.failed, expired, *usage_values(result.usage))
             status = await conn.execute(
-                "UPDATE shards SET status = 'done', lease_owner = NULL, lease_until = NULL, completed = $1, "
-                "failed = $2, expired = $3, input_tokens = $4, cached_tokens = $5, output_tokens = $6, "
-                "reasoning_tokens = $7, out_key = $8, err_key = $9 "
-                "WHERE batch_id = $10 AND idx = $11 AND attempt = $12 AND lease_owner = $13 AND status = 'running'",
-                result.completed,
-                result.failed,
-                expired,
-                u.input_tokens,
-                u.cached_tokens,
-                u.output_tokens,
-                u.reasoning_tokens,
-                result.out_key,
-                result.err_key,
-                claim.shard.batch_id,
-                claim.shard.index,
-                claim.attempt,
-                claim.worker,
+                pg(sql.COMPLETE_SHARD), *values, result.out_key, result.err_key, *fence(claim)
             )
         return _rowcount(status) == 1
 
@@ -774,7 +658,7 @@ class PostgresStore(MetadataStore):
                 f"AND (expires_at IS NULL OR expires_at > {now})) AS files, "
                 "(SELECT COALESCE(SUM(bytes), 0) FROM files WHERE owner = $1 AND NOT deleted "
                 f"AND (expires_at IS NULL OR expires_at > {now})) AS stored, "
-                "(SELECT COUNT(*) FROM uploads WHERE owner = $1 AND status = 'pending' "
+                f"(SELECT COUNT(*) FROM uploads WHERE owner = $1 AND status = '{UploadStatus.PENDING}' "
                 f"AND expires_at > {now}) AS uploads, "
                 "(SELECT COUNT(*) FROM batches WHERE owner = $1 AND NOT (status = ANY($3::text[]))) AS batches",
                 owner,
@@ -787,25 +671,19 @@ class PostgresStore(MetadataStore):
     # blob lifecycle (sweeper)
     async def removable_deleted_files(self, limit: int) -> list[FileRecord]:
         async with self._conn() as conn:
-            rows = await conn.fetch(
-                f"SELECT {FILE_COLS} FROM files f WHERE deleted AND NOT blob_removed AND NOT EXISTS "
-                "(SELECT 1 FROM batches b WHERE b.input_file_id = f.id AND b.status = ANY($1::text[])) "
-                "ORDER BY seq LIMIT $2",
-                _UNFINISHED,
-                limit,
-            )
+            rows = await conn.fetch(pg(sql.REMOVABLE_DELETED_FILES), limit)
         return [file_from_row(r) for r in rows]
 
     async def forget_file_blob(self, file_id: str) -> None:
         async with self._conn() as conn:
-            await conn.execute("UPDATE files SET blob_removed = TRUE WHERE id = $1 AND deleted", file_id)
+            await conn.execute(pg(sql.FORGET_FILE_BLOB), file_id)
 
     async def needed_blob_keys(self, keys: Sequence[str]) -> set[str]:
         async with self._conn() as conn:
             rows = await conn.fetch(
                 "SELECT blob_key FROM files WHERE NOT blob_removed AND blob_key = ANY($1::text[]) "
                 "UNION SELECT p.blob_key FROM upload_parts p JOIN uploads u ON u.id = p.upload_id "
-                "WHERE u.status = 'pending' AND p.blob_key = ANY($1::text[])",
+                f"WHERE u.status = '{UploadStatus.PENDING}' AND p.blob_key = ANY($1::text[])",
                 list(keys),
             )
         return {str(r[0]) for r in rows}

@@ -11,6 +11,7 @@ from typing import Any
 from batchyard.domain.models import (
     BatchRecord,
     FileRecord,
+    ShardClaim,
     ShardRecord,
     UploadPartRecord,
     UploadRecord,
@@ -18,7 +19,7 @@ from batchyard.domain.models import (
     WebhookEvent,
 )
 from batchyard.domain.planning import unpack_spans
-from batchyard.domain.states import BatchStatus
+from batchyard.domain.states import BatchStatus, ShardStatus, UploadStatus
 
 Row = Any  # sqlite3.Row or asyncpg.Record
 
@@ -28,7 +29,7 @@ NO_PROGRESS = (
     "completed = 0, failed = 0, expired = 0, input_tokens = 0, cached_tokens = 0, output_tokens = 0, "
     "reasoning_tokens = 0"
 )
-RELEASED = f"status = 'pending', lease_owner = NULL, lease_until = NULL, {NO_PROGRESS}"
+RELEASED = f"status = '{ShardStatus.PENDING}', lease_owner = NULL, lease_until = NULL, {NO_PROGRESS}"
 # A crashed worker's shards: given back, and the crash counts as a failure of each (a poison shard is quarantined).
 CRASHED = f"{RELEASED}, failures = failures + 1, last_error = 'the worker process running it died'"
 
@@ -42,9 +43,37 @@ UPLOAD_FIELDS = (
 )  # fmt: skip
 PART_FIELDS = ("id", "upload_id", "bytes", "blob_key", "created_at")
 EVENT_FIELDS = ("id", "batch_id", "owner", "type", "created_at", "attempts")
-FILE_COLS, UPLOAD_COLS, PART_COLS, EVENT_COLS = (
-    ", ".join(f) for f in (FILE_FIELDS, UPLOAD_FIELDS, PART_FIELDS, EVENT_FIELDS)
+# The batch columns a new batch is inserted with (the rest start empty), and every column a batch is read from.
+BATCH_INSERT_FIELDS = (
+    "id", "owner", "endpoint", "input_file_id", "completion_window", "status", "created_at", "expires_at",
+    "metadata", "output_expires_after",
+)  # fmt: skip
+BATCH_FIELDS = (
+    *BATCH_INSERT_FIELDS, "model", "output_file_id", "error_file_id", "in_progress_at", "finalizing_at",
+    "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "errors", "total",
+)  # fmt: skip
+SHARD_FIELDS = (
+    "batch_id", "idx", "start_off", "end_off", "first_line", "line_count", "status", "attempt", "completed",
+    "failed", "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "out_key", "err_key", "failures",
+    "last_error", "spans",
+)  # fmt: skip
+FILE_COLS, UPLOAD_COLS, PART_COLS, EVENT_COLS, BATCH_INSERT_COLS, BATCH_COLS, SHARD_COLS = (
+    ", ".join(f)
+    for f in (
+        FILE_FIELDS,
+        UPLOAD_FIELDS,
+        PART_FIELDS,
+        EVENT_FIELDS,
+        BATCH_INSERT_FIELDS,
+        BATCH_FIELDS,
+        SHARD_FIELDS,
+    )
 )
+
+
+def prefixed(alias: str, fields: tuple[str, ...]) -> str:
+    """A column list with a table alias: `s.batch_id, s.idx, ...`."""
+    return ", ".join(f"{alias}.{f}" for f in fields)
 
 
 def values(rec: Any, fields: tuple[str, ...]) -> tuple[Any, ...]:
@@ -64,12 +93,32 @@ def part_values(part: UploadPartRecord) -> tuple[Any, ...]:
     return values(part, PART_FIELDS)
 
 
+def batch_values(rec: BatchRecord) -> tuple[Any, ...]:
+    """A new batch's INSERT values, in BATCH_INSERT_FIELDS order (metadata as JSON text)."""
+    meta = None if rec.metadata is None else json.dumps(rec.metadata)
+    return tuple(
+        meta if f == "metadata" else str(rec.status) if f == "status" else getattr(rec, f)
+        for f in BATCH_INSERT_FIELDS
+    )
+
+
+def fence(claim: ShardClaim) -> tuple[Any, ...]:
+    """The values of a fenced shard update's `batch_id = ? AND idx = ? AND attempt = ? AND lease_owner = ?`."""
+    return (claim.shard.batch_id, claim.shard.index, claim.attempt, claim.worker)
+
+
+def usage_values(u: Usage) -> tuple[int, int, int, int]:
+    return (u.input_tokens, u.cached_tokens, u.output_tokens, u.reasoning_tokens)
+
+
 def file_from_row(row: Row) -> FileRecord:
     return FileRecord(**{f: row[f] for f in FILE_FIELDS})
 
 
 def upload_from_row(row: Row) -> UploadRecord:
-    return UploadRecord(**{f: row[f] for f in UPLOAD_FIELDS})
+    rec = UploadRecord(**{f: row[f] for f in UPLOAD_FIELDS})
+    rec.status = UploadStatus(rec.status)
+    return rec
 
 
 def part_from_row(row: Row) -> UploadPartRecord:
@@ -88,7 +137,7 @@ def shard_from_row(row: Row) -> ShardRecord:
         end=row["end_off"],
         first_line=row["first_line"],
         line_count=row["line_count"],
-        status=row["status"],
+        status=ShardStatus(row["status"]),
         attempt=row["attempt"],
         completed=row["completed"],
         failed=row["failed"],
@@ -129,4 +178,21 @@ def batch_from_row(row: Row, completed: int, failed: int, usage: Usage) -> Batch
         completed=completed,
         failed=failed,
         usage=usage,
+    )
+
+
+def claim_from_row(row: Row, attempt: int, worker: str, db_now: float) -> ShardClaim:
+    """A claim query's row (the shard's columns as read before the claim, plus `bstatus`, `endpoint`,
+    `expires_at`, `blob_key`) -> the claim of `attempt`."""
+    shard = shard_from_row(row)
+    shard.status, shard.attempt = ShardStatus.RUNNING, attempt
+    return ShardClaim(
+        shard=shard,
+        attempt=attempt,
+        worker=worker,
+        batch_status=BatchStatus(row["bstatus"]),
+        endpoint=row["endpoint"],
+        expires_at=row["expires_at"],
+        input_blob_key=row["blob_key"],
+        db_now=db_now,
     )

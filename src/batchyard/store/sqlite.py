@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,43 +37,52 @@ from batchyard.domain.models import (
     WebhookEvent,
 )
 from batchyard.domain.planning import ShardPlan, pack_spans
-from batchyard.domain.states import TERMINAL, UNFINISHED, BatchStatus, check_transition
+from batchyard.domain.states import (
+    TERMINAL,
+    UNFINISHED,
+    BatchStatus,
+    Step,
+    UploadStatus,
+    WebhookStatus,
+    check_transition,
+    finished_upload,
+    on,
+    settled_webhook,
+    webhook_type,
+)
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
+from batchyard.store import sql
 from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, OwnerUsage, Page
 from batchyard.store.rows import (
-    CRASHED,
+    BATCH_COLS,
     EVENT_COLS,
     FILE_COLS,
-    NO_PROGRESS,
     PART_COLS,
     RELEASED,
+    SHARD_FIELDS,
     UPLOAD_COLS,
     batch_from_row,
+    batch_values,
+    claim_from_row,
     event_from_row,
+    fence,
     file_from_row,
     file_values,
     part_from_row,
     part_values,
+    prefixed,
     shard_from_row,
     upload_from_row,
     upload_values,
+    usage_values,
 )
 
 T = TypeVar("T")
 S = BatchStatus
 
-_BATCH_COLS = (
-    "id, owner, endpoint, input_file_id, completion_window, status, created_at, expires_at, metadata, "
-    "output_expires_after, model, output_file_id, error_file_id, in_progress_at, finalizing_at, completed_at, "
-    "failed_at, expired_at, cancelling_at, cancelled_at, errors, total"
-)
-_SHARD_COLS = (
-    "batch_id, idx, start_off, end_off, first_line, line_count, status, attempt, completed, failed, "
-    "input_tokens, cached_tokens, output_tokens, reasoning_tokens, out_key, err_key, failures, last_error, spans"
-)
-_UNFINISHED = tuple(sorted(str(s) for s in UNFINISHED))
-_UNFINISHED_MARKS = ",".join("?" * len(_UNFINISHED))
+_REPLACE_FILE = sql.INSERT_FILE.replace("INSERT", "INSERT OR REPLACE", 1)
+_UNFINISHED = sql.in_list(UNFINISHED)
 _COUNTS = (
     "SELECT COALESCE(SUM(completed),0), COALESCE(SUM(failed),0), COALESCE(SUM(input_tokens),0), "
     "COALESCE(SUM(cached_tokens),0), COALESCE(SUM(output_tokens),0), COALESCE(SUM(reasoning_tokens),0) "
@@ -84,12 +92,7 @@ _COUNTS = (
 
 def migrations() -> list[tuple[int, str]]:
     """The numbered migrations, in order."""
-    folder = resources.files("batchyard.store") / "migrations" / "sqlite"
-    out = []
-    for entry in folder.iterdir():
-        if entry.name.endswith(".sql"):
-            out.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
-    return sorted(out)
+    return sql.migrations("sqlite")
 
 
 def _statements(sql: str) -> list[str]:
@@ -188,15 +191,13 @@ class SQLiteStore(MetadataStore):
     # -- files ----------------------------------------------------------------------------------------------
     async def insert_file(self, rec: FileRecord) -> None:
         def q(db: sqlite3.Connection) -> None:
-            db.execute(f"INSERT INTO files ({FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)", file_values(rec))
+            db.execute(sql.INSERT_FILE, file_values(rec))
 
         await self._run(q)
 
     async def get_file(self, owner: str | None, file_id: str) -> FileRecord | None:
         def q(db: sqlite3.Connection) -> FileRecord | None:
-            row = db.execute(
-                f"SELECT {FILE_COLS} FROM files WHERE id = ? AND deleted = 0", (file_id,)
-            ).fetchone()
+            row = db.execute(sql.GET_FILE, (file_id,)).fetchone()
             if row is None or (owner is not None and row["owner"] != owner):
                 return None
             return file_from_row(row)
@@ -205,15 +206,13 @@ class SQLiteStore(MetadataStore):
 
     async def insert_upload(self, rec: UploadRecord) -> None:
         def q(db: sqlite3.Connection) -> None:
-            db.execute(
-                f"INSERT INTO uploads ({UPLOAD_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", upload_values(rec)
-            )
+            db.execute(sql.INSERT_UPLOAD, upload_values(rec))
 
         await self._run(q)
 
     async def get_upload(self, owner: str | None, upload_id: str) -> UploadRecord | None:
         def q(db: sqlite3.Connection) -> UploadRecord | None:
-            row = db.execute(f"SELECT {UPLOAD_COLS} FROM uploads WHERE id = ?", (upload_id,)).fetchone()
+            row = db.execute(sql.GET_UPLOAD, (upload_id,)).fetchone()
             if row is None or (owner is not None and row["owner"] != owner):
                 return None
             return upload_from_row(row)
@@ -222,7 +221,7 @@ class SQLiteStore(MetadataStore):
 
     async def insert_upload_part(self, part: UploadPartRecord) -> None:
         def q(db: sqlite3.Connection) -> None:
-            db.execute(f"INSERT INTO upload_parts ({PART_COLS}) VALUES (?,?,?,?,?)", part_values(part))
+            db.execute(sql.INSERT_PART, part_values(part))
 
         await self._run(q)
 
@@ -240,7 +239,8 @@ class SQLiteStore(MetadataStore):
 
         def q(db: sqlite3.Connection) -> list[UploadRecord]:
             rows = db.execute(
-                f"SELECT {UPLOAD_COLS} FROM uploads WHERE status = 'pending' AND expires_at <= ? LIMIT ?",
+                f"SELECT {UPLOAD_COLS} FROM uploads WHERE status = '{UploadStatus.PENDING}' AND expires_at <= ? "
+                "LIMIT ?",
                 (now, limit),
             ).fetchall()
             return [upload_from_row(r) for r in rows]
@@ -248,18 +248,15 @@ class SQLiteStore(MetadataStore):
         return await self._run(q)
 
     async def finish_upload(self, owner: str, upload_id: str, status: str, file: FileRecord | None) -> bool:
+        dst = str(finished_upload(status))
+
         def q(db: sqlite3.Connection) -> bool:
             with self._tx(db):
-                cur = db.execute(
-                    "UPDATE uploads SET status = ?, file_id = ? WHERE id = ? AND owner = ? AND status = 'pending'",
-                    (status, file.id if file else None, upload_id, owner),
-                )
+                cur = db.execute(sql.FINISH_UPLOAD, (dst, file.id if file else None, upload_id, owner))
                 if cur.rowcount != 1:
                     return False
                 if file is not None:
-                    db.execute(
-                        f"INSERT INTO files ({FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)", file_values(file)
-                    )
+                    db.execute(sql.INSERT_FILE, file_values(file))
                 return True
 
         return await self._run(q)
@@ -298,11 +295,8 @@ class SQLiteStore(MetadataStore):
                 ).fetchone()
                 if row is None:
                     return None
-                db.execute("UPDATE files SET deleted = 1 WHERE id = ?", (file_id,))
-                live = db.execute(
-                    f"SELECT 1 FROM batches WHERE input_file_id = ? AND status IN ({_UNFINISHED_MARKS}) LIMIT 1",
-                    (file_id, *_UNFINISHED),
-                ).fetchone()
+                db.execute(sql.MARK_FILE_DELETED, (file_id,))
+                live = db.execute(sql.FILE_IN_USE, (file_id,)).fetchone()
                 return file_from_row(row), live is None
 
         return await self._run(q)
@@ -326,14 +320,14 @@ class SQLiteStore(MetadataStore):
         return batch_from_row(row, c[0], c[1], Usage(c[2], c[3], c[4], c[5]))
 
     def _get_batch(self, db: sqlite3.Connection, batch_id: str) -> BatchRecord | None:
-        row = db.execute(f"SELECT {_BATCH_COLS} FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        row = db.execute(f"SELECT {BATCH_COLS} FROM batches WHERE id = ?", (batch_id,)).fetchone()
         return None if row is None else self._batch(db, row)
 
     def _transition(
         self, db: sqlite3.Connection, batch_id: str, src: BatchStatus, dst: BatchStatus, **fields: Any
     ) -> bool:
         stamp = check_transition(src, dst)
-        sets = {"status": str(dst), **fields}
+        sets: dict[str, Any] = {"status": str(dst), **fields}
         if stamp is not None:
             sets[stamp] = int(self._clock())
         cols = ", ".join(f"{k} = ?" for k in sets)
@@ -347,7 +341,7 @@ class SQLiteStore(MetadataStore):
             db.execute(
                 "INSERT OR IGNORE INTO webhook_events (id, batch_id, owner, type, created_at, next_at) "
                 "SELECT ?, id, owner, ?, ?, ? FROM batches WHERE id = ?",
-                (event_id(), f"batch.{dst}", int(now), now, batch_id),
+                (event_id(), webhook_type(dst), int(now), now, batch_id),
             )
         return True
 
@@ -358,7 +352,8 @@ class SQLiteStore(MetadataStore):
             now = self._clock()
             with self._tx(db):
                 rows = db.execute(
-                    f"SELECT {EVENT_COLS} FROM webhook_events WHERE status = 'pending' AND next_at <= ? "
+                    f"SELECT {EVENT_COLS} FROM webhook_events WHERE status = '{WebhookStatus.PENDING}' "
+                    "AND next_at <= ? "
                     "AND created_at >= ? AND (lease_until IS NULL OR lease_until < ?) ORDER BY seq LIMIT ?",
                     (now, since, now, limit),
                 ).fetchall()
@@ -374,35 +369,17 @@ class SQLiteStore(MetadataStore):
     async def settle_webhook_event(
         self, event_id: str, worker: str, status: str, next_at: float | None, error: str | None
     ) -> bool:
+        dst = str(settled_webhook(status))
+
         def q(db: sqlite3.Connection) -> bool:
-            cur = db.execute(
-                "UPDATE webhook_events SET status = ?, next_at = COALESCE(?, next_at), last_error = ?, "
-                "attempts = attempts + 1, lease_owner = NULL, lease_until = NULL "
-                "WHERE id = ? AND lease_owner = ? AND status = 'pending'",
-                (status, next_at, error, event_id, worker),
-            )
+            cur = db.execute(sql.SETTLE_EVENT, (dst, next_at, error, event_id, worker))
             return cur.rowcount == 1
 
         return await self._run(q)
 
     async def insert_batch(self, rec: BatchRecord) -> None:
         def q(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT INTO batches (id, owner, endpoint, input_file_id, completion_window, status, created_at, "
-                "expires_at, metadata, output_expires_after) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    rec.id,
-                    rec.owner,
-                    rec.endpoint,
-                    rec.input_file_id,
-                    rec.completion_window,
-                    str(rec.status),
-                    rec.created_at,
-                    rec.expires_at,
-                    None if rec.metadata is None else json.dumps(rec.metadata),
-                    rec.output_expires_after,
-                ),
-            )
+            db.execute(sql.INSERT_BATCH, batch_values(rec))
 
         await self._run(q)
 
@@ -427,7 +404,7 @@ class SQLiteStore(MetadataStore):
                 where += " AND seq < ?"
                 args.append(cur[0])
             rows = db.execute(
-                f"SELECT {_BATCH_COLS} FROM batches WHERE {where} ORDER BY seq DESC LIMIT ?",
+                f"SELECT {BATCH_COLS} FROM batches WHERE {where} ORDER BY seq DESC LIMIT ?",
                 (*args, limit + 1),
             ).fetchall()
             return Page([self._batch(db, r) for r in rows[:limit]], len(rows) > limit)
@@ -440,10 +417,11 @@ class SQLiteStore(MetadataStore):
                 b = self._get_batch(db, batch_id)
                 if b is None or b.owner != owner:
                     return None
-                if b.status in (S.VALIDATING, S.IN_PROGRESS):
-                    self._transition(db, batch_id, b.status, S.CANCELLING)
-                    return self._get_batch(db, batch_id)
-                return b
+                dst = on(Step.CANCEL, b.status)
+                if dst is None:
+                    return b
+                self._transition(db, batch_id, b.status, dst)
+                return self._get_batch(db, batch_id)
 
         return await self._run(q)
 
@@ -452,7 +430,7 @@ class SQLiteStore(MetadataStore):
         now = self._clock()
         with self._tx(db):
             row = db.execute(
-                f"SELECT {_BATCH_COLS} FROM batches b WHERE ({where}) "
+                f"SELECT {BATCH_COLS} FROM batches b WHERE ({where}) "
                 "AND (job_owner IS NULL OR job_lease_until < ?) ORDER BY seq LIMIT 1",
                 (now,),
             ).fetchone()
@@ -463,25 +441,18 @@ class SQLiteStore(MetadataStore):
                 (worker, now + lease_s, row["id"]),
             )
             batch = self._batch(db, row)
-            frow = db.execute(
-                f"SELECT {FILE_COLS} FROM files WHERE id = ? AND deleted = 0", (batch.input_file_id,)
-            ).fetchone()
+            frow = db.execute(sql.GET_FILE, (batch.input_file_id,)).fetchone()
             return BatchJob(batch, None if frow is None else file_from_row(frow), now)
 
     async def claim_validation(self, worker: str, lease_s: float) -> BatchJob | None:
-        where = "b.planned = 0 AND b.status IN ('validating', 'cancelling')"
-        return await self._run(lambda db: self._claim_job(db, worker, lease_s, where))
+        return await self._run(lambda db: self._claim_job(db, worker, lease_s, sql.NEEDS_VALIDATION))
 
     async def claim_finalization(self, worker: str, lease_s: float) -> BatchJob | None:
-        where = (
-            "b.planned = 1 AND b.status IN ('in_progress', 'cancelling', 'finalizing') AND NOT EXISTS "
-            "(SELECT 1 FROM shards s WHERE s.batch_id = b.id AND s.status != 'done')"
-        )
-        return await self._run(lambda db: self._claim_job(db, worker, lease_s, where))
+        return await self._run(lambda db: self._claim_job(db, worker, lease_s, sql.NEEDS_FINALIZATION))
 
     def _holds_job(self, db: sqlite3.Connection, batch_id: str, worker: str) -> BatchRecord | None:
         row = db.execute(
-            f"SELECT {_BATCH_COLS} FROM batches WHERE id = ? AND job_owner = ?", (batch_id, worker)
+            f"SELECT {BATCH_COLS} FROM batches WHERE id = ? AND job_owner = ?", (batch_id, worker)
         ).fetchone()
         return None if row is None else self._batch(db, row)
 
@@ -501,7 +472,8 @@ class SQLiteStore(MetadataStore):
         def q(db: sqlite3.Connection) -> bool:
             with self._tx(db):
                 b = self._holds_job(db, batch_id, worker)
-                if b is None or b.status not in (S.VALIDATING, S.CANCELLING):
+                dst = None if b is None else on(Step.PLANNED, b.status)
+                if b is None or dst is None:
                     return False
                 db.executemany(
                     "INSERT INTO shards (batch_id, idx, start_off, end_off, first_line, line_count, spans) "
@@ -511,13 +483,9 @@ class SQLiteStore(MetadataStore):
                         for p in shards
                     ],
                 )
-                db.execute(
-                    "UPDATE batches SET planned = 1, total = ?, model = ?, job_owner = NULL, job_lease_until = NULL "
-                    "WHERE id = ?",
-                    (total, model, batch_id),
-                )
-                if b.status == S.VALIDATING:
-                    self._transition(db, batch_id, S.VALIDATING, S.IN_PROGRESS)
+                db.execute(sql.PLANNED, (total, model, batch_id))
+                if dst != b.status:
+                    self._transition(db, batch_id, b.status, dst)
                 return True
 
         return await self._run(q)
@@ -526,7 +494,8 @@ class SQLiteStore(MetadataStore):
         def q(db: sqlite3.Connection) -> bool:
             with self._tx(db):
                 b = self._holds_job(db, batch_id, worker)
-                if b is None or b.status not in (S.VALIDATING, S.CANCELLING):
+                dst = None if b is None else on(Step.INVALID, b.status)
+                if b is None or dst is None:
                     return False
                 fields = {
                     "errors": json.dumps(errors),
@@ -534,9 +503,7 @@ class SQLiteStore(MetadataStore):
                     "job_owner": None,
                     "job_lease_until": None,
                 }
-                if b.status == S.VALIDATING:
-                    return self._transition(db, batch_id, S.VALIDATING, S.FAILED, **fields)
-                return self._transition(db, batch_id, S.CANCELLING, S.CANCELLED, **fields)
+                return self._transition(db, batch_id, b.status, dst, **fields)
 
         return await self._run(q)
 
@@ -546,27 +513,23 @@ class SQLiteStore(MetadataStore):
                 b = self._holds_job(db, batch_id, worker)
                 if b is None:
                     return None
-                if b.status == S.IN_PROGRESS:
-                    self._transition(db, batch_id, S.IN_PROGRESS, S.FINALIZING)
+                dst = on(Step.FINALIZE, b.status)
+                if dst is not None and dst != b.status:
+                    self._transition(db, batch_id, b.status, dst)
                 return self._get_batch(db, batch_id)
 
         return await self._run(q)
 
     async def done_shards(self, batch_id: str) -> list[ShardRecord]:
         def q(db: sqlite3.Connection) -> list[ShardRecord]:
-            rows = db.execute(
-                f"SELECT {_SHARD_COLS} FROM shards WHERE batch_id = ? AND status = 'done' ORDER BY idx",
-                (batch_id,),
-            ).fetchall()
+            rows = db.execute(sql.DONE_SHARDS, (batch_id,)).fetchall()
             return [shard_from_row(r) for r in rows]
 
         return await self._run(q)
 
     async def batch_expired_lines(self, batch_id: str) -> int:
         def q(db: sqlite3.Connection) -> int:
-            row = db.execute(
-                "SELECT COALESCE(SUM(expired), 0) FROM shards WHERE batch_id = ?", (batch_id,)
-            ).fetchone()
+            row = db.execute(sql.EXPIRED_LINES, (batch_id,)).fetchone()
             return int(row[0])
 
         return await self._run(q)
@@ -586,10 +549,7 @@ class SQLiteStore(MetadataStore):
                     return False
                 for f in (output_file, error_file):
                     if f is not None:
-                        db.execute(
-                            f"INSERT OR REPLACE INTO files ({FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                            file_values(f),
-                        )
+                        db.execute(_REPLACE_FILE, file_values(f))
                 return self._transition(
                     db,
                     batch_id,
@@ -611,37 +571,17 @@ class SQLiteStore(MetadataStore):
                 # Cancelling batches first (they only drain), then the batch with the fewest running shards,
                 # oldest first: a small batch is not starved behind a big one.
                 row = db.execute(
-                    f"SELECT {', '.join('s.' + c.strip() for c in _SHARD_COLS.split(','))}, "
-                    "b.status AS bstatus, b.endpoint, b.expires_at, f.blob_key "
+                    f"SELECT {prefixed('s', SHARD_FIELDS)}, b.status AS bstatus, b.endpoint, b.expires_at, f.blob_key "
                     "FROM shards s JOIN batches b ON b.id = s.batch_id JOIN files f ON f.id = b.input_file_id "
-                    "WHERE b.status IN ('in_progress', 'cancelling') "
-                    "AND ((s.status = 'pending' AND (s.retry_at IS NULL OR s.retry_at <= ?)) "
-                    " OR (s.status = 'running' AND s.lease_until < ?)) "
-                    "ORDER BY b.status = 'cancelling' DESC, "
-                    "(SELECT COUNT(*) FROM shards r WHERE r.batch_id = s.batch_id AND r.status = 'running' "
-                    " AND r.lease_until >= ?), b.seq, s.idx LIMIT 1",
+                    f"WHERE {sql.CLAIMABLE_BATCH} AND {sql.claimable_shard('?')} "
+                    f"ORDER BY {sql.DRAINING_FIRST}, {sql.running_shards('?')}, b.seq, s.idx LIMIT 1",
                     (now, now, now),
                 ).fetchone()
                 if row is None:
                     return None
                 attempt = row["attempt"] + 1
-                db.execute(
-                    "UPDATE shards SET status = 'running', attempt = ?, lease_owner = ?, lease_until = ?, "
-                    f"{NO_PROGRESS} WHERE batch_id = ? AND idx = ?",
-                    (attempt, worker, now + lease_s, row["batch_id"], row["idx"]),
-                )
-                shard = shard_from_row(row)
-                shard.status, shard.attempt = "running", attempt
-                return ShardClaim(
-                    shard=shard,
-                    attempt=attempt,
-                    worker=worker,
-                    batch_status=S(row["bstatus"]),
-                    endpoint=row["endpoint"],
-                    expires_at=row["expires_at"],
-                    input_blob_key=row["blob_key"],
-                    db_now=now,
-                )
+                db.execute(sql.TAKE_SHARD, (attempt, worker, now + lease_s, row["batch_id"], row["idx"]))
+                return claim_from_row(row, attempt, worker, now)
 
         return await self._run(q)
 
@@ -653,21 +593,8 @@ class SQLiteStore(MetadataStore):
             with self._tx(db):
                 cur = db.execute(
                     "UPDATE shards SET lease_until = ?, completed = ?, failed = ?, input_tokens = ?, "
-                    "cached_tokens = ?, output_tokens = ?, reasoning_tokens = ? "
-                    "WHERE batch_id = ? AND idx = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
-                    (
-                        now + lease_s,
-                        completed,
-                        failed,
-                        usage.input_tokens,
-                        usage.cached_tokens,
-                        usage.output_tokens,
-                        usage.reasoning_tokens,
-                        claim.shard.batch_id,
-                        claim.shard.index,
-                        claim.attempt,
-                        claim.worker,
-                    ),
+                    f"cached_tokens = ?, output_tokens = ?, reasoning_tokens = ? WHERE {sql.FENCE}",
+                    (now + lease_s, completed, failed, *usage_values(usage), *fence(claim)),
                 )
                 if cur.rowcount != 1:
                     return None
@@ -682,19 +609,11 @@ class SQLiteStore(MetadataStore):
         self, claim: ShardClaim, *, retry_in: float = 0.0, failure: str | None = None
     ) -> None:
         def q(db: sqlite3.Connection) -> None:
+            retry_at = self._clock() + retry_in if retry_in > 0 else None
             db.execute(
                 f"UPDATE shards SET {RELEASED}, retry_at = ?, failures = failures + ?, "
-                "last_error = COALESCE(?, last_error) "
-                "WHERE batch_id = ? AND idx = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
-                (
-                    self._clock() + retry_in if retry_in > 0 else None,
-                    0 if failure is None else 1,
-                    failure,
-                    claim.shard.batch_id,
-                    claim.shard.index,
-                    claim.attempt,
-                    claim.worker,
-                ),
+                f"last_error = COALESCE(?, last_error) WHERE {sql.FENCE}",
+                (retry_at, 0 if failure is None else 1, failure, *fence(claim)),
             )
 
         await self._run(q)
@@ -702,14 +621,8 @@ class SQLiteStore(MetadataStore):
     async def release_worker(self, worker: str) -> int:
         def q(db: sqlite3.Connection) -> int:
             with self._tx(db):
-                cur = db.execute(
-                    f"UPDATE shards SET {CRASHED} WHERE lease_owner = ? AND status = 'running'",
-                    (worker,),
-                )
-                db.execute(
-                    "UPDATE batches SET job_owner = NULL, job_lease_until = NULL WHERE job_owner = ?",
-                    (worker,),
-                )
+                cur = db.execute(sql.RELEASE_WORKER_SHARDS, (worker,))
+                db.execute(sql.RELEASE_WORKER_JOBS, (worker,))
                 return cur.rowcount
 
         return await self._run(q)
@@ -719,48 +632,22 @@ class SQLiteStore(MetadataStore):
 
         def q(db: sqlite3.Connection) -> None:
             with self._tx(db):
-                db.execute(
-                    "UPDATE shards SET status = 'pending', lease_owner = NULL, lease_until = NULL "
-                    "WHERE status = 'running'"
-                )
+                db.execute(sql.RELEASE_ALL_SHARDS)
                 db.execute("UPDATE batches SET job_owner = NULL, job_lease_until = NULL")
 
         await self._run(q)
 
     async def release_job(self, batch_id: str, worker: str) -> None:
         def q(db: sqlite3.Connection) -> None:
-            db.execute(
-                "UPDATE batches SET job_owner = NULL, job_lease_until = NULL WHERE id = ? AND job_owner = ?",
-                (batch_id, worker),
-            )
+            db.execute(sql.RELEASE_JOB, (batch_id, worker))
 
         await self._run(q)
 
     async def complete_shard(self, claim: ShardClaim, result: ShardResult, expired: int) -> bool:
         def q(db: sqlite3.Connection) -> bool:
-            u = result.usage
             with self._tx(db):
-                cur = db.execute(
-                    "UPDATE shards SET status = 'done', lease_owner = NULL, lease_until = NULL, completed = ?, "
-                    "failed = ?, expired = ?, input_tokens = ?, cached_tokens = ?, output_tokens = ?, "
-                    "reasoning_tokens = ?, out_key = ?, err_key = ? "
-                    "WHERE batch_id = ? AND idx = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
-                    (
-                        result.completed,
-                        result.failed,
-                        expired,
-                        u.input_tokens,
-                        u.cached_tokens,
-                        u.output_tokens,
-                        u.reasoning_tokens,
-                        result.out_key,
-                        result.err_key,
-                        claim.shard.batch_id,
-                        claim.shard.index,
-                        claim.attempt,
-                        claim.worker,
-                    ),
-                )
+                values = (result.completed, result.failed, expired, *usage_values(result.usage))
+                cur = db.execute(sql.COMPLETE_SHARD, (*values, result.out_key, result.err_key, *fence(claim)))
                 return cur.rowcount == 1
 
         return await self._run(q)
@@ -777,7 +664,8 @@ class SQLiteStore(MetadataStore):
                 (owner, now),
             ).fetchone()
             uploads = db.execute(
-                "SELECT COUNT(*) FROM uploads WHERE owner = ? AND status = 'pending' AND expires_at > ?",
+                f"SELECT COUNT(*) FROM uploads WHERE owner = ? AND status = '{UploadStatus.PENDING}' "
+                "AND expires_at > ?",
                 (owner, now),
             ).fetchone()
             batches = db.execute(
@@ -791,22 +679,13 @@ class SQLiteStore(MetadataStore):
     # blob lifecycle (sweeper)
     async def removable_deleted_files(self, limit: int) -> list[FileRecord]:
         def q(db: sqlite3.Connection) -> list[FileRecord]:
-            rows = db.execute(
-                f"SELECT {FILE_COLS} FROM files f WHERE deleted = 1 AND blob_removed = 0 AND NOT EXISTS "
-                f"(SELECT 1 FROM batches b WHERE b.input_file_id = f.id AND b.status IN ({_UNFINISHED_MARKS})) "
-                "ORDER BY seq LIMIT ?",
-                (*_UNFINISHED, limit),
-            ).fetchall()
+            rows = db.execute(sql.REMOVABLE_DELETED_FILES, (limit,)).fetchall()
             return [file_from_row(r) for r in rows]
 
         return await self._run(q)
 
     async def forget_file_blob(self, file_id: str) -> None:
-        await self._run(
-            lambda db: db.execute(
-                "UPDATE files SET blob_removed = 1 WHERE id = ? AND deleted = 1", (file_id,)
-            )
-        )
+        await self._run(lambda db: db.execute(sql.FORGET_FILE_BLOB, (file_id,)))
 
     async def needed_blob_keys(self, keys: Sequence[str]) -> set[str]:
         def q(db: sqlite3.Connection) -> set[str]:
@@ -817,7 +696,7 @@ class SQLiteStore(MetadataStore):
                 rows = db.execute(
                     f"SELECT blob_key FROM files WHERE blob_removed = 0 AND blob_key IN ({marks}) "
                     "UNION SELECT p.blob_key FROM upload_parts p JOIN uploads u ON u.id = p.upload_id "
-                    f"WHERE u.status = 'pending' AND p.blob_key IN ({marks})",
+                    f"WHERE u.status = '{UploadStatus.PENDING}' AND p.blob_key IN ({marks})",
                     (*chunk, *chunk),
                 ).fetchall()
                 needed.update(r[0] for r in rows)
@@ -831,8 +710,8 @@ class SQLiteStore(MetadataStore):
             for i in range(0, len(batch_ids), 500):
                 chunk = list(batch_ids[i : i + 500])
                 rows = db.execute(
-                    f"SELECT id FROM batches WHERE id IN ({','.join('?' * len(chunk))}) AND status IN ({_UNFINISHED_MARKS})",
-                    (*chunk, *_UNFINISHED),
+                    f"SELECT id FROM batches WHERE id IN ({sql.marks(len(chunk))}) AND status IN {_UNFINISHED}",
+                    chunk,
                 ).fetchall()
                 live.update(r[0] for r in rows)
             return set(batch_ids) - live
