@@ -1,150 +1,394 @@
-"""Settings shared by the server, the worker and the one-shot runner."""
+"""Settings shared by the server, the worker and the one-shot runner: one model.
+
+Each field holds its default and its check once. A field with an `Option` is also a command-line option
+(`--name`), an environment variable (`BATCHYARD_NAME`) and a key of the `--config` TOML file (`name` or `na-me`);
+`batchyard.settings_sources.load` layers them: flag > environment > file > default. `Settings(...)` itself reads
+nothing but its arguments. `python -m batchyard.settings_sources --markdown` prints the table in docs/configuration.md.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from batchyard.domain import limits
+from batchyard.settings_fields import (
+    COMMAND_SCOPES,
+    ENV_PREFIX,
+    Option,
+    Positive,
+    RouteList,
+    Scope,
+    Words,
+    _auto_or_count,
+    _existing_file,
+    _http_url,
+    _models,
+    _not_a_file,
+    _webhook_secret,
+    _webhook_urls,
+    parse_route,
+)
+
+__all__ = [
+    "COMMAND_SCOPES",
+    "ENV_PREFIX",
+    "Option",
+    "Scope",
+    "ServeSwitches",
+    "Settings",
+    "UpstreamSpec",
+    "parse_route",
+]
 
 
-def _optional_int(value: Any, what: str) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{what} must be an integer")
-    return value
-
-
-@dataclass(slots=True)
-class UpstreamSpec:
+class UpstreamSpec(BaseModel):
     """One `[[upstreams]]` table of the TOML config."""
 
-    base_url: str
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    base_url: Annotated[str, AfterValidator(_http_url)]
     name: str | None = None
     api_key_env: str | None = None  # the key is read from this environment variable, never from the file
-    models: list[str] = field(default_factory=lambda: ["*"])  # names or globs
-    weight: float = 1.0
-    max_concurrency: int | None = None  # None ("auto"): adaptive
-    rpm: float | None = None
-    tpm: float | None = None
-    timeout: float | None = None
+    models: Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(_models)] = Field(
+        default_factory=lambda: ["*"]
+    )  # names or globs
+    weight: Positive = 1.0
+    max_concurrency: Annotated[int | None, _auto_or_count(sys.maxsize)] = None  # None ("auto"): adaptive
+    rpm: Positive | None = None
+    tpm: Positive | None = None
+    timeout: Positive | None = None
     priority: int | None = None  # vLLM `priority` hint added to requests that have none
 
+
+class _Model(BaseSettings):
+    """Frozen, nothing unknown, and built from its arguments only (`load` adds the flags, env and file)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        frozen=True,
+        extra="forbid",
+        env_ignore_empty=True,
+        enable_decoding=False,  # a repeatable option's variable holds words, not JSON
+        validate_by_name=True,
+    )
+
     @classmethod
-    def parse(cls, raw: dict[str, Any], index: int) -> UpstreamSpec:
-        where = f"[[upstreams]] #{index + 1}"
-        known = {
-            "base_url",
-            "name",
-            "api_key_env",
-            "models",
-            "weight",
-            "max_concurrency",
-            "rpm",
-            "tpm",
-            "timeout",
-            "priority",
-        }
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
-        url = raw.get("base_url")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ValueError(f"{where}: base_url must be an http(s) URL")
-        models = raw.get("models", ["*"])
-        if isinstance(models, str):
-            models = [models]
-        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
-            raise ValueError(f"{where}: models must be a list of names or globs")
-        mc = raw.get("max_concurrency", "auto")
-        if mc != "auto" and not (isinstance(mc, int) and mc >= 1):
-            raise ValueError(f'{where}: max_concurrency must be a positive integer or "auto"')
-        for key in ("weight", "rpm", "tpm", "timeout"):
-            v = raw.get(key)
-            if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or v <= 0):
-                raise ValueError(f"{where}: {key} must be a positive number")
-        return cls(
-            base_url=url,
-            name=raw.get("name"),
-            api_key_env=raw.get("api_key_env"),
-            models=list(models),
-            weight=float(raw.get("weight", 1.0)),
-            max_concurrency=None if mc == "auto" else int(mc),
-            rpm=raw.get("rpm"),
-            tpm=raw.get("tpm"),
-            timeout=raw.get("timeout"),
-            priority=_optional_int(raw.get("priority"), f"{where}: priority"),
-        )
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
 
 
-@dataclass(slots=True)
-class Settings:
-    data_dir: Path = Path("./batchyard-data")
-    host: str = "127.0.0.1"
-    port: int = 8000
+EXECUTION: Literal["execution"] = "execution"
+STATE: Literal["state"] = "state"
+SERVE: Literal["serve"] = "serve"
+
+
+class Settings(_Model):
+    # -- the upstreams (execution) --
     # (model pattern or None for every model, base URL)
-    upstreams: list[tuple[str | None, str]] = field(default_factory=list)
-    upstream_api_key: str | None = None
-    upstream_specs: list[UpstreamSpec] = field(default_factory=list)  # [[upstreams]] from the config file
+    upstreams: Annotated[
+        RouteList,
+        Option(
+            EXECUTION,
+            "[MODEL=]URL of an OpenAI-compatible base URL ending in /v1; MODEL may be a glob. Repeatable.",
+            flag="--upstream",
+            metavar="[MODEL=]URL",
+        ),
+    ] = Field(default_factory=list, validation_alias="BATCHYARD_UPSTREAM")
+    upstream_api_key: Annotated[str | None, Option(EXECUTION, "Bearer key sent to the upstreams.")] = None
+    upstream_specs: list[UpstreamSpec] = Field(default_factory=list)  # [[upstreams]] from the config file
     # the embedded engine: None = on when no upstream is configured
-    embedded: bool | None = None
-    model_path: str | None = None  # a local GGUF served as the chat model instead of SmolLM2-135M
-    embedded_slots: int = 4
-    local_models: dict[str, str] = field(
+    embedded: Annotated[
+        bool | None,
+        Option(
+            EXECUTION,
+            "Serve the embedded engine (smollm2-135m-instruct, multilingual-e5-small) beside the upstreams.",
+            flag="--embedded/--no-embedded",
+            default_text="on when no --upstream is given",
+        ),
+    ] = None
+    # a local GGUF served as the chat model instead of SmolLM2-135M
+    model_path: Annotated[
+        str | None,
+        AfterValidator(_existing_file),
+        Option(
+            EXECUTION,
+            "A local GGUF served by the embedded engine (named after its file) instead of SmolLM2-135M.",
+            metavar="FILE",
+        ),
+    ] = None
+    embedded_slots: Annotated[
+        int, Field(ge=1, le=64), Option(EXECUTION, "Requests the embedded engine generates at once.")
+    ] = 4
+    # [models] name = "/path/to.gguf", served embedded
+    local_models: dict[Annotated[str, Field(min_length=1)], Annotated[str, Field(min_length=1)]] = Field(
         default_factory=dict
-    )  # [models] name = "/path/to.gguf", served embedded
-    api_keys: list[str] = field(default_factory=list)
-    insecure_no_auth: bool = False
-    run_worker: bool = True
+    )
+    # -- the API (serve) --
+    host: Annotated[str, Option(SERVE, "Address to bind.")] = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535), Option(SERVE, "Port to bind.")] = 8000
+    api_keys: Annotated[
+        Words,
+        Option(
+            SERVE,
+            "Require 'Authorization: Bearer KEY' on /v1 routes. Repeatable; each key is its own owner.",
+            flag="--api-key",
+            metavar="KEY",
+        ),
+    ] = Field(default_factory=list, validation_alias="BATCHYARD_API_KEY")
+    run_worker: bool = True  # set by serve's --no-worker
     # "thread": a worker in this process on its own loop; "process": a child process (what `serve` uses)
-    worker_mode: str = "thread"
+    worker_mode: Literal["thread", "process"] = "thread"
+    # -- where state lives (serve, worker) --
+    data_dir: Annotated[
+        Path,
+        AfterValidator(_not_a_file),
+        Option(
+            STATE,
+            "Directory for the SQLite database and stored files (when no URL below says otherwise).",
+            metavar="DIRECTORY",
+        ),
+    ] = Path("./batchyard-data")
     # worker processes `serve` (process mode) and `worker` run; None: auto (see `resolved_workers`)
-    workers: int | None = 1
-    log_level: str = "info"
-    database_url: str | None = None  # sqlite:///path or postgresql://...; default: SQLite in data_dir
-    storage_url: str | None = None  # file:///path or s3://bucket/prefix; default: data_dir/blobs
-    # execution
-    concurrency: int | None = None  # lines in flight per upstream; None: adaptive, up to max_concurrency
-    max_concurrency: int = 512
-    initial_concurrency: int = 64  # where the automatic concurrency starts
-    shard_lines: int = 1000  # lines per shard
+    workers: Annotated[
+        int | None,
+        _auto_or_count(256),
+        Option(
+            STATE,
+            "Worker processes: a number, or 'auto' for one per CPU core up to 4 (1 when a model is loaded in "
+            "process: the embedded engine or [models]). The per-upstream limits (--concurrency, "
+            "--max-concurrency, max_concurrency, rpm, tpm) are split between them, so a batch of one shard gets "
+            "only its process's share; one process drives ~18,000 lines/s against a zero-cost upstream "
+            "(bench/p1_throughput.py).",
+            doc="worker processes of `serve` and `worker`; `auto`: one per core up to 4 (1 when the embedded "
+            "engine or a `[models]` GGUF is served). The per-upstream limits (`--concurrency`, "
+            "`--max-concurrency`, `max_concurrency`, `rpm`, `tpm`) are totals split between them, so a batch of "
+            "one shard only gets its process's share: raise it only when one process's CPU is the bottleneck "
+            "(~18,000 lines/s against a zero-cost upstream, `bench/p1_throughput.py`)",
+            metavar="N|auto",
+        ),
+    ] = 1
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], Option(EXECUTION, "Log level.")] = (
+        "info"
+    )
+    database_url: Annotated[
+        str | None,
+        Option(
+            STATE,
+            "Metadata store: sqlite:///PATH (default: DATA_DIR/batchyard.sqlite3) or postgresql://USER@HOST/DB.",
+        ),
+    ] = None
+    storage_url: Annotated[
+        str | None,
+        Option(
+            STATE,
+            "Blob store: file:///PATH (default: DATA_DIR/blobs) or s3://BUCKET/PREFIX (endpoint and credentials "
+            "from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).",
+        ),
+    ] = None
+    # -- execution --
+    concurrency: Annotated[
+        int | None,
+        _auto_or_count(65536),
+        Option(
+            EXECUTION,
+            "Requests in flight per upstream: a number, or 'auto' to find the upstream's capacity (AIMD on "
+            "429/503/timeouts and rising latency).",
+            doc="requests in flight per upstream; `auto` = AIMD with slow start, a latency gradient and "
+            "429/503/timeout back-off, between 1 and `--max-concurrency`",
+            default_text="auto",
+            metavar="N|auto",
+        ),
+    ] = None
+    max_concurrency: Annotated[
+        int, Field(ge=1, le=65536), Option(EXECUTION, "Ceiling of the automatic concurrency.")
+    ] = 512
+    initial_concurrency: int = Field(default=64, ge=1)  # where the automatic concurrency starts
+    shard_lines: Annotated[
+        int,
+        Field(ge=1, le=1_000_000),
+        Option(EXECUTION, "Request lines per shard (the unit of claiming, retrying and committing)."),
+    ] = 1000
     # and bytes per shard at most (a shard is read into memory whole: 1000 lines of 200 KB would be 200 MB)
     shard_bytes: int = 16 * 1024 * 1024
-    max_shards: int = 4  # shards one worker runs at once
-    lease_seconds: float = 30.0
-    prefix_ordering: bool = (
-        True  # dispatch requests sharing a prompt prefix together (KV-cache reuse upstream)
-    )
-    attempt_timeout: float = 600.0  # overall deadline for one upstream attempt
-    max_retries: int = 6
-    cancel_grace: float = 30.0  # in-flight lines of a cancelled/expired batch get this long to finish
+    max_shards: Annotated[
+        int, Field(ge=1, le=256), Option(EXECUTION, "Shards each worker process runs at once.")
+    ] = 4
+    lease_seconds: Annotated[
+        float,
+        Field(ge=0.5, le=3600),
+        Option(EXECUTION, "Lease of a claimed shard; a dead worker's shards are taken over after it."),
+    ] = 30.0
+    prefix_ordering: Annotated[
+        bool,
+        Option(
+            EXECUTION,
+            "Within a shard, dispatch requests that share a prompt prefix together (prefix-cache reuse).",
+            doc="within a shard, send requests sharing a prompt prefix together (KV-cache reuse on vLLM/SGLang)",
+            flag="--prefix-ordering/--no-prefix-ordering",
+        ),
+    ] = True
+    attempt_timeout: Annotated[
+        float,
+        Field(ge=0.1, le=86400),
+        Option(EXECUTION, "Overall deadline of one upstream attempt, body included."),
+    ] = 600.0
+    max_retries: Annotated[
+        int,
+        Field(ge=0, le=100),
+        Option(
+            EXECUTION,
+            "Retries of 408/409/429/5xx and connection errors per line.",
+            doc="retries of 408/409/429/5xx and connection errors (a positive Retry-After honoured up to 60 s; "
+            "else exponential backoff with jitter from 0.5 s — from 50 ms for `Retry-After: 0`, so a full "
+            "upstream is not hammered)",
+        ),
+    ] = 6
+    cancel_grace: Annotated[
+        float,
+        Field(ge=0, le=3600),
+        Option(EXECUTION, "Seconds in-flight lines of a cancelled or expired batch get to finish."),
+    ] = 30.0
     poll_interval: float = 0.5
     # webhooks (batch.completed / failed / expired / cancelled), signed with webhook_secret
-    webhook_urls: list[str] = field(default_factory=list)
-    webhook_secret: str | None = None
-    # limits
-    max_lines: int = limits.MAX_INPUT_LINES
-    max_batch_file_bytes: int = limits.MAX_BATCH_FILE_BYTES
+    webhook_urls: Annotated[
+        list[str],
+        BeforeValidator(_webhook_urls),
+        Option(
+            STATE,
+            "URL that receives the batch webhooks (batch.completed, batch.failed, batch.expired, "
+            "batch.cancelled), signed as OpenAI signs them. Repeatable.",
+            flag="--webhook-url",
+            metavar="URL",
+        ),
+    ] = Field(default_factory=list, validation_alias="BATCHYARD_WEBHOOK_URL")
+    webhook_secret: Annotated[
+        str | None,
+        AfterValidator(_webhook_secret),
+        Option(
+            STATE,
+            "Signing secret of the webhooks (whsec_<base64>, as OpenAI's; verify with the openai SDK's "
+            "client.webhooks.unwrap). Required with --webhook-url.",
+            doc="signing secret of the webhooks (`whsec_<base64>`; prefer `BATCHYARD_WEBHOOK_SECRET` to the "
+            "command line); see docs/api.md",
+        ),
+    ] = None
+    # -- limits --
+    max_lines: Annotated[
+        int,
+        Field(ge=1, le=100_000_000),
+        Option(EXECUTION, "Most request lines in one batch input file (OpenAI's limit, raisable)."),
+    ] = limits.MAX_INPUT_LINES
+    max_batch_file_bytes: Annotated[
+        int,
+        Field(ge=1),
+        Option(
+            SERVE,
+            "Largest input file for purpose 'batch' (larger uploads get 413; OpenAI's limit, raisable).",
+        ),
+    ] = limits.MAX_BATCH_FILE_BYTES
     max_file_bytes: int = limits.MAX_FILE_BYTES
-    max_response_bytes: int = 64 * 1024 * 1024
+    max_response_bytes: Annotated[
+        int,
+        Field(ge=1024),
+        Option(
+            EXECUTION, "Largest upstream response body; a larger one ends the line as upstream_too_large."
+        ),
+    ] = 64 * 1024 * 1024
     # per-key caps (0: no limit); beyond one the API answers 429 insufficient_quota
-    max_stored_bytes_per_key: int = limits.MAX_STORED_BYTES_PER_KEY
-    max_files_per_key: int = limits.MAX_FILES_PER_KEY
-    max_pending_uploads_per_key: int = limits.MAX_PENDING_UPLOADS_PER_KEY
-    max_active_batches_per_key: int = limits.MAX_ACTIVE_BATCHES_PER_KEY
+    max_stored_bytes_per_key: Annotated[
+        int,
+        Field(ge=0),
+        Option(
+            SERVE,
+            "Bytes of live files one API key may hold (uploads and batch outputs; 0: no limit); beyond it, 429.",
+        ),
+    ] = limits.MAX_STORED_BYTES_PER_KEY
+    max_files_per_key: Annotated[
+        int, Field(ge=0), Option(SERVE, "Live files one API key may hold (0: no limit); beyond it, 429.")
+    ] = limits.MAX_FILES_PER_KEY
+    max_pending_uploads_per_key: Annotated[
+        int,
+        Field(ge=0),
+        Option(
+            SERVE, "Uploads (/v1/uploads) one API key may have pending at once (0: no limit); beyond it, 429."
+        ),
+    ] = limits.MAX_PENDING_UPLOADS_PER_KEY
+    max_active_batches_per_key: Annotated[
+        int,
+        Field(ge=0),
+        Option(SERVE, "Batches one API key may have not yet finished (0: no limit); beyond it, 429."),
+    ] = limits.MAX_ACTIVE_BATCHES_PER_KEY
     # HTTP edge (api/server.py): beyond a head limit 431; a head must arrive within head_timeout; idle keep-alive
     # connections close after keep_alive_timeout; at max_connections the oldest idle connection makes room
-    max_head_bytes: int = 64 * 1024
-    max_headers: int = 100
-    head_timeout: float = 10.0
-    keep_alive_timeout: float = 5.0
-    max_connections: int = 1000
-    body_timeout: float = 60.0  # a request body with no byte for this long is cut
+    max_head_bytes: Annotated[
+        int,
+        Field(ge=1024),
+        Option(
+            SERVE,
+            "Largest request head (request line and headers); beyond it, 431 and the connection is closed.",
+            doc="largest request head (request line and headers); beyond it 431 `request_header_fields_too_large`"
+            " and the connection is closed (counted as bytes arrive: memory stays bounded)",
+        ),
+    ] = 64 * 1024
+    max_headers: Annotated[
+        int,
+        Field(ge=1),
+        Option(SERVE, "Most headers in one request; beyond it, 431 and the connection is closed."),
+    ] = 100
+    head_timeout: Annotated[
+        float,
+        Field(ge=0.1, le=3600),
+        Option(
+            SERVE,
+            "Seconds a client has to send a whole request head (from the connection or the head's first byte).",
+            doc="seconds to send a whole head, from the connection (or the head's first byte on a keep-alive "
+            "connection); then 408 and close (a silent close when nothing came)",
+        ),
+    ] = 10.0
+    keep_alive_timeout: Annotated[
+        float, Field(ge=0.1, le=3600), Option(SERVE, "Seconds an idle keep-alive connection stays open.")
+    ] = 5.0
+    max_connections: Annotated[
+        int,
+        Field(ge=1),
+        Option(
+            SERVE,
+            "Open connections; at the bound a new one closes the oldest idle one (503 if every one is busy).",
+            doc="open connections; at the bound a new one closes the oldest idle one (no request in flight), as "
+            "nginx reuses keep-alive connections; 503 `too_many_connections` only when every connection has a "
+            "request in flight",
+        ),
+    ] = 1000
+    body_timeout: Annotated[
+        float,
+        Field(ge=0.1, le=3600),
+        Option(
+            SERVE,
+            "Seconds a request body may go without a byte before the connection is cut.",
+            doc="seconds a request body may go without a byte (time while the server paused reading does not "
+            "count); then the connection is cut and a partial upload removed",
+        ),
+    ] = 60.0
+
+    @model_validator(mode="after")
+    def _secret_with_urls(self) -> Settings:
+        if self.webhook_urls and not self.webhook_secret:
+            raise ValueError("--webhook-url needs --webhook-secret (or BATCHYARD_WEBHOOK_SECRET)")
+        return self
 
     @property
     def database_path(self) -> Path:
@@ -177,6 +421,10 @@ class Settings:
             return 1
         return max(1, min(os.cpu_count() or 1, 4))
 
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with `changes`, checked like the original."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
     def share(self, n: int) -> Settings:
         """The settings of one of `n` worker processes that together honour this process's limits: the limits
         that are per upstream (concurrency, where the automatic one starts and its ceiling, max_concurrency, rpm, tpm)
@@ -188,19 +436,40 @@ class Settings:
             return None if v is None else max(1, math.ceil(v / n))
 
         specs = [
-            dataclasses.replace(
-                s,
-                max_concurrency=split(s.max_concurrency),
-                rpm=None if s.rpm is None else s.rpm / n,
-                tpm=None if s.tpm is None else s.tpm / n,
+            s.model_copy(
+                update={
+                    "max_concurrency": split(s.max_concurrency),
+                    "rpm": None if s.rpm is None else s.rpm / n,
+                    "tpm": None if s.tpm is None else s.tpm / n,
+                }
             )
             for s in self.upstream_specs
         ]
-        return dataclasses.replace(
-            self,
-            workers=1,
-            concurrency=split(self.concurrency),
-            max_concurrency=split(self.max_concurrency) or 1,
-            initial_concurrency=split(self.initial_concurrency) or 1,
-            upstream_specs=specs,
+        return self.model_copy(
+            update={
+                "workers": 1,
+                "concurrency": split(self.concurrency),
+                "max_concurrency": split(self.max_concurrency) or 1,
+                "initial_concurrency": split(self.initial_concurrency) or 1,
+                "upstream_specs": specs,
+            }
         )
+
+
+class ServeSwitches(_Model):
+    """Switches of `serve` that decide how it builds its Settings; they are not settings themselves."""
+
+    insecure_no_auth: Annotated[
+        bool, Option(SERVE, "Allow binding a non-loopback address with no --api-key.")
+    ] = False
+    no_worker: Annotated[
+        bool, Option(SERVE, "Serve the API only (no batch execution).", flag="--no-worker")
+    ] = False
+    worker_in_process: Annotated[
+        bool,
+        Option(
+            SERVE,
+            "Run one worker on a thread of the API process instead of --workers child processes (slower under "
+            "load).",
+        ),
+    ] = False

@@ -13,7 +13,7 @@ from click.testing import CliRunner, Result
 
 from batchyard.cli import main as cli_main
 from batchyard.cli.main import _is_loopback, cli, parse_upstream
-from batchyard.config import Settings
+from batchyard.config import Settings, UpstreamSpec
 
 
 @pytest.fixture(autouse=True)
@@ -142,8 +142,10 @@ def test_public_host_with_a_key_starts(started: list[Settings], tmp_path: Path) 
 def test_public_host_with_insecure_no_auth_starts(started: list[Settings]) -> None:
     result = invoke("serve", "--host", "0.0.0.0", "--insecure-no-auth")
     assert result.exit_code == 0, result.output
-    assert started[0].insecure_no_auth is True
+    # the switch only lifts the guard (it is not a setting: Settings has no insecure_no_auth any more)
+    assert [s.host for s in started] == ["0.0.0.0"]
     assert started[0].api_keys == []
+    assert not hasattr(started[0], "insecure_no_auth")
 
 
 def test_loopback_without_keys_starts(started: list[Settings]) -> None:
@@ -287,3 +289,175 @@ def test_unreadable_config_is_a_usage_error(started: list[Settings], tmp_path: P
     assert result.exit_code == 2
     assert "cannot read" in result.output
     assert started == []
+
+
+# -- one settings model: precedence, tables, errors -----------------------------------------------------------
+
+
+def test_precedence_is_flag_then_env_then_file_then_default(started: list[Settings], tmp_path: Path) -> None:
+    cfg = tmp_path / "batchyard.toml"
+    cfg.write_text("shard-lines = 25\nmax-shards = 9\nmax_retries = 2\n")
+    env = {"BATCHYARD_SHARD_LINES": "7", "BATCHYARD_MAX_SHARDS": "5"}
+    result = invoke("serve", "--config", str(cfg), "--shard-lines", "3", env=env)
+    assert result.exit_code == 0, result.output
+    s = started[0]
+    assert (s.shard_lines, s.max_shards, s.max_retries, s.lease_seconds) == (3, 5, 2, 30.0)
+
+
+def test_config_file_from_the_environment(started: list[Settings], tmp_path: Path) -> None:
+    cfg = tmp_path / "batchyard.toml"
+    cfg.write_text("port = 9402\n")
+    result = invoke("serve", env={"BATCHYARD_CONFIG": str(cfg)})
+    assert result.exit_code == 0, result.output
+    assert started[0].port == 9402
+
+
+def test_config_tables_upstreams_with_every_field_and_models(started: list[Settings], tmp_path: Path) -> None:
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    cfg = tmp_path / "batchyard.toml"
+    cfg.write_text(
+        "[[upstreams]]\n"
+        'name = "a"\nbase_url = "http://10.0.0.5:8000/v1"\napi_key_env = "A_KEY"\nmodels = ["llama-3*"]\n'
+        "weight = 2\nmax_concurrency = 6\nrpm = 600\ntpm = 90000\ntimeout = 300\npriority = -1\n"
+        "[[upstreams]]\n"
+        'base_url = "https://b/v1"\nmax_concurrency = "auto"\n'
+        f'[models]\n"tiny-a" = "{gguf}"\n'
+    )
+    result = invoke("serve", "--config", str(cfg))
+    assert result.exit_code == 0, result.output
+    a, b = started[0].upstream_specs
+    assert a == UpstreamSpec(
+        base_url="http://10.0.0.5:8000/v1",
+        name="a",
+        api_key_env="A_KEY",
+        models=["llama-3*"],
+        weight=2.0,
+        max_concurrency=6,
+        rpm=600,
+        tpm=90_000,
+        timeout=300,
+        priority=-1,
+    )
+    assert (b.base_url, b.name, b.models, b.weight, b.max_concurrency) == (
+        "https://b/v1",
+        None,
+        ["*"],
+        1.0,
+        None,
+    )
+    assert started[0].local_models == {"tiny-a": str(gguf)}
+    assert started[0].embedded_on is False  # upstreams are configured
+
+
+def test_config_tables_inside_the_serve_table(started: list[Settings], tmp_path: Path) -> None:
+    cfg = tmp_path / "batchyard.toml"
+    cfg.write_text('[serve]\nport = 9403\n[[serve.upstreams]]\nbase_url = "http://a/v1"\n[other]\nx = 1\n')
+    result = invoke("serve", "--config", str(cfg))
+    assert result.exit_code == 0, result.output
+    assert started[0].port == 9403
+    assert [s.base_url for s in started[0].upstream_specs] == ["http://a/v1"]
+
+
+def _one_error_line(result: Result) -> str:
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)  # a usage error, not a traceback
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error: ")]
+    return line
+
+
+def test_invalid_flag_names_the_flag(started: list[Settings]) -> None:
+    line = _one_error_line(invoke("serve", "--port", "http"))
+    assert "invalid value for --port:" in line and "'http'" in line
+    assert "not between 1 and 65536" in _one_error_line(invoke("serve", "--concurrency", "0"))
+    assert started == []
+
+
+def test_invalid_env_var_names_the_variable(started: list[Settings]) -> None:
+    line = _one_error_line(invoke("serve", env={"BATCHYARD_LEASE_SECONDS": "0.1"}))
+    assert "invalid value for BATCHYARD_LEASE_SECONDS (environment):" in line
+    assert "greater than or equal to 0.5" in line
+    line = _one_error_line(invoke("serve", env={"BATCHYARD_LOG_LEVEL": "loud"}))
+    assert "BATCHYARD_LOG_LEVEL" in line and "'loud'" in line
+    assert started == []
+
+
+def test_invalid_file_value_names_the_key_and_the_file(started: list[Settings], tmp_path: Path) -> None:
+    cfg = tmp_path / "batchyard.toml"
+    cfg.write_text('max-shards = "many"\n')
+    line = _one_error_line(invoke("serve", "--config", str(cfg)))
+    assert f"invalid value for max_shards in {cfg}:" in line and "'many'" in line
+    cfg.write_text(
+        '[[upstreams]]\nbase_url = "http://a/v1"\n[[upstreams]]\nbase_url = "http://b/v1"\ncolour = 1\n'
+    )
+    assert f"{cfg}: [[upstreams]] #2: unknown key 'colour'" in _one_error_line(
+        invoke("serve", "--config", str(cfg))
+    )
+    cfg.write_text("[models]\ntiny = 3\n")
+    assert "[models] maps model names to GGUF paths" in _one_error_line(invoke("serve", "--config", str(cfg)))
+    assert started == []
+
+
+def test_flag_beats_a_bad_env_value(started: list[Settings]) -> None:
+    result = invoke("serve", "--port", "9600", env={"BATCHYARD_PORT": "nope"})
+    assert result.exit_code == 0, result.output
+    assert started[0].port == 9600
+
+
+def test_unknown_file_key_is_refused_with_its_name(started: list[Settings], tmp_path: Path) -> None:
+    cfg = tmp_path / "batchyard.toml"
+    cfg.write_text("port = 9000\nshard-size = 10\n")
+    assert "unknown option 'shard-size'" in _one_error_line(invoke("serve", "--config", str(cfg)))
+    assert started == []
+
+
+def test_serve_switches_from_env_and_file(started: list[Settings], tmp_path: Path) -> None:
+    env = {
+        "BATCHYARD_HOST": "0.0.0.0",
+        "BATCHYARD_INSECURE_NO_AUTH": "1",
+        "BATCHYARD_WORKER_IN_PROCESS": "true",
+    }
+    assert invoke("serve", env=env).exit_code == 0
+    cfg = tmp_path / "batchyard.toml"
+    cfg.write_text('host = "0.0.0.0"\ninsecure-no-auth = true\nno-worker = true\n')
+    assert invoke("serve", "--config", str(cfg)).exit_code == 0
+    assert invoke("serve").exit_code == 0
+    assert [(s.host, s.worker_mode, s.run_worker) for s in started] == [
+        ("0.0.0.0", "thread", True),
+        ("0.0.0.0", "process", False),
+        ("127.0.0.1", "process", True),
+    ]
+
+
+def test_webhook_url_needs_a_secret(started: list[Settings]) -> None:
+    line = _one_error_line(invoke("serve", "--webhook-url", "http://127.0.0.1:9/hook"))
+    assert "--webhook-url needs --webhook-secret" in line
+    line = _one_error_line(invoke("serve", "--webhook-url", "ftp://x", "--webhook-secret", "s"))
+    assert "webhook URL must start with http:// or https://" in line
+    assert started == []
+
+
+@pytest.fixture
+def workers_started(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
+    from batchyard import runtime
+
+    seen: list[Settings] = []
+
+    async def fake_run_workers(settings: Settings) -> int:
+        seen.append(settings)
+        return 0
+
+    monkeypatch.setattr(runtime, "run_workers", fake_run_workers)
+    return seen
+
+
+def test_worker_reads_only_its_own_options(workers_started: list[Settings], tmp_path: Path) -> None:
+    # serve's options in the environment are not the worker's: ignored, as click ignored them
+    result = invoke(
+        "worker", "--data-dir", str(tmp_path), env={"BATCHYARD_PORT": "nope", "BATCHYARD_WORKERS": "2"}
+    )
+    assert result.exit_code == 0, result.output
+    assert (workers_started[0].workers, workers_started[0].data_dir) == (2, tmp_path)
+    cfg = tmp_path / "batchyard.toml"
+    cfg.write_text("port = 9000\n")  # ...but a key the worker does not take is refused
+    assert "unknown option 'port'" in _one_error_line(invoke("worker", "--config", str(cfg)))

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import pickle
+from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from batchyard.config import Settings, UpstreamSpec
 
@@ -63,3 +68,75 @@ def test_restart_budget_allows_a_few_restarts_per_window() -> None:
     assert [budget.spend() for _ in range(4)] == [True, True, True, False]
     now[0] = 61.0  # the old restarts have left the window
     assert budget.spend() and budget.recent == 1
+
+
+# -- the model: frozen, checked, picklable --------------------------------------------------------------------
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings()
+    with pytest.raises(ValidationError, match="frozen"):
+        s.port = 9000  # type: ignore[misc]
+    spec = UpstreamSpec(base_url="http://u/v1")
+    with pytest.raises(ValidationError, match="frozen"):
+        spec.weight = 2.0  # type: ignore[misc]
+
+
+def test_settings_read_only_their_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCHYARD_PORT", "9999")  # the environment is for `load`, not for Settings(...)
+    assert Settings().port == 8000
+
+
+def test_replace_checks_the_new_values(tmp_path: Path) -> None:
+    s = Settings().replace(data_dir=tmp_path, shard_lines=7)
+    assert (s.data_dir, s.shard_lines) == (tmp_path, 7)
+    with pytest.raises(ValidationError, match="shard_lines"):
+        s.replace(shard_lines=0)
+
+
+def _round_trip(settings: Settings, queue: Any) -> None:
+    queue.put((settings, settings.share(2).upstream_specs[0].rpm, settings.database_path))
+
+
+def test_settings_cross_a_spawned_process_intact(tmp_path: Path) -> None:
+    """Worker processes are spawned with their Settings pickled: everything, tables included, arrives."""
+    s = Settings(
+        data_dir=tmp_path,
+        upstreams=[("m-*", "http://a/v1")],
+        upstream_specs=[UpstreamSpec(base_url="http://u/v1", rpm=600, models=["x"])],
+        local_models={"tiny": "/m.gguf"},
+        workers=None,
+        concurrency=8,
+    )
+    assert pickle.loads(pickle.dumps(s)) == s
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_round_trip, args=(s, queue))
+    child.start()
+    got, rpm, path = queue.get(timeout=60)
+    child.join(60)
+    assert child.exitcode == 0
+    assert got == s and got.upstream_specs[0].models == ["x"]
+    assert (rpm, path) == (300, tmp_path / "batchyard.sqlite3")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"base_url": "ftp://x"}, "base_url must be an http"),
+        ({"base_url": "http://x", "colour": "red"}, "colour"),
+        ({"base_url": "http://x", "weight": 0}, "weight"),
+        ({"base_url": "http://x", "max_concurrency": 0}, "not between 1"),
+        ({"base_url": "http://x", "max_concurrency": "lots"}, "neither a number nor 'auto'"),
+        ({"base_url": "http://x", "priority": 1.5}, "priority"),
+        ({"base_url": "http://x", "models": [""]}, "models"),
+    ],
+)
+def test_upstream_table_checks(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        UpstreamSpec.model_validate(raw)
+
+
+def test_upstream_table_auto_and_a_single_model() -> None:
+    spec = UpstreamSpec.model_validate({"base_url": "http://x", "max_concurrency": "auto", "models": "m"})
+    assert (spec.max_concurrency, spec.models, spec.weight) == (None, ["m"], 1.0)

@@ -135,7 +135,7 @@ async def run_file(
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         raise SystemExit(f"another `batchyard run` is writing {out}") from None
-    settings.data_dir = state
+    settings = settings.replace(data_dir=state)
     store = SQLiteStore(settings.database_path)
     blobs = LocalBlobStore(settings.blob_root)
     router = build_router(settings)
