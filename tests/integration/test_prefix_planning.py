@@ -83,7 +83,8 @@ def test_a_prompts_lines_run_together_across_the_file(
     for line in out:
         assert line["response"]["body"] == build_response("/v1/chat/completions", by_id[line["custom_id"]])
     per_shard = prompts_per_shard(srv, b.id, jsonl(reqs))
-    assert len(per_shard) == 12
+    # 12 contiguous shards; planned, a few more (a run of a prompt's lines is never split across shards)
+    assert 12 <= len(per_shard) <= 16
     if ordering == "--prefix-ordering":
         # gathered: one prompt a shard, two where one prompt's lines end and the next one's begin
         assert sum(per_shard) <= len(per_shard) + 3 and max(per_shard) == 2

@@ -149,3 +149,14 @@ def test_any_file_every_line_once_and_shards_within_their_bound(
         assert 1 <= s.line_count == len(shard_lines(data, s)) <= per_shard
         spans = s.ranges()
         assert s.start == min(x.start for x in spans) and s.end == max(x.end for x in spans)
+
+
+def test_a_file_sharing_one_prompt_costs_one_run_a_shard_and_keeps_its_plan() -> None:
+    lines = [chat_line(f"r{i}", "You are terse.", f"q{i}") for i in range(1000)]
+    data = b"\n".join(lines) + b"\n"
+    v = BatchValidator("/v1/chat/completions", lambda m: True, shard_lines=100, prefix_planning=True)
+    v.feed(data)
+    planner = v._planner
+    assert planner is not None
+    assert len(planner.group) == 10  # one run a contiguous shard, not one entry a line
+    assert v.finish().shards == plan(data, 100, planning=False)

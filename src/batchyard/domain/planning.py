@@ -9,8 +9,9 @@ and each contiguous shard keeps the lines that belong to no such group. A regrou
 of the input file (`Span`); a worker reads each span (nearby spans in one ranged read) and numbers its lines from
 the span's first line, exactly as for a contiguous shard.
 
-Memory: 40 bytes a line that has a group (five flat arrays), plus one dict entry a distinct group; nothing for the
-others. Planning gives up (the contiguous plan stands) past `MAX_GROUPED_LINES` or `MAX_GROUPS`.
+Memory: 56 bytes a run of consecutive lines of one group (seven flat arrays: about one a shard for a file whose
+lines share one system prompt, about one a line for a shuffled file), plus one dict entry a distinct group; nothing
+for lines without a group. Planning gives up (the contiguous plan stands) past `MAX_RUNS` or `MAX_GROUPS`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 __all__ = [
-    "MAX_GROUPED_LINES",
     "MAX_GROUPS",
+    "MAX_RUNS",
     "PrefixPlanner",
     "ShardPlan",
     "Span",
@@ -29,7 +30,7 @@ __all__ = [
     "unpack_spans",
 ]
 
-MAX_GROUPED_LINES = 2_000_000
+MAX_RUNS = 2_000_000
 MAX_GROUPS = 500_000
 
 
@@ -72,21 +73,27 @@ def unpack_spans(raw: bytes | memoryview | None) -> tuple[Span, ...]:
 
 
 class PrefixPlanner:
-    """Collects the request lines that have a prefix group while the validator scans, then regroups the plan."""
+    """Collects, while the validator scans, the runs of request lines that have a prefix group, then regroups the
+    plan. A run is a stretch of consecutive request lines of one group inside one contiguous shard (blank lines
+    may sit inside it): a file whose lines all share one system prompt costs one run a shard, a shuffled one about
+    one run a line."""
 
     def __init__(self, shard_lines: int, shard_bytes: int) -> None:
         self._shard_lines = shard_lines
         self._shard_bytes = shard_bytes
         self._gid: dict[int, int] = {}  # hash of a group key -> group number, in order of first appearance
         self._sizes = array("q")  # lines per group number
-        self.group = array("q")  # per grouped line: its group number
+        self.group = array("q")  # per run: its group number
+        self.shard = array("q")  # the contiguous shard it lies in
         self.start = array("q")  # its byte range
         self.end = array("q")
-        self.line = array("q")  # its physical line number
-        self.ordinal = array("q")  # its 0-based position among the file's request lines
+        self.first = array("q")  # the physical line numbers of its first and last lines
+        self.last = array("q")
+        self.count = array("q")  # its request lines
+        self._ordinal = -2  # position among the file's request lines of the last line added
         self.abandoned = False
 
-    def add(self, key_hash: int, start: int, end: int, line_no: int, ordinal: int) -> None:
+    def add(self, key_hash: int, start: int, end: int, line_no: int, ordinal: int, shard: int) -> None:
         if self.abandoned:
             return
         gid = self._gid.get(key_hash)
@@ -96,15 +103,27 @@ class PrefixPlanner:
                 return
             gid = self._gid[key_hash] = len(self._gid)
             self._sizes.append(0)
-        if len(self.group) >= MAX_GROUPED_LINES:
+        self._sizes[gid] += 1
+        follows = ordinal == self._ordinal + 1
+        self._ordinal = ordinal
+        if follows and self.group and self.group[-1] == gid and self.shard[-1] == shard:
+            self.end[-1] = end
+            self.last[-1] = line_no
+            self.count[-1] += 1
+            return
+        if len(self.group) >= MAX_RUNS:
             self._abandon()
             return
-        self._sizes[gid] += 1
-        self.group.append(gid)
-        self.start.append(start)
-        self.end.append(end)
-        self.line.append(line_no)
-        self.ordinal.append(ordinal)
+        for a, v in (
+            (self.group, gid),
+            (self.shard, shard),
+            (self.start, start),
+            (self.end, end),
+            (self.first, line_no),
+            (self.last, line_no),
+            (self.count, 1),
+        ):
+            a.append(v)
 
     def clamp(self, size: int) -> None:
         """The file ended without a newline: its last line ends at the end of the file, not one byte past it."""
@@ -114,70 +133,71 @@ class PrefixPlanner:
     def _abandon(self) -> None:
         self.abandoned = True
         self._gid.clear()
-        for a in (self._sizes, self.group, self.start, self.end, self.line, self.ordinal):
+        for a in (
+            self._sizes,
+            self.group,
+            self.shard,
+            self.start,
+            self.end,
+            self.first,
+            self.last,
+            self.count,
+        ):
             del a[:]
 
     def plan(self, shards: list[ShardPlan]) -> list[ShardPlan]:
         """`shards` (the contiguous plan, in file order) regrouped, or `shards` itself when regrouping would not
         bring a group's lines together that are now apart."""
-        if self.abandoned or len(shards) < 2 or not self._spread(shards):
+        if self.abandoned or len(shards) < 2 or not self._spread():
             return shards
         sizes = self._sizes
         chosen = [i for i in range(len(self.group)) if sizes[self.group[i]] >= 2]
-        # Groups in order of first appearance, each group's lines in file order (a stable sort).
+        # Groups in order of first appearance, each group's runs in file order (a stable sort).
         chosen.sort(key=self.group.__getitem__)
         out: list[ShardPlan] = []
         self._pack_groups(chosen, out)
-        self._pack_rest(shards, {i for i in chosen}, out)
+        self._pack_rest(shards, set(chosen), out)
         return out
 
-    def _spread(self, shards: list[ShardPlan]) -> bool:
-        """Whether some group with two lines or more has lines in two contiguous shards."""
-        bounds = [s.end for s in shards]
+    def _spread(self) -> bool:
+        """Whether some group has runs in two contiguous shards."""
         seen: dict[int, int] = {}
-        shard = 0
-        for i in range(len(self.group)):
-            while self.start[i] >= bounds[shard]:
-                shard += 1
-            g = self.group[i]
-            first = seen.setdefault(g, shard)
-            if first != shard:
+        for g, shard in zip(self.group, self.shard, strict=True):
+            if seen.setdefault(g, shard) != shard:
                 return True
         return False
 
     def _pack_groups(self, chosen: list[int], out: list[ShardPlan]) -> None:
+        """Runs packed into shards of at most `shard_lines` lines and `shard_bytes` bytes (a run is never split:
+        it already fits one contiguous shard)."""
         spans: list[Span] = []
         count = size = 0
         for i in chosen:
-            start, end = self.start[i], self.end[i]
-            if count and (count == self._shard_lines or size + end - start > self._shard_bytes):
+            start, end, n = self.start[i], self.end[i], self.count[i]
+            if count and (count + n > self._shard_lines or size + end - start > self._shard_bytes):
                 out.append(_shard(len(out), spans, count))
                 spans, count, size = [], 0, 0
-            if spans and spans[-1].end == start:  # the next line of the file: extend the span
+            if spans and spans[-1].end == start:  # the next lines of the file: extend the span
                 last = spans[-1]
                 spans[-1] = Span(last.start, end, last.first_line)
             else:
-                spans.append(Span(start, end, self.line[i]))
-            count += 1
+                spans.append(Span(start, end, self.first[i]))
+            count += n
             size += end - start
         if count:
             out.append(_shard(len(out), spans, count))
 
     def _pack_rest(self, shards: list[ShardPlan], chosen: set[int], out: list[ShardPlan]) -> None:
-        """Each contiguous shard less its regrouped lines: the gaps between them, as spans."""
-        n = len(self.group)
-        i = 0
+        """Each contiguous shard less its regrouped runs: the gaps between them, as spans."""
+        by_shard: dict[int, list[int]] = {}
+        for i in sorted(chosen):  # runs are recorded in file order
+            by_shard.setdefault(self.shard[i], []).append(i)
         for s in shards:
-            # the regrouped lines inside this shard, in file order
-            taken: list[int] = []
-            while i < n and self.start[i] < s.end:
-                if i in chosen:
-                    taken.append(i)
-                i += 1
+            taken = by_shard.get(s.index, [])
             if not taken:
                 out.append(ShardPlan(len(out), s.start, s.end, s.first_line, s.line_count))
                 continue
-            count = s.line_count - len(taken)
+            count = s.line_count - sum(self.count[t] for t in taken)
             if count == 0:
                 continue
             spans: list[Span] = []
@@ -185,7 +205,7 @@ class PrefixPlanner:
             for t in taken:
                 if self.start[t] > pos:
                     spans.append(Span(pos, self.start[t], line))
-                pos, line = self.end[t], self.line[t] + 1
+                pos, line = self.end[t], self.last[t] + 1
             if pos < s.end:
                 spans.append(Span(pos, s.end, line))
             out.append(_shard(len(out), spans, count))

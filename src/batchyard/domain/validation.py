@@ -406,6 +406,7 @@ class BatchValidator:
             if shard_count == 0:
                 shard_start = base + start
                 shard_first = line_no
+            line_shard = len(shards)
             shard_count += 1
             if shard_count == shard_lines or last_end - shard_start >= shard_bytes:
                 shards.append(ShardPlan(len(shards), shard_start, last_end, shard_first, shard_count))
@@ -423,7 +424,7 @@ class BatchValidator:
                     if problem is None and planner is not None:
                         key = group_key(obj["body"])
                         if key is not None:
-                            planner.add(hash(key), base + start, base + pos, line_no, total - 1)
+                            planner.add(hash(key), base + start, base + pos, line_no, total - 1, line_shard)
             if problem is not None:
                 error_count += 1
                 if len(errors) < max_errors:
