@@ -8,15 +8,14 @@ import logging
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from batchyard import eventloop
 from batchyard.config import Settings, UpstreamSpec
-
-T = TypeVar("T")
 
 CONTEXT = {"auto_envvar_prefix": "BATCHYARD", "show_default": True, "help_option_names": ["-h", "--help"]}
 
@@ -464,7 +463,7 @@ def serve(**opts: Any) -> None:
         max_active_batches_per_key=opts["max_active_batches_per_key"],
         **_edge_settings(opts),
     )
-    sys.exit(asyncio.run(_serve(settings)) if sys.platform == "win32" else _serve_uvloop(settings))
+    sys.exit(_serve_uvloop(settings))
 
 
 @cli.command(context_settings={**CONTEXT, "auto_envvar_prefix": "BATCHYARD"})
@@ -501,7 +500,7 @@ def run(input_path: Path, output: Path, errors: Path | None, quiet: bool, **opts
     settings = settings_from(opts)
     started = time.monotonic()
     try:
-        result = _run_loop(run_file(input_path, output, errors, settings, quiet))
+        result = eventloop.run(run_file(input_path, output, errors, settings, quiet))
     except KeyboardInterrupt:
         click.echo(
             f"interrupted: run the same command again to continue ({output}.batchyard/ keeps the state)",
@@ -551,21 +550,11 @@ def worker(**opts: Any) -> None:
     settings = settings_from(opts, **state_settings(opts))
     from batchyard.runtime import run_workers
 
-    sys.exit(_run_loop(run_workers(settings)))
-
-
-def _run_loop(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+    sys.exit(eventloop.run(run_workers(settings)))
 
 
 def _serve_uvloop(settings: Settings) -> int:
-    import uvloop
-
-    return uvloop.run(_serve(settings))
+    return eventloop.run(_serve(settings))
 
 
 async def _serve(settings: Settings) -> int:
