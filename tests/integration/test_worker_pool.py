@@ -203,3 +203,30 @@ def test_worker_command_with_several_processes_runs_batches_and_stops_on_sigterm
             assert not Path(f"/proc/{kid}").exists() or b"zombie" in Path(f"/proc/{kid}/status").read_bytes()
     finally:
         w.stop()
+
+
+def test_serve_with_the_worker_in_process_runs_batches_on_a_thread_and_stops_on_sigterm(
+    make_server: Callable[..., Server], upstream: FakeUpstream
+) -> None:
+    srv = make_server(
+        "--upstream",
+        upstream.base_url,
+        "--worker-in-process",
+        "--concurrency",
+        "4",
+        "--shard-lines",
+        str(SHARD),
+    )
+    assert srv.proc is not None
+    assert worker_children(srv.proc.pid) == []  # no worker process: a thread of the API process
+    client = srv.client()
+    reqs = requests("thread")
+    fid = upload(client, reqs)
+    b = client.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h")
+    assert_exactly_once(client, b.id, reqs)
+    assert upstream.stats()["max_in_flight"] <= 4
+    srv.signal(
+        signal.SIGTERM
+    )  # uvicorn shuts down (the worker thread stops with it), then re-raises the signal
+    assert srv.proc.wait(30) == -signal.SIGTERM, srv.log()
+    assert "Traceback" not in srv.log()

@@ -14,6 +14,7 @@ from batchyard.domain.models import Usage
 from batchyard.execution import dispatcher as dispatcher_mod
 from batchyard.execution.dispatcher import Dispatcher, Outcome, StopSignal
 from batchyard.upstreams.base import Upstream, UpstreamError, UpstreamResponse
+from batchyard.upstreams.limiter import Limiter
 from batchyard.upstreams.router import Router
 
 ENDPOINT = "/v1/chat/completions"
@@ -92,7 +93,9 @@ def make(
     upstream: Upstream, *, max_retries: int = 3, concurrency: int = 4, timeout: float = 7.5
 ) -> Dispatcher:
     return Dispatcher(
-        Router([(None, upstream)]), concurrency=concurrency, attempt_timeout=timeout, max_retries=max_retries
+        Router([(None, upstream)], limiter=lambda: Limiter(concurrency)),
+        attempt_timeout=timeout,
+        max_retries=max_retries,
     )
 
 
@@ -269,7 +272,7 @@ async def test_too_large_is_not_retried(delays: list[float]) -> None:
 @pytest.mark.parametrize("model", ["unknown-model", None, 42])
 async def test_model_not_routable(model: object) -> None:
     up = Scripted(ok())
-    d = Dispatcher(Router([("m", up)]), concurrency=1, attempt_timeout=1.0, max_retries=0)
+    d = Dispatcher(Router([("m", up)], limiter=lambda: Limiter(1)), attempt_timeout=1.0, max_retries=0)
     body = {**BODY, "model": model}
     out = await d.execute(ENDPOINT, "req-1", body, StopSignal())
     assert not out.ok
@@ -282,7 +285,8 @@ async def test_model_not_routable(model: object) -> None:
 
 async def test_lines_go_to_their_model_upstream() -> None:
     a, b = Scripted(ok(), name="a"), Scripted(ok(), name="b")
-    d = Dispatcher(Router([("model-a", a), (None, b)]), concurrency=1, attempt_timeout=1.0, max_retries=0)
+    router = Router([("model-a", a), (None, b)], limiter=lambda: Limiter(1))
+    d = Dispatcher(router, attempt_timeout=1.0, max_retries=0)
     await d.execute(ENDPOINT, "req-1", {**BODY, "model": "model-a"}, StopSignal())
     await d.execute(ENDPOINT, "req-1", {**BODY, "model": "other"}, StopSignal())
     await d.execute(ENDPOINT, "req-1", {**BODY, "model": "model-a"}, StopSignal())
@@ -359,7 +363,8 @@ async def test_lines_in_flight_are_bounded_per_upstream() -> None:
 async def test_each_upstream_has_its_own_slots() -> None:
     a, b = Scripted(ok(), name="a"), Scripted(ok(), name="b")
     a.gate = asyncio.Event()
-    d = Dispatcher(Router([("model-a", a), (None, b)]), concurrency=1, attempt_timeout=1.0, max_retries=0)
+    router = Router([("model-a", a), (None, b)], limiter=lambda: Limiter(1))
+    d = Dispatcher(router, attempt_timeout=1.0, max_retries=0)
     blocked = asyncio.create_task(d.execute(ENDPOINT, "req-1", {**BODY, "model": "model-a"}, StopSignal()))
     for _ in range(5):
         await asyncio.sleep(0)

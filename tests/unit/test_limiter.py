@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from batchyard.execution.limiter import AdaptiveLimiter, Limiter, Signal
+from batchyard.upstreams.limiter import AdaptiveLimiter, Limiter, Signal
 
 
 async def test_fixed_limit_bounds_in_flight_and_is_fifo() -> None:

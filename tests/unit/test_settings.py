@@ -61,7 +61,7 @@ def test_share_keeps_auto_and_never_goes_below_one() -> None:
 
 
 def test_restart_budget_allows_a_few_restarts_per_window() -> None:
-    from batchyard.runtime import RestartBudget
+    from batchyard.supervisor import RestartBudget
 
     now = [0.0]
     budget = RestartBudget(allowed=3, window=60.0, clock=lambda: now[0])

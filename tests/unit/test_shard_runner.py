@@ -23,6 +23,7 @@ from batchyard.execution.shard_runner import MIN_BEAT_GAP, ShardRunner
 from batchyard.execution.worker import Worker
 from batchyard.store.memory import MemoryStore
 from batchyard.upstreams.base import Upstream, UpstreamResponse
+from batchyard.upstreams.limiter import Limiter
 from batchyard.upstreams.router import Router
 
 CHAT = "/v1/chat/completions"
@@ -103,7 +104,7 @@ class Rig:
         self.shard_lines = shard_lines or n
         settings = Settings(data_dir=tmp, lease_seconds=30.0, shard_lines=n, cancel_grace=0.5)
         self.dispatcher = Dispatcher(
-            Router([(None, upstream)]), concurrency=4, attempt_timeout=5.0, max_retries=0
+            Router([(None, upstream)], limiter=lambda: Limiter(4)), attempt_timeout=5.0, max_retries=0
         )
         self.runner = ShardRunner(self.store, self.blobs, self.dispatcher, settings)
 

@@ -1,15 +1,23 @@
-"""Webhook signatures (checked by the official SDK's verifier) and the retry schedule."""
+"""Webhook signatures (checked by the official SDK's verifier), the retry schedule, and delivery to a real receiver."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import random
 import time
+from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 from openai import OpenAI
 
+from batchyard.domain.models import BatchRecord, FileRecord
+from batchyard.domain.states import BatchStatus
 from batchyard.domain.webhooks import MAX_RETRY_S, retry_delay, secret_key, signature
+from batchyard.execution import webhooks
+from batchyard.execution.webhooks import WebhookSender
+from batchyard.store.memory import MemoryStore
 
 
 @pytest.mark.parametrize("secret", ["whsec_" + base64.b64encode(b"k" * 32).decode(), "plain-secret"])
@@ -34,3 +42,133 @@ def test_retry_delay_doubles_from_five_seconds_up_to_an_hour() -> None:
     delays = [retry_delay(n, rng) for n in range(1, 12)]
     assert 4.0 <= delays[0] <= 6.0 and 8.0 <= delays[1] <= 12.0
     assert all(d <= MAX_RETRY_S * 1.2 for d in delays) and delays[-1] >= MAX_RETRY_S * 0.8
+
+
+# -- delivery (WebhookSender) against a real loopback receiver, over the in-memory store ------------------------
+
+SECRET = "whsec_" + base64.b64encode(b"batchyard-unit-test-webhook-key!").decode()
+
+
+class Receiver:
+    """An aiohttp server on loopback: /hook records each POST; /moved redirects to /hook; /big answers more than
+    the sender reads; /slow answers after a second."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, dict[str, str], bytes]] = []
+        app = web.Application()
+        app.router.add_post("/hook", self.hook)
+        app.router.add_post("/moved", self.moved)
+        app.router.add_post("/big", self.big)
+        app.router.add_post("/slow", self.slow)
+        self.runner = web.AppRunner(app)
+        self.url = ""
+
+    async def __aenter__(self) -> Receiver:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self.runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.cleanup()
+
+    async def hook(self, request: web.Request) -> web.Response:
+        self.posts.append((request.path_qs, dict(request.headers), await request.read()))
+        return web.Response(status=200)
+
+    async def moved(self, request: web.Request) -> web.Response:
+        return web.Response(status=307, headers={"Location": "/hook"})
+
+    async def big(self, request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * 5000)
+
+    async def slow(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(1.0)
+        return web.Response(status=200)
+
+
+async def failed_batch(store: MemoryStore) -> str:
+    """A batch that failed validation: its final status puts one event in the store's outbox."""
+    now = int(time.time())
+    f = FileRecord(
+        id="file-1", owner="k", bytes=1, created_at=now, filename="in.jsonl", purpose="batch", blob_key="f"
+    )
+    b = BatchRecord(
+        id="batch_1",
+        owner="k",
+        endpoint="/v1/chat/completions",
+        input_file_id=f.id,
+        completion_window="24h",
+        status=BatchStatus.VALIDATING,
+        created_at=now,
+        expires_at=now + 86_400,
+    )
+    await store.insert_file(f)
+    await store.insert_batch(b)
+    assert await store.claim_validation("v", 10.0) is not None
+    assert await store.fail_batch(b.id, "v", [{"code": "x", "message": "y"}])
+    return b.id
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[MemoryStore]:
+    s = MemoryStore()
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_an_event_is_posted_signed_to_the_configured_url_query_included(store: MemoryStore) -> None:
+    batch_id = await failed_batch(store)
+    async with Receiver() as rx:
+        sender = WebhookSender([rx.url + "/hook?source=batchyard&x=%2F"], SECRET)
+        async with sender.open():
+            assert await sender.deliver(store, "w1") == 1
+            assert await sender.deliver(store, "w1") == 0  # delivered: never again
+    ((path, headers, body),) = rx.posts
+    assert path == "/hook?source=batchyard&x=%2F"  # the URL as configured, not re-encoded
+    assert headers["Content-Type"] == "application/json" and headers["User-Agent"] == "batchyard"
+    event = OpenAI(api_key="x", webhook_secret=SECRET).webhooks.unwrap(body, headers)
+    assert event.type == "batch.failed" and event.data.id == batch_id and event.id == headers["webhook-id"]
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("/moved", "webhook 1: HTTP 307"),  # a redirect is not followed: /hook gets nothing
+        ("/big", "webhook 1: answer exceeded 1000 bytes"),
+        ("/slow", "webhook 1: did not answer within 0.3s"),
+        ("/nowhere", "webhook 1: HTTP 404"),
+    ],
+)
+async def test_an_answer_that_is_not_a_small_2xx_is_a_failed_attempt(
+    store: MemoryStore,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    problem: str,
+) -> None:
+    monkeypatch.setattr(webhooks, "MAX_ANSWER_BYTES", 1000)
+    monkeypatch.setattr(webhooks, "TIMEOUT_S", 0.3)
+    await failed_batch(store)
+    async with Receiver() as rx:
+        sender = WebhookSender([rx.url + path, rx.url + "/hook"], SECRET)
+        async with sender.open():
+            assert await sender.deliver(store, "w1") == 1
+            assert await sender.deliver(store, "w1") == 0  # due again only after the retry delay
+    assert [p for p, _, _ in rx.posts] == ["/hook"]  # the other URL took it; the redirect was not followed
+    assert f"attempt 1 failed: {problem}" in caplog.text
+
+
+async def test_a_receiver_that_is_down_is_a_failed_attempt(
+    store: MemoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    await failed_batch(store)
+    async with Receiver() as rx:
+        url = rx.url
+    sender = WebhookSender([url + "/hook"], SECRET)  # nothing listens there any more
+    async with sender.open():
+        assert await sender.deliver(store, "w1") == 1
+    assert "attempt 1 failed: webhook 1: connection failed: ClientConnectorError" in caplog.text

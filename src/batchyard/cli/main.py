@@ -8,17 +8,16 @@ import ipaddress
 import logging
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from click.core import ParameterSource
 
+from batchyard import eventloop
 from batchyard.config import ServeSwitches, Settings, parse_route
 from batchyard.settings_sources import OptionField, SettingsError, load, options
-
-T = TypeVar("T")
 
 CONTEXT = {"auto_envvar_prefix": "BATCHYARD", "show_default": True, "help_option_names": ["-h", "--help"]}
 
@@ -118,7 +117,7 @@ def serve(**_: Any) -> None:
             f"refusing to bind {settings.host} with no --api-key; add --api-key KEY or --insecure-no-auth"
         )
     _log(settings.log_level)
-    sys.exit(asyncio.run(_serve(settings)) if sys.platform == "win32" else _serve_uvloop(settings))
+    sys.exit(_serve_uvloop(settings))
 
 
 @cli.command(context_settings={**CONTEXT, "auto_envvar_prefix": "BATCHYARD"})
@@ -156,7 +155,7 @@ def run(input_path: Path, output: Path, errors: Path | None, quiet: bool, **_: A
     _log(settings.log_level)
     started = time.monotonic()
     try:
-        result = _run_loop(run_file(input_path, output, errors, settings, quiet))
+        result = eventloop.run(run_file(input_path, output, errors, settings, quiet))
     except KeyboardInterrupt:
         click.echo(
             f"interrupted: run the same command again to continue ({output}.batchyard/ keeps the state)",
@@ -206,21 +205,11 @@ def worker(**_: Any) -> None:
     _log(settings.log_level)
     from batchyard.runtime import run_workers
 
-    sys.exit(_run_loop(run_workers(settings)))
-
-
-def _run_loop(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+    sys.exit(eventloop.run(run_workers(settings)))
 
 
 def _serve_uvloop(settings: Settings) -> int:
-    import uvloop
-
-    return uvloop.run(_serve(settings))
+    return eventloop.run(_serve(settings))
 
 
 async def _serve(settings: Settings) -> int:

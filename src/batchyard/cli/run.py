@@ -25,8 +25,8 @@ from batchyard.config import Settings
 from batchyard.domain.models import BatchRecord, FileRecord
 from batchyard.domain.states import TERMINAL, BatchStatus
 from batchyard.execution.worker import Worker
-from batchyard.runtime import build_router
 from batchyard.store.sqlite import SQLiteStore
+from batchyard.upstreams.factory import build_router
 
 log = logging.getLogger("batchyard.run")
 OWNER = "run"
@@ -170,16 +170,14 @@ async def run_file(
         result = RunResult(str(final.status), final.completed, final.failed, [])
     finally:
         await store.close()
-        for up in router.upstreams:
-            await up.close()
+        await router.aclose()
     shutil.rmtree(state, ignore_errors=True)
     lock.close()
     return result
 
 
 async def _drive(worker: Worker, store: SQLiteStore, bid: str, quiet: bool) -> BatchRecord:
-    for up in worker.router.upstreams:
-        await up.start()
+    await worker.router.start()
     task = asyncio.create_task(worker.run(), name="worker")
     bar: ProgressBar | None = None
     try:

@@ -12,8 +12,8 @@ import orjson
 from batchyard.domain import lines, wire
 from batchyard.domain.models import Usage
 from batchyard.domain.retry import backoff_delay, is_retryable_status, parse_retry_after
-from batchyard.execution.limiter import AdaptiveLimiter, Limiter, Signal
 from batchyard.upstreams.base import UpstreamError, UpstreamResponse
+from batchyard.upstreams.limiter import Limiter, Signal
 from batchyard.upstreams.pool import Member, healthier_exists, pick
 from batchyard.upstreams.router import Router
 
@@ -38,41 +38,16 @@ class StopSignal:
 
 
 class Dispatcher:
-    """Bounds lines in flight per upstream (a semaphore each) and applies the retry policy."""
+    """Sends each line through its upstream's limiter (made with the router's members) and applies the retry policy."""
 
-    def __init__(
-        self,
-        router: Router,
-        *,
-        concurrency: int | None,
-        attempt_timeout: float,
-        max_retries: int,
-        max_concurrency: int = 512,
-        initial_concurrency: int = 64,
-    ) -> None:
-        """`concurrency`: requests in flight per upstream, or None to find it adaptively (up to max_concurrency)."""
+    def __init__(self, router: Router, *, attempt_timeout: float, max_retries: int) -> None:
         self.router = router
-        self._concurrency = concurrency
-        self._max_concurrency = max_concurrency
-        self._initial_concurrency = initial_concurrency
         self._attempt_timeout = attempt_timeout
         self._max_retries = max_retries
 
-    def limiter(self, member: Member) -> Limiter:
-        """The member's own limiter, or this dispatcher's default kind (made once per member)."""
-        if member.limiter is None:
-            if self._concurrency is None:
-                member.limiter = AdaptiveLimiter(
-                    initial=min(self._initial_concurrency, self._max_concurrency),
-                    max_limit=self._max_concurrency,
-                )
-            else:
-                member.limiter = Limiter(self._concurrency)
-        return member.limiter
-
     def total_limit(self) -> int:
         """The sum of the current concurrency limits of every upstream this dispatcher routes to."""
-        return sum(self.limiter(m).limit for m in self.router.members) or 1
+        return sum(m.limiter.limit for m in self.router.members) or 1
 
     async def _attempt(
         self,
@@ -86,7 +61,7 @@ class Dispatcher:
         None if the batch stopped before the request was sent."""
         while True:
             member = pick(group)
-            limiter = self.limiter(member)
+            limiter = member.limiter
             started = await limiter.acquire()
             if len(group) > 1 and healthier_exists(member, group):
                 limiter.release(started, Signal.ERROR)  # ejected while we waited: choose again

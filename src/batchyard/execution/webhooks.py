@@ -10,35 +10,54 @@ operator's configuration only, never from a request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 
+import aiohttp
 import orjson
+from yarl import URL
 
 from batchyard.domain.models import WebhookEvent
 from batchyard.domain.webhooks import MAX_AGE_S, retry_delay, secret_key, signature
 from batchyard.store.base import MetadataStore
-from batchyard.upstreams.base import UpstreamError
-from batchyard.upstreams.http import HTTPUpstream
 
 log = logging.getLogger("batchyard.webhooks")
 
 LEASE_S = 60.0
 BATCH = 50
-TIMEOUT_S = 15.0
+TIMEOUT_S = 15.0  # the whole POST, answer included
+MAX_ANSWER_BYTES = (
+    64 * 1024 * 1024
+)  # a receiver's answer is read (and dropped) up to this size, then it failed
+HEADERS = {"User-Agent": "batchyard", "Content-Type": "application/json"}
 
 
 class WebhookSender:
+    """POSTs events to the configured URLs with an HTTP client of its own (aiohttp), opened by `open` for the
+    delivery loop and closed with it. A receiver's redirect is an answer like any other (not 2xx: failed), never
+    followed; no proxy from the environment is used."""
+
     def __init__(self, urls: list[str], secret: str) -> None:
-        self._targets = [HTTPUpstream(url, name=f"webhook {i + 1}") for i, url in enumerate(urls)]
+        self._targets = [(f"webhook {i + 1}", URL(url, encoded=True)) for i, url in enumerate(urls)]
         self._key = secret_key(secret)
+        self._session: aiohttp.ClientSession | None = None
 
-    async def close(self) -> None:
-        for t in self._targets:
-            await t.close()
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[WebhookSender]:
+        """The client for the block's duration (call inside the event loop that delivers)."""
+        timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout, headers=HEADERS, auto_decompress=False) as session:
+            self._session = session
+            try:
+                yield self
+            finally:
+                self._session = None
 
-    async def _post(self, target: HTTPUpstream, ev: WebhookEvent, body: bytes) -> str | None:
+    async def _post(self, name: str, url: URL, ev: WebhookEvent, body: bytes) -> str | None:
         """None when the receiver took it (2xx), else why not."""
+        assert self._session is not None, "deliver inside `async with sender.open()`"
         ts = int(time.time())
         headers = {
             "webhook-id": ev.id,
@@ -46,12 +65,17 @@ class WebhookSender:
             "webhook-signature": signature(self._key, ev.id, ts, body),
         }
         try:
-            resp = await target.call("", body, timeout=TIMEOUT_S, headers=headers)
-        except UpstreamError as e:
-            return f"{target.name}: {e.message}"
-        if 200 <= resp.status < 300:
+            async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
+                if not await _drain(resp):
+                    return f"{name}: answer exceeded {MAX_ANSWER_BYTES} bytes"
+                status = resp.status
+        except TimeoutError:
+            return f"{name}: did not answer within {TIMEOUT_S:g}s"
+        except aiohttp.ClientError as e:
+            return f"{name}: connection failed: {type(e).__name__}"
+        if 200 <= status < 300:
             return None
-        return f"{target.name}: HTTP {resp.status}"
+        return f"{name}: HTTP {status}"
 
     async def deliver(self, store: MetadataStore, worker: str) -> int:
         """Deliver the events due now; returns how many were tried."""
@@ -62,7 +86,8 @@ class WebhookSender:
 
     async def _one(self, store: MetadataStore, worker: str, ev: WebhookEvent) -> None:
         body = orjson.dumps(ev.to_wire())
-        problems = [p for p in await asyncio.gather(*(self._post(t, ev, body) for t in self._targets)) if p]
+        posts = (self._post(name, url, ev, body) for name, url in self._targets)
+        problems = [p for p in await asyncio.gather(*posts) if p]
         if not problems:
             await store.settle_webhook_event(ev.id, worker, "delivered", None, None)
             log.info("webhook %s (%s %s) delivered", ev.id, ev.type, ev.batch_id)
@@ -83,3 +108,15 @@ class WebhookSender:
         next_at = time.time() + retry_delay(attempts)
         await store.settle_webhook_event(ev.id, worker, "pending", next_at, error)
         log.warning("webhook %s (%s) attempt %d failed: %s", ev.id, ev.type, attempts, error)
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> bool:
+    """Read the answer's body (so that the connection can be reused) without keeping it; False past the cap."""
+    if resp.content_length is not None and resp.content_length > MAX_ANSWER_BYTES:
+        return False
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            return False
+    return True

@@ -42,12 +42,7 @@ class Worker:
         self.settings = settings
         self.id = name or worker_id()
         self.dispatcher = Dispatcher(
-            router,
-            concurrency=settings.concurrency,
-            max_concurrency=settings.max_concurrency,
-            initial_concurrency=settings.initial_concurrency,
-            attempt_timeout=settings.attempt_timeout,
-            max_retries=settings.max_retries,
+            router, attempt_timeout=settings.attempt_timeout, max_retries=settings.max_retries
         )
         self.runner = ShardRunner(store, blobs, self.dispatcher, settings)
         self.sweeper = Sweeper(store, blobs)
@@ -173,6 +168,12 @@ class Worker:
             await asyncio.sleep(1.0)  # nothing due: look again in a second
         return True
 
+    async def _deliver_webhooks(self) -> None:
+        """The webhook loop, with its HTTP client open for as long as it runs."""
+        assert self.webhooks is not None
+        async with self.webhooks.open():
+            await self._loop(self.deliver_webhooks_once, "webhooks")
+
     async def sweep_files_once(self) -> bool:
         await self.sweep()
         await asyncio.sleep(30)
@@ -186,18 +187,12 @@ class Worker:
         """Run every loop until cancelled; an exception in one loop cancels the others and propagates."""
         self._event_loop = asyncio.get_running_loop()
         log.info("worker %s started", self.id)
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._loop(self.validate_once, "validation"), name="validator")
-                tg.create_task(self._loop(self.finalize_once, "finalization"), name="finalizer")
-                tg.create_task(self._loop(self.sweep_files_once, "sweeping"), name="file-sweeper")
-                if self.webhooks is not None:
-                    tg.create_task(self._loop(self.deliver_webhooks_once, "webhooks"), name="webhooks")
-                tg.create_task(self._listen(), name="store-listener")
-                for i in range(self.settings.max_shards):
-                    tg.create_task(
-                        self._loop(self.run_shard_once, "running shards"), name=f"shard-runner-{i}"
-                    )
-        finally:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._loop(self.validate_once, "validation"), name="validator")
+            tg.create_task(self._loop(self.finalize_once, "finalization"), name="finalizer")
+            tg.create_task(self._loop(self.sweep_files_once, "sweeping"), name="file-sweeper")
             if self.webhooks is not None:
-                await self.webhooks.close()
+                tg.create_task(self._deliver_webhooks(), name="webhooks")
+            tg.create_task(self._listen(), name="store-listener")
+            for i in range(self.settings.max_shards):
+                tg.create_task(self._loop(self.run_shard_once, "running shards"), name=f"shard-runner-{i}")

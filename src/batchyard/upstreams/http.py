@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 import httptools
@@ -200,7 +199,6 @@ class HTTPUpstream(Upstream):
         self._tls = parts.scheme == "https"
         self._port = parts.port or (443 if self._tls else 80)
         self._prefix = parts.path.rstrip("/")
-        self._query = f"?{parts.query}" if parts.query else ""  # kept for the base URL itself (webhook URLs)
         host = f"[{self._host}]" if ":" in self._host else self._host
         default_port = self._port == (443 if self._tls else 80)
         authority = host if default_port else f"{host}:{self._port}"
@@ -223,8 +221,6 @@ class HTTPUpstream(Upstream):
             conn.close()
 
     def _path(self, endpoint: str) -> str:
-        if not endpoint:
-            return (self._prefix or "/") + self._query
         return self._prefix + (endpoint[3:] if endpoint.startswith("/v1/") else endpoint)
 
     async def _connect(self) -> _Connection:
@@ -287,22 +283,13 @@ class HTTPUpstream(Upstream):
         body: bytes,
         *,
         timeout: float,
-        headers: Mapping[str, str] | None = None,
         method: str = "POST",
     ) -> UpstreamResponse:
-        """POST `body` to `endpoint` (e.g. "/v1/chat/completions"; "" for the base URL itself). `headers`: more
-        request headers (names and values without line breaks; batchyard's own, never a client's)."""
-        extra = b""
-        if headers:
-            lines = [f"{k}: {v}\r\n" for k, v in headers.items()]
-            if any(c in line[:-2] for line in lines for c in "\r\n\0"):
-                raise ValueError("a request header contains a line break or NUL")
-            extra = "".join(lines).encode("latin-1")
-        head = b"%s %s HTTP/1.1\r\n%s%sContent-Length: %d\r\n\r\n" % (
+        """POST `body` to `endpoint` (e.g. "/v1/chat/completions", relative to the base URL)."""
+        head = b"%s %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n" % (
             method.encode("ascii"),
             self._path(endpoint).encode("latin-1"),
             self._fixed_headers,
-            extra,
             len(body),
         )
         try:

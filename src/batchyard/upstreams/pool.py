@@ -11,8 +11,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from batchyard.execution.limiter import Limiter
 from batchyard.upstreams.base import Upstream
+from batchyard.upstreams.limiter import Limiter
 
 EJECT_AFTER = 5  # consecutive failures (connection errors, timeouts, 5xx)
 EJECT_BASE_S = 5.0
@@ -73,8 +73,8 @@ class TokenBucket:
 @dataclass(eq=False)
 class Member:
     upstream: Upstream
+    limiter: Limiter  # its own concurrency limit, made with it (fixed, or adaptive: see limiter.py)
     weight: float = 1.0
-    limiter: Limiter | None = None  # None: the dispatcher's default
     timeout: float | None = None  # None: the dispatcher's attempt timeout
     rpm: TokenBucket | None = None
     tpm: TokenBucket | None = None
@@ -107,8 +107,7 @@ def pick(members: list[Member], now: float | None = None) -> Member:
         return min(members, key=lambda m: m.health.ejected_until)
 
     def load(m: Member) -> float:
-        lim = m.limiter
-        used = (lim.pending + 1) / lim.limit if lim is not None else 0.0
+        used = (m.limiter.pending + 1) / m.limiter.limit
         return used / max(m.weight, 1e-9)
 
     return min(healthy, key=load)

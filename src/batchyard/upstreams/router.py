@@ -1,6 +1,8 @@
 """Route a model name to its upstreams: exact names first, then glob patterns (in order), then the catch-all.
 
-Several upstreams may serve the same pattern: they form a group that the dispatcher balances (see pool.py).
+Several upstreams may serve the same pattern: they form a group that the dispatcher balances (see pool.py). Each
+upstream is a `Member` with its own limiter, made when the router is built (see factory.py for the one built from
+the settings).
 """
 
 from __future__ import annotations
@@ -8,20 +10,33 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from batchyard.upstreams.base import Upstream
+from batchyard.upstreams.limiter import AdaptiveLimiter, Limiter
 from batchyard.upstreams.pool import Member
 
 
 class Router:
-    def __init__(self, routes: Sequence[tuple[str | None, Upstream | Member]]) -> None:
+    def __init__(
+        self,
+        routes: Sequence[tuple[str | None, Upstream | Member]],
+        *,
+        limiter: Callable[[], Limiter] = AdaptiveLimiter,
+    ) -> None:
+        """`routes`: (model name, glob, or None/"*" for every model; its upstream). A bare `Upstream` becomes a
+        `Member` with a limiter of its own from `limiter` (one per upstream, however many routes name it)."""
         self._exact: dict[str, list[Member]] = {}
         self._globs: dict[str, list[Member]] = {}  # insertion-ordered
         self._default: list[Member] = []
         wrapped: dict[int, Member] = {}
         for pattern, target in routes:
-            member = target if isinstance(target, Member) else wrapped.setdefault(id(target), Member(target))
+            if isinstance(target, Member):
+                member = target
+            elif id(target) in wrapped:
+                member = wrapped[id(target)]
+            else:
+                member = wrapped[id(target)] = Member(target, limiter())
             if pattern is None or pattern == "*":
                 group = self._default
             elif any(c in pattern for c in "*?["):
@@ -44,11 +59,6 @@ class Router:
                 return group
         return self._default or None
 
-    def resolve(self, model: str) -> Upstream | None:
-        """The first upstream of the model's group."""
-        members = self.group(model)
-        return members[0].upstream if members else None
-
     def is_routable(self, model: str) -> bool:
         return self.group(model) is not None
 
@@ -66,6 +76,16 @@ class Router:
         for m in self.members:
             seen.setdefault(id(m.upstream), m.upstream)
         return list(seen.values())
+
+    async def start(self) -> None:
+        """Start every upstream (inside the event loop that will call them)."""
+        for up in self.upstreams:
+            await up.start()
+
+    async def aclose(self) -> None:
+        """Close every upstream, started or not."""
+        for up in self.upstreams:
+            await up.close()
 
     def model_names(self) -> list[str]:
         return sorted(self._exact)
