@@ -42,6 +42,10 @@ class Upstream(ABC):
         """The model ids this upstream serves (its /v1/models), or None when it cannot say."""
         return None
 
+    async def engine_slots(self, *, timeout: float) -> int | None:
+        """How many requests the engine runs at once, when it says (None: unknown)."""
+        return None
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open connections (called once, inside the event loop)."""
 

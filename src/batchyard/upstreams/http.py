@@ -277,6 +277,19 @@ class HTTPUpstream(Upstream):
         except (orjson.JSONDecodeError, AttributeError, TypeError):
             return None
 
+    async def engine_slots(self, *, timeout: float) -> int | None:
+        """How many requests the engine behind this URL runs at once, where it says so: llama.cpp's server answers
+        `GET /props` with `total_slots` (the path is the base URL's, less its `/v1`). None otherwise."""
+        root = self._prefix[:-3] if self._prefix.endswith("/v1") else self._prefix
+        try:
+            resp = await self._request("GET", root + "/props", b"", timeout)
+            if resp.status != 200:
+                return None
+            slots = orjson.loads(resp.body).get("total_slots")
+        except (UpstreamError, orjson.JSONDecodeError, AttributeError):
+            return None
+        return slots if type(slots) is int and 0 < slots <= 65536 else None
+
     async def call(
         self,
         endpoint: str,
@@ -286,9 +299,12 @@ class HTTPUpstream(Upstream):
         method: str = "POST",
     ) -> UpstreamResponse:
         """POST `body` to `endpoint` (e.g. "/v1/chat/completions", relative to the base URL)."""
+        return await self._request(method, self._path(endpoint), body, timeout)
+
+    async def _request(self, method: str, path: str, body: bytes, timeout: float) -> UpstreamResponse:
         head = b"%s %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n" % (
             method.encode("ascii"),
-            self._path(endpoint).encode("latin-1"),
+            path.encode("latin-1"),
             self._fixed_headers,
             len(body),
         )

@@ -145,6 +145,13 @@ class AdaptiveLimiter(Limiter):
         self._cpu_last = cpu_clock()
         self._cpu_busy = False
 
+    def hold_at_most(self, slots: int) -> None:
+        """The engine runs at most `slots` requests at once (it said so): more in flight only queue inside it,
+        which adds latency (to everyone's, online users' too) and no throughput. The limit stays at or below."""
+        self.max_limit = max(self.min_limit, min(self.max_limit, slots))
+        self._limit = min(self._limit, float(self.max_limit))
+        self._wake()
+
     def observe(self, rtt: float, signal: Signal) -> None:
         now = self._clock()
         if signal is Signal.OVERLOAD:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import logging
 import time
 from collections.abc import Callable, Sequence
 
 from batchyard.upstreams.base import Upstream
 from batchyard.upstreams.limiter import AdaptiveLimiter, Limiter
 from batchyard.upstreams.pool import Member
+
+log = logging.getLogger(__name__)
 
 
 class Router:
@@ -78,9 +81,22 @@ class Router:
         return list(seen.values())
 
     async def start(self) -> None:
-        """Start every upstream (inside the event loop that will call them)."""
+        """Start every upstream (inside the event loop that will call them), and hold each adaptive limit at or
+        below the slots its engine reports (`Upstream.engine_slots`; asked once, 2 s at most)."""
         for up in self.upstreams:
             await up.start()
+        adaptive = [m for m in self.members if isinstance(m.limiter, AdaptiveLimiter)]
+        found = await asyncio.gather(*(m.upstream.engine_slots(timeout=2.0) for m in adaptive))
+        for member, slots in zip(adaptive, found, strict=True):
+            if slots is not None:
+                assert isinstance(member.limiter, AdaptiveLimiter)
+                member.limiter.hold_at_most(slots)
+                log.info(
+                    "upstream %s runs %d requests at once (its /props): concurrency limit held at %d or below",
+                    member.upstream.name,
+                    slots,
+                    member.limiter.max_limit,
+                )
 
     async def aclose(self) -> None:
         """Close every upstream, started or not."""

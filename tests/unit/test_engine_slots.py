@@ -1,0 +1,74 @@
+"""An adaptive limit is held at or below the slots an engine reports (llama.cpp's `GET /props`), asked at start
+over a real loopback HTTP server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from batchyard.upstreams.http import HTTPUpstream
+from batchyard.upstreams.limiter import AdaptiveLimiter, Limiter, Signal
+from batchyard.upstreams.router import Router
+
+
+async def serve(props: Any, status: int = 200) -> AsyncIterator[str]:
+    async def handler(request: web.Request) -> web.Response:
+        if props is None:
+            return web.Response(status=404)
+        return web.json_response(props, status=status)
+
+    app = web.Application()
+    app.router.add_get("/props", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def llamacpp() -> AsyncIterator[str]:
+    async for url in serve({"total_slots": 4, "default_generation_settings": {}}):
+        yield url
+
+
+async def start(url: str, limiter: Limiter) -> Limiter:
+    router = Router([(None, HTTPUpstream(url))], limiter=lambda: limiter)
+    await router.start()
+    await router.aclose()
+    return limiter
+
+
+async def test_an_engine_with_4_slots_holds_the_adaptive_limit_at_4(llamacpp: str) -> None:
+    lim = await start(llamacpp, AdaptiveLimiter(initial=64, max_limit=1024))
+    assert isinstance(lim, AdaptiveLimiter)
+    assert lim.max_limit == 4 and lim.limit == 4
+    for _ in range(200):  # growth stops at the slots
+        lim.observe(0.01, Signal.OK)
+    assert lim.limit <= 4
+
+
+async def test_a_lower_max_concurrency_stays_and_a_fixed_limit_is_left_alone(llamacpp: str) -> None:
+    lim = await start(llamacpp, AdaptiveLimiter(initial=2, max_limit=3))
+    assert isinstance(lim, AdaptiveLimiter) and (lim.max_limit, lim.limit) == (3, 2)
+    fixed = await start(llamacpp, Limiter(32))
+    assert fixed.limit == 32  # --concurrency N is the operator's word
+
+
+@pytest.mark.parametrize("props", [None, {"total_slots": "4"}, {"total_slots": 0}, [1, 2], {"other": 1}])
+async def test_an_engine_that_does_not_say_changes_nothing(props: Any) -> None:
+    async for url in serve(props):
+        lim = await start(url, AdaptiveLimiter(initial=16, max_limit=1024))
+        assert isinstance(lim, AdaptiveLimiter) and (lim.max_limit, lim.limit) == (1024, 16)
+
+
+async def test_an_engine_that_is_down_changes_nothing() -> None:
+    lim = await start("http://127.0.0.1:9/v1", AdaptiveLimiter(initial=16, max_limit=1024))
+    assert isinstance(lim, AdaptiveLimiter) and lim.max_limit == 1024
