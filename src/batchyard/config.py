@@ -208,7 +208,8 @@ class Settings(_Model):
             "Requests in flight per upstream: a number, or 'auto' to find the upstream's capacity (AIMD on "
             "429/503/timeouts and rising latency).",
             doc="requests in flight per upstream; `auto` = AIMD with slow start, a latency gradient and "
-            "429/503/timeout back-off, between 1 and `--max-concurrency`",
+            "429/503/timeout back-off, between 1 and `--max-concurrency`, and never above the slots an engine "
+            "reports (llama.cpp's `GET /props`)",
             default_text="auto",
             metavar="N|auto",
         ),
