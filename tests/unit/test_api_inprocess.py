@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
@@ -38,7 +38,9 @@ class App:
         self.http = http
 
     def sdk(self, key: str = "k1") -> AsyncOpenAI:
-        return AsyncOpenAI(base_url="http://api/v1", api_key=key, max_retries=0, http_client=self.http)
+        # openai 3 types `http_client` as an httpx2 client and takes an httpx one as well
+        client = cast(Any, self.http)
+        return AsyncOpenAI(base_url="http://api/v1", api_key=key, max_retries=0, http_client=client)
 
     async def upload(self, key: str = "k1", lines: int = 1) -> str:
         resp = await self.http.post(
