@@ -1,4 +1,5 @@
-"""S3BlobStore against a real S3-compatible server (SeaweedFS `weed mini`): the behaviours of the local store."""
+"""S3BlobStore's own behaviours against a real S3-compatible server (SeaweedFS `weed mini`): multipart uploads,
+server-side copy, faults, configuration (test_blob_contract.py has what every BlobStore does, on S3 too)."""
 
 from __future__ import annotations
 
@@ -99,53 +100,6 @@ async def test_multipart_commit_is_atomic_and_reports_size_and_sha256(store: S3B
     assert await pending_uploads(store) == []
 
 
-async def test_small_blob_is_one_put_at_commit(store: S3BlobStore) -> None:
-    w = await store.open_writer("files/small")
-    await w.write(b"hello ")
-    await w.write(b"world")
-    assert await listing(store) == []
-    assert await pending_uploads(store) == []
-    info = await w.commit()
-    assert (info.size, info.sha256) == (11, sha(b"hello world"))
-    assert await read_all(store, "files/small") == b"hello world"
-
-
-async def test_empty_blob(store: S3BlobStore) -> None:
-    w = await store.open_writer("files/empty")
-    info = await w.commit()
-    assert (info.size, info.sha256) == (0, sha(b""))
-    assert await store.exists("files/empty")
-    assert await read_all(store, "files/empty") == b""
-
-
-@pytest.mark.parametrize("size", [100, 7 * MiB])
-async def test_abort_leaves_nothing(store: S3BlobStore, size: int) -> None:
-    w = await store.open_writer("parts/b/0.1.out")
-    await w.write(data(size))
-    await w.abort()
-    await w.abort()  # idempotent
-    assert await listing(store) == []
-    assert await pending_uploads(store) == []
-    with pytest.raises(BlobError):
-        await w.write(b"more")
-    with pytest.raises(BlobError):
-        await w.commit()
-
-
-async def test_abort_after_commit_keeps_the_blob(store: S3BlobStore) -> None:
-    w = await store.open_writer("k")
-    await w.write(b"kept")
-    await w.commit()
-    await w.abort()
-    assert await read_all(store, "k") == b"kept"
-
-
-async def test_overwrite_replaces(store: S3BlobStore) -> None:
-    await put(store, "k", data(6 * MiB, seed=1))
-    await put(store, "k", b"second")
-    assert await read_all(store, "k") == b"second"
-
-
 async def test_size_cap_raises_and_aborts_the_upload(store: S3BlobStore) -> None:
     w = await store.open_writer("files/capped", max_bytes=6 * MiB)
     await w.write(data(5 * MiB))  # one part uploaded
@@ -166,33 +120,6 @@ async def test_size_cap_on_a_small_blob(store: S3BlobStore) -> None:
     with pytest.raises(SizeExceeded):
         await w.write(b"x" * 11)
     assert await listing(store) == []
-
-
-# --- reads --------------------------------------------------------------------------------------------------
-
-
-async def test_read_range(store: S3BlobStore) -> None:
-    body = data(6 * MiB + 10)
-    await put(store, "in", body)
-    assert await store.read_range("in", 0, 10) == body[:10]
-    assert await store.read_range("in", 5 * MiB - 3, 5 * MiB + 3) == body[5 * MiB - 3 : 5 * MiB + 3]
-    assert await store.read_range("in", len(body) - 4, len(body) + 100) == body[-4:]
-    assert await store.read_range("in", len(body), len(body) + 5) == b""
-    assert await store.read_range("in", 7, 7) == b""
-    with pytest.raises(BlobNotFound):
-        await store.read_range("missing", 0, 10)
-    with pytest.raises(BlobNotFound):
-        await store.read_range("missing", 3, 3)
-
-
-async def test_stream_in_chunks(store: S3BlobStore) -> None:
-    body = data(3 * MiB + 17)
-    await put(store, "in", body)
-    chunks = [c async for c in store.stream("in", chunk_size=MiB)]
-    assert [len(c) for c in chunks] == [MiB, MiB, MiB, 17]
-    assert b"".join(chunks) == body
-    with pytest.raises(BlobNotFound):
-        await read_all(store, "missing")
 
 
 # --- compose ------------------------------------------------------------------------------------------------
@@ -240,31 +167,6 @@ async def test_compose_small_then_large_streams(store: S3BlobStore, monkeypatch:
     info = await store.compose("files/out", ["parts/0", "parts/1"])
     assert info.sha256 == sha(b"".join(parts))
     assert await read_all(store, "files/out") == b"".join(parts)
-
-
-async def test_compose_one_source_and_no_source(store: S3BlobStore) -> None:
-    await put(store, "parts/0", b"only")
-    assert (await store.compose("files/one", ["parts/0"])).sha256 == sha(b"only")
-    assert await read_all(store, "files/one") == b"only"
-    info = await store.compose("files/none", [])
-    assert (info.size, info.sha256) == (0, sha(b""))
-    assert await read_all(store, "files/none") == b""
-
-
-async def test_compose_replaces_an_earlier_blob(store: S3BlobStore) -> None:
-    await put(store, "files/out", b"old content that is longer")
-    await put(store, "parts/0", b"new")
-    await store.compose("files/out", ["parts/0"])
-    assert await read_all(store, "files/out") == b"new"
-
-
-@pytest.mark.parametrize("big", [False, True])
-async def test_compose_missing_source_fails_and_writes_nothing(store: S3BlobStore, big: bool) -> None:
-    await put(store, "parts/0", data(6 * MiB) if big else b"x")
-    with pytest.raises(BlobNotFound):
-        await store.compose("files/out", ["parts/0", "parts/missing"])
-    assert await listing(store) == ["parts/0"]
-    assert await pending_uploads(store) == []
 
 
 async def test_compose_aborts_when_a_source_changes_under_it(
@@ -328,38 +230,6 @@ def test_copy_plan() -> None:
 
 
 # --- delete, exists, keys -----------------------------------------------------------------------------------
-
-
-async def test_delete_is_idempotent(store: S3BlobStore) -> None:
-    await put(store, "k", b"v")
-    assert await store.exists("k")
-    await store.delete("k")
-    assert not await store.exists("k")
-    await store.delete("k")
-    await store.delete("never-existed")
-    assert await listing(store) == []
-
-
-BAD_KEYS = ["", "/abs", "a/../b", "..", ".", "a/./b", "a//b", "trailing/", "a b", "é", "a\nb"]
-
-
-@pytest.mark.parametrize("key", BAD_KEYS)
-async def test_invalid_keys(store: S3BlobStore, key: str) -> None:
-    await put(store, "good", b"x")
-    with pytest.raises(BlobError):
-        await store.open_writer(key)
-    with pytest.raises(BlobError):
-        await store.read_range(key, 0, 1)
-    with pytest.raises(BlobError):
-        await read_all(store, key)
-    with pytest.raises(BlobError):
-        await store.compose(key, ["good"])
-    with pytest.raises(BlobError):
-        await store.compose("out", ["good", key])
-    with pytest.raises(BlobError):
-        await store.delete(key)
-    with pytest.raises(BlobError):
-        await store.exists(key)
 
 
 def test_one_store_serves_several_event_loops(seaweed: Seaweed) -> None:
@@ -676,15 +546,3 @@ async def test_list_keys_pages_through_everything(
     assert await keys_under("none/") == []
     assert all(before - 60 < m < time.time() + 60 for _, m in [x async for x in store.list_keys("")])
     await pending.abort()
-
-
-async def test_remove_abandoned_writes_aborts_only_old_uploads(store: S3BlobStore) -> None:
-    await put(store, "files/kept", b"k")
-    w = await store.open_writer("parts/b/0.1.out")
-    await w.write(data(MIN_PART + 1))
-    assert await pending_uploads(store) == ["parts/b/0.1.out"]
-    assert await store.remove_abandoned_writes(time.time() - 3600) == 0  # begun just now: left alone
-    assert await pending_uploads(store) == ["parts/b/0.1.out"]
-    assert await store.remove_abandoned_writes(time.time() + 60) == 1  # as if an hour had passed
-    assert await pending_uploads(store) == []
-    assert await listing(store) == ["files/kept"]

@@ -57,7 +57,7 @@ def test_chat_batch_outputs_match_each_request(server: Server, upstream: FakeUps
 )
 def test_other_endpoints(server: Server, endpoint: str, body: dict[str, Any]) -> None:
     client = server.client()
-    reqs = [
+    reqs: list[dict[str, Any]] = [
         {"custom_id": f"c{i}", "method": "POST", "url": endpoint, "body": {**body, "user": f"u{i}"}}
         for i in range(5)
     ]

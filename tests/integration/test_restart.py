@@ -104,8 +104,8 @@ def test_kill9_and_restart_is_exactly_once(
         assert final[(bid, idx)] == attempt
         reqs = all_reqs[batches.index(bid)]
         for r in reqs[idx * SHARD : (idx + 1) * SHARD]:
-            key = expected_text(r["body"])
-            assert stats_by_key[key] == counts_then[key] >= 1
+            text = expected_text(r["body"])
+            assert stats_by_key[text] == counts_then[text] >= 1
     # Lines sent more than once are at most those in flight (the running shards) at each kill.
     total = sum(len(r) for r in all_reqs)
     assert upstream.stats()["total"] <= total + kills * MAX_SHARDS * SHARD

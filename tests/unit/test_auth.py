@@ -54,7 +54,8 @@ def test_missing_key(header: str | None) -> None:
     err = info.value
     assert err.status_code == 401
     assert err.code == "missing_api_key"
-    assert err.to_dict()["error"]["type"] == "invalid_request_error"
+    error = err.to_dict()["error"]
+    assert isinstance(error, dict) and error["type"] == "invalid_request_error"
     assert "Authorization" in err.message
 
 

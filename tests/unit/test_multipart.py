@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -39,14 +38,6 @@ class MemorySink:
         assert data, "empty writes are pointless"
         self.writes.append(len(data))
         self.data += data
-
-
-class CountingSink:
-    def __init__(self) -> None:
-        self.n = 0
-
-    async def write(self, data: bytes) -> None:
-        self.n += len(data)
 
 
 class Opener:
@@ -531,19 +522,3 @@ async def test_sink_errors_propagate() -> None:
     ct, body = encode(files={"file": ("f", b"x" * 1000)})
     with pytest.raises(OSError, match="disk full"):
         await run(ct, body, 100, Opener(Boom()))
-
-
-# --------------------------------------------------------------------------- throughput
-
-
-async def test_throughput_50mb_64k_chunks() -> None:
-    size = 50 * 1024 * 1024
-    content = os.urandom(1024 * 1024) * 50
-    ct, body = encode(files={"file": ("big.jsonl", content)}, data={"purpose": "batch"})
-    sink = CountingSink()
-    feeder = Feeder(body, 64 * 1024)
-    t0 = time.perf_counter()
-    form = await parse_upload(ct, aiter(feeder), Opener(sink), max_file_bytes=size)
-    dt = time.perf_counter() - t0
-    assert form.file_bytes == sink.n == size
-    print(f"\nmultipart parse throughput: {size / dt / 1e6:.0f} MB/s ({size / 1e6:.1f} MB in {dt:.3f} s)")

@@ -1,4 +1,7 @@
-"""A dependency-free progress bar for the terminal (stderr); plain periodic lines when stderr is not a TTY."""
+"""A dependency-free progress bar for the terminal (stderr); plain periodic lines when stderr is not a TTY.
+
+Counts are in `unit`: "bytes" are shown in MB (and MB/s), any other unit as a plain count ("lines/s").
+"""
 
 from __future__ import annotations
 
@@ -30,8 +33,8 @@ class ProgressBar:
             self._first = done  # resumed runs: the rate counts this run's lines only
         rate = (done - self._first) / elapsed
         text = (
-            f"{self.label} [{bar}] {done}/{self.total} lines ({frac * 100:5.1f}%)  failed {failed}  "
-            f"{rate:7.1f} lines/s  {status}"
+            f"{self.label} [{bar}] {self._amount(done)}/{self._amount(self.total)} {self._unit} "
+            f"({frac * 100:5.1f}%)  failed {failed}  {self._amount(rate, 7)} {self._unit}/s  {status}"
         )
         if self._tty:
             self.stream.write("\r" + text.ljust(110)[:160])
@@ -40,6 +43,15 @@ class ProgressBar:
             self._last_plain = time.monotonic()
             self.stream.write(text.rstrip() + "\n")
             self.stream.flush()
+
+    @property
+    def _unit(self) -> str:
+        return "MB" if self.unit == "bytes" else self.unit
+
+    def _amount(self, n: float, width: int = 0) -> str:
+        if self.unit == "bytes":
+            return f"{n / 1e6:{width}.1f}"
+        return f"{n:{width}.1f}" if isinstance(n, float) else f"{n:{width}d}"
 
     def close(self) -> None:
         if self._tty:

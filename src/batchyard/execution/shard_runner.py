@@ -38,10 +38,6 @@ _CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*("(?:[^"\\]|\\.){1,4096}")')
 log = logging.getLogger("batchyard.shard")
 
 
-class LeaseLost(Exception):
-    """Another attempt owns the shard now: this attempt's results must not be committed."""
-
-
 def part_key(claim: ShardClaim, kind: str) -> str:
     return f"parts/{claim.shard.batch_id}/{claim.shard.index:06d}.{claim.attempt}.{kind}"
 
