@@ -9,6 +9,7 @@ from typing import Any, TypeAlias
 
 import pytest
 
+from batchyard.domain import retry
 from batchyard.domain.lines import NOT_EXECUTED_MESSAGES
 from batchyard.domain.models import Usage
 from batchyard.execution import dispatcher as dispatcher_mod
@@ -79,7 +80,7 @@ class Scripted(Upstream):
 def delays(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The delays the dispatcher computes (with the real policy), while it actually waits none of them."""
     seen: list[float] = []
-    real = dispatcher_mod.backoff_delay
+    real = retry.backoff_delay  # the policy the dispatcher calls (patched where it looks it up)
 
     def record(retries_done: int, retry_after: float | None, **kw: Any) -> float:
         seen.append(real(retries_done, retry_after, **kw))

@@ -76,10 +76,10 @@ def test_restart_budget_allows_a_few_restarts_per_window() -> None:
 def test_settings_are_frozen() -> None:
     s = Settings()
     with pytest.raises(ValidationError, match="frozen"):
-        s.port = 9000  # type: ignore[misc]
+        s.port = 9000
     spec = UpstreamSpec(base_url="http://u/v1")
     with pytest.raises(ValidationError, match="frozen"):
-        spec.weight = 2.0  # type: ignore[misc]
+        spec.weight = 2.0
 
 
 def test_settings_read_only_their_arguments(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -650,7 +650,7 @@ def test_defaults_match_openai_limits() -> None:
     "kwargs",
     [{"max_lines": 0}, {"max_bytes": -1}, {"max_errors": -1}, {"shard_lines": 0}],
 )
-def test_bad_arguments(kwargs: dict[str, int]) -> None:
+def test_bad_arguments(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         BatchValidator(CHAT, routable, **kwargs)
 
