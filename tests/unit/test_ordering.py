@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchyard.domain.ordering import WAIT, Prefixes, PrefixScheduler, group_key, prefix_key, prefix_order
+from batchyard.domain.ordering import (
+    WAIT,
+    Prefixes,
+    PrefixScheduler,
+    group_hash,
+    group_key,
+    prefix_key,
+    prefix_order,
+)
 
 
 def chat(cid: str, system: str, user: str, model: str = "m") -> dict[str, Any]:
@@ -172,3 +180,14 @@ def test_a_stalled_prefill_and_an_old_warm_entry_stop_counting() -> None:
     clock.now = 17.0  # warm entries expire after `ttl`: a new shard's first line goes alone again
     c = PrefixScheduler(grouped(1, 3), shared)
     assert isinstance(c.take(0), dict) and c.take(1) is WAIT
+
+
+def test_group_hash_groups_as_group_key_does() -> None:
+    a, b, c = chat("1", "sys", "q1")["body"], chat("2", "sys", "q2")["body"], chat("3", "other", "q1")["body"]
+    assert group_hash(a) == group_hash(b) is not None and group_hash(c) != group_hash(a)
+    assert group_hash({"model": "m", "messages": [{"role": "user", "content": "q"}]}) is None
+    parts = {"model": "m", "messages": [{"role": "system", "content": [{"type": "text", "text": "s"}]}, {}]}
+    assert group_hash(parts) == hash(group_key(parts))  # content parts: through group_key's text
+    odd = {"model": "m", "messages": ["not an object", {"role": "user", "content": "q"}]}
+    assert group_hash(odd) == hash(group_key(odd) or "")
+    assert group_hash({"model": "m", "instructions": "be brief", "input": "x"}) is not None

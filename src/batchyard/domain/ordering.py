@@ -75,6 +75,25 @@ def group_key(body: dict[str, Any]) -> str | None:
     return _joined(parts, messages[:-1])
 
 
+def group_hash(body: dict[str, Any]) -> int | None:
+    """A hash of what `group_key` describes, without building its text (the validator asks it of every line):
+    the model, the instructions and every message's role and content but the last. Content given as a list of
+    parts (unhashable) falls back to `group_key`'s text."""
+    messages = body.get("messages")
+    if type(messages) is not list:
+        inp = body.get("input")
+        messages = inp if type(inp) is list else []
+    instructions = body.get("instructions")
+    if len(messages) < 2 and type(instructions) is not str:
+        return None
+    try:
+        context = [(m["role"], m["content"]) for m in messages[:-1]]
+        return hash((body.get("model"), instructions if type(instructions) is str else None, *context))
+    except (TypeError, KeyError):  # content parts, a message that is not an object, a missing role
+        key = group_key(body)
+        return None if key is None else hash(key)
+
+
 class _Group:
     __slots__ = ("key", "lines", "warm")
 

@@ -91,11 +91,22 @@ class PrefixPlanner:
         self.last = array("q")
         self.count = array("q")  # its request lines
         self._ordinal = -2  # position among the file's request lines of the last line added
+        self._last_hash: int | None = None  # its group's hash, and its contiguous shard
+        self._last_shard = -1
         self.abandoned = False
 
     def add(self, key_hash: int, start: int, end: int, line_no: int, ordinal: int, shard: int) -> None:
+        if ordinal == self._ordinal + 1 and key_hash == self._last_hash and shard == self._last_shard:
+            # the common case in a file sorted by prompt, or sharing one: the run goes on
+            self._ordinal = ordinal
+            self.end[-1] = end
+            self.last[-1] = line_no
+            self.count[-1] += 1
+            self._sizes[self.group[-1]] += 1
+            return
         if self.abandoned:
             return
+        self._ordinal, self._last_hash, self._last_shard = ordinal, key_hash, shard
         gid = self._gid.get(key_hash)
         if gid is None:
             if len(self._gid) >= MAX_GROUPS:
@@ -103,17 +114,10 @@ class PrefixPlanner:
                 return
             gid = self._gid[key_hash] = len(self._gid)
             self._sizes.append(0)
-        self._sizes[gid] += 1
-        follows = ordinal == self._ordinal + 1
-        self._ordinal = ordinal
-        if follows and self.group and self.group[-1] == gid and self.shard[-1] == shard:
-            self.end[-1] = end
-            self.last[-1] = line_no
-            self.count[-1] += 1
-            return
         if len(self.group) >= MAX_RUNS:
             self._abandon()
             return
+        self._sizes[gid] += 1
         for a, v in (
             (self.group, gid),
             (self.shard, shard),
@@ -132,6 +136,7 @@ class PrefixPlanner:
 
     def _abandon(self) -> None:
         self.abandoned = True
+        self._last_hash = None
         self._gid.clear()
         for a in (
             self._sizes,

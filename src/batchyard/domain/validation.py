@@ -25,7 +25,7 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
-from batchyard.domain.ordering import group_key
+from batchyard.domain.ordering import group_hash
 from batchyard.domain.planning import PrefixPlanner, ShardPlan
 from batchyard.domain.wire import MAX_DEPTH, depth_exceeds
 
@@ -422,9 +422,9 @@ class BatchValidator:
                     # too deep for re-serialization and recursive code downstream, or the first rule it breaks
                     problem = _TOO_DEEP if too_deep(buf, start, end, obj) else check(obj, line_no)
                     if problem is None and planner is not None:
-                        key = group_key(obj["body"])
+                        key = group_hash(obj["body"])
                         if key is not None:
-                            planner.add(hash(key), base + start, base + pos, line_no, total - 1, line_shard)
+                            planner.add(key, base + start, base + pos, line_no, total - 1, line_shard)
             if problem is not None:
                 error_count += 1
                 if len(errors) < max_errors:
