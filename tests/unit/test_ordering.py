@@ -191,3 +191,14 @@ def test_group_hash_groups_as_group_key_does() -> None:
     odd = {"model": "m", "messages": ["not an object", {"role": "user", "content": "q"}]}
     assert group_hash(odd) == hash(group_key(odd) or "")
     assert group_hash({"model": "m", "instructions": "be brief", "input": "x"}) is not None
+
+
+def test_group_hash_fast_path_is_the_general_hash() -> None:
+    body = chat("1", "sys", "q")["body"]
+    three = {
+        **body,
+        "messages": [*body["messages"][:1], {"role": "user", "content": "q"}, body["messages"][1]],
+    }
+    two_of_three = {**three, "messages": three["messages"][:1] + three["messages"][2:]}
+    assert group_hash(two_of_three) == group_hash(body)  # same context
+    assert group_hash(three) != group_hash(body)  # a longer context

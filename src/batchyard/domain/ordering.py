@@ -80,6 +80,14 @@ def group_hash(body: dict[str, Any]) -> int | None:
     the model, the instructions and every message's role and content but the last. Content given as a list of
     parts (unhashable) falls back to `group_key`'s text."""
     messages = body.get("messages")
+    if (
+        type(messages) is list and len(messages) == 2 and "instructions" not in body
+    ):  # a system prompt + a question
+        m = messages[0]
+        if type(m) is dict:
+            role, content = m.get("role"), m.get("content")
+            if role is not None and type(content) is str:  # the same tuple as below, built in half the time
+                return hash((body.get("model"), None, (role, content)))
     if type(messages) is not list:
         inp = body.get("input")
         messages = inp if type(inp) is list else []
