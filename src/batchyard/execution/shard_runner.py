@@ -152,6 +152,7 @@ class ShardRunner:
         # prefix groups this process's shards prefill: a group in several running shards is prefilled once
         self.prefixes = Prefixes()
         self._attempts: set[_Attempt] = set()  # running attempts, woken when a group opens in any of them
+        self._executing: dict[_Attempt, int] = {}  # attempts executing lines -> rank, in the order they started
 
     def _wake_all(self) -> None:
         for a in self._attempts:
@@ -315,14 +316,27 @@ class ShardRunner:
             await att.abort()
             raise
 
-    def _fair_lanes(self) -> int:
+    def _fair_lanes(self, att: _Attempt) -> int:
         """Lanes for one shard: its share of the upstreams' concurrency among the shards running here.
 
         Lanes beyond the concurrency limit would only queue on the limiter, and every line they carry would pay
-        for a wake-up; lanes are therefore added and retired as the limit and the number of shards change.
-        """
+        for a wake-up; lanes are therefore added and retired as the limit and the number of shards change. The
+        shares add up to the limit exactly (the shards that started first get the remainder): a lane that waits on
+        the limiter takes the next free engine slot from another lane, which with prefix ordering sends another
+        group's prompt to the slot that held this group's (an engine without a RAM prompt cache then prefills it
+        again)."""
         total = self.dispatcher.total_limit()
-        return max(1, -(-total // max(1, self.running)))
+        n = max(1, len(self._executing))
+        rank = self._executing.get(att, n - 1)
+        return max(1, total // n + (1 if rank < total % n else 0))
+
+    async def room_for_shard(self) -> None:
+        """Wait until this process runs fewer shards than the concurrency limit (each shard needs a lane)."""
+        while self.active >= self.dispatcher.total_limit():
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):  # the limit may grow meanwhile
+                    await self._idle.wait()
 
     async def _execute(self, att: _Attempt, sched: Scheduler) -> None:
         lanes: set[asyncio.Task[None]] = (
@@ -353,13 +367,17 @@ class ShardRunner:
             task.add_done_callback(lanes.discard)
 
         self.running += 1
+        self._executing[att] = len(self._executing)
         beat = asyncio.create_task(self._heartbeat(att, lanes), name="shard-heartbeat")
         try:
-            for _ in range(max(1, min(self._fair_lanes(), att.untaken))):
+            for _ in range(max(1, min(self._fair_lanes(att), att.untaken))):
                 spawn()
             await finished.wait()
         finally:
             self.running -= 1
+            del self._executing[att]
+            for i, a in enumerate(self._executing):  # the ranks close up
+                self._executing[a] = i
             for t in list(lanes):
                 t.cancel()
             if lanes:
@@ -396,7 +414,7 @@ class ShardRunner:
                 done += 1
                 if done % 8 and att.lanes > 1:
                     continue  # the fair share changes slowly: look at it every 8 lines (at once for a lone lane)
-                fair = self._fair_lanes()
+                fair = self._fair_lanes(att)
                 if att.lanes > fair:
                     return  # retire: the shard has more lanes than its share
                 if att.lanes < fair and att.untaken > att.lanes:

@@ -155,6 +155,7 @@ class Worker:
             self.runner.outage.ok()  # it is back (with nothing left to run, no probe every poll for ever)
         # A shard that failed before runs alone (ShardRunner._run_alone): nothing new is claimed meanwhile.
         await self.runner.solo_done.wait()
+        await self.runner.room_for_shard()  # no more shards than lanes the concurrency limit allows
         claim = await self.store.claim_shard(self.id, self.settings.lease_seconds)
         if claim is None:
             return False
