@@ -25,6 +25,7 @@ from batchyard.blobs.s3 import MIN_PART
 from batchyard.errors import BlobError, BlobNotFound
 from tests.contract.test_blobs_s3 import _store as s3_store
 from tests.contract.test_blobs_s3 import listing, pending_uploads
+from tests.support.blobs import collect, pattern, put, read_all
 
 MIB = 1 << 20
 
@@ -105,27 +106,6 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 @pytest.fixture
 def blobs(backend: Backend) -> BlobStore:
     return backend.store
-
-
-def pattern(n: int, seed: int) -> bytes:
-    """n bytes that differ from one offset to the next and from one seed to the next."""
-    block = hashlib.sha256(seed.to_bytes(4, "big")).digest() * 4096
-    return (block * (n // len(block) + 1))[:n]
-
-
-async def put(blobs: BlobStore, key: str, data: bytes, chunk: int = 65536) -> BlobInfo:
-    w = await blobs.open_writer(key)
-    for i in range(0, len(data), chunk):
-        await w.write(data[i : i + chunk])
-    return await w.commit()
-
-
-async def collect(it: AsyncIterator[bytes]) -> list[bytes]:
-    return [c async for c in it]
-
-
-async def read_all(blobs: BlobStore, key: str) -> bytes:
-    return b"".join(await collect(blobs.stream(key)))
 
 
 def committed(residue: list[str]) -> list[str]:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from batchyard.blobs.base import BlobInfo, BlobStore
+from batchyard.blobs.base import BlobStore
 from batchyard.blobs.local import LocalBlobStore
 from batchyard.errors import BlobError, BlobNotFound, BlobStorageFull
+from tests.support.blobs import collect, pattern, put, read_all
 
 MIB = 1 << 20
 
@@ -31,27 +31,6 @@ def blobs(root: Path) -> BlobStore:
 
 def files_under(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
-
-
-def pattern(n: int, seed: int) -> bytes:
-    """n bytes that differ from one offset to the next and from one seed to the next."""
-    block = hashlib.sha256(seed.to_bytes(4, "big")).digest() * 4096
-    return (block * (n // len(block) + 1))[:n]
-
-
-async def put(blobs: BlobStore, key: str, data: bytes, chunk: int = 65536) -> BlobInfo:
-    w = await blobs.open_writer(key)
-    for i in range(0, len(data), chunk):
-        await w.write(data[i : i + chunk])
-    return await w.commit()
-
-
-async def collect(it: AsyncIterator[bytes]) -> list[bytes]:
-    return [c async for c in it]
-
-
-async def read_all(blobs: BlobStore, key: str) -> bytes:
-    return b"".join(await collect(blobs.stream(key)))
 
 
 # -- delete, exists, keys -------------------------------------------------------------------------------------
