@@ -384,6 +384,15 @@ class Settings(_Model):
             "count); then the connection is cut and a partial upload removed",
         ),
     ] = 60.0
+    completion_windows: Annotated[
+        Literal["durations", "openai"],
+        Option(
+            SERVE,
+            "Which completion_window values a batch may ask for: 'durations' (any of '90s', '30m', '2h', '3d' up "
+            "to 7 days, a batchyard extension) or 'openai' (only '24h', as OpenAI).",
+            metavar="durations|openai",
+        ),
+    ] = "durations"
 
     @model_validator(mode="after")
     def _secret_with_urls(self) -> Settings:

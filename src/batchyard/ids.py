@@ -15,9 +15,10 @@ def _suffix(n: int = 24) -> str:
 
 # The shapes of the ids clients send back. The suffix is `_suffix()`'s 24 characters (a derived output file id,
 # `execution.jobs.derived_file_id`, is 24 hex digits: the same shape); up to 64 are accepted, so ids made by a
-# later version with longer suffixes stay valid. Anything else (a NUL, a path, 1 MB of text) is not an id.
+# later version with longer suffixes stay valid; '-' and '_' too (an id such as "file-nonexistent-xyz" is an id
+# OpenAI takes and answers as a file it cannot find). Anything else (a NUL, a path, 1 MB of text) is not an id.
 _SHAPES = {
-    kind: re.compile(rf"{re.escape(prefix)}[0-9A-Za-z]{{1,64}}")
+    kind: re.compile(rf"{re.escape(prefix)}[0-9A-Za-z_-]{{1,64}}")
     for kind, prefix in (("file", "file-"), ("batch", "batch_"), ("upload", "upload_"), ("part", "part_"))
 }
 MAX_ID_CHARS = 70

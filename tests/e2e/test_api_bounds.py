@@ -199,7 +199,7 @@ def test_metadata_with_control_characters_is_refused_but_line_breaks_are_text(ht
 def test_a_file_whose_blob_is_missing_gets_an_error_before_any_header(
     http: httpx.Client, srv: Server
 ) -> None:
-    f = http.post("/v1/files", data={"purpose": "user_data"}, files={"file": ("a.txt", b"hello")}).json()
+    f = http.post("/v1/files", data={"purpose": "vision"}, files={"file": ("a.txt", b"hello")}).json()
     (srv.data_dir / "blobs" / "files" / f["id"]).unlink()
     err = assert_envelope(http.get(f"/v1/files/{f['id']}/content"), 500, None, "file_content_missing")
     assert f["id"] in err["message"]
@@ -366,6 +366,6 @@ def test_a_full_disk_answers_507_and_leaves_nothing_behind(
         up = new_upload(c, bytes=3 * 1024 * 1024, purpose="user_data")
         assert_envelope(add_part(c, up["id"], os.urandom(3 * 1024 * 1024)), 507, None, "storage_full")
         assert blobs_under(tiny_disk) == []
-        small = post_file(c, b"still works")
+        small = post_file(c, b"still works", purpose="vision")
         assert small.status_code == 200, small.text
         assert c.get(f"/v1/files/{small.json()['id']}/content").content == b"still works"

@@ -214,7 +214,22 @@ def test_missing_required_field_is_400(http: httpx.Client, input_file: str, miss
     ids=["17-pairs", "key-65", "value-513", "int-value", "null-value", "object-value", "list", "string"],
 )
 def test_bad_metadata_is_400(http: httpx.Client, input_file: str, metadata: Any) -> None:
-    assert_envelope(create_raw(http, **valid_body(input_file, metadata=metadata)), 400, param="metadata")
+    # a value of the wrong type or length names its key, as OpenAI does ("metadata.k")
+    param = "metadata.k" if isinstance(metadata, dict) and "k" in metadata else "metadata"
+    assert_envelope(create_raw(http, **valid_body(input_file, metadata=metadata)), 400, param=param)
+
+
+def test_a_metadata_value_of_another_type_is_openais_invalid_type(
+    http: httpx.Client, input_file: str
+) -> None:
+    r = create_raw(http, **valid_body(input_file, metadata={"tags": ["tag1", "tag2"]}))
+    assert r.status_code == 400
+    assert r.json()["error"] == {
+        "message": "Invalid type for 'metadata.tags': expected a string, but got an array instead.",
+        "type": "invalid_request_error",
+        "param": "metadata.tags",
+        "code": "invalid_type",
+    }
 
 
 def test_metadata_at_the_limits_is_accepted(http: httpx.Client, input_file: str) -> None:

@@ -93,7 +93,19 @@ def test_upload_other_purposes_do_not_expire_by_default(oai: OpenAI, purpose: st
     assert f.purpose == purpose
     assert f.bytes == len(data)
     assert f.expires_at is None
-    assert oai.files.content(f.id).content == data
+    if purpose in ("assistants", "user_data"):
+        with pytest.raises(
+            openai.BadRequestError
+        ) as e:  # as OpenAI: what was given to a model is not read back
+            oai.files.content(f.id)
+        assert e.value.body == {
+            "message": f"Not allowed to download files of purpose: {purpose}",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    else:
+        assert oai.files.content(f.id).content == data
 
 
 def test_upload_empty_file(oai: OpenAI) -> None:
@@ -109,7 +121,7 @@ def test_filename_kept_verbatim_and_never_used_as_a_path(
     before = files_under(base)
     evil = "../../etc/passwd"
     data = b"not your passwd\n"
-    f = oai.files.create(file=(evil, data), purpose="user_data")
+    f = oai.files.create(file=(evil, data), purpose="vision")
     assert f.filename == evil
     assert oai.files.retrieve(f.id).filename == evil
     listed = [x for x in oai.files.list() if x.id == f.id]
@@ -136,7 +148,7 @@ def test_filename_kept_verbatim_and_never_used_as_a_path(
 
 def test_unicode_filename_round_trips(oai: OpenAI, http: httpx.Client) -> None:
     name = "données – 日本語 🙂.jsonl"
-    f = oai.files.create(file=(name, b"x\n"), purpose="user_data")
+    f = oai.files.create(file=(name, b"x\n"), purpose="vision")
     assert f.filename == name
     assert oai.files.retrieve(f.id).filename == name
     cd = http.get(f"/v1/files/{f.id}/content").headers["content-disposition"]
@@ -246,7 +258,7 @@ def test_retrieve_unknown_is_404(http: httpx.Client, oai: OpenAI) -> None:
 
 def test_content_exact_bytes_and_attachment_header(oai: OpenAI, http: httpx.Client) -> None:
     data = bytes(range(256)) * 4000 + b"\r\n\n tail without newline"  # > 1 MiB: several stream chunks
-    f = oai.files.create(file=("data.bin", data), purpose="user_data")
+    f = oai.files.create(file=("data.bin", data), purpose="vision")
     assert f.bytes == len(data)
     resp = http.get(f"/v1/files/{f.id}/content")
     assert resp.status_code == 200

@@ -94,7 +94,7 @@ def test_sdk_chunked_upload_helper(oai: OpenAI, tmp_path: Path) -> None:
     payload = os.urandom(300_000)
     path.write_bytes(payload)
     done = oai.uploads.upload_file_chunked(
-        file=path, mime_type="application/octet-stream", purpose="user_data", part_size=100_000
+        file=path, mime_type="application/octet-stream", purpose="vision", part_size=100_000
     )
     assert done.status == "completed" and done.file is not None
     assert done.file.expires_at is None  # no expiry unless asked, as /v1/files

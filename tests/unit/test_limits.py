@@ -89,30 +89,72 @@ def test_valid_metadata(metadata: object) -> None:
     assert metadata_problem(metadata) is None
 
 
-@pytest.mark.parametrize("metadata", [[], "text", 3, [("a", "b")]])
-def test_metadata_must_be_an_object(metadata: object) -> None:
-    assert metadata_problem(metadata) == "metadata must be an object of string keys and string values."
+@pytest.mark.parametrize(
+    ("metadata", "kind"),
+    [([], "an array"), ("text", "a string"), (3, "an integer"), ([("a", "b")], "an array")],
+)
+def test_metadata_must_be_an_object(metadata: object, kind: str) -> None:
+    assert metadata_problem(metadata) == (
+        f"Invalid type for 'metadata': expected an object, but got {kind} instead.",
+        "metadata",
+        "invalid_type",
+    )
 
 
 def test_too_many_pairs() -> None:
     md = {f"k{i}": "v" for i in range(METADATA_MAX_PAIRS + 1)}
-    assert metadata_problem(md) == "metadata can have at most 16 pairs."
+    assert metadata_problem(md) == (
+        "Invalid 'metadata': too many properties. Expected an object with at most 16 properties, but got an object "
+        "with 17 properties instead.",
+        "metadata",
+        "object_above_max_properties",
+    )
 
 
 def test_key_too_long() -> None:
     problem = metadata_problem({"k" * (METADATA_MAX_KEY + 1): "v"})
-    assert problem == "metadata keys must be strings of at most 64 characters."
+    assert problem == (
+        "Invalid 'metadata': keys must be strings of at most 64 characters.",
+        "metadata",
+        "invalid_value",
+    )
 
 
 def test_key_not_a_string() -> None:
-    assert metadata_problem({1: "v"}) == "metadata keys must be strings of at most 64 characters."
+    problem = metadata_problem({1: "v"})
+    assert problem == (
+        "Invalid 'metadata': keys must be strings of at most 64 characters.",
+        "metadata",
+        "invalid_value",
+    )
 
 
 def test_value_too_long() -> None:
     problem = metadata_problem({"k": "v" * (METADATA_MAX_VALUE + 1)})
-    assert problem == "metadata values must be strings of at most 512 characters."
+    assert problem == (
+        "Invalid 'metadata.k': string too long. Expected a string with maximum length 512, but got a string with "
+        "length 513 instead.",
+        "metadata.k",
+        "string_above_max_length",
+    )
 
 
-@pytest.mark.parametrize("value", [1, None, True, ["a"], {"a": "b"}])
-def test_value_not_a_string(value: object) -> None:
-    assert metadata_problem({"k": value}) == "metadata values must be strings of at most 512 characters."
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        (1, "an integer"),
+        (None, "null"),
+        (True, "a boolean"),
+        (["a"], "an array"),
+        ({"a": "b"}, "an object"),
+        (1.5, "a number"),
+    ],
+)
+def test_value_not_a_string(value: object, kind: str) -> None:
+    # OpenAI's words (Llama Stack's suite records them): metadata={"tags": ["tag1", "tag2"]} answers
+    # "Invalid type for 'metadata.tags': expected a string, but got an array instead." (param metadata.tags)
+    assert metadata_problem({"k": value}) == (
+        f"Invalid type for 'metadata.k': expected a string, but got {kind} instead.",
+        "metadata.k",
+        "invalid_type",
+    )

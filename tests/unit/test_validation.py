@@ -261,7 +261,9 @@ def test_invalid_json_message() -> None:
 def test_endpoint_required_body_field(endpoint: str, field: str) -> None:
     res = validate(jsonl(req("a", endpoint, model="gpt-4o-mini")), endpoint)
     assert codes(res) == [("invalid_request", f"body.{field}", 1)]
-    assert f"body.{field}" in res.errors[0].message
+    assert (
+        res.errors[0].message == f"{field.capitalize()} parameter is required."
+    )  # OpenAI: "Messages parameter ..."
 
 
 @pytest.mark.parametrize("value", ["", [], 0, [1, 2], {"x": 1}])
@@ -270,10 +272,10 @@ def test_embeddings_input_any_present_value(value: Any) -> None:
     assert res.ok
 
 
-def test_invalid_url_message_names_endpoint() -> None:
+def test_invalid_url_message_is_openais() -> None:
     (err,) = validate(line(_with(_BASE, url="/v1/completions"))).errors
     assert err.code == "invalid_url"
-    assert CHAT in err.message
+    assert err.message == "The URL provided for this request does not match the batch endpoint."
 
 
 def test_model_not_found_message_names_model() -> None:

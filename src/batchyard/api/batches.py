@@ -27,6 +27,12 @@ from batchyard.errors import Conflict, InvalidRequest, NotFound
 OwnerOf = Callable[[Request], str]
 
 
+# POST /v1/batches's fields in the spec (CreateBatchRequest)
+_CREATE_FIELDS = frozenset(
+    {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}
+)
+
+
 def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     r = APIRouter()
     quotas = Quotas(svc.store, svc.settings)
@@ -40,6 +46,13 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     async def create(request: Request) -> JSONResponse:
         owner = owner_of(request)
         body = await json_body(request)
+        for name in body:
+            if name not in _CREATE_FIELDS:  # as OpenAI's request validation answers an unknown field
+                raise InvalidRequest(
+                    f"Unknown parameter: '{shown(str(name), 64)}'.",
+                    param=shown(str(name), 64),
+                    code="unknown_parameter",
+                )
         input_file_id = required_str(body, "input_file_id")
         if not ids.has_shape("file", input_file_id):
             raise InvalidRequest(
@@ -50,23 +63,30 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
         endpoint = required_str(body, "endpoint")
         if endpoint not in limits.ENDPOINTS:
             raise InvalidRequest(
-                f"Invalid value for 'endpoint': {shown(endpoint)!r}. Supported: {', '.join(limits.ENDPOINTS)}.",
+                f"Invalid value: '{shown(endpoint)}'. Supported values are: {limits.supported_endpoints()}.",
                 param="endpoint",
                 code="invalid_value",
             )
         window = required_str(body, "completion_window")
-        window_s = limits.parse_completion_window(window)
+        strict = svc.settings.completion_windows == "openai"
+        window_s = limits.parse_completion_window(window) if not strict or window == "24h" else None
         if window_s is None:
+            # OpenAI's words; with durations on, batchyard names its extension too
+            durations = (
+                ""
+                if strict
+                else " (or, in batchyard, a duration such as '90s', '30m', '2h', '3d' up to 7 days)"
+            )
             raise InvalidRequest(
-                f"Invalid value for 'completion_window': {shown(window)!r}. Use '24h' (or, in batchyard, a duration such "
-                "as '90s', '30m', '2h', '3d' up to 7 days).",
+                f"Invalid value: '{shown(window)}'. Supported values are: '24h'{durations}.",
                 param="completion_window",
                 code="invalid_value",
             )
         metadata = body.get("metadata")
         problem = limits.metadata_problem(metadata)
         if problem is not None:
-            raise InvalidRequest(problem, param="metadata", code="invalid_value")
+            message, param, code = problem
+            raise InvalidRequest(message, param=param, code=code)
         out_exp = expires_after(body.get("output_expires_after"), "output_expires_after")
         await quotas.room_for_batch(owner)
         now = int(await svc.store.now())

@@ -204,6 +204,12 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     @r.get("/v1/files/{file_id}/content")
     async def content(request: Request, file_id: str) -> StreamingResponse:
         f = await _get(request, file_id)
+        if (
+            f.purpose in limits.NO_DOWNLOAD_PURPOSES
+        ):  # as OpenAI: what was uploaded for a model is not read back
+            raise InvalidRequest(
+                f"Not allowed to download files of purpose: {f.purpose}", param=None, code=None
+            )
         try:
             body = await _started(svc.blobs.stream(f.blob_key))
         except BlobNotFound:

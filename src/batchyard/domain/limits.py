@@ -6,6 +6,16 @@ import re
 
 ENDPOINTS = ("/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/moderations")
 MAX_INPUT_LINES = 50_000
+# Files OpenAI does not let anyone download again ("Not allowed to download files of purpose: user_data").
+NO_DOWNLOAD_PURPOSES = ("assistants", "user_data")
+
+
+def supported_endpoints() -> str:
+    """The endpoints as OpenAI lists them in a message: "'/v1/a', '/v1/b', and '/v1/c'"."""
+    quoted = [f"'{e}'" for e in ENDPOINTS]
+    return ", ".join(quoted[:-1]) + ", and " + quoted[-1]
+
+
 MAX_BATCH_FILE_BYTES = 200 * 1024 * 1024
 MAX_FILE_BYTES = 512 * 1024 * 1024
 METADATA_MAX_PAIRS = 16
@@ -45,21 +55,67 @@ def parse_completion_window(value: str) -> int | None:
     return seconds
 
 
-def metadata_problem(metadata: object) -> str | None:
-    """Why metadata is invalid, or None."""
+def json_type(value: object) -> str:
+    """How OpenAI names a JSON value's type in its messages ("an array", "null", ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def metadata_problem(metadata: object) -> tuple[str, str, str] | None:
+    """Why metadata is invalid, as OpenAI says it: (message, param, code); None when it is valid."""
     if metadata is None:
         return None
     if not isinstance(metadata, dict):
-        return "metadata must be an object of string keys and string values."
+        return (
+            f"Invalid type for 'metadata': expected an object, but got {json_type(metadata)} instead.",
+            "metadata",
+            "invalid_type",
+        )
     if len(metadata) > METADATA_MAX_PAIRS:
-        return f"metadata can have at most {METADATA_MAX_PAIRS} pairs."
+        return (
+            f"Invalid 'metadata': too many properties. Expected an object with at most {METADATA_MAX_PAIRS} "
+            f"properties, but got an object with {len(metadata)} properties instead.",
+            "metadata",
+            "object_above_max_properties",
+        )
     for k, v in metadata.items():
         if not isinstance(k, str) or len(k) > METADATA_MAX_KEY:
-            return f"metadata keys must be strings of at most {METADATA_MAX_KEY} characters."
-        if not isinstance(v, str) or len(v) > METADATA_MAX_VALUE:
-            return f"metadata values must be strings of at most {METADATA_MAX_VALUE} characters."
+            return (
+                f"Invalid 'metadata': keys must be strings of at most {METADATA_MAX_KEY} characters.",
+                "metadata",
+                "invalid_value",
+            )
+        param = f"metadata.{k}" if not has_control(k) else "metadata"
+        if not isinstance(v, str):
+            return (
+                f"Invalid type for '{param}': expected a string, but got {json_type(v)} instead.",
+                param,
+                "invalid_type",
+            )
+        if len(v) > METADATA_MAX_VALUE:
+            return (
+                f"Invalid '{param}': string too long. Expected a string with maximum length "
+                f"{METADATA_MAX_VALUE}, but got a string with length {len(v)} instead.",
+                param,
+                "string_above_max_length",
+            )
         if has_control(k) or _VALUE_CONTROL.search(v) is not None:
-            return "metadata keys and values must not contain control characters."
+            return (
+                "Invalid 'metadata': keys and values must not contain control characters.",
+                "metadata",
+                "invalid_value",
+            )
     return None
 
 

@@ -104,17 +104,16 @@ _BAD_BODY: Final[_Problem] = (
     "Invalid 'body': expected a JSON object.",
     "body",
 )
-_MISSING_MODEL: Final[_Problem] = (
-    "invalid_request",
-    "Missing required parameter: 'body.model'.",
-    "body.model",
-)
+_MISSING_MODEL: Final[_Problem] = ("invalid_request", "Model parameter is required.", "body.model")
 _BAD_MODEL: Final[_Problem] = ("invalid_request", "Invalid 'body.model': expected a string.", "body.model")
-_STREAMING: Final[_Problem] = (
-    "streaming_unsupported",
-    "Streaming is not supported in batch requests: 'body.stream' must not be true.",
-    "body.stream",
-)
+# OpenAI names the API in the message: "Chat Completions: Streaming is not supported in the Batch API."
+_API_NAMES: Final = {
+    "/v1/chat/completions": "Chat Completions",
+    "/v1/completions": "Completions",
+    "/v1/responses": "Responses",
+    "/v1/embeddings": "Embeddings",
+    "/v1/moderations": "Moderations",
+}
 
 
 def _echo(value: str) -> str:
@@ -193,8 +192,13 @@ class BatchValidator:
         self._body_field = _BODY_FIELDS.get(endpoint)
         self._invalid_url: _Problem = (
             "invalid_url",
-            f"The URL provided for this request does not match the batch endpoint: expected '{endpoint}'.",
+            "The URL provided for this request does not match the batch endpoint.",
             "url",
+        )
+        self._streaming: _Problem = (
+            "streaming_unsupported",
+            f"{_API_NAMES.get(endpoint, 'This API')}: Streaming is not supported in the Batch API.",
+            "body.stream",
         )
 
         self._routable: dict[str, bool] = {}
@@ -476,11 +480,11 @@ class BatchValidator:
         if not routable:
             return (
                 "model_not_found",
-                f"The model '{_echo(model)}' does not exist or is not available.",
+                f"The provided model '{_echo(model)}' is not supported by the Batch API.",
                 "body.model",
             )
         if body.get("stream") is True:
-            return _STREAMING
+            return self._streaming
         field = self._body_field
         if field is not None:
             name, must_be_list = field
@@ -488,7 +492,7 @@ class BatchValidator:
             if value is None or (must_be_list and type(value) is not list):
                 param = "body." + name
                 message = (
-                    f"Missing required parameter: '{param}'."
+                    f"{name.capitalize()} parameter is required."  # OpenAI: "Messages parameter is required."
                     if value is None
                     else f"Invalid '{param}': expected an array."
                 )

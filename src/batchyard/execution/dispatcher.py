@@ -122,7 +122,7 @@ class Dispatcher:
                     await asyncio.sleep(backoff_delay(retries, None))
                     retries += 1
                     continue
-                return Outcome(False, lines.error_line(custom_id, f"upstream_{resp.kind}", resp.message))
+                return Outcome(False, lines.error_line(custom_id, _line_code(resp.kind), resp.message))
             if 200 <= resp.status < 300:
                 try:
                     parsed = orjson.loads(resp.body)
@@ -169,3 +169,9 @@ def _error_body(raw: bytes) -> tuple[dict[str, Any], bytes | None]:
         return parsed, raw
     text = raw[:4096].decode("utf-8", "replace")
     return {"error": {"message": text, "type": "upstream_error", "param": None, "code": None}}, None
+
+
+def _line_code(kind: str) -> str:
+    """The error line's code for an upstream that gave no answer: OpenAI's `request_timeout` for a timeout, and
+    batchyard's `upstream_connect` / `upstream_too_large` for what OpenAI has no code for."""
+    return "request_timeout" if kind == "timeout" else f"upstream_{kind}"

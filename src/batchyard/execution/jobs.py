@@ -63,7 +63,9 @@ async def validate(
 ) -> None:
     batch, f = job.batch, job.input_file
     if f is None or f.owner != batch.owner:  # unknown, another owner's, or deleted
-        await store.fail_batch(batch.id, worker, _file_error(f"No such File object: {batch.input_file_id}."))
+        # OpenAI's words; its organization is the owner here (a key's hash name, never the key)
+        missing = f"Cannot find file {batch.input_file_id}, or organization {batch.owner} does not have access to it."
+        await store.fail_batch(batch.id, worker, _file_error(missing))
         return
     if f.purpose != "batch":
         msg = f"The input file {f.id} must be uploaded with purpose 'batch', not '{f.purpose}'."

@@ -152,7 +152,9 @@ class ShardRunner:
         # prefix groups this process's shards prefill: a group in several running shards is prefilled once
         self.prefixes = Prefixes()
         self._attempts: set[_Attempt] = set()  # running attempts, woken when a group opens in any of them
-        self._executing: dict[_Attempt, int] = {}  # attempts executing lines -> rank, in the order they started
+        self._executing: dict[
+            _Attempt, int
+        ] = {}  # attempts executing lines -> rank, in the order they started
 
     def _wake_all(self) -> None:
         for a in self._attempts:
