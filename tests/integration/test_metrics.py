@@ -288,3 +288,34 @@ def test_the_exposition_passes_promtool_check_metrics(serve: Server, promtool: s
         [promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30, check=False
     )
     assert checked.returncode == 0, checked.stdout.decode() + checked.stderr.decode()
+
+
+def test_a_single_process_worker_and_an_in_process_worker_count_in_memory(
+    make_server: Callable[..., Server],
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    workers: list[WorkerProcess],
+) -> None:
+    """One process, no multiprocess directory: the same counts, and prometheus-client's process metrics too."""
+    shared = ["--upstream", upstream.base_url, "--data-dir", str(tmp_path / "shared")]
+    api = make_server(*shared, "--no-worker")
+    port = free_port()
+    worker = WorkerProcess(
+        [*shared, "--workers", "1", "--metrics-port", str(port)], tmp_path / "w.log"
+    ).start()
+    workers.append(worker)
+    b = run_batch(api.client(), [chat_line(i) for i in range(7)] + [chat_line(9, x_fake={"status": 400})])
+    assert b.status == "completed", worker.log()
+    m = samples(scrape(f"http://127.0.0.1:{port}/metrics"))
+    assert value(m, "batchyard_lines_total", endpoint=CHAT, outcome="completed") == 7
+    assert value(m, "batchyard_line_errors_total", code="http_400") == 1
+    assert value(m, "batchyard_upstream_requests_total", upstream=upstream.base_url, status="200") == 7
+    assert value(m, "process_resident_memory_bytes") > 0
+
+    inproc = make_server("--upstream", upstream.base_url, "--worker-in-process")
+    b = run_batch(inproc.client(), [chat_line(i) for i in range(4)])
+    assert b.status == "completed"
+    m = samples(scrape(inproc.root_url + "/metrics"))
+    assert value(m, "batchyard_lines_total", endpoint=CHAT, outcome="completed") == 4
+    assert value(m, "batchyard_batches", status="completed") == 1
+    assert value(m, "process_resident_memory_bytes") > 0
