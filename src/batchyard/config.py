@@ -94,6 +94,7 @@ class _Model(BaseSettings):
 EXECUTION: Literal["execution"] = "execution"
 STATE: Literal["state"] = "state"
 SERVE: Literal["serve"] = "serve"
+WORKER: Literal["worker"] = "worker"
 
 
 class Settings(_Model):
@@ -393,6 +394,23 @@ class Settings(_Model):
             metavar="durations|openai",
         ),
     ] = "durations"
+    # -- metrics --
+    metrics_require_key: Annotated[
+        bool,
+        Option(SERVE, "GET /metrics takes a valid API key (by default it needs none, like vLLM's)."),
+    ] = False
+    metrics_port: Annotated[
+        int | None,
+        Field(ge=0, le=65535),
+        Option(
+            WORKER,
+            "Serve the Prometheus metrics of this worker (all its processes) on this port at /metrics (0: off).",
+            default_text="off",
+        ),
+    ] = None
+    metrics_host: Annotated[
+        str, Option(WORKER, "Address the worker's metrics endpoint (--metrics-port) binds.")
+    ] = "127.0.0.1"
 
     @model_validator(mode="after")
     def _secret_with_urls(self) -> Settings:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 
+from batchyard import metrics
 from batchyard.api.app import create_app
 from batchyard.api.services import Services
 from batchyard.blobs.base import BlobStore
@@ -85,6 +86,9 @@ class Runtime:
         """Open the store and run the worker(s), if any, until the block exits; either way a busy batch does not
         delay this process's event loop. `on_worker_death`: called (on this loop) when the workers gave up."""
         async with contextlib.AsyncExitStack() as stack:
+            children = self.settings.run_worker and self.worker_mode == "process"
+            if children or metrics.multiprocess_dir():  # before any child or count exists
+                stack.enter_context(metrics.shared_across_processes())
             await _enter(stack, self.store, self.blobs, self.router)
             if self.settings.run_worker:
                 await self._start_workers(stack, on_worker_death or (lambda: None))
@@ -182,8 +186,17 @@ async def run_workers(settings: Settings) -> int:
     supervised until SIGTERM/SIGINT (handed on to every child) or until a child keeps dying (exit status 1); a
     child that dies is restarted and its leases given back at once."""
     n = settings.resolved_workers()
-    if n == 1:
-        return await run_worker(settings)
+    with contextlib.ExitStack() as metrics_stack:
+        if settings.metrics_port:  # --metrics-port: this process serves every worker process's metrics
+            if n > 1 or metrics.multiprocess_dir():
+                metrics_stack.enter_context(metrics.shared_across_processes())
+            metrics_stack.enter_context(metrics.serving(settings.metrics_host, settings.metrics_port))
+        if n == 1:
+            return await run_worker(settings)
+        return await _run_pool(settings, n)
+
+
+async def _run_pool(settings: Settings, n: int) -> int:
     died, asked = asyncio.Event(), asyncio.Event()
     store = open_store(settings)
     async with contextlib.AsyncExitStack() as stack:

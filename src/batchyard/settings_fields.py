@@ -10,11 +10,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field
 
 ENV_PREFIX = "BATCHYARD_"
-Scope = Literal["execution", "state", "serve"]
-# The options each command takes, by scope: every command that executes batches, those that keep state, serve.
+Scope = Literal["execution", "state", "serve", "worker"]
+# The options each command takes, by scope: every command that executes batches, those that keep state, serve,
+# worker.
 COMMAND_SCOPES: dict[str, tuple[Scope, ...]] = {
     "serve": ("execution", "state", "serve"),
-    "worker": ("execution", "state"),
+    "worker": ("execution", "state", "worker"),
     "run": ("execution",),
 }
 

@@ -90,7 +90,7 @@ class OptionField:
 
 def options(command: str | None = None) -> list[OptionField]:
     """The options of `command` (all of them for None), in the models' order."""
-    scopes = COMMAND_SCOPES[command] if command else ("execution", "state", "serve")
+    scopes = COMMAND_SCOPES[command] if command else ("execution", "state", "serve", "worker")
     found = [
         OptionField(model, name, info, meta)
         for model in _MODELS

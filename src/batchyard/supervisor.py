@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from batchyard import eventloop
+from batchyard import eventloop, metrics
 from batchyard.config import Settings
 from batchyard.ids import worker_id
 
@@ -136,6 +136,7 @@ class WorkerProcess:
         if self._proc is not None:
             self._proc.join(timeout=1.0)  # reap it: the sentinel is readable before exitcode is set
         code = self._proc.exitcode if self._proc else None
+        metrics.process_ended(self._proc.pid if self._proc else None)  # its gauges no longer count
         if self.release is not None:
             task = self._loop.create_task(self._release_leases(self.release, self.name))
             self._releasing.add(task)

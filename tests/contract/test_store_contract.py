@@ -1386,3 +1386,36 @@ async def test_batches_done_with(store: MetadataStore) -> None:
         "batch_unknown",
     }
     assert await store.batches_done_with([]) == set()
+
+
+# -- aggregates (metrics) -------------------------------------------------------------------------------------
+
+
+async def test_batch_stats_count_batches_by_status_and_the_lines_not_yet_answered(
+    store: MetadataStore,
+) -> None:
+    from batchyard.store.base import BatchStats
+
+    assert await store.batch_stats() == BatchStats({}, 0)
+    _, failed = await new_batch(store)
+    await _fail_validation(store, failed.id)
+    done = await planned_batch(store, shards=1)
+    await run_all_shards(store, done)
+    assert await store.claim_finalization("f1", LEASE) is not None
+    assert await store.begin_finalizing(done.id, "f1") is not None
+    assert await store.finish_batch(done.id, "f1", S.COMPLETED, None, None)
+    running = await planned_batch(store, shards=3, owner=BOB)
+    await new_batch(store)  # validating: its lines are not known yet
+    c0, c1 = await claim(store, "w0"), await claim(store, "w1")
+    assert {c0.shard.batch_id, c1.shard.batch_id} == {running.id}
+    assert await store.heartbeat_shard(c0, LEASE, 3, 1, Usage()) is not None  # live progress counts
+    assert await store.complete_shard(c1, result(8, 2, tag="1"), 0)
+    stats = await store.batch_stats()
+    assert stats.by_status == {S.FAILED: 1, S.COMPLETED: 1, S.IN_PROGRESS: 1, S.VALIDATING: 1}
+    assert stats.lines_waiting == 30 - 4 - 10
+    await store.release_shard(c0)  # its progress goes with it: those lines are run again
+    assert (await store.batch_stats()).lines_waiting == 20
+    await store.request_cancel(BOB, running.id)  # cancelling: still unanswered until drained
+    stats = await store.batch_stats()
+    assert stats.by_status[S.CANCELLING] == 1 and S.IN_PROGRESS not in stats.by_status
+    assert stats.lines_waiting == 20

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from batchyard import metrics
 from batchyard.domain import lines, wire
 from batchyard.domain.models import Usage
 from batchyard.domain.retry import backoff_delay, is_retryable_status, parse_retry_after
@@ -44,6 +45,8 @@ class Dispatcher:
         self.router = router
         self._attempt_timeout = attempt_timeout
         self._max_retries = max_retries
+        for m in router.members:  # every upstream's gauges exist before its first request
+            metrics.upstream(m.name).state(m.limiter.limit, True)
 
     def total_limit(self) -> int:
         """The sum of the current concurrency limits of every upstream this dispatcher routes to."""
@@ -81,6 +84,7 @@ class Dispatcher:
         stop: StopSignal,
     ) -> UpstreamResponse | UpstreamError | None:
         signal = Signal.ERROR
+        meter, sent_at, status = metrics.upstream(member.name), None, None  # status: None while unanswered
         try:
             if member.rpm is not None:
                 await member.rpm.take(1)
@@ -89,18 +93,23 @@ class Dispatcher:
             if stop.code is not None:
                 return None
             member.health.on_attempt(time.monotonic())
+            sent_at = meter.sent()
             resp = await member.upstream.call(
                 endpoint, payload, timeout=member.timeout or self._attempt_timeout
             )
-            signal = _signal_of(resp.status)
+            signal, status = _signal_of(resp.status), str(resp.status)
             return resp
         except UpstreamError as e:
             signal = Signal.OVERLOAD if e.kind == "timeout" else Signal.ERROR
+            status = metrics.upstream_error_status(e.kind)
             return e
         finally:
             limiter.release(started, signal)
             if signal is not Signal.OVERLOAD:  # overload is about capacity, not health
                 member.health.on_result(signal is Signal.OK, time.monotonic())
+            if sent_at is not None:
+                meter.answered(sent_at, status)
+                meter.state(limiter.limit, member.health.available(time.monotonic()))
 
     async def execute(self, endpoint: str, custom_id: str, body: dict[str, Any], stop: StopSignal) -> Outcome:
         model = body.get("model")
@@ -119,6 +128,7 @@ class Dispatcher:
                 return Outcome(False, lines.not_executed_line(custom_id, stop.code or ""), stopped=stop.code)
             if isinstance(resp, UpstreamError):
                 if resp.retryable and retries < self._max_retries:
+                    metrics.retried(resp.kind)
                     await asyncio.sleep(backoff_delay(retries, None))
                     retries += 1
                     continue
@@ -134,6 +144,7 @@ class Dispatcher:
                 line = lines.response_line(custom_id, resp.status, resp.request_id or "", parsed, resp.body)
                 return Outcome(True, line, lines.extract_usage(parsed))
             if is_retryable_status(resp.status) and retries < self._max_retries:
+                metrics.retried(resp.status)
                 delay = backoff_delay(retries, parse_retry_after(resp.headers, time.time()))
                 await asyncio.sleep(delay)
                 retries += 1

@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from batchyard import metrics
 from batchyard.blobs.base import BlobInfo, BlobStore
 from batchyard.config import Settings
 from batchyard.domain.models import BatchRecord, FileRecord
@@ -52,6 +53,7 @@ async def fail_unexpectedly(job: BatchJob, store: MetadataStore, worker: str, e:
     await store.fail_batch(
         job.batch.id, worker, [{"code": "internal_error", "message": message, "param": None, "line": None}]
     )
+    metrics.validation_done("failed")
 
 
 def _file_error(message: str) -> list[dict[str, Any]]:
@@ -61,16 +63,24 @@ def _file_error(message: str) -> list[dict[str, Any]]:
 async def validate(
     job: BatchJob, store: MetadataStore, blobs: BlobStore, router: Router, settings: Settings, worker: str
 ) -> None:
+    planned = await _validate(job, store, blobs, router, settings, worker)
+    metrics.validation_done("planned" if planned else "failed")
+
+
+async def _validate(
+    job: BatchJob, store: MetadataStore, blobs: BlobStore, router: Router, settings: Settings, worker: str
+) -> bool:
+    """True when the batch was planned, False when it failed validation."""
     batch, f = job.batch, job.input_file
     if f is None or f.owner != batch.owner:  # unknown, another owner's, or deleted
         # OpenAI's words; its organization is the owner here (a key's hash name, never the key)
         missing = f"Cannot find file {batch.input_file_id}, or organization {batch.owner} does not have access to it."
         await store.fail_batch(batch.id, worker, _file_error(missing))
-        return
+        return False
     if f.purpose != "batch":
         msg = f"The input file {f.id} must be uploaded with purpose 'batch', not '{f.purpose}'."
         await store.fail_batch(batch.id, worker, _file_error(msg))
-        return
+        return False
     v = BatchValidator(
         batch.endpoint,
         router.is_routable,
@@ -83,10 +93,11 @@ async def validate(
     async with keep_job_lease(store, batch.id, worker, settings.lease_seconds):
         try:
             async for chunk in blobs.stream(f.blob_key):
+                metrics.validation_read(len(chunk))
                 v.feed(chunk)
         except BlobNotFound:
             await store.fail_batch(batch.id, worker, _file_error(f"The input file {f.id} has no content."))
-            return
+            return False
         result = v.finish()
     if not result.ok:
         errors = [
@@ -94,9 +105,10 @@ async def validate(
         ]
         await store.fail_batch(batch.id, worker, errors)
         log.info("batch %s failed validation with %d errors", batch.id, result.error_count)
-        return
+        return False
     await store.plan_batch(batch.id, worker, result.shards, result.total_lines, result.model)
     log.info("batch %s planned: %d lines in %d shards", batch.id, result.total_lines, len(result.shards))
+    return True
 
 
 async def _compose(

@@ -7,11 +7,13 @@ import contextlib
 import itertools
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 
+from batchyard import metrics
 from batchyard.blobs.base import BlobStore, BlobWriter
 from batchyard.config import Settings
 from batchyard.domain import lines, wire
@@ -61,6 +63,7 @@ class _Attempt:
         self.failed = 0
         self.expired = 0
         self.usage = Usage()
+        self.errors: Counter[str] = Counter()  # error lines by code, counted in the metrics once committed
         self.stop = StopSignal()
         self.hard_stop = False
         self.lost = False
@@ -77,6 +80,7 @@ class _Attempt:
         else:
             await self.err.write(outcome.line)
             self.failed += 1
+            self.errors[metrics.line_error_code(outcome.line, outcome.stopped)] += 1
             if outcome.stopped == "batch_expired":
                 self.expired += 1
         if outcome.usage is not None:
@@ -278,6 +282,7 @@ class ShardRunner:
                 self._wake_all()  # a group whose first line this attempt gave up is cold again elsewhere
             if att.lost:
                 await att.abort()
+                metrics.lease_lost()
                 log.warning(
                     "shard %s/%d attempt %d lost its lease",
                     claim.shard.batch_id,
@@ -293,6 +298,7 @@ class ShardRunner:
     async def _quarantine(self, claim: ShardClaim) -> bool:
         """Every line of a shard that keeps failing ends as an error line, without being sent again."""
         att, requests = await self._open(claim)
+        metrics.shard_quarantined()
         log.error(
             "shard %s/%d quarantined after %d failed attempts (last: %s): its %d lines end as error lines",
             claim.shard.batch_id,
@@ -515,7 +521,10 @@ class ShardRunner:
             await att.err.abort()
         result = ShardResult(att.completed, att.failed, att.usage, out_key, err_key)
         ok = await self.store.complete_shard(claim, result, att.expired)
-        if not ok:
+        if ok:
+            metrics.lines_committed(claim.endpoint, att.completed, att.errors, att.usage)
+        else:
+            metrics.lease_lost()
             log.warning(
                 "shard %s/%d attempt %d was fenced off",
                 claim.shard.batch_id,

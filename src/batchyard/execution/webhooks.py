@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from batchyard import metrics
 from batchyard.domain.models import WebhookEvent
 from batchyard.domain.webhooks import MAX_AGE_S, retry_delay, secret_key, signature
 from batchyard.store.base import MetadataStore
@@ -90,12 +91,14 @@ class WebhookSender:
         problems = [p for p in await asyncio.gather(*posts) if p]
         if not problems:
             await store.settle_webhook_event(ev.id, worker, "delivered", None, None)
+            metrics.webhook_settled("delivered")
             log.info("webhook %s (%s %s) delivered", ev.id, ev.type, ev.batch_id)
             return
         error = "; ".join(problems)[:1000]
         attempts = ev.attempts + 1
         if time.time() - ev.created_at > MAX_AGE_S:
             await store.settle_webhook_event(ev.id, worker, "abandoned", None, error)
+            metrics.webhook_settled("failed")
             log.error(
                 "webhook %s (%s %s) given up after %d attempts: %s",
                 ev.id,
@@ -107,6 +110,7 @@ class WebhookSender:
             return
         next_at = time.time() + retry_delay(attempts)
         await store.settle_webhook_event(ev.id, worker, "pending", next_at, error)
+        metrics.webhook_settled("retried")
         log.warning("webhook %s (%s) attempt %d failed: %s", ev.id, ev.type, attempts, error)
 
 

@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from batchyard import metrics
 from batchyard.blobs.base import BlobStore
 from batchyard.config import Settings
 from batchyard.execution import jobs
@@ -159,6 +160,7 @@ class Worker:
         claim = await self.store.claim_shard(self.id, self.settings.lease_seconds)
         if claim is None:
             return False
+        metrics.shard_claimed()
         await self.runner.run(claim)
         self.wake(nudge=False)
         return True

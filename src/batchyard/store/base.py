@@ -52,6 +52,14 @@ class OwnerUsage:
     active_batches: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """Aggregates over every batch, for the metrics a scrape shows (`batch_stats`)."""
+
+    by_status: dict[BatchStatus, int]  # how many batches are in each status (absent: none)
+    lines_waiting: int  # lines of unfinished batches without an output or error line yet (progress counts)
+
+
 @dataclass(slots=True)
 class Heartbeat:
     batch_status: BatchStatus
@@ -208,6 +216,12 @@ class MetadataStore(ABC):
     @abstractmethod
     async def owner_usage(self, owner: str) -> OwnerUsage:
         """What `owner` holds now (on the store's clock): see `OwnerUsage`."""
+
+    @abstractmethod
+    async def batch_stats(self) -> BatchStats:
+        """How many batches are in each status, and the backlog: the lines of unfinished batches not answered
+        yet (a running shard's answered lines count as answered from its last heartbeat). One cheap aggregate
+        query, made at every metrics scrape."""
 
     # blob lifecycle (sweeper)
     @abstractmethod

@@ -47,7 +47,7 @@ from batchyard.domain.states import (
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
-from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, OwnerUsage, Page
+from batchyard.store.base import BatchJob, BatchStats, Heartbeat, MetadataStore, OwnerUsage, Page
 
 S = BatchStatus
 Sh = ShardStatus
@@ -576,6 +576,19 @@ class MemoryStore(MetadataStore):
                 1 for b in self._s.batches.values() if b.rec.owner == owner and b.rec.status not in TERMINAL
             ),
         )
+
+    async def batch_stats(self) -> BatchStats:
+        counts: dict[BatchStatus, int] = {}
+        for b in self._s.batches.values():
+            counts[b.rec.status] = counts.get(b.rec.status, 0) + 1
+        waiting = sum(
+            sh.rec.line_count - sh.rec.completed - sh.rec.failed
+            for batch_id, shards in self._s.shards.items()
+            if self._s.batches[batch_id].rec.status in UNFINISHED
+            for sh in shards.values()
+            if sh.rec.status != Sh.DONE
+        )
+        return BatchStats(counts, waiting)
 
     # blob lifecycle (sweeper)
     async def removable_deleted_files(self, limit: int) -> list[FileRecord]:

@@ -59,7 +59,7 @@ from batchyard.domain.states import (
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
 from batchyard.store import sql
-from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, OwnerUsage, Page
+from batchyard.store.base import BatchJob, BatchStats, Heartbeat, MetadataStore, OwnerUsage, Page
 from batchyard.store.rows import (
     BATCH_FIELDS,
     EVENT_FIELDS,
@@ -667,6 +667,12 @@ class PostgresStore(MetadataStore):
             )
         assert row is not None
         return OwnerUsage(int(row["files"]), int(row["stored"]), int(row["uploads"]), int(row["batches"]))
+
+    async def batch_stats(self) -> BatchStats:
+        async with self._conn() as conn:
+            rows = await conn.fetch(sql.BATCH_COUNTS)
+            waiting = await conn.fetchval(sql.LINES_WAITING)
+        return BatchStats({S(r[0]): int(r[1]) for r in rows}, int(waiting))
 
     # blob lifecycle (sweeper)
     async def removable_deleted_files(self, limit: int) -> list[FileRecord]:

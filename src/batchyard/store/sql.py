@@ -140,3 +140,11 @@ RELEASE_WORKER_SHARDS = f"UPDATE shards SET {CRASHED} WHERE lease_owner = ? AND 
 RELEASE_ALL_SHARDS = f"UPDATE shards SET status = {_PENDING_SHARD}, lease_owner = NULL, lease_until = NULL WHERE status = {_RUNNING}"
 DONE_SHARDS = f"SELECT {SHARD_COLS} FROM shards WHERE batch_id = ? AND status = {_DONE} ORDER BY idx"
 EXPIRED_LINES = "SELECT COALESCE(SUM(expired), 0) FROM shards WHERE batch_id = ?"
+
+# -- aggregates (metrics) ----------------------------------------------------------------------------------------
+BATCH_COUNTS = "SELECT status, COUNT(*) FROM batches GROUP BY status"
+# Lines not yet answered: of the shards not done (the partial index `shards_open`), of unfinished batches.
+LINES_WAITING = (
+    "SELECT COALESCE(SUM(s.line_count - s.completed - s.failed), 0) FROM shards s "
+    f"JOIN batches b ON b.id = s.batch_id WHERE s.status <> {_DONE} AND b.status IN {in_list(UNFINISHED)}"
+)

@@ -53,7 +53,7 @@ from batchyard.domain.states import (
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
 from batchyard.store import sql
-from batchyard.store.base import BatchJob, Heartbeat, MetadataStore, OwnerUsage, Page
+from batchyard.store.base import BatchJob, BatchStats, Heartbeat, MetadataStore, OwnerUsage, Page
 from batchyard.store.rows import (
     BATCH_COLS,
     EVENT_COLS,
@@ -673,6 +673,14 @@ class SQLiteStore(MetadataStore):
                 (owner, *final),
             ).fetchone()
             return OwnerUsage(files[0], files[1], uploads[0], batches[0])
+
+        return await self._run(q)
+
+    async def batch_stats(self) -> BatchStats:
+        def q(db: sqlite3.Connection) -> BatchStats:
+            counts = {S(status): int(n) for status, n in db.execute(sql.BATCH_COUNTS)}
+            waiting = db.execute(sql.LINES_WAITING).fetchone()
+            return BatchStats(counts, int(waiting[0]))
 
         return await self._run(q)
 
