@@ -215,4 +215,4 @@ def startup_lines(settings: Settings, url: str, router: Router, worker_mode: str
 
 def log_startup(settings: Settings, url: str, router: Router, worker_mode: str) -> None:
     for line in startup_lines(settings, url, router, worker_mode):
-        log.info("%s", line)
+        log.log(logging.WARNING if line.startswith("upstreams: none") else logging.INFO, "%s", line)

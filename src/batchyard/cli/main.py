@@ -233,7 +233,10 @@ async def _serve(settings: Settings) -> int:
         await server.serve()
     finally:
         watcher.cancel()
-    return 1 if died.is_set() else 0
+    if died.is_set():
+        return 1
+    logging.getLogger("batchyard").info("batchyard stopped")
+    return 0
 
 
 def main() -> None:
