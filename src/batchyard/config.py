@@ -411,6 +411,17 @@ class Settings(_Model):
     metrics_host: Annotated[
         str, Option(WORKER, "Address the worker's metrics endpoint (--metrics-port) binds.")
     ] = "127.0.0.1"
+    log_format: Annotated[
+        Literal["text", "json"],
+        Option(
+            EXECUTION,
+            "Log lines as text, or as one JSON object a line (ts, level, logger, msg; access lines add request_id,"
+            " method, path, status, duration_ms).",
+            doc="`text`, or `json`: one JSON object a line (`ts`, `level`, `logger`, `msg`, `pid`; access lines "
+            "add `request_id`, `method`, `path`, `status`, `duration_ms`), from the API and every worker process;"
+            " see docs/logging.md",
+        ),
+    ] = "text"
 
     @model_validator(mode="after")
     def _secret_with_urls(self) -> Settings:

@@ -63,5 +63,14 @@ def request_id() -> str:
     return f"req_{_LINE_PREFIX}{next(_line_counter) & 0xFFFFFFFFFFFF:012x}"
 
 
+def http_request_id() -> str:
+    """The `x-request-id` of one API response: `req_` and 32 hex digits, as OpenAI's (a per-process random prefix and
+    a counter: unique, and no syscall per request)."""
+    return f"req_{_HTTP_PREFIX}{next(_line_counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+_HTTP_PREFIX = secrets.token_hex(8)
+
+
 def worker_id() -> str:
     return f"worker_{secrets.token_hex(6)}"

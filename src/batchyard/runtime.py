@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 
-from batchyard import metrics
+from batchyard import logs, metrics
 from batchyard.api.app import create_app
 from batchyard.api.services import Services
 from batchyard.blobs.base import BlobStore
@@ -74,6 +74,16 @@ class Runtime:
 
     def services(self) -> Services:
         return Services(self.store, self.blobs, self.router, self.settings, self._notify)
+
+    def announce(self, url: str) -> None:
+        """Log what this process serves, once it listens at `url`: the startup summary (logs.py)."""
+        logs.log_startup(self.settings, url, self.router, self.worker_mode)
+
+    def stopping(self) -> None:
+        """A signal asked this process to stop: its worker processes (which a Ctrl-C reaches as well) are expected
+        to exit now and are not restarted. Safe to call from a signal handler."""
+        if self.worker_pool is not None:
+            self.worker_pool.stopping()
 
     def _notify(self) -> None:
         if self.worker is not None:
@@ -149,8 +159,14 @@ async def run_worker(settings: Settings, wake_fd: int | None = None, name: str |
         await router.start()
         task = asyncio.create_task(worker.run(), name="worker")
         loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            # once: a second signal (Ctrl-C, then the parent's SIGTERM) must not cut the leases' hand-back
+            if not task.cancelling():
+                task.cancel()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop)
         if wake_fd is not None:
             _watch_wake_pipe(loop, wake_fd, worker, task)
         try:
@@ -203,11 +219,19 @@ async def _run_pool(settings: Settings, n: int) -> int:
         await store.open()
         stack.push_async_callback(store.close)
         pool = WorkerPool(settings, n, run_worker, died.set, release=store.release_worker)
+        loop = asyncio.get_running_loop()
+
+        def on_signal(_sig: int, _frame: object) -> None:
+            # In the handler itself, before the loop sees a child's exit: a Ctrl-C stops the children too.
+            pool.stopping()
+            loop.call_soon_threadsafe(asked.set)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.signal(sig, on_signal)
+            if previous is not None:
+                stack.callback(signal.signal, sig, previous)
         pool.start()
         stack.push_async_callback(pool.aclose)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, asked.set)
         await _first_of(died, asked)
     return 1 if died.is_set() and not asked.is_set() else 0
 

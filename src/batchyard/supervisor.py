@@ -17,10 +17,10 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
-from batchyard import eventloop, metrics
+from batchyard import eventloop, logs, metrics
 from batchyard.config import Settings
 from batchyard.ids import worker_id
 
@@ -68,11 +68,30 @@ def _child_main(entry: WorkerEntry, settings: Settings, wake: Any, parent: int, 
             )  # PR_SET_PDEATHSIG: die with the parent
     if os.getppid() != parent:
         return  # the parent died before we could ask to die with it
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # Started with SIGINT ignored (`_spawn`): a Ctrl-C while this process starts is not a KeyboardInterrupt in
+    # the middle of an import (the parent stops it with SIGTERM). It stays ignored until the worker sets its
+    # own handler, which stops it cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logs.setup(settings.log_level, settings.log_format)
     sys.exit(eventloop.run(entry(settings, wake.fileno(), name)))
+
+
+@contextlib.contextmanager
+def _child_ignores_sigint() -> Iterator[None]:
+    """Start a child with SIGINT ignored (an ignored signal stays ignored across exec, and Python then installs
+    no KeyboardInterrupt handler), so a Ctrl-C during its imports prints no traceback. Meanwhile SIGINT is
+    blocked here: one that comes waits (Linux keeps a blocked signal pending even while it is ignored) and
+    reaches this process's own handler once it is back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler if handler is not None else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 class WorkerProcess:
@@ -122,7 +141,8 @@ class WorkerProcess:
             args=(self.entry, self.settings, r, os.getpid(), self.name),
             name="batchyard-worker",
         )
-        self._proc.start()
+        with _child_ignores_sigint():
+            self._proc.start()
         r.close()
         os.set_blocking(w.fileno(), False)
         self._wake_conn = w
@@ -171,6 +191,11 @@ class WorkerProcess:
         if self._wake_conn is not None:
             with contextlib.suppress(BlockingIOError, BrokenPipeError):
                 os.write(self._wake_conn.fileno(), b"!")
+
+    def stopping(self) -> None:
+        """This process is shutting down: the worker's exit from now on is expected (a Ctrl-C reaches it too) and
+        it is not restarted. Only sets a flag, so a signal handler may call it."""
+        self._stopping = True
 
     def terminate(self) -> None:
         """Ask the worker to stop (SIGTERM: it hands its leases back); `stop` waits for it."""
@@ -221,6 +246,11 @@ class WorkerPool:
     def wake(self) -> None:
         for w in self.workers:  # each polls the store; the claim decides who gets the work
             w.wake()
+
+    def stopping(self) -> None:
+        """Shutting down: expect every worker to exit, restart none (safe in a signal handler)."""
+        for w in self.workers:
+            w.stopping()
 
     def terminate(self) -> None:
         """Ask every worker to stop, and restart none (call on the event loop's thread, before `stop`)."""

@@ -225,8 +225,6 @@ def test_serve_with_the_worker_in_process_runs_batches_on_a_thread_and_stops_on_
     b = client.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h")
     assert_exactly_once(client, b.id, reqs)
     assert upstream.stats()["max_in_flight"] <= 4
-    srv.signal(
-        signal.SIGTERM
-    )  # uvicorn shuts down (the worker thread stops with it), then re-raises the signal
-    assert srv.proc.wait(30) == -signal.SIGTERM, srv.log()
+    srv.signal(signal.SIGTERM)  # uvicorn shuts down (the worker thread stops with it): a clean exit
+    assert srv.proc.wait(30) == 0, srv.log()
     assert "Traceback" not in srv.log()

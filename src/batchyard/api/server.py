@@ -39,15 +39,20 @@ took 0.42-0.90 s before and 0.47-0.61 s after on a shared 2-core machine: no dif
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, ClassVar
 
 import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from batchyard.api.access import AccessLog
 from batchyard.config import Settings
 
 log = logging.getLogger("batchyard.api.server")
@@ -296,19 +301,62 @@ class EdgeProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def build_server(app: Any, settings: Settings) -> uvicorn.Server:
-    """A uvicorn server for `app` on settings.host:port with the edge limits of `settings`."""
+class Server(uvicorn.Server):
+    """uvicorn's server, told when it listens (`on_started(url)`) and when a signal asks it to stop
+    (`on_signal()`, called in the signal handler itself: before anything else runs, so the worker children that
+    the same Ctrl-C stops are known to be stopping). A signal that stopped it is not raised again once it has
+    shut down (uvicorn does: SIGINT then became click's "Aborted!" and exit 1, SIGTERM a death by signal): after
+    a clean shutdown `serve` exits 0."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_started: Callable[[str], None] | None = None,
+        on_signal: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(config)
+        self.on_started = on_started
+        self.on_signal = on_signal
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None and self.servers and self.servers[0].sockets:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            self.on_started(f"http://{f'[{host}]' if ':' in host else host}:{port}")
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.on_signal is not None:
+            self.on_signal()
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()  # handled: shut down cleanly, nothing to raise again
+
+
+def build_server(
+    app: Any,
+    settings: Settings,
+    *,
+    on_started: Callable[[str], None] | None = None,
+    on_signal: Callable[[], None] | None = None,
+) -> Server:
+    """A uvicorn server for `app` on settings.host:port with the edge limits of `settings`, the access log and
+    `x-request-id` (api/access.py) around the app; uvicorn's loggers go through batchyard's (`logs.setup`)."""
     protocol = type("BoundEdgeProtocol", (EdgeProtocol,), {"edge": Edge(EdgeLimits.of(settings))})
     config = uvicorn.Config(
-        app,
+        AccessLog(app),
         host=settings.host,
         port=settings.port,
         http=protocol,
         ws="none",  # the API has no WebSocket route; an upgraded connection would leave the edge's count
         log_level="warning",
-        access_log=False,
+        access_log=False,  # api/access.py logs each request, with its id
+        log_config=None,  # uvicorn's lines go through the handler of `logs.setup` (text or JSON)
         lifespan="on",
         timeout_keep_alive=max(1, round(settings.keep_alive_timeout)),  # the protocol uses the exact float
         backlog=2048,
     )
-    return uvicorn.Server(config)
+    return Server(config, on_started, on_signal)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import click
 from click.core import ParameterSource
 
-from batchyard import eventloop
+from batchyard import eventloop, logs
 from batchyard.config import ServeSwitches, Settings, parse_route
 from batchyard.settings_sources import OptionField, SettingsError, load, options
 
@@ -103,8 +103,8 @@ def _settings(command: str) -> tuple[Settings, ServeSwitches]:
         raise click.UsageError(str(e)) from None
 
 
-def _log(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _log(settings: Settings) -> None:
+    logs.setup(settings.log_level, settings.log_format)
 
 
 @cli.command(context_settings={**CONTEXT, "auto_envvar_prefix": "BATCHYARD"})
@@ -116,8 +116,12 @@ def serve(**_: Any) -> None:
         raise click.UsageError(
             f"refusing to bind {settings.host} with no --api-key; add --api-key KEY or --insecure-no-auth"
         )
-    _log(settings.log_level)
-    sys.exit(_serve_uvloop(settings))
+    _log(settings)
+    try:
+        code = _serve_uvloop(settings)
+    except KeyboardInterrupt:  # a Ctrl-C before the server took over SIGINT: nothing was running yet
+        code = 0
+    sys.exit(code)
 
 
 @cli.command(context_settings={**CONTEXT, "auto_envvar_prefix": "BATCHYARD"})
@@ -152,7 +156,7 @@ def run(input_path: Path, output: Path, errors: Path | None, quiet: bool, **_: A
     settings, _switches = _settings("run")
     if settings.log_level == "info":
         settings = settings.replace(log_level="warning")
-    _log(settings.log_level)
+    _log(settings)
     started = time.monotonic()
     try:
         result = eventloop.run(run_file(input_path, output, errors, settings, quiet))
@@ -202,7 +206,7 @@ def worker(**_: Any) -> None:
     Start any number of them, on any machines, against the same --database-url and --storage-url.
     """
     settings, _switches = _settings("worker")
-    _log(settings.log_level)
+    _log(settings)
     from batchyard.runtime import run_workers
 
     sys.exit(eventloop.run(run_workers(settings)))
@@ -218,7 +222,7 @@ async def _serve(settings: Settings) -> int:
 
     died = asyncio.Event()
     rt = Runtime.create(settings)
-    server = build_server(rt.app(died.set), settings)
+    server = build_server(rt.app(died.set), settings, on_started=rt.announce, on_signal=rt.stopping)
 
     async def watch() -> None:
         await died.wait()
@@ -229,7 +233,10 @@ async def _serve(settings: Settings) -> int:
         await server.serve()
     finally:
         watcher.cancel()
-    return 1 if died.is_set() else 0
+    if died.is_set():
+        return 1
+    logging.getLogger("batchyard").info("batchyard stopped")
+    return 0
 
 
 def main() -> None:

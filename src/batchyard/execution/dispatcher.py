@@ -13,6 +13,7 @@ from batchyard import metrics
 from batchyard.domain import lines, wire
 from batchyard.domain.models import Usage
 from batchyard.domain.retry import backoff_delay, is_retryable_status, parse_retry_after
+from batchyard.execution import failure_log
 from batchyard.upstreams.base import UpstreamError, UpstreamResponse
 from batchyard.upstreams.limiter import Limiter, Signal
 from batchyard.upstreams.pool import Member, healthier_exists, pick
@@ -98,10 +99,13 @@ class Dispatcher:
                 endpoint, payload, timeout=member.timeout or self._attempt_timeout
             )
             signal, status = _signal_of(resp.status), str(resp.status)
+            if resp.status >= 400:
+                failure_log.answered(member, resp)
             return resp
         except UpstreamError as e:
             signal = Signal.OVERLOAD if e.kind == "timeout" else Signal.ERROR
             status = metrics.upstream_error_status(e.kind)
+            failure_log.failed(member, e)
             return e
         finally:
             limiter.release(started, signal)

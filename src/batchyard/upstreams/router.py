@@ -73,6 +73,12 @@ class Router:
                 seen.setdefault(id(m), m)
         return list(seen.values())
 
+    def routes(self) -> list[tuple[str, Member]]:
+        """(pattern, member) of every route, as `group` tries them: exact names, globs, then "*" (the catch-all)."""
+        exact = [(name, m) for name, group in self._exact.items() for m in group]
+        globs = [(pattern, m) for pattern, group in self._globs.items() for m in group]
+        return [*exact, *globs, *(("*", m) for m in self._default)]
+
     @property
     def upstreams(self) -> list[Upstream]:
         seen: dict[int, Upstream] = {}
