@@ -80,6 +80,10 @@ def test_watch_a_batch_run_to_completion(slow_server: Server, open_dash: Callabl
     narrow.open()
     expect(narrow.page.locator(f'tr[data-batch-id="{batch_id}"]')).to_be_visible()
     assert narrow.page.evaluate("document.documentElement.scrollWidth") <= 800
+    wrap = "document.querySelector('.table-wrap')"
+    assert narrow.page.evaluate(f"{wrap}.scrollWidth <= {wrap}.clientWidth"), (
+        "the table fits without scrolling"
+    )
     narrow.shot("06-batches-800px")
 
 
