@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 
-from batchyard.api import batches, errors, files, metrics_route, openapi, uploads
+from batchyard.api import batches, errors, files, metrics_route, openapi, ui_routes, uploads
 from batchyard.api.auth import Authenticator
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
@@ -17,6 +17,8 @@ def create_app(svc: Services) -> FastAPI:
         description="Self-hosted, OpenAI-compatible Batch API.",
         version="0.1.0",
         default_response_class=JSONResponse,
+        docs_url=None,  # served from vendored files by ui_routes
+        redoc_url=None,
     )
     errors.install(app)
     auth = Authenticator(svc.settings.api_keys)
@@ -26,6 +28,7 @@ def create_app(svc: Services) -> FastAPI:
     metrics_route.install(app, svc, auth)
 
     app.openapi = lambda: openapi.document(app)  # type: ignore[method-assign]
+    ui_routes.install(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
