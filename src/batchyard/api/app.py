@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 
 from batchyard.api import batches, errors, files, metrics_route, openapi, uploads
 from batchyard.api.auth import Authenticator
@@ -12,14 +12,20 @@ from batchyard.errors import NotFound
 
 
 def create_app(svc: Services) -> FastAPI:
+    auth = Authenticator(
+        svc.settings.api_keys,
+        store=svc.store,
+        admin_keys=svc.settings.admin_api_keys,
+        cache_seconds=svc.settings.api_key_cache_seconds,
+    )
     app = FastAPI(
+        dependencies=[Depends(auth.resolve)],  # who the request is: static or stored keys (api/auth.py)
         title="batchyard",
         description="Self-hosted, OpenAI-compatible Batch API.",
         version="0.1.0",
         default_response_class=JSONResponse,
     )
     errors.install(app)
-    auth = Authenticator(svc.settings.api_keys)
     app.include_router(files.router(svc, auth.owner))
     app.include_router(batches.router(svc, auth.owner))
     app.include_router(uploads.router(svc, auth.owner))

@@ -16,6 +16,7 @@ import click
 from click.core import ParameterSource
 
 from batchyard import eventloop
+from batchyard.cli import tenancy
 from batchyard.config import ServeSwitches, Settings, parse_route
 from batchyard.settings_sources import OptionField, SettingsError, load, options
 
@@ -230,6 +231,9 @@ async def _serve(settings: Settings) -> int:
     finally:
         watcher.cancel()
     return 1 if died.is_set() else 0
+
+
+tenancy.register(cli, settings_options, _settings)  # `keys` and `projects` (cli/tenancy.py)
 
 
 def main() -> None:

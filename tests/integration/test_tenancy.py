@@ -1,0 +1,179 @@
+"""Projects and their keys, end to end: keys made with `batchyard keys create` on the server's store, a real
+`batchyard serve` on loopback, the official SDK as the client. Every key of a project sees the project's objects;
+another project (or a static key) gets the same 404 as for an unknown id, on every route."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Server
+from tests.support.batches import chat_line, read_lines, upload, wait_for
+from tests.support.fake_upstream import FakeUpstream
+
+STATIC = "sk-static-test"
+
+
+def by(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`batchyard ARGS --data-dir DATA_DIR`, checked."""
+    return subprocess.run(
+        [sys.executable, "-m", "batchyard.cli.main", *args, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+
+
+def new_key(data_dir: Path, project: str, *flags: str) -> str:
+    out = by(data_dir, "keys", "create", "--project", project, *flags).stdout
+    return out.splitlines()[-1]
+
+
+def key_id_of(data_dir: Path, key: str) -> str:
+    prefix = key[: len("sk-by-") + 3]
+    (line,) = [x for x in by(data_dir, "keys", "list").stdout.splitlines() if prefix in x]
+    return line.split()[0]
+
+
+def not_found(call: Callable[[], object]) -> openai.NotFoundError:
+    with pytest.raises(openai.NotFoundError) as info:
+        call()
+    return info.value
+
+
+def test_keys_create_prints_the_key_last_and_stores_only_its_hash(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    out = by(data, "keys", "create", "--project", "alpha", "--admin").stdout.splitlines()
+    key = out[-1]
+    assert key.startswith("sk-by-") and len(key) == 6 + 48 and key.isascii()
+    assert any("created project alpha (proj_" in x for x in out)
+    listing = by(data, "keys", "list").stdout
+    assert key[:9] + "…" in listing and key not in listing and "alpha" in listing and "yes" in listing
+    second = new_key(data, "alpha")
+    assert second != key
+    projects = by(data, "projects", "list").stdout.splitlines()
+    assert len(projects) == 2 and "alpha" in projects[1]  # one project: the second key joined it
+    raw = b"".join(p.read_bytes() for p in data.glob("batchyard.sqlite3*"))
+    assert key.encode() not in raw and second.encode() not in raw
+    assert key[6:].encode() not in raw  # not even the random part
+    revoked = by(data, "keys", "revoke", key_id_of(data, key)).stdout
+    assert revoked.startswith("revoked key ")
+    unknown = subprocess.run(
+        [sys.executable, "-m", "batchyard.cli.main", "keys", "revoke", "key_nope", "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert unknown.returncode != 0 and "no key 'key_nope'" in unknown.stderr
+
+
+def test_every_key_of_a_project_sees_its_objects_and_no_other_project_does(
+    make_server: Callable[..., Server], upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    a1, a2, b1 = new_key(data, "alpha"), new_key(data, "alpha"), new_key(data, "beta")
+    srv = make_server(
+        "--upstream", upstream.base_url, "--api-key", STATIC, "--shard-lines", "5", data_dir=data
+    )
+    alpha1, alpha2, beta, static = (srv.client(k) for k in (a1, a2, b1, STATIC))
+
+    fid = upload(alpha1, [chat_line(i) for i in range(7)])
+    assert alpha2.files.retrieve(fid).id == fid
+    assert [f.id for f in alpha2.files.list()] == [fid]
+    for other in (beta, static):
+        err = not_found(lambda o=other: o.files.retrieve(fid))  # type: ignore[misc]
+        unknown = not_found(lambda o=other: o.files.retrieve("file-" + "x" * 24))  # type: ignore[misc]
+        assert isinstance(err.body, dict) and isinstance(unknown.body, dict)
+        assert {**err.body, "message": ""} == {**unknown.body, "message": ""}
+        assert err.body["message"] == unknown.body["message"].replace("x" * 24, fid[5:])
+        not_found(lambda o=other: o.files.content(fid))  # type: ignore[misc]
+        not_found(lambda o=other: o.files.delete(fid))  # type: ignore[misc]
+        assert list(other.files.list()) == []
+
+    batch = alpha2.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h")
+    done = wait_for(alpha1, batch.id)
+    assert done.status == "completed" and done.request_counts is not None
+    assert done.request_counts.completed == 7
+    assert len(read_lines(alpha2, done.output_file_id)) == 7
+    assert [b.id for b in alpha1.batches.list()] == [batch.id]
+    for other in (beta, static):
+        not_found(lambda o=other: o.batches.retrieve(batch.id))  # type: ignore[misc]
+        not_found(lambda o=other: o.batches.cancel(batch.id))  # type: ignore[misc]
+        not_found(lambda o=other: o.files.retrieve(done.output_file_id or ""))  # type: ignore[misc]
+        not_found(lambda o=other: o.files.content(done.output_file_id or ""))  # type: ignore[misc]
+        assert list(other.batches.list()) == []
+
+    # a batch from another project's file fails as for a missing file, in OpenAI's words
+    stolen = beta.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h")
+    failed = wait_for(beta, stolen.id)
+    missing = beta.batches.create(
+        input_file_id="file-" + "y" * 24, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    failed_missing = wait_for(beta, missing.id)
+    assert failed.status == failed_missing.status == "failed"
+    assert failed.errors is not None and failed.errors.data is not None
+    assert failed_missing.errors is not None and failed_missing.errors.data is not None
+    (line_err,) = failed.errors.data
+    (err_missing,) = failed_missing.errors.data
+    assert (
+        (line_err.code, line_err.param)
+        == (err_missing.code, err_missing.param)
+        == ("invalid_request", "file_id")
+    )
+    assert (
+        err.message
+        == f"Cannot find file {fid}, or organization {b_project(data)} does not have access to it."
+    )
+    assert upstream.stats()["total"] == 7  # beta's batch sent nothing
+
+    # uploads: another project's upload is unknown
+    up = alpha1.uploads.create(bytes=10, filename="u.jsonl", mime_type="text/jsonl", purpose="batch")
+    for other in (beta, static):
+        not_found(lambda o=other: o.uploads.parts.create(up.id, data=b"0123456789"))  # type: ignore[misc]
+        not_found(lambda o=other: o.uploads.complete(up.id, part_ids=[]))  # type: ignore[misc]
+        not_found(lambda o=other: o.uploads.cancel(up.id))  # type: ignore[misc]
+    assert alpha2.uploads.cancel(up.id).status == "cancelled"
+
+
+def b_project(data: Path) -> str:
+    (line,) = [x for x in by(data, "projects", "list").stdout.splitlines() if " beta " in x]
+    return line.split()[0]
+
+
+def test_revoked_keys_archived_projects_and_unknown_keys_are_refused(
+    make_server: Callable[..., Server], upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    key = new_key(data, "alpha")
+    srv = make_server("--upstream", upstream.base_url, "--api-key-cache-seconds", "0.2", data_dir=data)
+    client = srv.client(key)
+    assert list(client.files.list()) == []
+    # with keys in the store, a key is needed even with no --api-key
+    missing = httpx.get(srv.base_url + "/files")
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+    for bad in ("sk-by-" + "0" * 48, "sk-other", key + "x"):
+        with pytest.raises(openai.AuthenticationError) as info:
+            srv.client(bad).files.list()
+        assert info.value.body["message"] == "Incorrect API key provided."  # type: ignore[index]
+        assert info.value.body["code"] == "invalid_api_key"  # type: ignore[index]
+    later = new_key(data, "alpha")  # a key made while the server runs works at once
+    assert list(srv.client(later).files.list()) == []
+    by(data, "keys", "revoke", key_id_of(data, key))
+    deadline = time.monotonic() + 5
+    while True:  # within --api-key-cache-seconds
+        try:
+            client.files.list()
+        except openai.AuthenticationError as e:
+            assert e.body["message"] == "Incorrect API key provided."  # type: ignore[index]
+            break
+        assert time.monotonic() < deadline, "a revoked key still works"
+        time.sleep(0.05)
+    assert list(srv.client(later).files.list()) == []  # the project's other keys still work
