@@ -4,6 +4,7 @@
     ├── APIError               an OpenAI-shaped error answered to a client (status, message, type, param, code)
     │   ├── InvalidRequest     400 invalid_request_error
     │   ├── Unauthorized       401
+    │   ├── PermissionDenied   403 (the admin API without an admin key)
     │   ├── NotFound           404
     │   ├── Conflict           409
     │   ├── PayloadTooLarge    413
@@ -54,6 +55,11 @@ class InvalidRequest(APIError):
 
 class Unauthorized(APIError):
     status_code = 401
+    error_type = "invalid_request_error"
+
+
+class PermissionDenied(APIError):
+    status_code = 403
     error_type = "invalid_request_error"
 
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.conftest import Server
-from tests.support.batches import chat_line, read_lines, upload, wait_for
+from tests.support.batches import chat_line, jsonl, read_lines, upload, wait_for
 from tests.support.fake_upstream import FakeUpstream
 
 STATIC = "sk-static-test"
@@ -177,3 +177,88 @@ def test_revoked_keys_archived_projects_and_unknown_keys_are_refused(
         assert time.monotonic() < deadline, "a revoked key still works"
         time.sleep(0.05)
     assert list(srv.client(later).files.list()) == []  # the project's other keys still work
+
+
+def admin_api(srv: Server, key: str) -> httpx.Client:
+    return httpx.Client(
+        base_url=srv.base_url + "/organization", headers={"Authorization": f"Bearer {key}"}, timeout=30
+    )
+
+
+def test_the_admin_api_manages_projects_and_keys_and_refuses_other_keys(
+    make_server: Callable[..., Server], upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    root, member = new_key(data, "ops", "--admin"), new_key(data, "ops")
+    srv = make_server(
+        "--upstream", upstream.base_url, "--api-key", STATIC, "--admin-api-key", "sk-static-admin",
+        data_dir=data,
+    )  # fmt: skip
+    for key in (member, STATIC):  # not admins: 403, OpenAI-shaped
+        with admin_api(srv, key) as refused:
+            for method, path in (("GET", "/projects"), ("POST", "/projects"), ("GET", "/projects/proj_x")):
+                r = refused.request(method, path, json={"name": "x"})
+                assert r.status_code == 403
+                assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+                assert r.json()["error"]["type"] == "invalid_request_error"
+    with admin_api(srv, root) as api, admin_api(srv, "sk-static-admin") as static_admin:
+        made = api.post("/projects", json={"name": "web"})
+        assert made.status_code == 200, made.text
+        web = made.json()
+        assert (
+            web["object"] == "organization.project" and web["name"] == "web" and web["id"].startswith("proj_")
+        )
+        assert web["status"] == "active" and web["archived_at"] is None
+        assert api.post("/projects", json={"name": "web"}).status_code == 409
+        bad = api.post("/projects", json={"name": "../x"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "name"
+        assert api.get(f"/projects/{web['id']}").json() == web
+        assert api.get("/projects/proj_unknown").status_code == 404
+        names = [p["name"] for p in static_admin.get("/projects").json()["data"]]
+        assert names == ["ops", "web"]
+
+        sa = api.post(f"/projects/{web['id']}/service_accounts", json={"name": "deploy"})
+        assert sa.status_code == 200, sa.text
+        body = sa.json()
+        assert body["object"] == "organization.project.service_account" and body["role"] == "member"
+        value = body["api_key"]["value"]
+        assert value.startswith("sk-by-") and body["api_key"]["id"] == body["id"]
+        listed = api.get(f"/projects/{web['id']}/api_keys").json()["data"]
+        assert [k["id"] for k in listed] == [body["id"]]
+        assert listed[0]["redacted_value"] == value[:9] + "…" and value not in str(listed)
+
+        # the new key works at once, in its own project
+        web_client = srv.client(value)
+        fid = upload(web_client, jsonl([chat_line(0)]))
+        not_found(lambda: srv.client(member).files.retrieve(fid))
+
+        # revoking bites at once in this process
+        gone = api.delete(f"/projects/{web['id']}/api_keys/{body['id']}")
+        assert gone.json() == {
+            "object": "organization.project.api_key.deleted",
+            "id": body["id"],
+            "deleted": True,
+        }
+        with pytest.raises(openai.AuthenticationError):
+            web_client.files.list()
+        assert api.delete(f"/projects/{web['id']}/api_keys/key_unknown").status_code == 404
+        ops_id = next(p["id"] for p in api.get("/projects").json()["data"] if p["name"] == "ops")
+        member_id = key_id_of(data, member)
+        assert (
+            api.delete(f"/projects/{web['id']}/api_keys/{member_id}").status_code == 404
+        )  # another project's
+
+        # archiving: its keys stop working, it leaves the default list, no key can be added
+        second = api.post(
+            f"/projects/{web['id']}/service_accounts", json={"name": "ci", "admin": True}
+        ).json()
+        assert second["role"] == "owner"
+        archived = api.post(f"/projects/{web['id']}/archive").json()
+        assert archived["status"] == "archived" and archived["archived_at"] is not None
+        with pytest.raises(openai.AuthenticationError):
+            srv.client(second["api_key"]["value"]).files.list()
+        assert [p["id"] for p in api.get("/projects").json()["data"]] == [ops_id]
+        every = api.get("/projects", params={"include_archived": "true"}).json()["data"]
+        assert [p["id"] for p in every] == [ops_id, web["id"]]
+        late = api.post(f"/projects/{web['id']}/service_accounts", json={"name": "late"})
+        assert late.status_code == 400 and late.json()["error"]["code"] == "project_archived"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import Depends, FastAPI, Request
 
-from batchyard.api import batches, errors, files, metrics_route, openapi, uploads
+from batchyard.api import admin, batches, errors, files, metrics_route, openapi, uploads
 from batchyard.api.auth import Authenticator
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
@@ -29,6 +29,7 @@ def create_app(svc: Services) -> FastAPI:
     app.include_router(files.router(svc, auth.owner))
     app.include_router(batches.router(svc, auth.owner))
     app.include_router(uploads.router(svc, auth.owner))
+    app.include_router(admin.router(svc, auth))
     metrics_route.install(app, svc, auth)
 
     app.openapi = lambda: openapi.document(app)  # type: ignore[method-assign]
