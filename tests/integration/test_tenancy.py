@@ -129,7 +129,7 @@ def test_every_key_of_a_project_sees_its_objects_and_no_other_project_does(
         == ("invalid_request", "file_id")
     )
     assert (
-        err.message
+        line_err.message
         == f"Cannot find file {fid}, or organization {b_project(data)} does not have access to it."
     )
     assert upstream.stats()["total"] == 7  # beta's batch sent nothing
