@@ -445,7 +445,7 @@ class Settings(_Model):
         int,
         Field(ge=0),
         Option(
-            SERVE,
+            EXECUTION,
             "Estimated input tokens one project may have enqueued per model in unfinished batches (0: no limit); "
             "a batch that would pass it fails validation with token_limit_exceeded, as OpenAI's do.",
         ),

@@ -1500,3 +1500,26 @@ async def test_a_key_needs_an_existing_project(store: MetadataStore) -> None:
     _, k = make_key("proj_missing", "k", admin=False, now=1)
     with pytest.raises(StoreError):
         await store.insert_api_key(k)
+
+
+async def test_enqueued_input_bytes_count_an_owners_running_batches_of_one_model(
+    store: MetadataStore,
+) -> None:
+    assert await store.enqueued_input_bytes(ALICE, "test-model") == 0
+    one = await planned_batch(store, shards=1)
+    await run_all_shards(store, one)  # its lines are answered, but it is in progress until finalized
+    two = await planned_batch(store, shards=1)
+    await planned_batch(store, shards=1, owner=BOB)
+    await new_batch(store)  # validating: not enqueued yet
+    sizes = {}
+    for b in (one, two):
+        f = await store.get_file(None, b.input_file_id)
+        assert f is not None
+        sizes[b.id] = f.bytes
+    assert await store.enqueued_input_bytes(ALICE, "test-model") == sizes[one.id] + sizes[two.id]
+    assert await store.enqueued_input_bytes(ALICE, "other-model") == 0
+    await store.request_cancel(ALICE, two.id)  # cancelling still sends its in-flight lines
+    assert await store.enqueued_input_bytes(ALICE, "test-model") == sizes[one.id] + sizes[two.id]
+    assert await store.claim_finalization("f1", LEASE) is not None
+    assert await store.begin_finalizing(one.id, "f1") is not None  # nothing left to send
+    assert await store.enqueued_input_bytes(ALICE, "test-model") == sizes[two.id]

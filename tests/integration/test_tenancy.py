@@ -262,3 +262,79 @@ def test_the_admin_api_manages_projects_and_keys_and_refuses_other_keys(
         assert [p["id"] for p in every] == [ops_id, web["id"]]
         late = api.post(f"/projects/{web['id']}/service_accounts", json={"name": "late"})
         assert late.status_code == 400 and late.json()["error"]["code"] == "project_archived"
+
+
+def test_project_caps_count_every_key_of_the_project_and_tokens_are_limited_at_validation(
+    make_server: Callable[..., Server], upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    a1, a2, b1 = new_key(data, "alpha"), new_key(data, "alpha"), new_key(data, "beta")
+    slow = {"delay": 20}  # the batches stay in progress for the whole test
+    small = jsonl([chat_line(0, x_fake=slow), chat_line(1, x_fake=slow)])
+    tiny = jsonl([chat_line(2, x_fake=slow)])
+    limit = len(small) // 4 + len(tiny) // 4  # small + tiny fit, small + small do not
+    srv = make_server(
+        "--upstream", upstream.base_url,
+        "--project-max-batches-in-progress", "2",
+        "--project-max-stored-bytes", str(len(small) + len(tiny) + 10),
+        "--project-max-enqueued-tokens", str(limit),
+        data_dir=data,
+    )  # fmt: skip
+    alpha1, alpha2, beta = (srv.client(k) for k in (a1, a2, b1))
+    f_small, f_tiny = upload(alpha1, small), upload(alpha2, tiny)
+    with pytest.raises(openai.RateLimitError) as full:  # stored bytes: the project's, not the key's
+        upload(alpha1, tiny)
+    assert full.value.code == "insufficient_quota"
+    assert "You have reached this project's limit of stored bytes" in full.value.message
+    b_small = upload(beta, small)  # another project's bytes do not count
+
+    def create(client: openai.OpenAI, fid: str) -> str:
+        return client.batches.create(
+            input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h"
+        ).id
+
+    first = create(alpha1, f_small)
+    assert wait_for(alpha1, first, {"in_progress", "failed"}).status == "in_progress"
+    over = wait_for(alpha2, create(alpha2, f_small))  # small + small enqueued: over the limit
+    assert over.status == "failed" and over.errors is not None and over.errors.data is not None
+    (err,) = over.errors.data
+    alpha_id = next(x.split()[0] for x in by(data, "projects", "list").stdout.splitlines() if " alpha " in x)
+    assert err.code == "token_limit_exceeded" and err.line is None
+    assert err.message == (
+        f"Enqueued token limit reached for test-model in organization {alpha_id}. Limit: {limit:,} enqueued "
+        "tokens. Please try again once some in_progress batches have been completed."
+    )
+    other = create(beta, b_small)  # beta's enqueued tokens are its own
+    assert wait_for(beta, other, {"in_progress", "failed"}).status == "in_progress"
+    fits = create(alpha2, f_tiny)  # small + tiny fit
+    assert wait_for(alpha2, fits, {"in_progress", "failed"}).status == "in_progress"
+    with pytest.raises(openai.RateLimitError) as busy:  # 2 in progress: the project's cap, for every key
+        create(alpha1, f_tiny)
+    assert busy.value.code == "insufficient_quota"
+    assert "this project's limit of batches in progress (2)" in busy.value.message
+
+
+def test_creates_per_minute_are_rate_limited_per_project_with_retry_after(
+    make_server: Callable[..., Server], upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    a1, a2, b1 = new_key(data, "alpha"), new_key(data, "alpha"), new_key(data, "beta")
+    srv = make_server("--upstream", upstream.base_url, "--project-create-rpm", "3", data_dir=data)
+    alpha1, alpha2, beta = (srv.client(k) for k in (a1, a2, b1))
+    fid = upload(alpha1, [chat_line(0)])
+    upload(alpha2, [chat_line(1)])
+    alpha1.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h")
+    r = httpx.post(
+        srv.base_url + "/uploads",
+        headers={"Authorization": f"Bearer {a2}"},
+        json={"bytes": 10, "filename": "x.jsonl", "mime_type": "text/jsonl", "purpose": "batch"},
+    )
+    assert r.status_code == 429
+    assert r.json()["error"]["type"] == "requests" and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert 1 <= int(r.headers["retry-after"]) <= 60
+    assert "x-should-retry" not in r.headers  # unlike a cap, a rate limit passes
+    with pytest.raises(openai.RateLimitError):
+        upload(alpha1, [chat_line(2)])
+    assert alpha1.files.list().data  # reading is not a create
+    upload(beta, [chat_line(3)])  # another project has its own rate

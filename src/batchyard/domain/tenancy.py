@@ -142,3 +142,19 @@ def make_key(project: str, name: str, *, admin: bool, now: int) -> tuple[str, Ap
         created_at=now,
         admin=admin,
     )
+
+
+def estimated_tokens(text_bytes: int) -> int:
+    """Input tokens estimated from the length of the lines' text (about 4 bytes a token), for enqueued-token
+    limits."""
+    return text_bytes // 4
+
+
+def enqueued_token_problem(model: str, owner: str, enqueued: int, more: int, limit: int) -> str | None:
+    """OpenAI's words when a batch of `more` estimated tokens would pass `owner`'s `limit` for `model` (0: none)."""
+    if limit <= 0 or enqueued + more <= limit:
+        return None
+    return (
+        f"Enqueued token limit reached for {model} in organization {owner}. Limit: {limit:,} enqueued tokens. "
+        "Please try again once some in_progress batches have been completed."
+    )

@@ -279,3 +279,8 @@ class MetadataStore(ABC):
     @abstractmethod
     async def has_api_keys(self) -> bool:
         """Whether any key was ever stored (then requests need a key even with no --api-key)."""
+
+    @abstractmethod
+    async def enqueued_input_bytes(self, owner: str, model: str) -> int:
+        """The input file bytes of `owner`'s planned batches of `model` still running (in progress or cancelling):
+        what its enqueued tokens are estimated from (`domain.tenancy.estimated_tokens`)."""

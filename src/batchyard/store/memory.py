@@ -677,6 +677,17 @@ class MemoryStore(MetadataStore):
     async def has_api_keys(self) -> bool:
         return bool(self._s.api_keys)
 
+    async def enqueued_input_bytes(self, owner: str, model: str) -> int:
+        return sum(
+            self._s.files[b.rec.input_file_id].rec.bytes
+            for b in self._s.batches.values()
+            if b.rec.owner == owner
+            and b.rec.model == model
+            and b.planned
+            and b.rec.status in ACTIVE
+            and b.rec.input_file_id in self._s.files
+        )
+
 
 def _after(items: list[Any], after: str | None) -> list[Any]:
     """The items after the one whose id is `after` (none when it is unknown), in order."""

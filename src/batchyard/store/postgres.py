@@ -760,3 +760,7 @@ class PostgresStore(MetadataStore):
     async def has_api_keys(self) -> bool:
         async with self._conn() as conn:
             return await conn.fetchval(pg(tq.HAS_KEYS)) is not None
+
+    async def enqueued_input_bytes(self, owner: str, model: str) -> int:
+        async with self._conn() as conn:
+            return int(await conn.fetchval(pg(tq.ENQUEUED_BYTES), owner, model))

@@ -798,3 +798,6 @@ class SQLiteStore(MetadataStore):
 
     async def has_api_keys(self) -> bool:
         return await self._run(lambda db: db.execute(tq.HAS_KEYS).fetchone() is not None)
+
+    async def enqueued_input_bytes(self, owner: str, model: str) -> int:
+        return await self._run(lambda db: int(db.execute(tq.ENQUEUED_BYTES, (owner, model)).fetchone()[0]))

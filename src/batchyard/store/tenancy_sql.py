@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from batchyard.domain.states import ACTIVE
 from batchyard.domain.tenancy import ApiKeyRecord, KeyHolder, ProjectRecord
+from batchyard.store.sql import in_list
 
 Row = Any  # sqlite3.Row or asyncpg.Record
 
@@ -28,6 +30,11 @@ KEY_HOLDER = (
     "FROM api_keys k JOIN projects p ON p.id = k.project_id WHERE k.key_hash = ?"
 )
 HAS_KEYS = "SELECT 1 FROM api_keys LIMIT 1"
+# The input bytes of an owner's planned batches of one model that still have lines to send (enqueued tokens).
+ENQUEUED_BYTES = (
+    "SELECT COALESCE(SUM(f.bytes), 0) FROM batches b JOIN files f ON f.id = b.input_file_id "
+    f"WHERE b.owner = ? AND b.model = ? AND b.planned AND b.status IN {in_list(ACTIVE)}"
+)
 
 
 def list_projects(include_archived: bool, after: bool) -> str:
