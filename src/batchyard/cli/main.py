@@ -113,9 +113,16 @@ def _log(level: str) -> None:
 def serve(**_: Any) -> None:
     """Run the API server and a worker on one machine (SQLite + a local directory)."""
     settings, switches = _settings("serve")
-    if not settings.api_keys and not switches.insecure_no_auth and not _is_loopback(settings.host):
+    keyless = not settings.api_keys and not settings.admin_api_keys  # and, asked last, none in the store:
+    if (
+        keyless
+        and not switches.insecure_no_auth
+        and not _is_loopback(settings.host)
+        and not tenancy.keys_stored(settings)
+    ):
         raise click.UsageError(
-            f"refusing to bind {settings.host} with no --api-key; add --api-key KEY or --insecure-no-auth"
+            f"refusing to bind {settings.host} with no --api-key; add --api-key KEY (or make one with `batchyard keys "
+            "create`) or --insecure-no-auth"
         )
     _log(settings.log_level)
     sys.exit(_serve_uvloop(settings))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -37,6 +38,27 @@ async def ensure_project(store: MetadataStore, name: str) -> tuple[ProjectRecord
     raced = await store.project_by_name(name)  # made by another process meanwhile
     assert raced is not None
     return raced, False
+
+
+def keys_stored(settings: Settings) -> bool:
+    """Whether the server's store holds any key (then `serve` requires keys without --api-key)."""
+    url = settings.database_url or ""
+    if not url or url.startswith("sqlite:///"):  # a database not made yet holds none (and is not made here)
+        path = (
+            Path(url.removeprefix("sqlite:///")) if url.removeprefix("sqlite:///") else settings.database_path
+        )
+        if not path.exists():
+            return False
+
+    async def ask() -> bool:
+        store = open_store(settings)
+        await store.open()
+        try:
+            return await store.has_api_keys()
+        finally:
+            await store.close()
+
+    return eventloop.run(ask())
 
 
 def _when(ts: int | None) -> str:
