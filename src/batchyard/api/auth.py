@@ -23,7 +23,7 @@ from fastapi import Request
 
 from batchyard.domain import tenancy
 from batchyard.domain.tenancy import KeyHolder
-from batchyard.errors import APIError, Unauthorized
+from batchyard.errors import APIError, StoreError, Unauthorized
 from batchyard.store.base import MetadataStore
 
 ANONYMOUS = "default"
@@ -140,13 +140,18 @@ class Authenticator:
 
     async def resolve(self, request: Request) -> None:
         """Find who the request is (a dependency of every route); `principal` answers it."""
-        request.scope.setdefault("state", {})[_STATE] = await self._find(request)
+        found: Principal | APIError | StoreError
+        try:
+            found = await self._find(request)
+        except StoreError as e:  # raised by the routes that need a key (503); /health still answers
+            found = e
+        request.scope.setdefault("state", {})[_STATE] = found
 
     def principal(self, request: Request) -> Principal:
         found = request.scope.get("state", {}).get(_STATE)
         if found is None:  # `resolve` did not run (a request built by hand): static keys only
             found = self._find_static(request)
-        if isinstance(found, APIError):
+        if isinstance(found, APIError | StoreError):
             raise found
         assert isinstance(found, Principal)
         return found
