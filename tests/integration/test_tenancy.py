@@ -13,7 +13,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from starlette.requests import Request
 
+from batchyard.api.auth import ANONYMOUS, Authenticator, Principal, owner_of
+from batchyard.domain import tenancy
+from batchyard.domain.tenancy import ProjectRecord
+from batchyard.errors import Unauthorized
+from batchyard.store.memory import MemoryStore
 from tests.conftest import Server
 from tests.support.batches import chat_line, jsonl, read_lines, upload, wait_for
 from tests.support.fake_upstream import FakeUpstream
@@ -338,3 +344,63 @@ def test_creates_per_minute_are_rate_limited_per_project_with_retry_after(
         upload(alpha1, [chat_line(2)])
     assert alpha1.files.list().data  # reading is not a create
     upload(beta, [chat_line(3)])  # another project has its own rate
+
+
+# -- what the authenticator trusts, and for how long (in process, on the in-memory store, with a fake clock) ---
+
+
+def bearer(token: str | None) -> Request:
+    headers = [] if token is None else [(b"authorization", f"Bearer {token}".encode())]
+    return Request({"type": "http", "method": "GET", "path": "/v1/files", "headers": headers})
+
+
+async def who(auth: Authenticator, token: str | None) -> str:
+    request = bearer(token)
+    await auth.resolve(request)
+    return auth.owner(request)
+
+
+async def test_a_revoke_bites_after_the_cache_time_or_at_once_when_forgotten() -> None:
+    store = MemoryStore()
+    await store.open()
+    now = [100.0]
+    auth = Authenticator([], store=store, cache_seconds=5.0, clock=lambda: now[0])
+    assert await who(auth, None) == ANONYMOUS  # nothing stored, nothing configured
+    project = ProjectRecord(tenancy.project_id(), "alpha", 1)
+    await store.insert_project(project)
+    key, rec = tenancy.make_key(project.id, "k", admin=False, now=1)
+    await store.insert_api_key(rec)
+    now[0] += 5.1  # "no keys stored" was trusted for the cache time too
+    assert await who(auth, key) == project.id
+    with pytest.raises(Unauthorized) as missing:
+        await who(auth, None)
+    assert missing.value.code == "missing_api_key"
+    await store.revoke_api_key(rec.id, 2)
+    now[0] += 4.9
+    assert await who(auth, key) == project.id  # still trusted: within the cache time
+    now[0] += 0.2
+    with pytest.raises(Unauthorized) as revoked:
+        await who(auth, key)
+    assert (revoked.value.code, revoked.value.message) == ("invalid_api_key", "Incorrect API key provided.")
+
+    other, other_rec = tenancy.make_key(project.id, "k2", admin=True, now=3)
+    await store.insert_api_key(other_rec)
+    request = bearer(other)
+    await auth.resolve(request)
+    assert auth.principal(request) == Principal(project.id, admin=True, project_id=project.id)
+    await store.archive_project(project.id, 4)
+    auth.forget()  # what the admin API does after an archive: no waiting
+    with pytest.raises(Unauthorized):
+        await who(auth, other)
+
+
+async def test_static_keys_are_not_admins_unless_listed_and_are_never_looked_up() -> None:
+    store = MemoryStore()
+    await store.open()
+    auth = Authenticator(["sk-one"], store=store, admin_keys=["sk-root"])
+    for token, admin in (("sk-one", False), ("sk-root", True)):
+        request = bearer(token)
+        await auth.resolve(request)
+        assert auth.principal(request) == Principal(owner_of(token), admin=admin)
+    with pytest.raises(Unauthorized):
+        await who(auth, "sk-by-" + "a" * 48)  # the shape of a stored key, but none is stored
