@@ -422,6 +422,54 @@ class Settings(_Model):
             " see docs/logging.md",
         ),
     ] = "text"
+    # -- tenancy (docs/tenancy.md): projects and their keys live in the store (`batchyard keys ...`) --
+    admin_api_keys: Annotated[
+        Words,
+        Option(
+            SERVE,
+            "A static key that may also use the admin API (/v1/organization/...); it is accepted as an --api-key "
+            "too. Repeatable.",
+            flag="--admin-api-key",
+            metavar="KEY",
+        ),
+    ] = Field(default_factory=list, validation_alias="BATCHYARD_ADMIN_API_KEY")
+    api_key_cache_seconds: Annotated[
+        float,
+        Field(ge=0),
+        Option(
+            SERVE,
+            "How long an API process trusts what it read of a stored key: a key revoked (or a project archived) "
+            "elsewhere stops working within this time.",
+        ),
+    ] = 5.0
+    project_max_batches_in_progress: Annotated[
+        int,
+        Field(ge=0),
+        Option(SERVE, "Batches one project may have not yet finished (0: no limit); beyond it, 429."),
+    ] = 0
+    project_max_stored_bytes: Annotated[
+        int,
+        Field(ge=0),
+        Option(SERVE, "Bytes of live files one project may hold (0: no limit); beyond it, 429."),
+    ] = 0
+    project_max_enqueued_tokens: Annotated[
+        int,
+        Field(ge=0),
+        Option(
+            EXECUTION,
+            "Estimated input tokens one project may have enqueued per model in unfinished batches (0: no limit); "
+            "a batch that would pass it fails validation with token_limit_exceeded, as OpenAI's do.",
+        ),
+    ] = 0
+    project_create_rpm: Annotated[
+        int,
+        Field(ge=0),
+        Option(
+            SERVE,
+            "Creates (files, uploads, batches) one project (or static key) may make per minute (0: no limit); "
+            "beyond it, 429 rate_limit_exceeded with Retry-After.",
+        ),
+    ] = 0
 
     @model_validator(mode="after")
     def _secret_with_urls(self) -> Settings:

@@ -4,10 +4,12 @@
     ├── APIError               an OpenAI-shaped error answered to a client (status, message, type, param, code)
     │   ├── InvalidRequest     400 invalid_request_error
     │   ├── Unauthorized       401
+    │   ├── PermissionDenied   403 (the admin API without an admin key)
     │   ├── NotFound           404
     │   ├── Conflict           409
     │   ├── PayloadTooLarge    413
     │   ├── TooManyRequests    429 insufficient_quota (a per-key cap: stored bytes, files, uploads, batches)
+    │   ├── RateLimited        429 rate_limit_exceeded, with Retry-After (creates per minute)
     │   ├── StorageUnavailable 503 (a store or blob store failed while answering a request)
     │   └── InsufficientStorage 507 (the blob storage is full)
     ├── StoreError             a metadata store failure (driver errors are wrapped once, at the store's edge)
@@ -57,6 +59,11 @@ class Unauthorized(APIError):
     error_type = "invalid_request_error"
 
 
+class PermissionDenied(APIError):
+    status_code = 403
+    error_type = "invalid_request_error"
+
+
 class NotFound(APIError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -79,6 +86,18 @@ class TooManyRequests(APIError):
 
     status_code = 429
     error_type = "insufficient_quota"
+
+
+class RateLimited(APIError):
+    """Too many requests in a window: OpenAI's 429 with type `requests` and code `rate_limit_exceeded`; retried
+    after `retry_after` seconds (the Retry-After header)."""
+
+    status_code = 429
+    error_type = "requests"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, code="rate_limit_exceeded")
+        self.retry_after = retry_after
 
 
 class StorageUnavailable(APIError):

@@ -17,6 +17,7 @@ COMMAND_SCOPES: dict[str, tuple[Scope, ...]] = {
     "serve": ("execution", "state", "serve"),
     "worker": ("execution", "state", "worker"),
     "run": ("execution",),
+    "keys": ("state",),  # `batchyard keys ...` and `batchyard projects ...`: the server's store
 }
 
 

@@ -147,6 +147,24 @@ COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
         ("lease_until", "float", NULL, None),
         ("last_error", "text", NULL, None),
     ],
+    "projects": [
+        ("seq", "serial", NOT_NULL, None),
+        ("id", "text", NOT_NULL, None),
+        ("name", "text", NOT_NULL, None),
+        ("created_at", "bigint", NOT_NULL, None),
+        ("archived_at", "bigint", NULL, None),
+    ],
+    "api_keys": [
+        ("seq", "serial", NOT_NULL, None),
+        ("id", "text", NOT_NULL, None),
+        ("project_id", "text", NOT_NULL, None),
+        ("name", "text", NOT_NULL, None),
+        ("key_hash", "text", NOT_NULL, None),
+        ("prefix", "text", NOT_NULL, None),
+        ("admin", "bool", NOT_NULL, "false"),
+        ("created_at", "bigint", NOT_NULL, None),
+        ("revoked_at", "bigint", NULL, None),
+    ],
 }
 PRIMARY_KEYS = {
     "schema_migrations": ("version",),
@@ -156,12 +174,16 @@ PRIMARY_KEYS = {
     "uploads": ("seq",),
     "upload_parts": ("id",),
     "webhook_events": ("seq",),
+    "projects": ("seq",),
+    "api_keys": ("seq",),
 }
 UNIQUE = {
     "files": [("id",)],
     "batches": [("id",)],
     "uploads": [("id",)],
     "webhook_events": [("batch_id",), ("id",)],
+    "projects": [("id",), ("name",)],
+    "api_keys": [("id",), ("key_hash",)],
 }
 # index -> (table, columns, partial-index predicate as (SQLite, PostgreSQL) report it)
 INDEXES: dict[str, tuple[str, tuple[str, ...], tuple[str, str] | None]] = {
@@ -171,6 +193,7 @@ INDEXES: dict[str, tuple[str, tuple[str, ...], tuple[str, str] | None]] = {
     "shards_open": ("shards", ("status", "lease_until"), ("status != 'done'", "(status <> 'done'::text)")),
     "upload_parts_upload": ("upload_parts", ("upload_id",), None),
     "webhook_events_due": ("webhook_events", ("status", "next_at"), None),
+    "api_keys_project": ("api_keys", ("project_id", "seq"), None),
 }
 
 
@@ -252,6 +275,7 @@ async def postgres_snapshot(dsn: str) -> dict[str, Any]:
             "pg_get_expr(x.indpred, x.indrelid) AS pred "
             "FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid "
             "JOIN pg_namespace n ON n.oid = t.relnamespace LEFT JOIN pg_constraint con ON con.conindid = x.indexrelid "
+            "AND con.contype <> 'f' "  # a foreign key names the index it references: not its own constraint
             "WHERE n.nspname = 'public'"
         )
         others = await conn.fetch(

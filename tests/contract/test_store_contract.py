@@ -24,6 +24,7 @@ from batchyard.domain.models import (
 )
 from batchyard.domain.planning import ShardPlan, Span
 from batchyard.domain.states import VALIDATABLE, BatchStatus, IllegalTransition, ShardStatus, UploadStatus
+from batchyard.domain.tenancy import ProjectRecord
 from batchyard.errors import StoreError
 from batchyard.store.base import BatchJob, MetadataStore
 from batchyard.store.sqlite import SQLiteStore, migrations
@@ -1419,3 +1420,106 @@ async def test_batch_stats_count_batches_by_status_and_the_lines_not_yet_answere
     stats = await store.batch_stats()
     assert stats.by_status[S.CANCELLING] == 1 and S.IN_PROGRESS not in stats.by_status
     assert stats.lines_waiting == 20
+
+
+# -- projects and API keys ------------------------------------------------------------------------------------
+
+
+def _project(name: str) -> ProjectRecord:
+    from batchyard.domain.tenancy import project_id
+
+    return ProjectRecord(project_id(), name, int(T0) + _next())
+
+
+async def test_project_names_are_unique_and_projects_list_in_creation_order(store: MetadataStore) -> None:
+    a, b = _project("alpha"), _project("beta")
+    assert await store.insert_project(a) and await store.insert_project(b)
+    assert not await store.insert_project(_project("alpha"))  # the name is taken: nothing inserted
+    assert await store.get_project(a.id) == a
+    assert await store.project_by_name("beta") == b
+    assert await store.get_project("proj_unknown") is None and await store.project_by_name("nope") is None
+    page = await store.list_projects(limit=1, after=None, include_archived=False)
+    assert page.items == [a] and page.has_more
+    page = await store.list_projects(limit=5, after=a.id, include_archived=False)
+    assert page.items == [b] and not page.has_more
+    assert (await store.list_projects(limit=5, after="proj_unknown", include_archived=True)).items == []
+
+
+async def test_archiving_a_project_stamps_it_once_and_hides_it_from_the_default_list(
+    store: MetadataStore,
+) -> None:
+    a, b = _project("alpha"), _project("beta")
+    await store.insert_project(a)
+    await store.insert_project(b)
+    archived = await store.archive_project(a.id, 111)
+    assert archived is not None and archived.archived_at == 111 and archived.archived
+    again = await store.archive_project(a.id, 222)
+    assert again is not None and again.archived_at == 111
+    assert await store.archive_project("proj_unknown", 1) is None
+    assert (await store.list_projects(limit=5, after=None, include_archived=False)).items == [b]
+    listed = (await store.list_projects(limit=5, after=None, include_archived=True)).items
+    assert [p.id for p in listed] == [a.id, b.id]
+
+
+async def test_keys_are_found_by_hash_with_their_project_and_revoked_once(store: MetadataStore) -> None:
+    from batchyard.domain.tenancy import key_hash, make_key
+
+    a, b = _project("alpha"), _project("beta")
+    await store.insert_project(a)
+    await store.insert_project(b)
+    assert not await store.has_api_keys()
+    secret, k1 = make_key(a.id, "k1", admin=True, now=10)
+    _, k2 = make_key(b.id, "k2", admin=False, now=11)
+    _, k3 = make_key(a.id, "k3", admin=False, now=12)
+    for k in (k1, k2, k3):
+        await store.insert_api_key(k)
+    assert await store.has_api_keys()
+    holder = await store.key_holder(key_hash(secret))
+    assert holder is not None and holder.key == k1 and holder.project == a and holder.active
+    assert holder.key.admin is True
+    assert await store.key_holder(key_hash(secret + "x")) is None
+    assert (await store.list_api_keys(None, limit=10, after=None)).items == [k1, k2, k3]
+    page = await store.list_api_keys(a.id, limit=1, after=None)
+    assert page.items == [k1] and page.has_more
+    assert (await store.list_api_keys(a.id, limit=5, after=k1.id)).items == [k3]
+    revoked = await store.revoke_api_key(k1.id, 50)
+    assert revoked is not None and revoked.revoked_at == 50
+    again = await store.revoke_api_key(k1.id, 60)
+    assert again is not None and again.revoked_at == 50
+    assert await store.revoke_api_key("key_unknown", 1) is None
+    holder = await store.key_holder(key_hash(secret))
+    assert holder is not None and holder.key.revoked and not holder.active
+    await store.archive_project(b.id, 70)
+    holder2 = await store.key_holder(k2.key_hash)
+    assert holder2 is not None and not holder2.key.revoked and not holder2.active
+
+
+async def test_a_key_needs_an_existing_project(store: MetadataStore) -> None:
+    from batchyard.domain.tenancy import make_key
+
+    _, k = make_key("proj_missing", "k", admin=False, now=1)
+    with pytest.raises(StoreError):
+        await store.insert_api_key(k)
+
+
+async def test_enqueued_input_bytes_count_an_owners_running_batches_of_one_model(
+    store: MetadataStore,
+) -> None:
+    assert await store.enqueued_input_bytes(ALICE, "test-model") == 0
+    one = await planned_batch(store, shards=1)
+    await run_all_shards(store, one)  # its lines are answered, but it is in progress until finalized
+    two = await planned_batch(store, shards=1)
+    await planned_batch(store, shards=1, owner=BOB)
+    await new_batch(store)  # validating: not enqueued yet
+    sizes = {}
+    for b in (one, two):
+        f = await store.get_file(None, b.input_file_id)
+        assert f is not None
+        sizes[b.id] = f.bytes
+    assert await store.enqueued_input_bytes(ALICE, "test-model") == sizes[one.id] + sizes[two.id]
+    assert await store.enqueued_input_bytes(ALICE, "other-model") == 0
+    await store.request_cancel(ALICE, two.id)  # cancelling still sends its in-flight lines
+    assert await store.enqueued_input_bytes(ALICE, "test-model") == sizes[one.id] + sizes[two.id]
+    assert await store.claim_finalization("f1", LEASE) is not None
+    assert await store.begin_finalizing(one.id, "f1") is not None  # nothing left to send
+    assert await store.enqueued_input_bytes(ALICE, "test-model") == sizes[two.id]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 
-from batchyard.api import batches, errors, files, metrics_route, openapi, ui_routes, uploads
+from batchyard.api import admin, batches, errors, files, metrics_route, openapi, ui_routes, uploads
 from batchyard.api.auth import Authenticator
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
@@ -12,7 +12,14 @@ from batchyard.errors import NotFound
 
 
 def create_app(svc: Services) -> FastAPI:
+    auth = Authenticator(
+        svc.settings.api_keys,
+        store=svc.store,
+        admin_keys=svc.settings.admin_api_keys,
+        cache_seconds=svc.settings.api_key_cache_seconds,
+    )
     app = FastAPI(
+        dependencies=[Depends(auth.resolve)],  # who the request is: static or stored keys (api/auth.py)
         title="batchyard",
         description="Self-hosted, OpenAI-compatible Batch API.",
         version="0.1.0",
@@ -21,10 +28,10 @@ def create_app(svc: Services) -> FastAPI:
         redoc_url=None,
     )
     errors.install(app)
-    auth = Authenticator(svc.settings.api_keys)
     app.include_router(files.router(svc, auth.owner))
     app.include_router(batches.router(svc, auth.owner))
     app.include_router(uploads.router(svc, auth.owner))
+    app.include_router(admin.router(svc, auth))
     metrics_route.install(app, svc, auth)
 
     app.openapi = lambda: openapi.document(app)  # type: ignore[method-assign]

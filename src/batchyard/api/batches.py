@@ -35,7 +35,7 @@ _CREATE_FIELDS = frozenset(
 
 def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     r = APIRouter()
-    quotas = Quotas(svc.store, svc.settings)
+    quotas = Quotas(svc.store, svc.settings, svc.rates)
 
     def no_such_batch(batch_id: str) -> NotFound:
         return NotFound(

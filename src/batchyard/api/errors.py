@@ -15,6 +15,7 @@ from batchyard.errors import (
     BlobError,
     BlobStorageFull,
     InsufficientStorage,
+    RateLimited,
     StorageUnavailable,
     StoreError,
     TooManyRequests,
@@ -62,6 +63,8 @@ def install(app: FastAPI) -> None:
             resp.headers["x-should-retry"] = (
                 "false"  # a cap is not lifted by retrying (the openai SDK obeys this)
             )
+        if isinstance(exc, RateLimited):
+            resp.headers["retry-after"] = str(exc.retry_after)
         return resp
 
     @app.exception_handler(BlobError)

@@ -108,7 +108,7 @@ def _disposition(filename: str) -> str:
 def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     r = APIRouter()
     settings = svc.settings
-    quotas = Quotas(svc.store, settings)
+    quotas = Quotas(svc.store, settings, svc.rates)
 
     @r.post("/v1/files")
     async def upload(request: Request) -> JSONResponse:
@@ -118,7 +118,8 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
         if length is not None and length > cap + FORM_OVERHEAD:
             raise _too_large(cap)
         usage = await quotas.usage(owner)
-        quotas.check_file(usage, max(0, (length or 0) - FORM_OVERHEAD))
+        quotas.check_file(usage, max(0, (length or 0) - FORM_OVERHEAD), owner)
+        quotas.admit(owner)
 
         async def on_file(fields: dict[str, str]) -> int | None:
             # The purpose is known before the file when the client sends it first (the openai SDK does): the
@@ -149,7 +150,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
                 )
             if purpose == "batch" and form.file_bytes > settings.max_batch_file_bytes:
                 raise _too_large(settings.max_batch_file_bytes, "batch")
-            quotas.check_file(usage, form.file_bytes)
+            quotas.check_file(usage, form.file_bytes, owner)
             created = int(await svc.store.now())
             expires_at = _expiry(form, purpose, created)
             info = await sink.writer.commit()

@@ -1,54 +1,114 @@
-"""Per-key caps: what one API key may hold at once (stored bytes, files, pending uploads, unfinished batches).
+"""Caps and rates per owner: what one owner (a static API key, or a project: every key of it together) may hold at
+once (stored bytes, files, pending uploads, unfinished batches) and how fast it may create (files, uploads, batches).
 
-Checked before the work that would pass a cap (and, for an upload whose size is known only at its end, again at its
-end). Two requests of one key racing past the same cap may both pass: a cap bounds what a key holds to about one
-request's worth beyond it, which is what it is for. A cap of 0 means no limit.
+Caps are checked before the work that would pass them (and, for an upload whose size is known only at its end,
+again at its end). Two requests of one owner racing past the same cap may both pass: a cap bounds what an owner holds
+to about one request's worth beyond it, which is what it is for. A cap of 0 means no limit. A project's cap is the
+`project_*` setting when set, else the per-key one (the lower of the two when both are).
+
+The create rate (`project_create_rpm`) is counted in each API process over a sliding minute: with N API replicas an
+owner may create up to N times the rate. Beyond it: 429 `rate_limit_exceeded` with Retry-After, which clients retry
+(unlike a cap's 429, `insufficient_quota`).
 """
 
 from __future__ import annotations
 
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+
 from batchyard.config import Settings
-from batchyard.errors import TooManyRequests
+from batchyard.domain.tenancy import PROJECT_ID
+from batchyard.errors import RateLimited, TooManyRequests
 from batchyard.store.base import MetadataStore, OwnerUsage
+
+WINDOW_S = 60.0
+MAX_OWNERS = 10_000  # owners whose recent creates are remembered at once (idle ones are dropped first)
 
 
 def _over(cap: int, value: int) -> bool:
     return cap > 0 and value > cap
 
 
-def _refuse(what: str, cap: int) -> TooManyRequests:
+def _cap(per_key: int, per_project: int, owner: str) -> int:
+    if PROJECT_ID.fullmatch(owner) is None or per_project == 0:
+        return per_key
+    return per_project if per_key == 0 else min(per_key, per_project)
+
+
+def _refuse(owner: str, what: str, cap: int) -> TooManyRequests:
+    holder = "this project's" if PROJECT_ID.fullmatch(owner) else "this API key's"
     return TooManyRequests(
-        f"You have reached this API key's limit of {what} ({cap}): delete some, or wait for them to finish.",
+        f"You have reached {holder} limit of {what} ({cap}): delete some, or wait for them to finish.",
         code="insufficient_quota",
     )
 
 
+class CreateRates:
+    """The creates of each owner in the last minute, in this process (shared by the routes: `Services.rates`)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seen: dict[str, deque[float]] = {}
+
+    def admit(self, owner: str, rpm: int) -> None:
+        """Count one create of `owner`, or raise RateLimited when it made `rpm` in the last minute."""
+        if rpm <= 0:
+            return
+        now = self._clock()
+        recent = self._seen.pop(owner, None) or deque()
+        while recent and recent[0] <= now - WINDOW_S:
+            recent.popleft()
+        self._seen[owner] = recent  # most recently used last
+        if len(recent) >= rpm:
+            wait = max(1, math.ceil(recent[0] + WINDOW_S - now))
+            raise RateLimited(
+                f"Rate limit reached for creates (files, uploads, batches) of {owner} on requests per min "
+                f"(RPM): Limit {rpm}, Used {len(recent)}, Requested 1. Please try again in {wait}s.",
+                retry_after=wait,
+            )
+        recent.append(now)
+        while len(self._seen) > MAX_OWNERS:
+            del self._seen[next(iter(self._seen))]
+
+
 class Quotas:
-    def __init__(self, store: MetadataStore, settings: Settings) -> None:
+    def __init__(self, store: MetadataStore, settings: Settings, rates: CreateRates | None = None) -> None:
         self._store = store
         self._s = settings
+        self._rates = rates or CreateRates()
+
+    def admit(self, owner: str) -> None:
+        """One more create (a file, an upload, a batch) of `owner` fits in its rate."""
+        self._rates.admit(owner, self._s.project_create_rpm)
 
     async def usage(self, owner: str) -> OwnerUsage:
         return await self._store.owner_usage(owner)
 
-    def check_file(self, usage: OwnerUsage, size: int) -> None:
+    def check_file(self, usage: OwnerUsage, size: int, owner: str = "") -> None:
         """One more file of `size` bytes fits."""
         if _over(self._s.max_files_per_key, usage.files + 1):
-            raise _refuse("files", self._s.max_files_per_key)
-        if _over(self._s.max_stored_bytes_per_key, usage.stored_bytes + size):
-            raise _refuse("stored bytes", self._s.max_stored_bytes_per_key)
+            raise _refuse(owner, "files", self._s.max_files_per_key)
+        cap = _cap(self._s.max_stored_bytes_per_key, self._s.project_max_stored_bytes, owner)
+        if _over(cap, usage.stored_bytes + size):
+            raise _refuse(owner, "stored bytes", cap)
 
     async def room_for_file(self, owner: str, size: int) -> None:
-        self.check_file(await self.usage(owner), size)
+        self.check_file(await self.usage(owner), size, owner)
 
     async def room_for_upload(self, owner: str, size: int) -> None:
-        """One more pending upload, for a file of `size` bytes, fits."""
+        """One more pending upload, for a file of `size` bytes, fits (and its create fits in the rate)."""
         usage = await self.usage(owner)
         if _over(self._s.max_pending_uploads_per_key, usage.pending_uploads + 1):
-            raise _refuse("uploads in progress", self._s.max_pending_uploads_per_key)
-        self.check_file(usage, size)
+            raise _refuse(owner, "uploads in progress", self._s.max_pending_uploads_per_key)
+        self.check_file(usage, size, owner)
+        self.admit(owner)
 
     async def room_for_batch(self, owner: str) -> None:
+        """One more unfinished batch fits (and its create fits in the rate)."""
         usage = await self.usage(owner)
-        if _over(self._s.max_active_batches_per_key, usage.active_batches + 1):
-            raise _refuse("batches in progress", self._s.max_active_batches_per_key)
+        cap = _cap(self._s.max_active_batches_per_key, self._s.project_max_batches_in_progress, owner)
+        if _over(cap, usage.active_batches + 1):
+            raise _refuse(owner, "batches in progress", cap)
+        self.admit(owner)

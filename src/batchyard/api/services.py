@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from batchyard.api.quotas import CreateRates
 from batchyard.blobs.base import BlobStore
 from batchyard.config import Settings
 from batchyard.store.base import MetadataStore
@@ -18,3 +19,4 @@ class Services:
     router: Router
     settings: Settings
     notify: Callable[[], None] = field(default=lambda: None)  # wakes an in-process worker
+    rates: CreateRates = field(default_factory=CreateRates)  # creates per owner per minute (api/quotas.py)

@@ -39,7 +39,7 @@ def _not_pending(upload_id: str, doing: str, why: str) -> Conflict:
 def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     r = APIRouter()
     settings = svc.settings
-    quotas = Quotas(svc.store, settings)
+    quotas = Quotas(svc.store, settings, svc.rates)
 
     async def pending(request: Request, upload_id: str, doing: str) -> tuple[UploadRecord, float]:
         owner = owner_of(request)

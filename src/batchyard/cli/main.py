@@ -16,6 +16,7 @@ import click
 from click.core import ParameterSource
 
 from batchyard import eventloop, logs
+from batchyard.cli import tenancy
 from batchyard.config import ServeSwitches, Settings, parse_route
 from batchyard.settings_sources import OptionField, SettingsError, load, options
 
@@ -112,9 +113,16 @@ def _log(settings: Settings) -> None:
 def serve(**_: Any) -> None:
     """Run the API server and a worker on one machine (SQLite + a local directory)."""
     settings, switches = _settings("serve")
-    if not settings.api_keys and not switches.insecure_no_auth and not _is_loopback(settings.host):
+    keyless = not settings.api_keys and not settings.admin_api_keys  # and, asked last, none in the store:
+    if (
+        keyless
+        and not switches.insecure_no_auth
+        and not _is_loopback(settings.host)
+        and not tenancy.keys_stored(settings)
+    ):
         raise click.UsageError(
-            f"refusing to bind {settings.host} with no --api-key; add --api-key KEY or --insecure-no-auth"
+            f"refusing to bind {settings.host} with no --api-key; add --api-key KEY (or make one with `batchyard keys "
+            "create`) or --insecure-no-auth"
         )
     _log(settings)
     try:
@@ -237,6 +245,9 @@ async def _serve(settings: Settings) -> int:
         return 1
     logging.getLogger("batchyard").info("batchyard stopped")
     return 0
+
+
+tenancy.register(cli, settings_options, _settings)  # `keys` and `projects` (cli/tenancy.py)
 
 
 def main() -> None:

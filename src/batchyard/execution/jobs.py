@@ -12,6 +12,7 @@ from typing import Any
 from batchyard import metrics
 from batchyard.blobs.base import BlobInfo, BlobStore
 from batchyard.config import Settings
+from batchyard.domain import tenancy
 from batchyard.domain.models import BatchRecord, FileRecord
 from batchyard.domain.states import BatchStatus
 from batchyard.domain.validation import BatchValidator
@@ -106,6 +107,19 @@ async def _validate(
         await store.fail_batch(batch.id, worker, errors)
         log.info("batch %s failed validation with %d errors", batch.id, result.error_count)
         return False
+    if result.model is not None and settings.project_max_enqueued_tokens > 0:
+        enqueued = tenancy.estimated_tokens(await store.enqueued_input_bytes(batch.owner, result.model))
+        problem = tenancy.enqueued_token_problem(
+            result.model,
+            batch.owner,
+            enqueued,
+            tenancy.estimated_tokens(f.bytes),
+            settings.project_max_enqueued_tokens,
+        )
+        if problem is not None:
+            limit = [{"code": "token_limit_exceeded", "message": problem, "param": None, "line": None}]
+            await store.fail_batch(batch.id, worker, limit)
+            return False
     await store.plan_batch(batch.id, worker, result.shards, result.total_lines, result.model)
     log.info("batch %s planned: %d lines in %d shards", batch.id, result.total_lines, len(result.shards))
     return True

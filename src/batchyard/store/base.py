@@ -23,6 +23,7 @@ from batchyard.domain.models import (
     WebhookEvent,
 )
 from batchyard.domain.states import BatchStatus
+from batchyard.domain.tenancy import ApiKeyRecord, KeyHolder, ProjectRecord
 from batchyard.domain.validation import ShardPlan
 
 
@@ -241,3 +242,45 @@ class MetadataStore(ABC):
     @abstractmethod
     async def batches_done_with(self, batch_ids: Sequence[str]) -> set[str]:
         """Of `batch_ids`, those whose batch is final or unknown: nothing of theirs is written or read any more."""
+
+    # projects and API keys (domain/tenancy.py); `now` is the caller's reading of `now()`
+    @abstractmethod
+    async def insert_project(self, rec: ProjectRecord) -> bool:
+        """Insert a project; False (nothing inserted) when its name is taken."""
+
+    @abstractmethod
+    async def get_project(self, project_id: str) -> ProjectRecord | None: ...
+    @abstractmethod
+    async def project_by_name(self, name: str) -> ProjectRecord | None: ...
+    @abstractmethod
+    async def list_projects(self, *, limit: int, after: str | None, include_archived: bool) -> Page:
+        """Projects in creation order (an unknown `after` gives an empty page)."""
+
+    @abstractmethod
+    async def archive_project(self, project_id: str, now: int) -> ProjectRecord | None:
+        """Stamp `archived_at` (once: archiving again keeps the first stamp); None if unknown."""
+
+    @abstractmethod
+    async def insert_api_key(self, rec: ApiKeyRecord) -> None:
+        """Insert a key of an existing project."""
+
+    @abstractmethod
+    async def key_holder(self, key_hash: str) -> KeyHolder | None:
+        """The key stored with this sha256 and its project (revoked or archived ones too), or None."""
+
+    @abstractmethod
+    async def list_api_keys(self, project_id: str | None, *, limit: int, after: str | None) -> Page:
+        """Keys (of one project, or all) in creation order, revoked ones too."""
+
+    @abstractmethod
+    async def revoke_api_key(self, key_id: str, now: int) -> ApiKeyRecord | None:
+        """Stamp `revoked_at` (once); the key as it is afterwards, None if unknown."""
+
+    @abstractmethod
+    async def has_api_keys(self) -> bool:
+        """Whether any key was ever stored (then requests need a key even with no --api-key)."""
+
+    @abstractmethod
+    async def enqueued_input_bytes(self, owner: str, model: str) -> int:
+        """The input file bytes of `owner`'s planned batches of `model` still running (in progress or cancelling):
+        what its enqueued tokens are estimated from (`domain.tenancy.estimated_tokens`)."""

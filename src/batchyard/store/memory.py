@@ -44,6 +44,7 @@ from batchyard.domain.states import (
     settled_webhook,
     webhook_type,
 )
+from batchyard.domain.tenancy import ApiKeyRecord, KeyHolder, ProjectRecord
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
@@ -112,6 +113,8 @@ class _State:
     uploads: dict[str, UploadRecord] = field(default_factory=dict)
     events: dict[str, _Event] = field(default_factory=dict)  # batch id -> its webhook event
     parts: dict[str, list[UploadPartRecord]] = field(default_factory=dict)  # upload id -> parts, in order
+    projects: dict[str, ProjectRecord] = field(default_factory=dict)  # id -> project, in creation order
+    api_keys: dict[str, ApiKeyRecord] = field(default_factory=dict)  # id -> key, in creation order
     seq: int = 0
 
 
@@ -617,3 +620,78 @@ class MemoryStore(MetadataStore):
         return {
             i for i in batch_ids if (b := self._s.batches.get(i)) is None or b.rec.status not in UNFINISHED
         }
+
+    # -- projects and API keys ------------------------------------------------------------------------------
+    async def insert_project(self, rec: ProjectRecord) -> bool:
+        if any(p.name == rec.name for p in self._s.projects.values()):
+            return False
+        self._s.projects[rec.id] = replace(rec)
+        return True
+
+    async def get_project(self, project_id: str) -> ProjectRecord | None:
+        p = self._s.projects.get(project_id)
+        return None if p is None else replace(p)
+
+    async def project_by_name(self, name: str) -> ProjectRecord | None:
+        return next((replace(p) for p in self._s.projects.values() if p.name == name), None)
+
+    async def list_projects(self, *, limit: int, after: str | None, include_archived: bool) -> Page:
+        items = _after(list(self._s.projects.values()), after)
+        items = [p for p in items if include_archived or not p.archived]
+        return Page([replace(p) for p in items[:limit]], len(items) > limit)
+
+    async def archive_project(self, project_id: str, now: int) -> ProjectRecord | None:
+        p = self._s.projects.get(project_id)
+        if p is None:
+            return None
+        if p.archived_at is None:
+            p.archived_at = now
+        return replace(p)
+
+    async def insert_api_key(self, rec: ApiKeyRecord) -> None:
+        if rec.project_id not in self._s.projects:
+            raise StoreError(f"memory: no project {rec.project_id}")
+        if rec.id in self._s.api_keys or any(k.key_hash == rec.key_hash for k in self._s.api_keys.values()):
+            raise StoreError("memory: duplicate key")
+        self._s.api_keys[rec.id] = replace(rec)
+
+    async def key_holder(self, key_hash: str) -> KeyHolder | None:
+        for k in self._s.api_keys.values():
+            if k.key_hash == key_hash:
+                return KeyHolder(replace(k), replace(self._s.projects[k.project_id]))
+        return None
+
+    async def list_api_keys(self, project_id: str | None, *, limit: int, after: str | None) -> Page:
+        items = _after(list(self._s.api_keys.values()), after)
+        items = [k for k in items if project_id is None or k.project_id == project_id]
+        return Page([replace(k) for k in items[:limit]], len(items) > limit)
+
+    async def revoke_api_key(self, key_id: str, now: int) -> ApiKeyRecord | None:
+        k = self._s.api_keys.get(key_id)
+        if k is None:
+            return None
+        if k.revoked_at is None:
+            k.revoked_at = now
+        return replace(k)
+
+    async def has_api_keys(self) -> bool:
+        return bool(self._s.api_keys)
+
+    async def enqueued_input_bytes(self, owner: str, model: str) -> int:
+        return sum(
+            self._s.files[b.rec.input_file_id].rec.bytes
+            for b in self._s.batches.values()
+            if b.rec.owner == owner
+            and b.rec.model == model
+            and b.planned
+            and b.rec.status in ACTIVE
+            and b.rec.input_file_id in self._s.files
+        )
+
+
+def _after(items: list[Any], after: str | None) -> list[Any]:
+    """The items after the one whose id is `after` (none when it is unknown), in order."""
+    if after is None:
+        return items
+    ids = [i.id for i in items]
+    return items[ids.index(after) + 1 :] if after in ids else []

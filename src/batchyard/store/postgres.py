@@ -56,9 +56,11 @@ from batchyard.domain.states import (
     settled_webhook,
     webhook_type,
 )
+from batchyard.domain.tenancy import ApiKeyRecord, KeyHolder, ProjectRecord
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
 from batchyard.store import sql
+from batchyard.store import tenancy_sql as tq
 from batchyard.store.base import BatchJob, BatchStats, Heartbeat, MetadataStore, OwnerUsage, Page
 from batchyard.store.rows import (
     BATCH_FIELDS,
@@ -702,3 +704,63 @@ class PostgresStore(MetadataStore):
                 _UNFINISHED,
             )
         return set(batch_ids) - {str(r[0]) for r in rows}
+
+    # -- projects and API keys ------------------------------------------------------------------------------
+    async def insert_project(self, rec: ProjectRecord) -> bool:
+        async with self._conn() as conn:
+            status = await conn.execute(pg(tq.INSERT_PROJECT), *tq.project_values(rec))
+        return str(status).endswith(" 1")
+
+    async def _one_project(self, statement: str, arg: str) -> ProjectRecord | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(pg(statement), arg)
+        return None if row is None else tq.project_from_row(row)
+
+    async def get_project(self, project_id: str) -> ProjectRecord | None:
+        return await self._one_project(tq.GET_PROJECT, project_id)
+
+    async def project_by_name(self, name: str) -> ProjectRecord | None:
+        return await self._one_project(tq.PROJECT_BY_NAME, name)
+
+    async def list_projects(self, *, limit: int, after: str | None, include_archived: bool) -> Page:
+        statement = pg(tq.list_projects(include_archived, after is not None))
+        args = [a for a in (after,) if a is not None]
+        async with self._conn() as conn:
+            rows = await conn.fetch(statement, *args, limit + 1)
+        return Page([tq.project_from_row(r) for r in rows[:limit]], len(rows) > limit)
+
+    async def archive_project(self, project_id: str, now: int) -> ProjectRecord | None:
+        async with self._tx() as conn:
+            await conn.execute(pg(tq.ARCHIVE_PROJECT), now, project_id)
+            row = await conn.fetchrow(pg(tq.GET_PROJECT), project_id)
+        return None if row is None else tq.project_from_row(row)
+
+    async def insert_api_key(self, rec: ApiKeyRecord) -> None:
+        async with self._conn() as conn:
+            await conn.execute(pg(tq.INSERT_KEY), *tq.key_values(rec))
+
+    async def key_holder(self, key_hash: str) -> KeyHolder | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(pg(tq.KEY_HOLDER), key_hash)
+        return None if row is None else tq.holder_from_row(row)
+
+    async def list_api_keys(self, project_id: str | None, *, limit: int, after: str | None) -> Page:
+        statement = pg(tq.list_keys(project_id is not None, after is not None))
+        args = [a for a in (project_id, after) if a is not None]
+        async with self._conn() as conn:
+            rows = await conn.fetch(statement, *args, limit + 1)
+        return Page([tq.key_from_row(r) for r in rows[:limit]], len(rows) > limit)
+
+    async def revoke_api_key(self, key_id: str, now: int) -> ApiKeyRecord | None:
+        async with self._tx() as conn:
+            await conn.execute(pg(tq.REVOKE_KEY), now, key_id)
+            row = await conn.fetchrow(pg(tq.GET_KEY), key_id)
+        return None if row is None else tq.key_from_row(row)
+
+    async def has_api_keys(self) -> bool:
+        async with self._conn() as conn:
+            return await conn.fetchval(pg(tq.HAS_KEYS)) is not None
+
+    async def enqueued_input_bytes(self, owner: str, model: str) -> int:
+        async with self._conn() as conn:
+            return int(await conn.fetchval(pg(tq.ENQUEUED_BYTES), owner, model))

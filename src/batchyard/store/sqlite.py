@@ -50,9 +50,11 @@ from batchyard.domain.states import (
     settled_webhook,
     webhook_type,
 )
+from batchyard.domain.tenancy import ApiKeyRecord, KeyHolder, ProjectRecord
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
 from batchyard.store import sql
+from batchyard.store import tenancy_sql as tq
 from batchyard.store.base import BatchJob, BatchStats, Heartbeat, MetadataStore, OwnerUsage, Page
 from batchyard.store.rows import (
     BATCH_COLS,
@@ -725,3 +727,77 @@ class SQLiteStore(MetadataStore):
             return set(batch_ids) - live
 
         return await self._run(q)
+
+    # -- projects and API keys ------------------------------------------------------------------------------
+    async def insert_project(self, rec: ProjectRecord) -> bool:
+        def q(db: sqlite3.Connection) -> bool:
+            return db.execute(tq.INSERT_PROJECT, tq.project_values(rec)).rowcount == 1
+
+        return await self._run(q)
+
+    async def _one_project(self, statement: str, arg: str) -> ProjectRecord | None:
+        def q(db: sqlite3.Connection) -> ProjectRecord | None:
+            row = db.execute(statement, (arg,)).fetchone()
+            return None if row is None else tq.project_from_row(row)
+
+        return await self._run(q)
+
+    async def get_project(self, project_id: str) -> ProjectRecord | None:
+        return await self._one_project(tq.GET_PROJECT, project_id)
+
+    async def project_by_name(self, name: str) -> ProjectRecord | None:
+        return await self._one_project(tq.PROJECT_BY_NAME, name)
+
+    async def list_projects(self, *, limit: int, after: str | None, include_archived: bool) -> Page:
+        statement = tq.list_projects(include_archived, after is not None)
+        args = [a for a in (after,) if a is not None]
+
+        def q(db: sqlite3.Connection) -> Page:
+            rows = db.execute(statement, (*args, limit + 1)).fetchall()
+            return Page([tq.project_from_row(r) for r in rows[:limit]], len(rows) > limit)
+
+        return await self._run(q)
+
+    async def archive_project(self, project_id: str, now: int) -> ProjectRecord | None:
+        def q(db: sqlite3.Connection) -> ProjectRecord | None:
+            with self._tx(db):
+                db.execute(tq.ARCHIVE_PROJECT, (now, project_id))
+                row = db.execute(tq.GET_PROJECT, (project_id,)).fetchone()
+                return None if row is None else tq.project_from_row(row)
+
+        return await self._run(q)
+
+    async def insert_api_key(self, rec: ApiKeyRecord) -> None:
+        await self._run(lambda db: db.execute(tq.INSERT_KEY, tq.key_values(rec)))
+
+    async def key_holder(self, key_hash: str) -> KeyHolder | None:
+        def q(db: sqlite3.Connection) -> KeyHolder | None:
+            row = db.execute(tq.KEY_HOLDER, (key_hash,)).fetchone()
+            return None if row is None else tq.holder_from_row(row)
+
+        return await self._run(q)
+
+    async def list_api_keys(self, project_id: str | None, *, limit: int, after: str | None) -> Page:
+        statement = tq.list_keys(project_id is not None, after is not None)
+        args = [a for a in (project_id, after) if a is not None]
+
+        def q(db: sqlite3.Connection) -> Page:
+            rows = db.execute(statement, (*args, limit + 1)).fetchall()
+            return Page([tq.key_from_row(r) for r in rows[:limit]], len(rows) > limit)
+
+        return await self._run(q)
+
+    async def revoke_api_key(self, key_id: str, now: int) -> ApiKeyRecord | None:
+        def q(db: sqlite3.Connection) -> ApiKeyRecord | None:
+            with self._tx(db):
+                db.execute(tq.REVOKE_KEY, (now, key_id))
+                row = db.execute(tq.GET_KEY, (key_id,)).fetchone()
+                return None if row is None else tq.key_from_row(row)
+
+        return await self._run(q)
+
+    async def has_api_keys(self) -> bool:
+        return await self._run(lambda db: db.execute(tq.HAS_KEYS).fetchone() is not None)
+
+    async def enqueued_input_bytes(self, owner: str, model: str) -> int:
+        return await self._run(lambda db: int(db.execute(tq.ENQUEUED_BYTES, (owner, model)).fetchone()[0]))
