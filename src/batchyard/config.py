@@ -48,6 +48,18 @@ __all__ = [
 ]
 
 
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+MAX_HEAD_BYTES = 64 * 1024
+
+
+def _bytes_text(n: int) -> str:
+    """A size in bytes as --help and the docs show it: "200 MiB (209715200)"."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("GB", 10**9), ("MB", 10**6), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit} ({n})"
+    return f"{n} bytes"
+
+
 class UpstreamSpec(BaseModel):
     """One `[[upstreams]]` table of the TOML config."""
 
@@ -300,6 +312,7 @@ class Settings(_Model):
         Option(
             SERVE,
             "Largest input file for purpose 'batch' (larger uploads get 413; OpenAI's limit, raisable).",
+            default_text=_bytes_text(limits.MAX_BATCH_FILE_BYTES),
         ),
     ] = limits.MAX_BATCH_FILE_BYTES
     max_file_bytes: int = limits.MAX_FILE_BYTES
@@ -307,9 +320,11 @@ class Settings(_Model):
         int,
         Field(ge=1024),
         Option(
-            EXECUTION, "Largest upstream response body; a larger one ends the line as upstream_too_large."
+            EXECUTION,
+            "Largest upstream response body; a larger one ends the line as upstream_too_large.",
+            default_text=_bytes_text(MAX_RESPONSE_BYTES),
         ),
-    ] = 64 * 1024 * 1024
+    ] = MAX_RESPONSE_BYTES
     # per-key caps (0: no limit); beyond one the API answers 429 insufficient_quota
     max_stored_bytes_per_key: Annotated[
         int,
@@ -317,6 +332,7 @@ class Settings(_Model):
         Option(
             SERVE,
             "Bytes of live files one API key may hold (uploads and batch outputs; 0: no limit); beyond it, 429.",
+            default_text=_bytes_text(limits.MAX_STORED_BYTES_PER_KEY),
         ),
     ] = limits.MAX_STORED_BYTES_PER_KEY
     max_files_per_key: Annotated[
@@ -344,8 +360,9 @@ class Settings(_Model):
             "Largest request head (request line and headers); beyond it, 431 and the connection is closed.",
             doc="largest request head (request line and headers); beyond it 431 `request_header_fields_too_large`"
             " and the connection is closed (counted as bytes arrive: memory stays bounded)",
+            default_text=_bytes_text(MAX_HEAD_BYTES),
         ),
-    ] = 64 * 1024
+    ] = MAX_HEAD_BYTES
     max_headers: Annotated[
         int,
         Field(ge=1),
@@ -470,6 +487,21 @@ class Settings(_Model):
             "beyond it, 429 rate_limit_exceeded with Retry-After.",
         ),
     ] = 0
+    # threads of the embedded engine (llama.cpp's cpuparams, and the embedding model's); None: "auto"
+    embedded_threads: Annotated[
+        int | None,
+        _auto_or_count(1024),
+        Option(
+            EXECUTION,
+            "CPU threads of the embedded engine: a number, or 'auto' for half the CPU cores (at least 1). More "
+            "threads than free cores is several times slower on a busy machine (docs/embedded.md).",
+            doc="CPU threads of the embedded engine (llama.cpp's `n_threads`, and the embedding model's); `auto`: "
+            "half the CPU cores, at least 1. A thread that waits for a core busy with other work stalls every "
+            "step: on 2 shared cores 1 thread gave 20.7 tokens/s, 2 threads 2.7 (docs/embedded.md)",
+            metavar="N|auto",
+            default_text="auto",
+        ),
+    ] = None
 
     @model_validator(mode="after")
     def _secret_with_urls(self) -> Settings:

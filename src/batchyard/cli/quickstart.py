@@ -8,8 +8,10 @@ where the files are.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,6 +41,19 @@ SENTENCES = [
     "Embeddings map text to vectors.",
     "La lluvia en Sevilla es una maravilla.",
 ]
+
+
+def default_dir() -> Path:
+    """Where quickstart writes when no --dir is given: `$XDG_CACHE_HOME/batchyard/quickstart` (else
+    `~/.cache/batchyard/quickstart`), or a new temporary directory when that cannot be created."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    path = base / "batchyard" / "quickstart"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="batchyard-quickstart-"))
+    return path
 
 
 def _free_port() -> int:
@@ -212,9 +227,9 @@ def _report(client: Any, batches: list[Any], workdir: Path, elapsed: float) -> i
     return 0 if ok else 1
 
 
-def main(workdir: Path) -> None:
+def main(workdir: Path | None) -> None:
     try:
-        code = run_quickstart(workdir)
+        code = run_quickstart(workdir or default_dir())
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

@@ -13,13 +13,14 @@ import logging
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
 
 from batchyard import ids
 from batchyard.blobs.local import LocalBlobStore
+from batchyard.cli.outcome import ErrorTally
 from batchyard.cli.progress import ProgressBar
 from batchyard.config import Settings
 from batchyard.domain.models import BatchRecord, FileRecord
@@ -38,7 +39,8 @@ class RunResult:
     status: str
     completed: int
     failed: int
-    errors: list[dict[str, object]]
+    errors: list[dict[str, object]]  # a failed validation's errors
+    tally: ErrorTally = field(default_factory=ErrorTally)  # the error lines by code
 
 
 def _sha256(path: Path) -> str:
@@ -164,16 +166,33 @@ async def run_file(
                 )
         worker = Worker(store, blobs, router, settings)
         final = await _drive(worker, store, bid, quiet)
-        if final.status == BatchStatus.FAILED:
-            return RunResult(str(final.status), 0, 0, (final.errors or []))
-        await _write_outputs(store, blobs, final, out, errors)
-        result = RunResult(str(final.status), final.completed, final.failed, [])
+        if final.status == BatchStatus.FAILED:  # nothing to resume: the state goes as after a finished run
+            result = RunResult(str(final.status), 0, 0, (final.errors or []))
+        else:
+            await _write_outputs(store, blobs, final, out, errors)
+            result = RunResult(str(final.status), final.completed, final.failed, [])
+            if final.failed:
+                result.tally = await _tally(store, blobs, final.error_file_id)
     finally:
         await store.close()
         await router.aclose()
     shutil.rmtree(state, ignore_errors=True)
     lock.close()
     return result
+
+
+async def _tally(store: SQLiteStore, blobs: LocalBlobStore, file_id: str | None) -> ErrorTally:
+    """The error file's lines counted by code."""
+    tally = ErrorTally()
+    rec = await store.get_file(OWNER, file_id) if file_id else None
+    if rec is None:
+        return tally
+    rest = b""
+    async for chunk in blobs.stream(rec.blob_key):
+        *whole, rest = (rest + chunk).split(b"\n")
+        tally.add_lines(whole)
+    tally.add_lines([rest])
+    return tally
 
 
 async def _drive(worker: Worker, store: SQLiteStore, bid: str, quiet: bool) -> BatchRecord:

@@ -37,6 +37,14 @@ PROMPT_CACHE_MIB = 256  # llama.cpp keeps finished prompts' KV state in RAM for 
 Json = dict[str, Any]
 
 
+def default_threads() -> int:
+    """The engine's threads when none are asked for: half the CPU cores this process may use, at least one. On a
+    2-core machine shared with other work, 1 thread gave 20.7 tokens/s and 2 threads 2.7 (docs/embedded.md,
+    bench/embedded_threads.py): a llama.cpp thread waiting for a busy core stalls every step of the others."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // 2)
+
+
 class LLMEngine:
     def __init__(
         self,

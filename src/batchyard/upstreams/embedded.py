@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from batchyard.embedded.embeddings import EmbeddingEngine
-from batchyard.embedded.llm import LLMEngine
+from batchyard.embedded.llm import LLMEngine, default_threads
 from batchyard.embedded.models import ModelError, Progress, ensure_smollm2, local_gguf
 from batchyard.errors import APIError, InvalidRequest, NotFound
 from batchyard.upstreams.base import Upstream, UpstreamError, UpstreamResponse
@@ -46,6 +46,7 @@ class EmbeddedUpstream(Upstream):
     ) -> None:
         """`model_path`: a local GGUF to serve as the chat model instead of the downloaded SmolLM2.
         `slots`: requests generated at once (continuous batching); `context_size`: tokens per request.
+        `threads`: CPU threads of both engines (None: `default_threads()`, half the cores).
         `progress(done, total)` is called from a worker thread while the model downloads."""
         if slots < 1 or context_size < 64:
             raise ValueError("slots must be at least 1 and context_size at least 64")
@@ -55,6 +56,7 @@ class EmbeddedUpstream(Upstream):
         self._cache_dir = cache_dir
         self._progress = progress
         self._llm: LLMEngine | None = None
+        threads = threads if threads is not None else default_threads()
         self._embedder = EmbeddingEngine(name=EMBEDDING_MODEL, threads=threads) if embeddings else None
         self._slots = slots
         self._context_size = context_size

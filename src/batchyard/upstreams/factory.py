@@ -66,12 +66,17 @@ def _embedded_routes(settings: Settings) -> list[tuple[str | None, Upstream]]:
         engine = EmbeddedUpstream(
             model_path=settings.model_path,
             slots=settings.embedded_slots,
+            threads=settings.embedded_threads,
             chat_model=Path(settings.model_path).stem if settings.model_path else CHAT_MODEL,
         )
         routes.extend(embedded_routes(engine))
     for name, path in settings.local_models.items():
         local = EmbeddedUpstream(
-            model_path=path, slots=settings.embedded_slots, chat_model=name, embeddings=False
+            model_path=path,
+            slots=settings.embedded_slots,
+            threads=settings.embedded_threads,
+            chat_model=name,
+            embeddings=False,
         )
         routes.append((name, local))
     return routes
