@@ -46,7 +46,9 @@ def _unavailable(what: str) -> None:
     pytest.skip(f"{what} cannot run here")
 
 
-@pytest.fixture(scope="session")
+# Package scope: Playwright's sync API keeps an event loop on the main thread while it runs; torn down when
+# tests/ui ends, it cannot break the asyncio tests that run after it (a session fixture did).
+@pytest.fixture(scope="package")
 def playwright() -> Iterator[Playwright]:
     if sync_playwright is None:
         _unavailable("Playwright (pip install -e '.[test]')")
@@ -56,7 +58,7 @@ def playwright() -> Iterator[Playwright]:
         yield pw
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser(playwright: Playwright) -> Iterator[Browser]:
     b = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
     yield b
