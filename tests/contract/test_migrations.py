@@ -147,6 +147,14 @@ COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
         ("lease_until", "float", NULL, None),
         ("last_error", "text", NULL, None),
     ],
+    "idempotency_keys": [
+        ("owner", "text", NOT_NULL, None),
+        ("key", "text", NOT_NULL, None),
+        ("route", "text", NOT_NULL, None),
+        ("fingerprint", "text", NOT_NULL, None),
+        ("object_id", "text", NOT_NULL, None),
+        ("created_at", "bigint", NOT_NULL, None),
+    ],
 }
 PRIMARY_KEYS = {
     "schema_migrations": ("version",),
@@ -156,6 +164,7 @@ PRIMARY_KEYS = {
     "uploads": ("seq",),
     "upload_parts": ("id",),
     "webhook_events": ("seq",),
+    "idempotency_keys": ("owner", "key"),
 }
 UNIQUE = {
     "files": [("id",)],
@@ -171,6 +180,7 @@ INDEXES: dict[str, tuple[str, tuple[str, ...], tuple[str, str] | None]] = {
     "shards_open": ("shards", ("status", "lease_until"), ("status != 'done'", "(status <> 'done'::text)")),
     "upload_parts_upload": ("upload_parts", ("upload_id",), None),
     "webhook_events_due": ("webhook_events", ("status", "next_at"), None),
+    "idempotency_keys_created": ("idempotency_keys", ("created_at",), None),
 }
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from batchyard.domain.idempotency import TTL_S, IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
     FileRecord,
@@ -1419,3 +1420,62 @@ async def test_batch_stats_count_batches_by_status_and_the_lines_not_yet_answere
     stats = await store.batch_stats()
     assert stats.by_status[S.CANCELLING] == 1 and S.IN_PROGRESS not in stats.by_status
     assert stats.lines_waiting == 20
+
+
+# -- idempotency keys -----------------------------------------------------------------------------------------
+
+
+def idem(
+    object_id: str, *, owner: str = ALICE, key: str = "k1", fp: str = "fp", at: int = int(T0)
+) -> IdempotencyKey:
+    return IdempotencyKey(owner, key, "batches", fp, object_id, at)
+
+
+async def test_an_idempotency_key_is_claimed_once(store: MetadataStore) -> None:
+    live = int(T0) - TTL_S
+    first = idem("batch_a")
+    assert await store.claim_idempotency_key(first, live) == first
+    # a second claim of the key (other parameters, other object) gets the first row back, unchanged
+    assert await store.claim_idempotency_key(idem("batch_b", fp="other"), live) == first
+    # keys are per owner
+    bobs = idem("batch_c", owner=BOB)
+    assert await store.claim_idempotency_key(bobs, live) == bobs
+    assert await store.claim_idempotency_key(idem("batch_a", owner=ALICE), live) == first
+
+
+async def test_an_idempotency_key_older_than_the_window_is_replaced(store: MetadataStore) -> None:
+    old = idem("batch_old", at=int(T0) - TTL_S - 1)
+    assert await store.claim_idempotency_key(old, int(T0) - 2 * TTL_S) == old
+    new = idem("batch_new", fp="other")
+    assert await store.claim_idempotency_key(new, int(T0) - TTL_S) == new
+    assert await store.claim_idempotency_key(idem("batch_x"), int(T0) - TTL_S) == new
+
+
+async def test_a_dropped_idempotency_key_may_be_claimed_again(store: MetadataStore) -> None:
+    live = int(T0) - TTL_S
+    await store.claim_idempotency_key(idem("batch_a"), live)
+    await store.drop_idempotency_key(ALICE, "k1", "batch_other")  # names another object: kept
+    assert (await store.claim_idempotency_key(idem("batch_b"), live)).object_id == "batch_a"
+    await store.drop_idempotency_key(ALICE, "k1", "batch_a")
+    assert (await store.claim_idempotency_key(idem("batch_b"), live)).object_id == "batch_b"
+
+
+async def test_racing_claims_of_one_key_have_one_winner(
+    backend: str, make_store: StoreFactory, clock: Clock
+) -> None:
+    needs_a_database(backend, "several stores sharing one database; each MemoryStore has its own state")
+    stores = [make_store(clock) for _ in range(6)]
+    for s in stores:
+        await s.open()
+    try:
+        live = int(T0) - TTL_S
+        got = await asyncio.gather(
+            *(s.claim_idempotency_key(idem(f"batch_{i}"), live) for i, s in enumerate(stores))
+        )
+        assert len({g.object_id for g in got}) == 1
+        winner = got[0].object_id
+        assert sum(1 for i, g in enumerate(got) if g.object_id == f"batch_{i}") == 1
+        assert winner.startswith("batch_")
+    finally:
+        for s in stores:
+            await s.close()

@@ -16,10 +16,12 @@ from batchyard.api.deps import (
     required_str,
     shown,
 )
+from batchyard.api.idempotency import REPLAYED, Idempotency, key_of
 from batchyard.api.quotas import Quotas
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
 from batchyard.domain import limits
+from batchyard.domain.idempotency import fingerprint
 from batchyard.domain.models import BatchRecord
 from batchyard.domain.states import BatchStatus
 from batchyard.errors import Conflict, InvalidRequest, NotFound
@@ -36,6 +38,10 @@ _CREATE_FIELDS = frozenset(
 def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     r = APIRouter()
     quotas = Quotas(svc.store, svc.settings)
+    idem = Idempotency(svc.store)
+
+    async def batch_exists(batch_id: str) -> bool:
+        return await svc.store.get_batch(None, batch_id) is not None
 
     def no_such_batch(batch_id: str) -> NotFound:
         return NotFound(
@@ -45,6 +51,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     @r.post("/v1/batches")
     async def create(request: Request) -> JSONResponse:
         owner = owner_of(request)
+        key = key_of(request)
         body = await json_body(request)
         for name in body:
             if name not in _CREATE_FIELDS:  # as OpenAI's request validation answers an unknown field
@@ -88,21 +95,30 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
             message, param, code = problem
             raise InvalidRequest(message, param=param, code=code)
         out_exp = expires_after(body.get("output_expires_after"), "output_expires_after")
-        await quotas.room_for_batch(owner)
-        now = int(await svc.store.now())
-        batch = BatchRecord(
-            id=ids.batch_id(),
-            owner=owner,
-            endpoint=endpoint,
-            input_file_id=input_file_id,
-            completion_window=window,
-            status=BatchStatus.VALIDATING,
-            created_at=now,
-            expires_at=now + window_s,
-            metadata=metadata,
-            output_expires_after=out_exp,
-        )
-        await svc.store.insert_batch(batch)
+        batch_id = ids.batch_id()
+        if key is not None:
+            earlier = await idem.claim(owner, key, "batches", fingerprint(body), batch_id, batch_exists)
+            if earlier is not None:
+                b = await svc.store.get_batch(owner, earlier)
+                if b is None:  # deleted since
+                    raise no_such_batch(earlier)
+                return JSONResponse(b.to_wire(), headers=REPLAYED)
+        async with idem.guard(owner, key, batch_id):
+            await quotas.room_for_batch(owner)
+            now = int(await svc.store.now())
+            batch = BatchRecord(
+                id=batch_id,
+                owner=owner,
+                endpoint=endpoint,
+                input_file_id=input_file_id,
+                completion_window=window,
+                status=BatchStatus.VALIDATING,
+                created_at=now,
+                expires_at=now + window_s,
+                metadata=metadata,
+                output_expires_after=out_exp,
+            )
+            await svc.store.insert_batch(batch)
         svc.notify()
         return JSONResponse(batch.to_wire())
 

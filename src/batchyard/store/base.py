@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
     FileRecord,
@@ -241,3 +242,14 @@ class MetadataStore(ABC):
     @abstractmethod
     async def batches_done_with(self, batch_ids: Sequence[str]) -> set[str]:
         """Of `batch_ids`, those whose batch is final or unknown: nothing of theirs is written or read any more."""
+
+    # idempotency keys (domain/idempotency.py)
+    @abstractmethod
+    async def claim_idempotency_key(self, rec: IdempotencyKey, live_since: int) -> IdempotencyKey:
+        """Insert-first: insert `rec` unless a row for (rec.owner, rec.key) created at or after `live_since` exists
+        (an older one is replaced). Returns the row held afterwards: `rec` itself, or the earlier live one. Of
+        racing claims of one key exactly one gets its own row back."""
+
+    @abstractmethod
+    async def drop_idempotency_key(self, owner: str, key: str, object_id: str) -> None:
+        """Remove the row of (owner, key) if it still names `object_id` (its request failed before creating it)."""

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
     FileRecord,
@@ -112,6 +113,7 @@ class _State:
     uploads: dict[str, UploadRecord] = field(default_factory=dict)
     events: dict[str, _Event] = field(default_factory=dict)  # batch id -> its webhook event
     parts: dict[str, list[UploadPartRecord]] = field(default_factory=dict)  # upload id -> parts, in order
+    idempotency: dict[tuple[str, str], IdempotencyKey] = field(default_factory=dict)  # (owner, key) -> row
     seq: int = 0
 
 
@@ -617,3 +619,15 @@ class MemoryStore(MetadataStore):
         return {
             i for i in batch_ids if (b := self._s.batches.get(i)) is None or b.rec.status not in UNFINISHED
         }
+
+    # -- idempotency keys -----------------------------------------------------------------------------------
+    async def claim_idempotency_key(self, rec: IdempotencyKey, live_since: int) -> IdempotencyKey:
+        held = self._s.idempotency.get((rec.owner, rec.key))
+        if held is None or held.created_at < live_since:
+            self._s.idempotency[(rec.owner, rec.key)] = held = rec
+        return held
+
+    async def drop_idempotency_key(self, owner: str, key: str, object_id: str) -> None:
+        held = self._s.idempotency.get((owner, key))
+        if held is not None and held.object_id == object_id:
+            del self._s.idempotency[(owner, key)]

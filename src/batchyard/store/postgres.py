@@ -30,6 +30,7 @@ from typing import Any
 
 import asyncpg
 
+from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
     FileRecord,
@@ -702,3 +703,24 @@ class PostgresStore(MetadataStore):
                 _UNFINISHED,
             )
         return set(batch_ids) - {str(r[0]) for r in rows}
+
+    # -- idempotency keys -----------------------------------------------------------------------------------
+    async def claim_idempotency_key(self, rec: IdempotencyKey, live_since: int) -> IdempotencyKey:
+        # A conflicting insert waits for the other transaction, so the row read next is the one that won.
+        async with self._tx() as conn:
+            await conn.execute(
+                pg(sql.CLAIM_IDEMPOTENCY_KEY),
+                rec.owner,
+                rec.key,
+                rec.route,
+                rec.fingerprint,
+                rec.object_id,
+                rec.created_at,
+                live_since,
+            )
+            row = await conn.fetchrow(pg(sql.GET_IDEMPOTENCY_KEY), rec.owner, rec.key)
+        return IdempotencyKey(*row.values())
+
+    async def drop_idempotency_key(self, owner: str, key: str, object_id: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute(pg(sql.DROP_IDEMPOTENCY_KEY), owner, key, object_id)

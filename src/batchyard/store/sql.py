@@ -141,6 +141,17 @@ RELEASE_ALL_SHARDS = f"UPDATE shards SET status = {_PENDING_SHARD}, lease_owner 
 DONE_SHARDS = f"SELECT {SHARD_COLS} FROM shards WHERE batch_id = ? AND status = {_DONE} ORDER BY idx"
 EXPIRED_LINES = "SELECT COALESCE(SUM(expired), 0) FROM shards WHERE batch_id = ?"
 
+# -- idempotency keys --------------------------------------------------------------------------------------------
+IDEMPOTENCY_COLS = "owner, key, route, fingerprint, object_id, created_at"
+# Insert-first; a row older than the live window (the last ?) is replaced, a live one is kept.
+CLAIM_IDEMPOTENCY_KEY = (
+    f"INSERT INTO idempotency_keys ({IDEMPOTENCY_COLS}) VALUES ({marks(6)}) ON CONFLICT (owner, key) DO UPDATE "
+    "SET route = excluded.route, fingerprint = excluded.fingerprint, object_id = excluded.object_id, "
+    "created_at = excluded.created_at WHERE idempotency_keys.created_at < ?"
+)
+GET_IDEMPOTENCY_KEY = f"SELECT {IDEMPOTENCY_COLS} FROM idempotency_keys WHERE owner = ? AND key = ?"
+DROP_IDEMPOTENCY_KEY = "DELETE FROM idempotency_keys WHERE owner = ? AND key = ? AND object_id = ?"
+
 # -- aggregates (metrics) ----------------------------------------------------------------------------------------
 BATCH_COUNTS = "SELECT status, COUNT(*) FROM batches GROUP BY status"
 # Lines not yet answered: of the shards not done (the partial index `shards_open`), of unfinished batches.

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
     FileRecord,
@@ -725,3 +726,23 @@ class SQLiteStore(MetadataStore):
             return set(batch_ids) - live
 
         return await self._run(q)
+
+    # -- idempotency keys -----------------------------------------------------------------------------------
+    async def claim_idempotency_key(self, rec: IdempotencyKey, live_since: int) -> IdempotencyKey:
+        def q(db: sqlite3.Connection) -> IdempotencyKey:
+            with self._tx(db):
+                db.execute(sql.CLAIM_IDEMPOTENCY_KEY, (*_key_values(rec), live_since))
+                row = db.execute(sql.GET_IDEMPOTENCY_KEY, (rec.owner, rec.key)).fetchone()
+            return IdempotencyKey(*row)
+
+        return await self._run(q)
+
+    async def drop_idempotency_key(self, owner: str, key: str, object_id: str) -> None:
+        def q(db: sqlite3.Connection) -> None:
+            db.execute(sql.DROP_IDEMPOTENCY_KEY, (owner, key, object_id))
+
+        await self._run(q)
+
+
+def _key_values(rec: IdempotencyKey) -> tuple[str, str, str, str, str, int]:
+    return (rec.owner, rec.key, rec.route, rec.fingerprint, rec.object_id, rec.created_at)
