@@ -1,10 +1,12 @@
-"""/v1/batches: create, list, retrieve, cancel."""
+"""/v1/batches: create, list, retrieve, cancel; and batchyard's extensions (docs/api.md "Extensions"): partial
+results."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from fastapi import APIRouter, Request
+from starlette.responses import Response
 
 from batchyard import ids
 from batchyard.api.deps import (
@@ -12,6 +14,7 @@ from batchyard.api.deps import (
     expires_after,
     json_body,
     list_body,
+    query_choice,
     query_int,
     required_str,
     shown,
@@ -19,14 +22,18 @@ from batchyard.api.deps import (
 from batchyard.api.idempotency import REPLAYED, Idempotency, key_of
 from batchyard.api.quotas import Quotas
 from batchyard.api.responses import JSONResponse
+from batchyard.api.results import ResultReader
 from batchyard.api.services import Services
 from batchyard.domain import limits
 from batchyard.domain.idempotency import fingerprint
 from batchyard.domain.models import BatchRecord
-from batchyard.domain.states import BatchStatus
+from batchyard.domain.results import Cursor, Kind, decode
+from batchyard.domain.states import TERMINAL, BatchStatus
 from batchyard.errors import Conflict, InvalidRequest, NotFound
 
 OwnerOf = Callable[[Request], str]
+
+_MAX_CUSTOM_ID_CHARS = 4096  # a `custom_id` filter longer than this names no line worth looking for
 
 
 # POST /v1/batches's fields in the spec (CreateBatchRequest)
@@ -39,6 +46,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     r = APIRouter()
     quotas = Quotas(svc.store, svc.settings)
     idem = Idempotency(svc.store)
+    reader = ResultReader(svc.store, svc.blobs)
 
     async def batch_exists(batch_id: str) -> bool:
         return await svc.store.get_batch(None, batch_id) is not None
@@ -158,5 +166,40 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
             )
         svc.notify()
         return JSONResponse(b.to_wire())
+
+    async def owned(request: Request, batch_id: str) -> BatchRecord:
+        owner = owner_of(request)
+        b = await svc.store.get_batch(owner, batch_id) if ids.has_shape("batch", batch_id) else None
+        if b is None:
+            raise no_such_batch(batch_id)
+        return b
+
+    @r.get("/v1/batches/{batch_id}/results")
+    async def results(request: Request, batch_id: str) -> Response:
+        """Extension: the batch's committed lines so far (JSONL), filtered, a page at a time."""
+        b = await owned(request, batch_id)
+        status = query_choice(request, "status", "all", ("all", "completed", "failed"))
+        kinds = {"all": (Kind.OUTPUT, Kind.ERROR), "completed": (Kind.OUTPUT,), "failed": (Kind.ERROR,)}
+        limit = query_int(request, "limit", 1000, 1, 10_000)
+        custom_id = request.query_params.get("custom_id")
+        if custom_id is not None and len(custom_id) > _MAX_CUSTOM_ID_CHARS:
+            raise InvalidRequest(
+                "Invalid 'custom_id': string too long.", param="custom_id", code="invalid_value"
+            )
+        after = request.query_params.get("after")
+        cursor = Cursor() if after is None else decode(after)
+        if cursor is None:
+            raise InvalidRequest(
+                "Invalid 'after': not a cursor returned by this endpoint (x-next-cursor).",
+                param="after",
+                code="invalid_value",
+            )
+        page = await reader.page(b, cursor, kinds[status], custom_id, limit)
+        more = page.full or b.status not in TERMINAL
+        return Response(
+            b"".join(page.lines),
+            media_type="application/jsonl",
+            headers={"x-next-cursor": page.cursor.encode(), "x-has-more": "true" if more else "false"},
+        )
 
     return r
