@@ -1479,3 +1479,21 @@ async def test_racing_claims_of_one_key_have_one_winner(
     finally:
         for s in stores:
             await s.close()
+
+
+# -- deleting an ended batch ----------------------------------------------------------------------------------
+
+
+async def test_only_an_ended_batch_is_deleted(store: MetadataStore) -> None:
+    live = await planned_batch(store)
+    got = await store.delete_batch(ALICE, live.id)
+    assert got is not None and got.status == S.IN_PROGRESS
+    assert await store.get_batch(ALICE, live.id) is not None
+    _, failed = await new_batch(store)
+    await _fail_validation(store, failed.id)
+    assert await store.delete_batch(BOB, failed.id) is None  # another owner's: as unknown
+    got = await store.delete_batch(ALICE, failed.id)
+    assert got is not None and got.status == S.FAILED
+    assert await store.get_batch(ALICE, failed.id) is None
+    assert await store.delete_batch(ALICE, failed.id) is None
+    assert [b.id for b in (await store.list_batches(ALICE, limit=10, after=None)).items] == [live.id]

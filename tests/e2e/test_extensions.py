@@ -1,5 +1,5 @@
 """batchyard's extensions of the Batch API (docs/api.md "Extensions"), against `batchyard serve`: partial results
-while a batch runs. Raw httpx for the extensions, the official SDK for the objects it parses."""
+while a batch runs, delete and retry. Raw httpx for the extensions, the official SDK for the objects it parses."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from openai import OpenAI
 
 from tests.conftest import Server
-from tests.support.batches import chat_line, upload, wait_for
+from tests.support.batches import chat_line, read_lines, run_batch, upload, wait_for
 from tests.support.envelope import assert_envelope
 from tests.support.fake_upstream import FakeUpstream
 
@@ -130,3 +131,83 @@ def test_results_refuse_a_bad_cursor_and_an_unknown_batch(
     )
     assert_envelope(results(http, running["id"], status="x"), 400, param="status")
     assert_envelope(results(http, "batch_nope"), 404, code="batch_not_found")
+
+
+# -- delete and retry -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ended(oai: OpenAI) -> str:
+    """A completed batch: req-1 failed with a 400 upstream, req-3 with a 422, the rest succeeded."""
+    status = {1: 400, 3: 422}
+    lines = [chat_line(i, x_fake={"status": status[i]} if i in status else None) for i in range(6)]
+    b = run_batch(oai, lines)
+    assert b.status == "completed" and b.request_counts is not None and b.request_counts.failed == 2
+    return b.id
+
+
+def retry(http: httpx.Client, batch_id: str, body: dict[str, Any] | None = None) -> httpx.Response:
+    return (
+        http.post(f"/v1/batches/{batch_id}/retry", json=body)
+        if body is not None
+        else http.post(f"/v1/batches/{batch_id}/retry")
+    )
+
+
+def test_retry_makes_a_batch_of_the_failed_lines(oai: OpenAI, http: httpx.Client, ended: str) -> None:
+    resp = retry(http, ended)
+    assert resp.status_code == 200, resp.text
+    new = oai.batches.retrieve(resp.json()["id"])  # the SDK parses it
+    assert new.id != ended and new.endpoint == "/v1/chat/completions"
+    assert sorted(ids_of(read_lines(oai, new.input_file_id))) == ["req-1", "req-3"]
+    done = wait_for(oai, new.id)
+    assert done.request_counts is not None and done.request_counts.total == 2
+
+
+def test_retry_picks_lines_by_code(oai: OpenAI, http: httpx.Client, ended: str) -> None:
+    resp = retry(http, ended, {"codes": ["422"]})
+    assert resp.status_code == 200, resp.text
+    assert ids_of(read_lines(oai, resp.json()["input_file_id"])) == ["req-3"]
+    err = assert_envelope(retry(http, ended, {"codes": ["rate_limit_exceeded"]}), 400, code="no_failed_lines")
+    assert ended in err["message"]
+    assert_envelope(retry(http, ended, {"codes": "422"}), 400, param="codes", code="invalid_value")
+    assert_envelope(retry(http, ended, {"x": 1}), 400, param="x", code="unknown_parameter")
+
+
+def test_a_batch_with_no_failed_lines_has_nothing_to_retry(oai: OpenAI, http: httpx.Client) -> None:
+    b = run_batch(oai, [chat_line(0)])
+    assert_envelope(retry(http, b.id), 400, code="no_failed_lines")
+
+
+def test_a_running_batch_is_neither_retried_nor_deleted(oai: OpenAI, http: httpx.Client) -> None:
+    fid = upload(oai, [chat_line(0, x_fake={"delay": 3})])
+    b = oai.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h")
+    assert_envelope(retry(http, b.id), 409, code="batch_not_ended")
+    assert_envelope(http.delete(f"/v1/batches/{b.id}"), 409, code="batch_not_ended")
+    assert oai.batches.retrieve(b.id).status in ("validating", "in_progress")
+    oai.batches.cancel(b.id)
+    assert wait_for(oai, b.id).status == "cancelled"
+
+
+def test_delete_an_ended_batch_keeps_its_files_unless_asked(oai: OpenAI, http: httpx.Client) -> None:
+    lines = [chat_line(0), chat_line(1, x_fake={"status": 400})]
+    kept, dropped = run_batch(oai, lines), run_batch(oai, lines)
+    resp = http.delete(f"/v1/batches/{kept.id}")
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"id": kept.id, "object": "batch", "deleted": True, "deleted_file_ids": []}
+    with pytest.raises(openai.NotFoundError):
+        oai.batches.retrieve(kept.id)
+    assert kept.id not in [b.id for b in oai.batches.list(limit=100)]
+    assert (
+        kept.output_file_id is not None and oai.files.retrieve(kept.output_file_id).id == kept.output_file_id
+    )
+    assert_envelope(http.delete(f"/v1/batches/{kept.id}"), 404, code="batch_not_found")
+
+    resp = http.delete(f"/v1/batches/{dropped.id}", params={"files": "true"})
+    assert resp.status_code == 200, resp.text
+    assert set(resp.json()["deleted_file_ids"]) == {dropped.output_file_id, dropped.error_file_id}
+    for fid in (dropped.output_file_id, dropped.error_file_id):
+        assert fid is not None
+        with pytest.raises(openai.NotFoundError):
+            oai.files.retrieve(fid)
+    assert oai.files.retrieve(dropped.input_file_id).id == dropped.input_file_id  # the input stays

@@ -1,14 +1,16 @@
 """/v1/batches: create, list, retrieve, cancel; and batchyard's extensions (docs/api.md "Extensions"): partial
-results."""
+results, delete, retry."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from batchyard import ids
+from batchyard.api import rerun
 from batchyard.api.deps import (
     bad_cursor,
     expires_after,
@@ -27,6 +29,7 @@ from batchyard.api.services import Services
 from batchyard.domain import limits
 from batchyard.domain.idempotency import fingerprint
 from batchyard.domain.models import BatchRecord
+from batchyard.domain.rerun import MAX_CODE_CHARS, MAX_CODES
 from batchyard.domain.results import Cursor, Kind, decode
 from batchyard.domain.states import TERMINAL, BatchStatus
 from batchyard.errors import Conflict, InvalidRequest, NotFound
@@ -112,23 +115,31 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
                     raise no_such_batch(earlier)
                 return JSONResponse(b.to_wire(), headers=REPLAYED)
         async with idem.guard(owner, key, batch_id):
-            await quotas.room_for_batch(owner)
-            now = int(await svc.store.now())
-            batch = BatchRecord(
-                id=batch_id,
-                owner=owner,
-                endpoint=endpoint,
-                input_file_id=input_file_id,
-                completion_window=window,
-                status=BatchStatus.VALIDATING,
-                created_at=now,
-                expires_at=now + window_s,
-                metadata=metadata,
-                output_expires_after=out_exp,
+            batch = await insert_new(
+                BatchRecord(
+                    id=batch_id,
+                    owner=owner,
+                    endpoint=endpoint,
+                    input_file_id=input_file_id,
+                    completion_window=window,
+                    status=BatchStatus.VALIDATING,
+                    created_at=0,
+                    expires_at=0,
+                    metadata=metadata,
+                    output_expires_after=out_exp,
+                ),
+                window_s,
             )
-            await svc.store.insert_batch(batch)
-        svc.notify()
         return JSONResponse(batch.to_wire())
+
+    async def insert_new(batch: BatchRecord, window_s: int) -> BatchRecord:
+        """Insert a new batch, created now and expiring `window_s` later, once its owner has room for it."""
+        await quotas.room_for_batch(batch.owner)
+        now = int(await svc.store.now())
+        batch.created_at, batch.expires_at = now, now + window_s
+        await svc.store.insert_batch(batch)
+        svc.notify()
+        return batch
 
     @r.get("/v1/batches")
     async def list_batches(request: Request) -> JSONResponse:
@@ -202,4 +213,107 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
             headers={"x-next-cursor": page.cursor.encode(), "x-has-more": "true" if more else "false"},
         )
 
+    @r.delete("/v1/batches/{batch_id}")
+    async def delete(request: Request, batch_id: str) -> JSONResponse:
+        """Extension: remove an ended batch; with `files=true` its output and error files too."""
+        owner = owner_of(request)
+        with_files = query_choice(request, "files", "false", ("true", "false")) == "true"
+        b = await svc.store.delete_batch(owner, batch_id) if ids.has_shape("batch", batch_id) else None
+        if b is None:
+            raise no_such_batch(batch_id)
+        if b.status not in TERMINAL:
+            raise Conflict(
+                f"Cannot delete a batch with status '{b.status}'.", param="batch_id", code="batch_not_ended"
+            )
+        gone: list[str] = []
+        for fid in (b.output_file_id, b.error_file_id) if with_files else ():
+            res = None if fid is None else await svc.store.delete_file(owner, fid)
+            if res is not None:
+                gone.append(res[0].id)
+                if res[1]:
+                    await svc.blobs.delete(res[0].blob_key)
+        return JSONResponse({"id": b.id, "object": "batch", "deleted": True, "deleted_file_ids": gone})
+
+    @r.post("/v1/batches/{batch_id}/retry")
+    async def retry(request: Request, batch_id: str) -> JSONResponse:
+        """Extension: a new batch of the failed lines of an ended batch (optionally only those with `codes`)."""
+        b = await owned(request, batch_id)
+        codes = _retry_codes(await json_body(request) if await _has_body(request) else {})
+        if b.status not in TERMINAL:
+            raise Conflict(
+                f"Cannot retry a batch with status '{b.status}': it has not ended.",
+                param="batch_id",
+                code="batch_not_ended",
+            )
+        err = None if b.error_file_id is None else await svc.store.get_file(b.owner, b.error_file_id)
+        wanted = set() if err is None else await rerun.failed_ids(svc.blobs, err, codes)
+        if not wanted:
+            raise InvalidRequest(
+                f"Batch {b.id} has no failed lines to retry"
+                + ("" if codes is None else " with those codes")
+                + ("." if err is not None or b.error_file_id is None else " (its error file was deleted)."),
+                param="codes" if codes is not None else None,
+                code="no_failed_lines",
+            )
+        source = await svc.store.get_file(b.owner, b.input_file_id)
+        if source is None:
+            raise InvalidRequest(
+                f"Cannot retry batch {b.id}: its input file {b.input_file_id} was deleted.",
+                param="input_file_id",
+                code="input_file_deleted",
+            )
+        await quotas.room_for_batch(b.owner)
+        new_input = await rerun.write_input(svc.blobs, b, source, wanted, int(await svc.store.now()))
+        if new_input is None:
+            raise InvalidRequest(
+                f"None of the failed lines of batch {b.id} is in its input file.", code="no_failed_lines"
+            )
+        await svc.store.insert_file(new_input)
+        window_s = limits.parse_completion_window(b.completion_window) or 86400
+        batch = await insert_new(
+            BatchRecord(
+                id=ids.batch_id(),
+                owner=b.owner,
+                endpoint=b.endpoint,
+                input_file_id=new_input.id,
+                completion_window=b.completion_window,
+                status=BatchStatus.VALIDATING,
+                created_at=0,
+                expires_at=0,
+                metadata=b.metadata,
+                output_expires_after=b.output_expires_after,
+            ),
+            window_s,
+        )
+        return JSONResponse(batch.to_wire())
+
     return r
+
+
+async def _has_body(request: Request) -> bool:
+    length = request.headers.get("content-length")
+    return length != "0" if length is not None else "transfer-encoding" in request.headers
+
+
+def _retry_codes(body: dict[str, Any]) -> frozenset[str] | None:
+    for name in body:
+        if name != "codes":
+            raise InvalidRequest(
+                f"Unknown parameter: '{shown(str(name), 64)}'.",
+                param=shown(str(name), 64),
+                code="unknown_parameter",
+            )
+    codes = body.get("codes")
+    if codes is None:
+        return None
+    if (
+        not isinstance(codes, list)
+        or not 1 <= len(codes) <= MAX_CODES
+        or not all(isinstance(c, str) and 0 < len(c) <= MAX_CODE_CHARS for c in codes)
+    ):
+        raise InvalidRequest(
+            f"Invalid 'codes': expected a list of 1 to {MAX_CODES} non-empty strings.",
+            param="codes",
+            code="invalid_value",
+        )
+    return frozenset(codes)

@@ -30,7 +30,7 @@ class Page:
     full: bool  # stopped at the limit: more lines are there now
 
 
-async def _split(stream: AsyncIterator[bytes]) -> AsyncGenerator[bytes]:
+async def split_lines(stream: AsyncIterator[bytes]) -> AsyncGenerator[bytes]:
     """The lines of a stream, each with its newline."""
     rest = b""
     async for chunk in stream:
@@ -46,7 +46,7 @@ class _FileLines:
     """One output or error file of an ended batch, read forward once: the lines of consecutive shards."""
 
     def __init__(self, blobs: BlobStore, key: str | None) -> None:
-        self._lines = None if key is None else _split(blobs.stream(key))
+        self._lines = None if key is None else split_lines(blobs.stream(key))
         self._pos = 0
 
     async def close(self) -> None:
@@ -167,7 +167,7 @@ class ResultReader:
         if key is None:
             return
         i = 0
-        async for line in _split(self._blobs.stream(key)):
+        async for line in split_lines(self._blobs.stream(key)):
             i += 1
             if i > skip:
                 yield line

@@ -243,6 +243,12 @@ class MetadataStore(ABC):
     async def batches_done_with(self, batch_ids: Sequence[str]) -> set[str]:
         """Of `batch_ids`, those whose batch is final or unknown: nothing of theirs is written or read any more."""
 
+    @abstractmethod
+    async def delete_batch(self, owner: str, batch_id: str) -> BatchRecord | None:
+        """Remove an ended batch (a status in `TERMINAL`) and its shards, in one transaction; returns the batch as it
+        was (None if unknown or another owner's). A batch not ended is returned and left as is: the caller answers
+        409. Its files (input, output, error) and its webhook event stay."""
+
     # idempotency keys (domain/idempotency.py)
     @abstractmethod
     async def claim_idempotency_key(self, rec: IdempotencyKey, live_since: int) -> IdempotencyKey:

@@ -620,6 +620,16 @@ class MemoryStore(MetadataStore):
             i for i in batch_ids if (b := self._s.batches.get(i)) is None or b.rec.status not in UNFINISHED
         }
 
+    async def delete_batch(self, owner: str, batch_id: str) -> BatchRecord | None:
+        b = self._s.batches.get(batch_id)
+        if b is None or b.rec.owner != owner:
+            return None
+        out = self._batch_out(b)
+        if b.rec.status in TERMINAL:
+            del self._s.batches[batch_id]
+            self._s.shards.pop(batch_id, None)
+        return out
+
     # -- idempotency keys -----------------------------------------------------------------------------------
     async def claim_idempotency_key(self, rec: IdempotencyKey, live_since: int) -> IdempotencyKey:
         held = self._s.idempotency.get((rec.owner, rec.key))

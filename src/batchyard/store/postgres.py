@@ -704,6 +704,16 @@ class PostgresStore(MetadataStore):
             )
         return set(batch_ids) - {str(r[0]) for r in rows}
 
+    async def delete_batch(self, owner: str, batch_id: str) -> BatchRecord | None:
+        async with self._tx() as conn:
+            b = await self._get_batch(conn, batch_id, lock=True)
+            if b is None or b.owner != owner:
+                return None
+            if b.status in TERMINAL:
+                await conn.execute(pg(sql.DELETE_SHARDS), batch_id)
+                await conn.execute(pg(sql.DELETE_ENDED_BATCH), batch_id)
+            return b
+
     # -- idempotency keys -----------------------------------------------------------------------------------
     async def claim_idempotency_key(self, rec: IdempotencyKey, live_since: int) -> IdempotencyKey:
         # A conflicting insert waits for the other transaction, so the row read next is the one that won.

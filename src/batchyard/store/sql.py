@@ -16,6 +16,7 @@ from importlib import resources
 from batchyard.domain.states import (
     ACTIVE,
     FINALIZABLE,
+    TERMINAL,
     UNFINISHED,
     VALIDATABLE,
     BatchStatus,
@@ -140,6 +141,9 @@ RELEASE_WORKER_SHARDS = f"UPDATE shards SET {CRASHED} WHERE lease_owner = ? AND 
 RELEASE_ALL_SHARDS = f"UPDATE shards SET status = {_PENDING_SHARD}, lease_owner = NULL, lease_until = NULL WHERE status = {_RUNNING}"
 DONE_SHARDS = f"SELECT {SHARD_COLS} FROM shards WHERE batch_id = ? AND status = {_DONE} ORDER BY idx"
 EXPIRED_LINES = "SELECT COALESCE(SUM(expired), 0) FROM shards WHERE batch_id = ?"
+
+DELETE_SHARDS = "DELETE FROM shards WHERE batch_id = ?"
+DELETE_ENDED_BATCH = f"DELETE FROM batches WHERE id = ? AND status IN {in_list(TERMINAL)}"
 
 # -- idempotency keys --------------------------------------------------------------------------------------------
 IDEMPOTENCY_COLS = "owner, key, route, fingerprint, object_id, created_at"

@@ -727,6 +727,19 @@ class SQLiteStore(MetadataStore):
 
         return await self._run(q)
 
+    async def delete_batch(self, owner: str, batch_id: str) -> BatchRecord | None:
+        def q(db: sqlite3.Connection) -> BatchRecord | None:
+            with self._tx(db):
+                b = self._get_batch(db, batch_id)
+                if b is None or b.owner != owner:
+                    return None
+                if b.status in TERMINAL:
+                    db.execute(sql.DELETE_SHARDS, (batch_id,))
+                    db.execute(sql.DELETE_ENDED_BATCH, (batch_id,))
+                return b
+
+        return await self._run(q)
+
     # -- idempotency keys -----------------------------------------------------------------------------------
     async def claim_idempotency_key(self, rec: IdempotencyKey, live_since: int) -> IdempotencyKey:
         def q(db: sqlite3.Connection) -> IdempotencyKey:
