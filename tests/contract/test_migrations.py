@@ -111,6 +111,8 @@ COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
         ("last_error", "text", NULL, None),
         ("retry_at", "float", NULL, None),
         ("spans", "bytes", NULL, None),
+        ("cancelled", "int", NOT_NULL, "zero"),
+        ("upstream_failed", "int", NOT_NULL, "zero"),
     ],
     "uploads": [
         ("seq", "serial", NOT_NULL, None),

@@ -475,7 +475,19 @@ async def test_insert_and_get_batch(store: MetadataStore) -> None:
     _, b = await new_batch(store)
     got = await store.get_batch(ALICE, b.id)
     assert got == b
-    assert got is not None and got.to_wire()["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+    zero = {
+        "succeeded": 0,
+        "failed_upstream": 0,
+        "expired": 0,
+        "cancelled": 0,
+        "errored": 0,
+    }  # extension fields
+    assert got is not None and got.to_wire()["request_counts"] == {
+        "total": 0,
+        "completed": 0,
+        "failed": 0,
+        **zero,
+    }
     assert await store.get_batch(None, b.id) == b
     assert await store.get_batch(BOB, b.id) is None
     assert await store.get_batch(ALICE, "batch_missing") is None
@@ -1497,3 +1509,29 @@ async def test_only_an_ended_batch_is_deleted(store: MetadataStore) -> None:
     assert await store.get_batch(ALICE, failed.id) is None
     assert await store.delete_batch(ALICE, failed.id) is None
     assert [b.id for b in (await store.list_batches(ALICE, limit=10, after=None)).items] == [live.id]
+
+
+# -- per-outcome counts ---------------------------------------------------------------------------------------
+
+
+async def test_per_outcome_counts_sum_the_committed_shards(store: MetadataStore) -> None:
+    b = await planned_batch(store, shards=3)
+    first = await claim(store, "w1")
+    r = ShardResult(4, 6, Usage(), "o", "e", cancelled=2, upstream_failed=3)
+    assert await store.complete_shard(first, r, 1)
+    second = await claim(store, "w2")
+    assert await store.complete_shard(second, ShardResult(9, 1, Usage(), None, "e2", upstream_failed=1), 0)
+    third = await claim(store, "w3")  # running: its progress counts in `failed`, not in the outcomes
+    assert await store.heartbeat_shard(third, LEASE, 2, 5, Usage()) is not None
+    got = await store.get_batch(ALICE, b.id)
+    assert got is not None and (got.completed, got.failed) == (15, 12)
+    assert got.to_wire()["request_counts"] == {
+        "total": got.total,
+        "completed": 15,
+        "failed": 12,
+        "succeeded": 15,
+        "failed_upstream": 4,
+        "expired": 1,
+        "cancelled": 2,
+        "errored": 0,  # 7 committed error lines: 4 upstream, 1 expired, 2 cancelled
+    }

@@ -23,7 +23,8 @@ SLOW_S = 6.0
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    args = ["--shard-lines", "2", "--no-prefix-ordering", "--lease-seconds", "5", "--api-key", "sk-test"]
+    args = ["--shard-lines", "2", "--no-prefix-ordering", "--lease-seconds", "5", "--concurrency", "4"]
+    args += ["--api-key", "sk-test"]
     with (
         FakeUpstream() as up,
         Server(tmp_path_factory.mktemp("ext") / "data", ["--upstream", up.base_url, *args]) as s,
@@ -211,3 +212,81 @@ def test_delete_an_ended_batch_keeps_its_files_unless_asked(oai: OpenAI, http: h
         with pytest.raises(openai.NotFoundError):
             oai.files.retrieve(fid)
     assert oai.files.retrieve(dropped.input_file_id).id == dropped.input_file_id  # the input stays
+
+
+# -- per-outcome counts -----------------------------------------------------------------------------------------
+
+
+def test_request_counts_carry_per_outcome_counts_the_sdk_parses(oai: OpenAI, ended: str) -> None:
+    counts = oai.batches.retrieve(ended).request_counts
+    assert counts is not None
+    assert (counts.total, counts.completed, counts.failed) == (6, 4, 2)
+    extra = counts.model_extra or {}
+    assert extra == {"succeeded": 4, "failed_upstream": 2, "expired": 0, "cancelled": 0, "errored": 0}
+    listed = next(b for b in oai.batches.list(limit=100) if b.id == ended)
+    assert listed.request_counts is not None and (listed.request_counts.model_extra or {}) == extra
+
+
+def test_lines_stopped_by_an_expiry_count_as_expired(oai: OpenAI) -> None:
+    # 20 slow lines, 4 at a time: most never start within the 2 s window
+    fid = upload(oai, [chat_line(i, x_fake={"delay": 3}) for i in range(20)])
+    b = oai.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="2s")  # type: ignore[arg-type]
+    done = wait_for(oai, b.id, timeout=60)
+    assert done.status == "expired" and done.request_counts is not None
+    extra = done.request_counts.model_extra or {}
+    assert extra["expired"] >= 10 and extra["expired"] + extra["succeeded"] == 20
+    assert extra["expired"] == done.request_counts.failed and extra["errored"] == 0
+
+
+# -- dry run ----------------------------------------------------------------------------------------------------
+
+
+def validate(http: httpx.Client, **body: Any) -> httpx.Response:
+    return http.post("/v1/batches/validate", json=body)
+
+
+def test_a_dry_run_of_a_good_file_estimates_tokens_and_creates_nothing(
+    oai: OpenAI, http: httpx.Client
+) -> None:
+    text = "x" * 400  # ~100 tokens
+    line = {**chat_line(0), "body": {"model": "test-model", "messages": [{"role": "user", "content": text}]}}
+    fid = upload(oai, [line, {**line, "custom_id": "b"}])
+    before = [b.id for b in oai.batches.list(limit=100)]
+    resp = validate(http, input_file_id=fid, endpoint="/v1/chat/completions")
+    assert resp.status_code == 200, resp.text
+    got = resp.json()
+    assert got["valid"] is True and got["errors"] == {"object": "list", "data": []}
+    assert got["total_lines"] == 2 and got["model"] == "test-model"
+    assert got["estimated_input_tokens"] == 2 * (100 + 4)
+    assert [b.id for b in oai.batches.list(limit=100)] == before
+
+
+def test_a_dry_run_reports_the_errors_a_batch_would_fail_with(oai: OpenAI, http: httpx.Client) -> None:
+    lines = [
+        chat_line(0),
+        {"custom_id": "x", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m"}},
+    ]
+    fid = upload(oai, lines)
+    dry = validate(http, input_file_id=fid, endpoint="/v1/chat/completions").json()
+    assert dry["valid"] is False
+    b = wait_for(
+        oai,
+        oai.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h").id,
+    )
+    assert b.status == "failed" and b.errors is not None
+    assert dry["errors"]["data"] == [e.model_dump() for e in b.errors.data or []]
+
+
+def test_a_dry_run_of_a_missing_file_and_bad_parameters(http: httpx.Client) -> None:
+    dry = validate(http, input_file_id="file-nope", endpoint="/v1/chat/completions").json()
+    assert dry["valid"] is False
+    assert [(e["code"], e["param"], e["line"]) for e in dry["errors"]["data"]] == [
+        ("invalid_request", "file_id", None)
+    ]
+    assert_envelope(validate(http, input_file_id="file-nope", endpoint="/v1/x"), 400, param="endpoint")
+    assert_envelope(validate(http, endpoint="/v1/embeddings"), 400, code="missing_required_parameter")
+    assert_envelope(
+        validate(http, input_file_id="file-x", endpoint="/v1/embeddings", completion_window="24h"),
+        400,
+        code="unknown_parameter",
+    )

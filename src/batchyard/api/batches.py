@@ -1,5 +1,5 @@
 """/v1/batches: create, list, retrieve, cancel; and batchyard's extensions (docs/api.md "Extensions"): partial
-results, delete, retry."""
+results, delete, retry, dry run (validate)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from batchyard import ids
-from batchyard.api import rerun
+from batchyard.api import dry_run, rerun
 from batchyard.api.deps import (
     bad_cursor,
     expires_after,
@@ -43,6 +43,7 @@ _MAX_CUSTOM_ID_CHARS = 4096  # a `custom_id` filter longer than this names no li
 _CREATE_FIELDS = frozenset(
     {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}
 )
+_VALIDATE_FIELDS = frozenset({"input_file_id", "endpoint"})
 
 
 def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
@@ -64,27 +65,8 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
         owner = owner_of(request)
         key = key_of(request)
         body = await json_body(request)
-        for name in body:
-            if name not in _CREATE_FIELDS:  # as OpenAI's request validation answers an unknown field
-                raise InvalidRequest(
-                    f"Unknown parameter: '{shown(str(name), 64)}'.",
-                    param=shown(str(name), 64),
-                    code="unknown_parameter",
-                )
-        input_file_id = required_str(body, "input_file_id")
-        if not ids.has_shape("file", input_file_id):
-            raise InvalidRequest(
-                f"Invalid 'input_file_id': {shown(input_file_id)!r} is not a file id.",
-                param="input_file_id",
-                code="invalid_value",
-            )
-        endpoint = required_str(body, "endpoint")
-        if endpoint not in limits.ENDPOINTS:
-            raise InvalidRequest(
-                f"Invalid value: '{shown(endpoint)}'. Supported values are: {limits.supported_endpoints()}.",
-                param="endpoint",
-                code="invalid_value",
-            )
+        _refuse_unknown(body, _CREATE_FIELDS)
+        input_file_id, endpoint = _file_and_endpoint(body)
         window = required_str(body, "completion_window")
         strict = svc.settings.completion_windows == "openai"
         window_s = limits.parse_completion_window(window) if not strict or window == "24h" else None
@@ -213,6 +195,16 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
             headers={"x-next-cursor": page.cursor.encode(), "x-has-more": "true" if more else "false"},
         )
 
+    @r.post("/v1/batches/validate")
+    async def validate(request: Request) -> JSONResponse:
+        """Extension: a dry run. The errors a batch of this file would fail with, and its estimated input tokens;
+        nothing is created."""
+        owner = owner_of(request)
+        body = await json_body(request)
+        _refuse_unknown(body, _VALIDATE_FIELDS)
+        input_file_id, endpoint = _file_and_endpoint(body)
+        return JSONResponse(await dry_run.validate(svc, owner, input_file_id, endpoint))
+
     @r.delete("/v1/batches/{batch_id}")
     async def delete(request: Request, batch_id: str) -> JSONResponse:
         """Extension: remove an ended batch; with `files=true` its output and error files too."""
@@ -288,6 +280,34 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
         return JSONResponse(batch.to_wire())
 
     return r
+
+
+def _refuse_unknown(body: dict[str, Any], allowed: frozenset[str]) -> None:
+    for name in body:
+        if name not in allowed:  # as OpenAI's request validation answers an unknown field
+            raise InvalidRequest(
+                f"Unknown parameter: '{shown(str(name), 64)}'.",
+                param=shown(str(name), 64),
+                code="unknown_parameter",
+            )
+
+
+def _file_and_endpoint(body: dict[str, Any]) -> tuple[str, str]:
+    input_file_id = required_str(body, "input_file_id")
+    if not ids.has_shape("file", input_file_id):
+        raise InvalidRequest(
+            f"Invalid 'input_file_id': {shown(input_file_id)!r} is not a file id.",
+            param="input_file_id",
+            code="invalid_value",
+        )
+    endpoint = required_str(body, "endpoint")
+    if endpoint not in limits.ENDPOINTS:
+        raise InvalidRequest(
+            f"Invalid value: '{shown(endpoint)}'. Supported values are: {limits.supported_endpoints()}.",
+            param="endpoint",
+            code="invalid_value",
+        )
+    return input_file_id, endpoint
 
 
 async def _has_body(request: Request) -> bool:

@@ -19,6 +19,7 @@ from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
     FileRecord,
+    Outcomes,
     ShardClaim,
     ShardRecord,
     ShardResult,
@@ -77,6 +78,8 @@ class _Batch:
 class _Shard:
     rec: ShardRecord
     expired: int = 0
+    cancelled: int = 0
+    upstream_failed: int = 0
     lease_owner: str | None = None
     lease_until: float | None = None
     retry_at: float | None = None  # a paused shard (its storage was down) is not claimed before this
@@ -158,10 +161,18 @@ class MemoryStore(MetadataStore):
         """A copy of the batch with its counts and usage summed over its shards."""
         out = replace(b.rec, metadata=_loads(b.metadata), errors=_loads(b.errors), completed=0, failed=0)
         out.usage = Usage()
+        upstream = expired = cancelled = done_failed = 0
         for sh in self._s.shards.get(b.rec.id, {}).values():
             out.completed += sh.rec.completed
             out.failed += sh.rec.failed
             out.usage.add(sh.rec.usage)
+            upstream, expired, cancelled = (
+                upstream + sh.upstream_failed,
+                expired + sh.expired,
+                cancelled + sh.cancelled,
+            )
+            done_failed += sh.rec.failed if sh.rec.status == Sh.DONE else 0
+        out.outcomes = Outcomes(upstream, expired, cancelled, done_failed)
         return out
 
     def _transition(self, b: _Batch, dst: BatchStatus, **fields: Any) -> bool:
@@ -554,6 +565,7 @@ class MemoryStore(MetadataStore):
         sh.rec.status = check_shard(Sh.RUNNING, Sh.DONE)
         sh.lease_owner, sh.lease_until = None, None
         sh.rec.completed, sh.rec.failed, sh.expired = result.completed, result.failed, expired
+        sh.cancelled, sh.upstream_failed = result.cancelled, result.upstream_failed
         sh.rec.usage = replace(result.usage)
         sh.rec.out_key, sh.rec.err_key = result.out_key, result.err_key
         return True

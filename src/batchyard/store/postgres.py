@@ -34,6 +34,7 @@ from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
     FileRecord,
+    Outcomes,
     ShardClaim,
     ShardRecord,
     ShardResult,
@@ -98,7 +99,10 @@ _BATCH_SELECT = (
     "SELECT COALESCE(SUM(s.completed), 0)::bigint AS sum_completed, COALESCE(SUM(s.failed), 0)::bigint AS sum_failed, "
     "COALESCE(SUM(s.input_tokens), 0)::bigint AS sum_input, COALESCE(SUM(s.cached_tokens), 0)::bigint AS sum_cached, "
     "COALESCE(SUM(s.output_tokens), 0)::bigint AS sum_output, "
-    "COALESCE(SUM(s.reasoning_tokens), 0)::bigint AS sum_reasoning "
+    "COALESCE(SUM(s.reasoning_tokens), 0)::bigint AS sum_reasoning, "
+    "COALESCE(SUM(s.upstream_failed), 0)::bigint AS sum_upstream_failed, "
+    "COALESCE(SUM(s.expired), 0)::bigint AS sum_expired, COALESCE(SUM(s.cancelled), 0)::bigint AS sum_cancelled, "
+    "COALESCE(SUM(s.failed) FILTER (WHERE s.status = 'done'), 0)::bigint AS sum_done_failed "
     "FROM shards s WHERE s.batch_id = b.id) c"
 )
 _UNFINISHED = sorted(str(s) for s in UNFINISHED)  # a text[] parameter
@@ -165,7 +169,10 @@ class _Args:
 def _batch(row: Row) -> BatchRecord:
     """A row of _BATCH_SELECT (with its shard sums) -> BatchRecord."""
     usage = Usage(row["sum_input"], row["sum_cached"], row["sum_output"], row["sum_reasoning"])
-    return batch_from_row(row, row["sum_completed"], row["sum_failed"], usage)
+    outcomes = Outcomes(
+        row["sum_upstream_failed"], row["sum_expired"], row["sum_cancelled"], row["sum_done_failed"]
+    )
+    return batch_from_row(row, row["sum_completed"], row["sum_failed"], usage, outcomes)
 
 
 class PostgresStore(MetadataStore):
@@ -645,7 +652,13 @@ class PostgresStore(MetadataStore):
         async with self._conn() as conn:
             values = (result.completed, result.failed, expired, *usage_values(result.usage))
             status = await conn.execute(
-                pg(sql.COMPLETE_SHARD), *values, result.out_key, result.err_key, *fence(claim)
+                pg(sql.COMPLETE_SHARD),
+                *values,
+                result.out_key,
+                result.err_key,
+                result.cancelled,
+                result.upstream_failed,
+                *fence(claim),
             )
         return _rowcount(status) == 1
 

@@ -134,7 +134,7 @@ TAKE_SHARD = (
 COMPLETE_SHARD = (
     f"UPDATE shards SET status = {_DONE}, lease_owner = NULL, lease_until = NULL, completed = ?, "
     "failed = ?, expired = ?, input_tokens = ?, cached_tokens = ?, output_tokens = ?, "
-    f"reasoning_tokens = ?, out_key = ?, err_key = ? WHERE {_FENCE}"
+    f"reasoning_tokens = ?, out_key = ?, err_key = ?, cancelled = ?, upstream_failed = ? WHERE {_FENCE}"
 )
 FENCE = _FENCE  # a fenced update's condition: this attempt still holds the shard
 RELEASE_WORKER_SHARDS = f"UPDATE shards SET {CRASHED} WHERE lease_owner = ? AND status = {_RUNNING}"

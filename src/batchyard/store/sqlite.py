@@ -29,6 +29,7 @@ from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
     FileRecord,
+    Outcomes,
     ShardClaim,
     ShardRecord,
     ShardResult,
@@ -42,6 +43,7 @@ from batchyard.domain.states import (
     TERMINAL,
     UNFINISHED,
     BatchStatus,
+    ShardStatus,
     Step,
     UploadStatus,
     WebhookStatus,
@@ -86,7 +88,9 @@ _REPLACE_FILE = sql.INSERT_FILE.replace("INSERT", "INSERT OR REPLACE", 1)
 _UNFINISHED = sql.in_list(UNFINISHED)
 _COUNTS = (
     "SELECT COALESCE(SUM(completed),0), COALESCE(SUM(failed),0), COALESCE(SUM(input_tokens),0), "
-    "COALESCE(SUM(cached_tokens),0), COALESCE(SUM(output_tokens),0), COALESCE(SUM(reasoning_tokens),0) "
+    "COALESCE(SUM(cached_tokens),0), COALESCE(SUM(output_tokens),0), COALESCE(SUM(reasoning_tokens),0), "
+    "COALESCE(SUM(upstream_failed),0), COALESCE(SUM(expired),0), COALESCE(SUM(cancelled),0), "
+    f"COALESCE(SUM(CASE WHEN status = '{ShardStatus.DONE}' THEN failed ELSE 0 END),0) "
     "FROM shards WHERE batch_id = ?"
 )
 
@@ -318,7 +322,7 @@ class SQLiteStore(MetadataStore):
     # -- batches --------------------------------------------------------------------------------------------
     def _batch(self, db: sqlite3.Connection, row: sqlite3.Row) -> BatchRecord:
         c = db.execute(_COUNTS, (row["id"],)).fetchone()
-        return batch_from_row(row, c[0], c[1], Usage(c[2], c[3], c[4], c[5]))
+        return batch_from_row(row, c[0], c[1], Usage(c[2], c[3], c[4], c[5]), Outcomes(*c[6:10]))
 
     def _get_batch(self, db: sqlite3.Connection, batch_id: str) -> BatchRecord | None:
         row = db.execute(f"SELECT {BATCH_COLS} FROM batches WHERE id = ?", (batch_id,)).fetchone()
@@ -648,7 +652,7 @@ class SQLiteStore(MetadataStore):
         def q(db: sqlite3.Connection) -> bool:
             with self._tx(db):
                 values = (result.completed, result.failed, expired, *usage_values(result.usage))
-                cur = db.execute(sql.COMPLETE_SHARD, (*values, result.out_key, result.err_key, *fence(claim)))
+                cur = db.execute(sql.COMPLETE_SHARD, (*values, *_result_tail(result), *fence(claim)))
                 return cur.rowcount == 1
 
         return await self._run(q)
@@ -759,3 +763,7 @@ class SQLiteStore(MetadataStore):
 
 def _key_values(rec: IdempotencyKey) -> tuple[str, str, str, str, str, int]:
     return (rec.owner, rec.key, rec.route, rec.fingerprint, rec.object_id, rec.created_at)
+
+
+def _result_tail(r: ShardResult) -> tuple[str | None, str | None, int, int]:
+    return (r.out_key, r.err_key, r.cancelled, r.upstream_failed)

@@ -12,3 +12,7 @@ CREATE TABLE idempotency_keys (
     PRIMARY KEY (owner, key)
 );
 CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
+-- Per-outcome counts of a committed shard (request_counts' extension fields; `expired` is 0004's): lines that ended
+-- `batch_cancelled`, and lines the upstream answered with a non-2xx status.
+ALTER TABLE shards ADD COLUMN cancelled INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE shards ADD COLUMN upstream_failed INTEGER NOT NULL DEFAULT 0;
