@@ -411,6 +411,16 @@ class Settings(_Model):
     metrics_host: Annotated[
         str, Option(WORKER, "Address the worker's metrics endpoint (--metrics-port) binds.")
     ] = "127.0.0.1"
+    output_order: Annotated[
+        Literal["shard", "input"],
+        Option(
+            EXECUTION,
+            "Order of the lines in output and error files: 'shard' (as they were answered, shard by shard, as "
+            "OpenAI does not promise any) or 'input' (the input file's; batches are then planned without prefix "
+            "regrouping across the file).",
+            metavar="shard|input",
+        ),
+    ] = "shard"
 
     @model_validator(mode="after")
     def _secret_with_urls(self) -> Settings:

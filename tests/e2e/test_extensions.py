@@ -1,11 +1,11 @@
 """batchyard's extensions of the Batch API (docs/api.md "Extensions"), against `batchyard serve`: partial results
-while a batch runs, delete and retry. Raw httpx for the extensions, the official SDK for the objects it parses."""
+while a batch runs, delete and retry, per-outcome counts, the dry run, output in input order. Raw httpx for the extensions, the official SDK for the objects it parses."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -290,3 +290,31 @@ def test_a_dry_run_of_a_missing_file_and_bad_parameters(http: httpx.Client) -> N
         400,
         code="unknown_parameter",
     )
+
+
+# -- output in input order --------------------------------------------------------------------------------------
+
+
+def test_output_order_input_writes_the_files_in_input_order(
+    make_server: Callable[..., Server], upstream: FakeUpstream
+) -> None:
+    srv = make_server("--upstream", upstream.base_url, "--shard-lines", "6", "--output-order", "input")
+    client = srv.client()
+    # later lines answer first; every third fails
+    lines = [
+        chat_line(i, x_fake={"delay": round((17 - i) * 0.03, 2), **({"status": 400} if i % 3 == 0 else {})})
+        for i in range(18)
+    ]
+    b = run_batch(client, lines)
+    assert b.status == "completed"
+    out = ids_of(read_lines(client, b.output_file_id))
+    err = ids_of(read_lines(client, b.error_file_id))
+    assert out == [f"req-{i}" for i in range(18) if i % 3]
+    assert err == [f"req-{i}" for i in range(18) if i % 3 == 0]
+
+
+def test_by_default_the_output_is_in_answer_order(oai: OpenAI) -> None:
+    # the check above can fail: without the option, later lines that answer first come first
+    lines = [chat_line(i, x_fake={"delay": round((5 - i) * 0.1, 2)}) for i in range(6)]
+    b = run_batch(oai, lines)
+    assert ids_of(read_lines(oai, b.output_file_id)) != [f"req-{i}" for i in range(6)]
