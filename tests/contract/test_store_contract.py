@@ -1535,3 +1535,13 @@ async def test_per_outcome_counts_sum_the_committed_shards(store: MetadataStore)
         "cancelled": 2,
         "errored": 0,  # 7 committed error lines: 4 upstream, 1 expired, 2 cancelled
     }
+
+
+async def test_claims_remove_forgotten_idempotency_keys(store: MetadataStore) -> None:
+    old = [idem(f"batch_old{i}", key=f"old{i}", at=int(T0) - TTL_S - 10) for i in range(3)]
+    for rec in old:
+        assert await store.claim_idempotency_key(rec, int(T0) - 2 * TTL_S) == rec
+    await store.claim_idempotency_key(idem("batch_new", key="new"), int(T0) - TTL_S)
+    # the old rows are gone: a claim with an older window (which would keep them) gets its own row
+    again = idem("batch_again", key="old0", at=int(T0) - TTL_S - 5)
+    assert await store.claim_idempotency_key(again, int(T0) - 2 * TTL_S) == again

@@ -254,7 +254,8 @@ class MetadataStore(ABC):
     async def claim_idempotency_key(self, rec: IdempotencyKey, live_since: int) -> IdempotencyKey:
         """Insert-first: insert `rec` unless a row for (rec.owner, rec.key) created at or after `live_since` exists
         (an older one is replaced). Returns the row held afterwards: `rec` itself, or the earlier live one. Of
-        racing claims of one key exactly one gets its own row back."""
+        racing claims of one key exactly one gets its own row back. Each claim also removes up to 16 rows older
+        than `live_since` (of any owner), so forgotten keys do not pile up."""
 
     @abstractmethod
     async def drop_idempotency_key(self, owner: str, key: str, object_id: str) -> None:

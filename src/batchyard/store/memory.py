@@ -644,6 +644,8 @@ class MemoryStore(MetadataStore):
 
     # -- idempotency keys -----------------------------------------------------------------------------------
     async def claim_idempotency_key(self, rec: IdempotencyKey, live_since: int) -> IdempotencyKey:
+        for k in [k for k, v in self._s.idempotency.items() if v.created_at < live_since][:16]:
+            del self._s.idempotency[k]
         held = self._s.idempotency.get((rec.owner, rec.key))
         if held is None or held.created_at < live_since:
             self._s.idempotency[(rec.owner, rec.key)] = held = rec

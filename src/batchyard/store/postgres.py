@@ -731,6 +731,7 @@ class PostgresStore(MetadataStore):
     async def claim_idempotency_key(self, rec: IdempotencyKey, live_since: int) -> IdempotencyKey:
         # A conflicting insert waits for the other transaction, so the row read next is the one that won.
         async with self._tx() as conn:
+            await conn.execute(pg(sql.PRUNE_IDEMPOTENCY_KEYS), live_since)
             await conn.execute(
                 pg(sql.CLAIM_IDEMPOTENCY_KEY),
                 rec.owner,

@@ -155,6 +155,11 @@ CLAIM_IDEMPOTENCY_KEY = (
 )
 GET_IDEMPOTENCY_KEY = f"SELECT {IDEMPOTENCY_COLS} FROM idempotency_keys WHERE owner = ? AND key = ?"
 DROP_IDEMPOTENCY_KEY = "DELETE FROM idempotency_keys WHERE owner = ? AND key = ? AND object_id = ?"
+# A few forgotten rows (older than the live window) go at each claim, so the table holds about a day of keys.
+PRUNE_IDEMPOTENCY_KEYS = (
+    "DELETE FROM idempotency_keys WHERE (owner, key) IN "
+    "(SELECT owner, key FROM idempotency_keys WHERE created_at < ? LIMIT 16)"
+)
 
 # -- aggregates (metrics) ----------------------------------------------------------------------------------------
 BATCH_COUNTS = "SELECT status, COUNT(*) FROM batches GROUP BY status"

@@ -748,6 +748,7 @@ class SQLiteStore(MetadataStore):
     async def claim_idempotency_key(self, rec: IdempotencyKey, live_since: int) -> IdempotencyKey:
         def q(db: sqlite3.Connection) -> IdempotencyKey:
             with self._tx(db):
+                db.execute(sql.PRUNE_IDEMPOTENCY_KEYS, (live_since,))
                 db.execute(sql.CLAIM_IDEMPOTENCY_KEY, (*_key_values(rec), live_since))
                 row = db.execute(sql.GET_IDEMPOTENCY_KEY, (rec.owner, rec.key)).fetchone()
             return IdempotencyKey(*row)
