@@ -502,6 +502,16 @@ class Settings(_Model):
             default_text="auto",
         ),
     ] = None
+    output_order: Annotated[
+        Literal["shard", "input"],
+        Option(
+            EXECUTION,
+            "Order of the lines in output and error files: 'shard' (as they were answered, shard by shard, as "
+            "OpenAI does not promise any) or 'input' (the input file's; batches are then planned without prefix "
+            "regrouping across the file).",
+            metavar="shard|input",
+        ),
+    ] = "shard"
 
     @model_validator(mode="after")
     def _secret_with_urls(self) -> Settings:

@@ -111,6 +111,8 @@ COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
         ("last_error", "text", NULL, None),
         ("retry_at", "float", NULL, None),
         ("spans", "bytes", NULL, None),
+        ("cancelled", "int", NOT_NULL, "zero"),
+        ("upstream_failed", "int", NOT_NULL, "zero"),
     ],
     "uploads": [
         ("seq", "serial", NOT_NULL, None),
@@ -165,6 +167,14 @@ COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
         ("created_at", "bigint", NOT_NULL, None),
         ("revoked_at", "bigint", NULL, None),
     ],
+    "idempotency_keys": [
+        ("owner", "text", NOT_NULL, None),
+        ("key", "text", NOT_NULL, None),
+        ("route", "text", NOT_NULL, None),
+        ("fingerprint", "text", NOT_NULL, None),
+        ("object_id", "text", NOT_NULL, None),
+        ("created_at", "bigint", NOT_NULL, None),
+    ],
 }
 PRIMARY_KEYS = {
     "schema_migrations": ("version",),
@@ -176,6 +186,7 @@ PRIMARY_KEYS = {
     "webhook_events": ("seq",),
     "projects": ("seq",),
     "api_keys": ("seq",),
+    "idempotency_keys": ("owner", "key"),
 }
 UNIQUE = {
     "files": [("id",)],
@@ -194,6 +205,7 @@ INDEXES: dict[str, tuple[str, tuple[str, ...], tuple[str, str] | None]] = {
     "upload_parts_upload": ("upload_parts", ("upload_id",), None),
     "webhook_events_due": ("webhook_events", ("status", "next_at"), None),
     "api_keys_project": ("api_keys", ("project_id", "seq"), None),
+    "idempotency_keys_created": ("idempotency_keys", ("created_at",), None),
 }
 
 

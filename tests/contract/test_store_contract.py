@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from batchyard.domain.idempotency import TTL_S, IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
     FileRecord,
@@ -475,7 +476,19 @@ async def test_insert_and_get_batch(store: MetadataStore) -> None:
     _, b = await new_batch(store)
     got = await store.get_batch(ALICE, b.id)
     assert got == b
-    assert got is not None and got.to_wire()["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+    zero = {
+        "succeeded": 0,
+        "failed_upstream": 0,
+        "expired": 0,
+        "cancelled": 0,
+        "errored": 0,
+    }  # extension fields
+    assert got is not None and got.to_wire()["request_counts"] == {
+        "total": 0,
+        "completed": 0,
+        "failed": 0,
+        **zero,
+    }
     assert await store.get_batch(None, b.id) == b
     assert await store.get_batch(BOB, b.id) is None
     assert await store.get_batch(ALICE, "batch_missing") is None
@@ -1523,3 +1536,116 @@ async def test_enqueued_input_bytes_count_an_owners_running_batches_of_one_model
     assert await store.claim_finalization("f1", LEASE) is not None
     assert await store.begin_finalizing(one.id, "f1") is not None  # nothing left to send
     assert await store.enqueued_input_bytes(ALICE, "test-model") == sizes[two.id]
+
+
+# -- idempotency keys -----------------------------------------------------------------------------------------
+
+
+def idem(
+    object_id: str, *, owner: str = ALICE, key: str = "k1", fp: str = "fp", at: int = int(T0)
+) -> IdempotencyKey:
+    return IdempotencyKey(owner, key, "batches", fp, object_id, at)
+
+
+async def test_an_idempotency_key_is_claimed_once(store: MetadataStore) -> None:
+    live = int(T0) - TTL_S
+    first = idem("batch_a")
+    assert await store.claim_idempotency_key(first, live) == first
+    # a second claim of the key (other parameters, other object) gets the first row back, unchanged
+    assert await store.claim_idempotency_key(idem("batch_b", fp="other"), live) == first
+    # keys are per owner
+    bobs = idem("batch_c", owner=BOB)
+    assert await store.claim_idempotency_key(bobs, live) == bobs
+    assert await store.claim_idempotency_key(idem("batch_a", owner=ALICE), live) == first
+
+
+async def test_an_idempotency_key_older_than_the_window_is_replaced(store: MetadataStore) -> None:
+    old = idem("batch_old", at=int(T0) - TTL_S - 1)
+    assert await store.claim_idempotency_key(old, int(T0) - 2 * TTL_S) == old
+    new = idem("batch_new", fp="other")
+    assert await store.claim_idempotency_key(new, int(T0) - TTL_S) == new
+    assert await store.claim_idempotency_key(idem("batch_x"), int(T0) - TTL_S) == new
+
+
+async def test_a_dropped_idempotency_key_may_be_claimed_again(store: MetadataStore) -> None:
+    live = int(T0) - TTL_S
+    await store.claim_idempotency_key(idem("batch_a"), live)
+    await store.drop_idempotency_key(ALICE, "k1", "batch_other")  # names another object: kept
+    assert (await store.claim_idempotency_key(idem("batch_b"), live)).object_id == "batch_a"
+    await store.drop_idempotency_key(ALICE, "k1", "batch_a")
+    assert (await store.claim_idempotency_key(idem("batch_b"), live)).object_id == "batch_b"
+
+
+async def test_racing_claims_of_one_key_have_one_winner(
+    backend: str, make_store: StoreFactory, clock: Clock
+) -> None:
+    needs_a_database(backend, "several stores sharing one database; each MemoryStore has its own state")
+    stores = [make_store(clock) for _ in range(6)]
+    for s in stores:
+        await s.open()
+    try:
+        live = int(T0) - TTL_S
+        got = await asyncio.gather(
+            *(s.claim_idempotency_key(idem(f"batch_{i}"), live) for i, s in enumerate(stores))
+        )
+        assert len({g.object_id for g in got}) == 1
+        winner = got[0].object_id
+        assert sum(1 for i, g in enumerate(got) if g.object_id == f"batch_{i}") == 1
+        assert winner.startswith("batch_")
+    finally:
+        for s in stores:
+            await s.close()
+
+
+# -- deleting an ended batch ----------------------------------------------------------------------------------
+
+
+async def test_only_an_ended_batch_is_deleted(store: MetadataStore) -> None:
+    live = await planned_batch(store)
+    got = await store.delete_batch(ALICE, live.id)
+    assert got is not None and got.status == S.IN_PROGRESS
+    assert await store.get_batch(ALICE, live.id) is not None
+    _, failed = await new_batch(store)
+    await _fail_validation(store, failed.id)
+    assert await store.delete_batch(BOB, failed.id) is None  # another owner's: as unknown
+    got = await store.delete_batch(ALICE, failed.id)
+    assert got is not None and got.status == S.FAILED
+    assert await store.get_batch(ALICE, failed.id) is None
+    assert await store.delete_batch(ALICE, failed.id) is None
+    assert [b.id for b in (await store.list_batches(ALICE, limit=10, after=None)).items] == [live.id]
+
+
+# -- per-outcome counts ---------------------------------------------------------------------------------------
+
+
+async def test_per_outcome_counts_sum_the_committed_shards(store: MetadataStore) -> None:
+    b = await planned_batch(store, shards=3)
+    first = await claim(store, "w1")
+    r = ShardResult(4, 6, Usage(), "o", "e", cancelled=2, upstream_failed=3)
+    assert await store.complete_shard(first, r, 1)
+    second = await claim(store, "w2")
+    assert await store.complete_shard(second, ShardResult(9, 1, Usage(), None, "e2", upstream_failed=1), 0)
+    third = await claim(store, "w3")  # running: its progress counts in `failed`, not in the outcomes
+    assert await store.heartbeat_shard(third, LEASE, 2, 5, Usage()) is not None
+    got = await store.get_batch(ALICE, b.id)
+    assert got is not None and (got.completed, got.failed) == (15, 12)
+    assert got.to_wire()["request_counts"] == {
+        "total": got.total,
+        "completed": 15,
+        "failed": 12,
+        "succeeded": 15,
+        "failed_upstream": 4,
+        "expired": 1,
+        "cancelled": 2,
+        "errored": 0,  # 7 committed error lines: 4 upstream, 1 expired, 2 cancelled
+    }
+
+
+async def test_claims_remove_forgotten_idempotency_keys(store: MetadataStore) -> None:
+    old = [idem(f"batch_old{i}", key=f"old{i}", at=int(T0) - TTL_S - 10) for i in range(3)]
+    for rec in old:
+        assert await store.claim_idempotency_key(rec, int(T0) - 2 * TTL_S) == rec
+    await store.claim_idempotency_key(idem("batch_new", key="new"), int(T0) - TTL_S)
+    # the old rows are gone: a claim with an older window (which would keep them) gets its own row
+    again = idem("batch_again", key="old0", at=int(T0) - TTL_S - 5)
+    assert await store.claim_idempotency_key(again, int(T0) - 2 * TTL_S) == again

@@ -113,7 +113,14 @@ def test_create_returns_the_batch_object(oai: OpenAI, http: httpx.Client, input_
         "cancelled_at",
     ):
         assert b[k] is None, k
-    assert b["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+    zero = {
+        "succeeded": 0,
+        "failed_upstream": 0,
+        "expired": 0,
+        "cancelled": 0,
+        "errored": 0,
+    }  # extension fields
+    assert b["request_counts"] == {"total": 0, "completed": 0, "failed": 0, **zero}
     assert b["usage"]["total_tokens"] == 0
     assert "model" in b
 

@@ -11,11 +11,13 @@ from fastapi.responses import StreamingResponse
 
 from batchyard import ids
 from batchyard.api.deps import bad_cursor, list_body, query_choice, query_int, receiving, shown
+from batchyard.api.idempotency import REPLAYED, Idempotency, key_of
 from batchyard.api.multipart import ParsedForm, parse_upload
 from batchyard.api.quotas import Quotas
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
 from batchyard.domain import limits
+from batchyard.domain.idempotency import fingerprint
 from batchyard.domain.models import FileRecord
 from batchyard.errors import APIError, BlobNotFound, InvalidRequest, NotFound, PayloadTooLarge
 
@@ -109,10 +111,15 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     r = APIRouter()
     settings = svc.settings
     quotas = Quotas(svc.store, settings, svc.rates)
+    idem = Idempotency(svc.store)
+
+    async def file_exists(file_id: str) -> bool:
+        return await svc.store.get_file(None, file_id) is not None
 
     @r.post("/v1/files")
     async def upload(request: Request) -> JSONResponse:
         owner = owner_of(request)
+        key = key_of(request)
         cap = settings.max_file_bytes
         length = _content_length(request)
         if length is not None and length > cap + FORM_OVERHEAD:
@@ -165,7 +172,22 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
             blob_key=info.key,
             sha256=info.sha256,
         )
-        await svc.store.insert_file(rec)
+        if key is not None:
+            # the file is streamed: its parameters are known once it is stored; a duplicate's blob goes
+            params = {"purpose": purpose, "filename": rec.filename, "sha256": rec.sha256}
+            try:
+                earlier = await idem.claim(owner, key, "files", fingerprint(params), fid, file_exists)
+            except BaseException:
+                await svc.blobs.delete(info.key)
+                raise
+            if earlier is not None:
+                await svc.blobs.delete(info.key)
+                held = await svc.store.get_file(owner, earlier)
+                if held is None:  # deleted since
+                    raise _no_such_file(earlier)
+                return JSONResponse(held.to_wire(), headers=REPLAYED)
+        async with idem.guard(owner, key, fid):
+            await svc.store.insert_file(rec)
         return JSONResponse(rec.to_wire())
 
     @r.get("/v1/files")

@@ -15,11 +15,13 @@ from fastapi import APIRouter, Request
 
 from batchyard import ids
 from batchyard.api.deps import bounded_str, expires_after, json_body, receiving, shown
+from batchyard.api.idempotency import REPLAYED, Idempotency, key_of
 from batchyard.api.multipart import PartTooLarge, parse_upload
 from batchyard.api.quotas import Quotas
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
 from batchyard.domain import limits
+from batchyard.domain.idempotency import fingerprint
 from batchyard.domain.models import FileRecord, UploadPartRecord, UploadRecord
 from batchyard.errors import Conflict, InvalidRequest, NotFound
 
@@ -40,6 +42,10 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     r = APIRouter()
     settings = svc.settings
     quotas = Quotas(svc.store, settings, svc.rates)
+    idem = Idempotency(svc.store)
+
+    async def upload_exists(upload_id: str) -> bool:
+        return await svc.store.get_upload(None, upload_id) is not None
 
     async def pending(request: Request, upload_id: str, doing: str) -> tuple[UploadRecord, float]:
         owner = owner_of(request)
@@ -57,6 +63,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     @r.post("/v1/uploads")
     async def create(request: Request) -> JSONResponse:
         owner = owner_of(request)
+        key = key_of(request)
         body = await json_body(request)
         filename = limits.clean_filename(
             bounded_str(body, "filename", limits.MAX_FILENAME_CHARS, controls=True)
@@ -86,22 +93,30 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
                 code="file_too_large",
             )
         file_ttl = expires_after(body.get("expires_after"), "expires_after")
-        await quotas.room_for_upload(owner, size)
-        if file_ttl is None and purpose == "batch":
-            file_ttl = limits.BATCH_FILE_DEFAULT_EXPIRY
-        now = int(await svc.store.now())
-        upload = UploadRecord(
-            id=ids.upload_id(),
-            owner=owner,
-            filename=filename,
-            purpose=purpose,
-            bytes=size,
-            mime_type=mime_type,
-            created_at=now,
-            expires_at=now + UPLOAD_TTL,
-            file_expires_after=file_ttl,
-        )
-        await svc.store.insert_upload(upload)
+        upload_id = ids.upload_id()
+        if key is not None:
+            earlier = await idem.claim(owner, key, "uploads", fingerprint(body), upload_id, upload_exists)
+            if earlier is not None:
+                held = await svc.store.get_upload(owner, earlier)
+                assert held is not None  # uploads are never removed
+                return JSONResponse(held.to_wire(await svc.store.now()), headers=REPLAYED)
+        async with idem.guard(owner, key, upload_id):
+            await quotas.room_for_upload(owner, size)
+            if file_ttl is None and purpose == "batch":
+                file_ttl = limits.BATCH_FILE_DEFAULT_EXPIRY
+            now = int(await svc.store.now())
+            upload = UploadRecord(
+                id=upload_id,
+                owner=owner,
+                filename=filename,
+                purpose=purpose,
+                bytes=size,
+                mime_type=mime_type,
+                created_at=now,
+                expires_at=now + UPLOAD_TTL,
+                file_expires_after=file_ttl,
+            )
+            await svc.store.insert_upload(upload)
         return JSONResponse(upload.to_wire(now))
 
     @r.post("/v1/uploads/{upload_id}/parts")

@@ -158,6 +158,7 @@ class BatchRecord:
     completed: int = 0
     failed: int = 0
     usage: Usage = field(default_factory=Usage)
+    outcomes: Outcomes = field(default_factory=lambda: Outcomes())
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -180,9 +181,35 @@ class BatchRecord:
             "expired_at": self.expired_at,
             "cancelling_at": self.cancelling_at,
             "cancelled_at": self.cancelled_at,
-            "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
+            "request_counts": {
+                "total": self.total,
+                "completed": self.completed,
+                "failed": self.failed,
+                **self.outcomes.to_wire(self.completed),
+            },
             "usage": self.usage.to_wire(),
             "metadata": self.metadata,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Outcomes:
+    """Per-outcome counts of a batch's committed shards (request_counts' extension fields, as Anthropic's batches
+    report them): `failed` is split into lines the upstream answered with an error, lines that ended
+    `batch_expired` or `batch_cancelled`, and the rest (`errored`: timeouts, connection failures, bad answers)."""
+
+    failed_upstream: int = 0
+    expired: int = 0
+    cancelled: int = 0
+    committed_failed: int = 0  # error lines of committed shards (the live `failed` counts running ones too)
+
+    def to_wire(self, completed: int) -> dict[str, int]:
+        return {
+            "succeeded": completed,
+            "failed_upstream": self.failed_upstream,
+            "expired": self.expired,
+            "cancelled": self.cancelled,
+            "errored": max(0, self.committed_failed - self.failed_upstream - self.expired - self.cancelled),
         }
 
 
@@ -233,3 +260,5 @@ class ShardResult:
     usage: Usage
     out_key: str | None
     err_key: str | None
+    cancelled: int = 0  # lines that ended batch_cancelled
+    upstream_failed: int = 0  # lines the upstream answered with a non-2xx status

@@ -13,9 +13,10 @@ from batchyard import metrics
 from batchyard.blobs.base import BlobInfo, BlobStore
 from batchyard.config import Settings
 from batchyard.domain import tenancy
-from batchyard.domain.models import BatchRecord, FileRecord
+from batchyard.domain.models import BatchRecord, FileRecord, ShardRecord
+from batchyard.domain.rerun import custom_id_of
 from batchyard.domain.states import BatchStatus
-from batchyard.domain.validation import BatchValidator
+from batchyard.domain.validation import BatchValidator, iter_lines
 from batchyard.errors import BlobNotFound
 from batchyard.execution.containment import describe
 from batchyard.store.base import BatchJob, MetadataStore
@@ -89,7 +90,8 @@ async def _validate(
         max_bytes=settings.max_batch_file_bytes,
         shard_lines=settings.shard_lines,
         shard_bytes=settings.shard_bytes,
-        prefix_planning=settings.prefix_ordering,
+        # output in input order needs shards of contiguous lines: no regrouping across the file
+        prefix_planning=settings.prefix_ordering and settings.output_order == "shard",
     )
     async with keep_job_lease(store, batch.id, worker, settings.lease_seconds):
         try:
@@ -146,6 +148,41 @@ async def _compose(
     )
 
 
+async def _in_input_order(blobs: BlobStore, input_key: str, shard: ShardRecord, part_key: str) -> str:
+    """A copy of a shard's part with its lines in the order of their input lines (a shard is small: read whole)."""
+    data = await blobs.read_range(input_key, shard.start, shard.end)
+    order: dict[str | None, int] = {}
+    for i, (_, raw) in enumerate(iter_lines(data, shard.first_line)):
+        order.setdefault(custom_id_of(raw), i)
+    part = b"".join([chunk async for chunk in blobs.stream(part_key)])
+    lines = [line + b"\n" for line in part.split(b"\n") if line]
+    lines.sort(key=lambda line: order.get(custom_id_of(line), len(order)))
+    key = f"{part_key}.ordered"
+    writer = await blobs.open_writer(key)
+    try:
+        for line in lines:
+            await writer.write(line)
+        await writer.commit()
+    except BaseException:
+        await writer.abort()
+        raise
+    return key
+
+
+async def _parts(
+    blobs: BlobStore, job: BatchJob, shards: list[ShardRecord], settings: Settings, kind: str
+) -> list[str]:
+    """The part keys to concatenate into the `kind` file, in shard order; with `--output-order input`, copies of
+    them in input order (contiguous shards only: a batch planned from spans, or whose input file is gone, keeps
+    shard order)."""
+    keys = [(s, s.out_key if kind == "output" else s.err_key) for s in shards]
+    parts = [(s, k) for s, k in keys if k]
+    f = job.input_file
+    if settings.output_order != "input" or f is None or any(s.spans for s in shards):
+        return [k for _, k in parts]
+    return [await _in_input_order(blobs, f.blob_key, s, k) for s, k in parts]
+
+
 async def finalize(
     job: BatchJob, store: MetadataStore, blobs: BlobStore, settings: Settings, worker: str
 ) -> None:
@@ -155,8 +192,10 @@ async def finalize(
     async with keep_job_lease(store, batch.id, worker, settings.lease_seconds):
         shards = await store.done_shards(batch.id)
         now = int(await store.now())
-        out = await _compose(blobs, batch, "output", [s.out_key for s in shards if s.out_key], now)
-        err = await _compose(blobs, batch, "error", [s.err_key for s in shards if s.err_key], now)
+        out_keys = await _parts(blobs, job, shards, settings, "output")
+        err_keys = await _parts(blobs, job, shards, settings, "error")
+        out = await _compose(blobs, batch, "output", out_keys, now)
+        err = await _compose(blobs, batch, "error", err_keys, now)
         if batch.status == S.CANCELLING:
             final = S.CANCELLED
         elif await store.batch_expired_lines(batch.id) > 0:
@@ -169,4 +208,6 @@ async def finalize(
         for key in (s.out_key, s.err_key):
             if key:
                 await blobs.delete(key)
+    for key in {*out_keys, *err_keys} - {k for s in shards for k in (s.out_key, s.err_key)}:
+        await blobs.delete(key)  # the copies in input order
     log.info("batch %s %s", batch.id, final)

@@ -519,7 +519,15 @@ class ShardRunner:
             err_key = (await att.err.commit()).key
         else:
             await att.err.abort()
-        result = ShardResult(att.completed, att.failed, att.usage, out_key, err_key)
+        result = ShardResult(
+            att.completed,
+            att.failed,
+            att.usage,
+            out_key,
+            err_key,
+            cancelled=att.errors["batch_cancelled"],
+            upstream_failed=sum(n for code, n in att.errors.items() if code.startswith("http_")),
+        )
         ok = await self.store.complete_shard(claim, result, att.expired)
         if ok:
             metrics.lines_committed(claim.endpoint, att.completed, att.errors, att.usage)

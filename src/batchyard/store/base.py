@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
     FileRecord,
@@ -284,3 +285,21 @@ class MetadataStore(ABC):
     async def enqueued_input_bytes(self, owner: str, model: str) -> int:
         """The input file bytes of `owner`'s planned batches of `model` still running (in progress or cancelling):
         what its enqueued tokens are estimated from (`domain.tenancy.estimated_tokens`)."""
+
+    @abstractmethod
+    async def delete_batch(self, owner: str, batch_id: str) -> BatchRecord | None:
+        """Remove an ended batch (a status in `TERMINAL`) and its shards, in one transaction; returns the batch as it
+        was (None if unknown or another owner's). A batch not ended is returned and left as is: the caller answers
+        409. Its files (input, output, error) and its webhook event stay."""
+
+    # idempotency keys (domain/idempotency.py)
+    @abstractmethod
+    async def claim_idempotency_key(self, rec: IdempotencyKey, live_since: int) -> IdempotencyKey:
+        """Insert-first: insert `rec` unless a row for (rec.owner, rec.key) created at or after `live_since` exists
+        (an older one is replaced). Returns the row held afterwards: `rec` itself, or the earlier live one. Of
+        racing claims of one key exactly one gets its own row back. Each claim also removes up to 16 rows older
+        than `live_since` (of any owner), so forgotten keys do not pile up."""
+
+    @abstractmethod
+    async def drop_idempotency_key(self, owner: str, key: str, object_id: str) -> None:
+        """Remove the row of (owner, key) if it still names `object_id` (its request failed before creating it)."""

@@ -15,9 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
     FileRecord,
+    Outcomes,
     ShardClaim,
     ShardRecord,
     ShardResult,
@@ -77,6 +79,8 @@ class _Batch:
 class _Shard:
     rec: ShardRecord
     expired: int = 0
+    cancelled: int = 0
+    upstream_failed: int = 0
     lease_owner: str | None = None
     lease_until: float | None = None
     retry_at: float | None = None  # a paused shard (its storage was down) is not claimed before this
@@ -115,6 +119,7 @@ class _State:
     parts: dict[str, list[UploadPartRecord]] = field(default_factory=dict)  # upload id -> parts, in order
     projects: dict[str, ProjectRecord] = field(default_factory=dict)  # id -> project, in creation order
     api_keys: dict[str, ApiKeyRecord] = field(default_factory=dict)  # id -> key, in creation order
+    idempotency: dict[tuple[str, str], IdempotencyKey] = field(default_factory=dict)  # (owner, key) -> row
     seq: int = 0
 
 
@@ -159,10 +164,18 @@ class MemoryStore(MetadataStore):
         """A copy of the batch with its counts and usage summed over its shards."""
         out = replace(b.rec, metadata=_loads(b.metadata), errors=_loads(b.errors), completed=0, failed=0)
         out.usage = Usage()
+        upstream = expired = cancelled = done_failed = 0
         for sh in self._s.shards.get(b.rec.id, {}).values():
             out.completed += sh.rec.completed
             out.failed += sh.rec.failed
             out.usage.add(sh.rec.usage)
+            upstream, expired, cancelled = (
+                upstream + sh.upstream_failed,
+                expired + sh.expired,
+                cancelled + sh.cancelled,
+            )
+            done_failed += sh.rec.failed if sh.rec.status == Sh.DONE else 0
+        out.outcomes = Outcomes(upstream, expired, cancelled, done_failed)
         return out
 
     def _transition(self, b: _Batch, dst: BatchStatus, **fields: Any) -> bool:
@@ -555,6 +568,7 @@ class MemoryStore(MetadataStore):
         sh.rec.status = check_shard(Sh.RUNNING, Sh.DONE)
         sh.lease_owner, sh.lease_until = None, None
         sh.rec.completed, sh.rec.failed, sh.expired = result.completed, result.failed, expired
+        sh.cancelled, sh.upstream_failed = result.cancelled, result.upstream_failed
         sh.rec.usage = replace(result.usage)
         sh.rec.out_key, sh.rec.err_key = result.out_key, result.err_key
         return True
@@ -687,6 +701,30 @@ class MemoryStore(MetadataStore):
             and b.rec.status in ACTIVE
             and b.rec.input_file_id in self._s.files
         )
+
+    async def delete_batch(self, owner: str, batch_id: str) -> BatchRecord | None:
+        b = self._s.batches.get(batch_id)
+        if b is None or b.rec.owner != owner:
+            return None
+        out = self._batch_out(b)
+        if b.rec.status in TERMINAL:
+            del self._s.batches[batch_id]
+            self._s.shards.pop(batch_id, None)
+        return out
+
+    # -- idempotency keys -----------------------------------------------------------------------------------
+    async def claim_idempotency_key(self, rec: IdempotencyKey, live_since: int) -> IdempotencyKey:
+        for k in [k for k, v in self._s.idempotency.items() if v.created_at < live_since][:16]:
+            del self._s.idempotency[k]
+        held = self._s.idempotency.get((rec.owner, rec.key))
+        if held is None or held.created_at < live_since:
+            self._s.idempotency[(rec.owner, rec.key)] = held = rec
+        return held
+
+    async def drop_idempotency_key(self, owner: str, key: str, object_id: str) -> None:
+        held = self._s.idempotency.get((owner, key))
+        if held is not None and held.object_id == object_id:
+            del self._s.idempotency[(owner, key)]
 
 
 def _after(items: list[Any], after: str | None) -> list[Any]:

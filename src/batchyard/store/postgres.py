@@ -30,9 +30,11 @@ from typing import Any
 
 import asyncpg
 
+from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
     FileRecord,
+    Outcomes,
     ShardClaim,
     ShardRecord,
     ShardResult,
@@ -99,7 +101,10 @@ _BATCH_SELECT = (
     "SELECT COALESCE(SUM(s.completed), 0)::bigint AS sum_completed, COALESCE(SUM(s.failed), 0)::bigint AS sum_failed, "
     "COALESCE(SUM(s.input_tokens), 0)::bigint AS sum_input, COALESCE(SUM(s.cached_tokens), 0)::bigint AS sum_cached, "
     "COALESCE(SUM(s.output_tokens), 0)::bigint AS sum_output, "
-    "COALESCE(SUM(s.reasoning_tokens), 0)::bigint AS sum_reasoning "
+    "COALESCE(SUM(s.reasoning_tokens), 0)::bigint AS sum_reasoning, "
+    "COALESCE(SUM(s.upstream_failed), 0)::bigint AS sum_upstream_failed, "
+    "COALESCE(SUM(s.expired), 0)::bigint AS sum_expired, COALESCE(SUM(s.cancelled), 0)::bigint AS sum_cancelled, "
+    "COALESCE(SUM(s.failed) FILTER (WHERE s.status = 'done'), 0)::bigint AS sum_done_failed "
     "FROM shards s WHERE s.batch_id = b.id) c"
 )
 _UNFINISHED = sorted(str(s) for s in UNFINISHED)  # a text[] parameter
@@ -166,7 +171,10 @@ class _Args:
 def _batch(row: Row) -> BatchRecord:
     """A row of _BATCH_SELECT (with its shard sums) -> BatchRecord."""
     usage = Usage(row["sum_input"], row["sum_cached"], row["sum_output"], row["sum_reasoning"])
-    return batch_from_row(row, row["sum_completed"], row["sum_failed"], usage)
+    outcomes = Outcomes(
+        row["sum_upstream_failed"], row["sum_expired"], row["sum_cancelled"], row["sum_done_failed"]
+    )
+    return batch_from_row(row, row["sum_completed"], row["sum_failed"], usage, outcomes)
 
 
 class PostgresStore(MetadataStore):
@@ -646,7 +654,13 @@ class PostgresStore(MetadataStore):
         async with self._conn() as conn:
             values = (result.completed, result.failed, expired, *usage_values(result.usage))
             status = await conn.execute(
-                pg(sql.COMPLETE_SHARD), *values, result.out_key, result.err_key, *fence(claim)
+                pg(sql.COMPLETE_SHARD),
+                *values,
+                result.out_key,
+                result.err_key,
+                result.cancelled,
+                result.upstream_failed,
+                *fence(claim),
             )
         return _rowcount(status) == 1
 
@@ -764,3 +778,35 @@ class PostgresStore(MetadataStore):
     async def enqueued_input_bytes(self, owner: str, model: str) -> int:
         async with self._conn() as conn:
             return int(await conn.fetchval(pg(tq.ENQUEUED_BYTES), owner, model))
+
+    async def delete_batch(self, owner: str, batch_id: str) -> BatchRecord | None:
+        async with self._tx() as conn:
+            b = await self._get_batch(conn, batch_id, lock=True)
+            if b is None or b.owner != owner:
+                return None
+            if b.status in TERMINAL:
+                await conn.execute(pg(sql.DELETE_SHARDS), batch_id)
+                await conn.execute(pg(sql.DELETE_ENDED_BATCH), batch_id)
+            return b
+
+    # -- idempotency keys -----------------------------------------------------------------------------------
+    async def claim_idempotency_key(self, rec: IdempotencyKey, live_since: int) -> IdempotencyKey:
+        # A conflicting insert waits for the other transaction, so the row read next is the one that won.
+        async with self._tx() as conn:
+            await conn.execute(pg(sql.PRUNE_IDEMPOTENCY_KEYS), live_since)
+            await conn.execute(
+                pg(sql.CLAIM_IDEMPOTENCY_KEY),
+                rec.owner,
+                rec.key,
+                rec.route,
+                rec.fingerprint,
+                rec.object_id,
+                rec.created_at,
+                live_since,
+            )
+            row = await conn.fetchrow(pg(sql.GET_IDEMPOTENCY_KEY), rec.owner, rec.key)
+        return IdempotencyKey(*row.values())
+
+    async def drop_idempotency_key(self, owner: str, key: str, object_id: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute(pg(sql.DROP_IDEMPOTENCY_KEY), owner, key, object_id)

@@ -11,6 +11,7 @@ from typing import Any
 from batchyard.domain.models import (
     BatchRecord,
     FileRecord,
+    Outcomes,
     ShardClaim,
     ShardRecord,
     UploadPartRecord,
@@ -150,7 +151,9 @@ def shard_from_row(row: Row) -> ShardRecord:
     )
 
 
-def batch_from_row(row: Row, completed: int, failed: int, usage: Usage) -> BatchRecord:
+def batch_from_row(
+    row: Row, completed: int, failed: int, usage: Usage, outcomes: Outcomes | None = None
+) -> BatchRecord:
     """A batches row; request counts and usage are sums over its shards, which the caller queried."""
     return BatchRecord(
         id=row["id"],
@@ -178,6 +181,7 @@ def batch_from_row(row: Row, completed: int, failed: int, usage: Usage) -> Batch
         completed=completed,
         failed=failed,
         usage=usage,
+        outcomes=outcomes or Outcomes(),
     )
 
 

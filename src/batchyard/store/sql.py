@@ -16,6 +16,7 @@ from importlib import resources
 from batchyard.domain.states import (
     ACTIVE,
     FINALIZABLE,
+    TERMINAL,
     UNFINISHED,
     VALIDATABLE,
     BatchStatus,
@@ -133,13 +134,32 @@ TAKE_SHARD = (
 COMPLETE_SHARD = (
     f"UPDATE shards SET status = {_DONE}, lease_owner = NULL, lease_until = NULL, completed = ?, "
     "failed = ?, expired = ?, input_tokens = ?, cached_tokens = ?, output_tokens = ?, "
-    f"reasoning_tokens = ?, out_key = ?, err_key = ? WHERE {_FENCE}"
+    f"reasoning_tokens = ?, out_key = ?, err_key = ?, cancelled = ?, upstream_failed = ? WHERE {_FENCE}"
 )
 FENCE = _FENCE  # a fenced update's condition: this attempt still holds the shard
 RELEASE_WORKER_SHARDS = f"UPDATE shards SET {CRASHED} WHERE lease_owner = ? AND status = {_RUNNING}"
 RELEASE_ALL_SHARDS = f"UPDATE shards SET status = {_PENDING_SHARD}, lease_owner = NULL, lease_until = NULL WHERE status = {_RUNNING}"
 DONE_SHARDS = f"SELECT {SHARD_COLS} FROM shards WHERE batch_id = ? AND status = {_DONE} ORDER BY idx"
 EXPIRED_LINES = "SELECT COALESCE(SUM(expired), 0) FROM shards WHERE batch_id = ?"
+
+DELETE_SHARDS = "DELETE FROM shards WHERE batch_id = ?"
+DELETE_ENDED_BATCH = f"DELETE FROM batches WHERE id = ? AND status IN {in_list(TERMINAL)}"
+
+# -- idempotency keys --------------------------------------------------------------------------------------------
+IDEMPOTENCY_COLS = "owner, key, route, fingerprint, object_id, created_at"
+# Insert-first; a row older than the live window (the last ?) is replaced, a live one is kept.
+CLAIM_IDEMPOTENCY_KEY = (
+    f"INSERT INTO idempotency_keys ({IDEMPOTENCY_COLS}) VALUES ({marks(6)}) ON CONFLICT (owner, key) DO UPDATE "
+    "SET route = excluded.route, fingerprint = excluded.fingerprint, object_id = excluded.object_id, "
+    "created_at = excluded.created_at WHERE idempotency_keys.created_at < ?"
+)
+GET_IDEMPOTENCY_KEY = f"SELECT {IDEMPOTENCY_COLS} FROM idempotency_keys WHERE owner = ? AND key = ?"
+DROP_IDEMPOTENCY_KEY = "DELETE FROM idempotency_keys WHERE owner = ? AND key = ? AND object_id = ?"
+# A few forgotten rows (older than the live window) go at each claim, so the table holds about a day of keys.
+PRUNE_IDEMPOTENCY_KEYS = (
+    "DELETE FROM idempotency_keys WHERE (owner, key) IN "
+    "(SELECT owner, key FROM idempotency_keys WHERE created_at < ? LIMIT 16)"
+)
 
 # -- aggregates (metrics) ----------------------------------------------------------------------------------------
 BATCH_COUNTS = "SELECT status, COUNT(*) FROM batches GROUP BY status"

@@ -25,9 +25,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
     FileRecord,
+    Outcomes,
     ShardClaim,
     ShardRecord,
     ShardResult,
@@ -41,6 +43,7 @@ from batchyard.domain.states import (
     TERMINAL,
     UNFINISHED,
     BatchStatus,
+    ShardStatus,
     Step,
     UploadStatus,
     WebhookStatus,
@@ -87,7 +90,9 @@ _REPLACE_FILE = sql.INSERT_FILE.replace("INSERT", "INSERT OR REPLACE", 1)
 _UNFINISHED = sql.in_list(UNFINISHED)
 _COUNTS = (
     "SELECT COALESCE(SUM(completed),0), COALESCE(SUM(failed),0), COALESCE(SUM(input_tokens),0), "
-    "COALESCE(SUM(cached_tokens),0), COALESCE(SUM(output_tokens),0), COALESCE(SUM(reasoning_tokens),0) "
+    "COALESCE(SUM(cached_tokens),0), COALESCE(SUM(output_tokens),0), COALESCE(SUM(reasoning_tokens),0), "
+    "COALESCE(SUM(upstream_failed),0), COALESCE(SUM(expired),0), COALESCE(SUM(cancelled),0), "
+    f"COALESCE(SUM(CASE WHEN status = '{ShardStatus.DONE}' THEN failed ELSE 0 END),0) "
     "FROM shards WHERE batch_id = ?"
 )
 
@@ -319,7 +324,7 @@ class SQLiteStore(MetadataStore):
     # -- batches --------------------------------------------------------------------------------------------
     def _batch(self, db: sqlite3.Connection, row: sqlite3.Row) -> BatchRecord:
         c = db.execute(_COUNTS, (row["id"],)).fetchone()
-        return batch_from_row(row, c[0], c[1], Usage(c[2], c[3], c[4], c[5]))
+        return batch_from_row(row, c[0], c[1], Usage(c[2], c[3], c[4], c[5]), Outcomes(*c[6:10]))
 
     def _get_batch(self, db: sqlite3.Connection, batch_id: str) -> BatchRecord | None:
         row = db.execute(f"SELECT {BATCH_COLS} FROM batches WHERE id = ?", (batch_id,)).fetchone()
@@ -649,7 +654,7 @@ class SQLiteStore(MetadataStore):
         def q(db: sqlite3.Connection) -> bool:
             with self._tx(db):
                 values = (result.completed, result.failed, expired, *usage_values(result.usage))
-                cur = db.execute(sql.COMPLETE_SHARD, (*values, result.out_key, result.err_key, *fence(claim)))
+                cur = db.execute(sql.COMPLETE_SHARD, (*values, *_result_tail(result), *fence(claim)))
                 return cur.rowcount == 1
 
         return await self._run(q)
@@ -801,3 +806,41 @@ class SQLiteStore(MetadataStore):
 
     async def enqueued_input_bytes(self, owner: str, model: str) -> int:
         return await self._run(lambda db: int(db.execute(tq.ENQUEUED_BYTES, (owner, model)).fetchone()[0]))
+
+    async def delete_batch(self, owner: str, batch_id: str) -> BatchRecord | None:
+        def q(db: sqlite3.Connection) -> BatchRecord | None:
+            with self._tx(db):
+                b = self._get_batch(db, batch_id)
+                if b is None or b.owner != owner:
+                    return None
+                if b.status in TERMINAL:
+                    db.execute(sql.DELETE_SHARDS, (batch_id,))
+                    db.execute(sql.DELETE_ENDED_BATCH, (batch_id,))
+                return b
+
+        return await self._run(q)
+
+    # -- idempotency keys -----------------------------------------------------------------------------------
+    async def claim_idempotency_key(self, rec: IdempotencyKey, live_since: int) -> IdempotencyKey:
+        def q(db: sqlite3.Connection) -> IdempotencyKey:
+            with self._tx(db):
+                db.execute(sql.PRUNE_IDEMPOTENCY_KEYS, (live_since,))
+                db.execute(sql.CLAIM_IDEMPOTENCY_KEY, (*_key_values(rec), live_since))
+                row = db.execute(sql.GET_IDEMPOTENCY_KEY, (rec.owner, rec.key)).fetchone()
+            return IdempotencyKey(*row)
+
+        return await self._run(q)
+
+    async def drop_idempotency_key(self, owner: str, key: str, object_id: str) -> None:
+        def q(db: sqlite3.Connection) -> None:
+            db.execute(sql.DROP_IDEMPOTENCY_KEY, (owner, key, object_id))
+
+        await self._run(q)
+
+
+def _key_values(rec: IdempotencyKey) -> tuple[str, str, str, str, str, int]:
+    return (rec.owner, rec.key, rec.route, rec.fingerprint, rec.object_id, rec.created_at)
+
+
+def _result_tail(r: ShardResult) -> tuple[str | None, str | None, int, int]:
+    return (r.out_key, r.err_key, r.cancelled, r.upstream_failed)
