@@ -68,7 +68,7 @@ LINE_ERROR_CODES = frozenset(
         "model_not_found",
         "shard_quarantined",
         "upstream_connect",
-        "upstream_timeout",
+        "request_timeout",
         "upstream_too_large",
     }
 )

@@ -162,4 +162,4 @@ def test_timeouts_get_the_attempt_timeout_hint(tmp_path: Path, upstream: FakeUps
         tmp_path, "--upstream", upstream.base_url, "--attempt-timeout", "0.2", lines=2, x_fake={"delay": 2}
     )
     assert r.returncode == 4, r.stderr
-    assert "2 × upstream_timeout" in r.stderr and "raise --attempt-timeout" in r.stderr
+    assert "2 × request_timeout" in r.stderr and "raise --attempt-timeout" in r.stderr

@@ -576,11 +576,11 @@ def test_error_tally_groups_by_code_with_an_example_and_a_hint() -> None:
         ).encode()
 
     lines = [http(401, "invalid_api_key", f"bad key {i}") for i in range(5)]
-    lines += [below("upstream_timeout")] * 2 + [http(404, None, "Not Found"), b"", b"not json"]
+    lines += [below("request_timeout")] * 2 + [http(404, None, "Not Found"), b"", b"not json"]
     tally = ErrorTally().add_lines(lines)
     assert tally.top() == [
         (5, "401", "invalid_api_key", "bad key 0"),
-        (2, "", "upstream_timeout", "m"),
+        (2, "", "request_timeout", "m"),
         (1, "404", "invalid_request_error", "Not Found"),  # no code: the type
     ]
     report = "\n".join(tally.report(RUN_HINTS))

@@ -26,7 +26,7 @@ def test_an_upstream_label_has_no_userinfo_query_or_fragment(name: str, label: s
 @pytest.mark.parametrize(
     ("line", "code"),
     [
-        (lines.error_line("c1", "upstream_timeout", "m"), "upstream_timeout"),
+        (lines.error_line("c1", "request_timeout", "m"), "request_timeout"),
         (lines.error_line("c1", "shard_quarantined", "m"), "shard_quarantined"),
         (lines.error_line("c1", "made_up_code", "m"), "other"),
         (

@@ -29,7 +29,7 @@ RUN_HINTS = {
     "403": "the upstream refused the key: pass it with --upstream-api-key (BATCHYARD_UPSTREAM_API_KEY)",
     "404": "does the --upstream URL end in /v1? (e.g. http://127.0.0.1:8001/v1)",
     "model_not_found": "no upstream serves this model: check the --upstream MODEL=URL routes",
-    "upstream_timeout": "the upstream did not answer in time: raise --attempt-timeout",
+    "request_timeout": "the upstream did not answer in time: raise --attempt-timeout",
     "408": "the upstream did not answer in time: raise --attempt-timeout",
     "upstream_connect": "is the upstream running at the --upstream URL?",
 }
