@@ -410,7 +410,6 @@ class BatchValidator:
             if shard_count == 0:
                 shard_start = base + start
                 shard_first = line_no
-            line_shard = len(shards)
             shard_count += 1
             if shard_count == shard_lines or last_end - shard_start >= shard_bytes:
                 shards.append(ShardPlan(len(shards), shard_start, last_end, shard_first, shard_count))
@@ -428,7 +427,9 @@ class BatchValidator:
                     if problem is None and planner is not None:
                         key = group_hash(obj["body"])
                         if key is not None:
-                            planner.add(key, base + start, base + pos, line_no, total - 1, line_shard)
+                            # the line's contiguous shard: the one just closed by it (count back at 0), or the open one
+                            shard = len(shards) - (shard_count == 0)
+                            planner.add(key, base + start, base + pos, line_no, total - 1, shard)
             if problem is not None:
                 error_count += 1
                 if len(errors) < max_errors:

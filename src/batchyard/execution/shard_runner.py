@@ -141,7 +141,6 @@ class ShardRunner:
         self.blobs = blobs
         self.dispatcher = dispatcher
         self.settings = settings
-        self.running = 0  # shards this runner is executing now
         # The storage or database is down: retried every few seconds at most (a probe first: see Worker), so that
         # work resumes soon after the outage ends.
         self.outage = Backoff("running shards", log, cap=5.0)
@@ -155,13 +154,16 @@ class ShardRunner:
         self._lane_ids = itertools.count()
         # prefix groups this process's shards prefill: a group in several running shards is prefilled once
         self.prefixes = Prefixes()
-        self._attempts: set[_Attempt] = set()  # running attempts, woken when a group opens in any of them
-        self._executing: dict[
-            _Attempt, int
-        ] = {}  # attempts executing lines -> rank, in the order they started
+        # attempts executing lines, in the order they started (lane shares; woken when a group opens in any)
+        self._executing: list[_Attempt] = []
+
+    @property
+    def running(self) -> int:
+        """Shards this runner is executing now."""
+        return len(self._executing)
 
     def _wake_all(self) -> None:
-        for a in self._attempts:
+        for a in self._executing:
             a.notify()
 
     def nudge(self) -> None:
@@ -273,11 +275,9 @@ class ShardRunner:
                     log.exception(
                         "prefix ordering failed for shard %s/%d", claim.shard.batch_id, claim.shard.index
                     )
-            self._attempts.add(att)
             try:
                 await self._execute(att, sched)
             finally:
-                self._attempts.discard(att)
                 sched.close()
                 self._wake_all()  # a group whose first line this attempt gave up is cold again elsewhere
             if att.lost:
@@ -335,7 +335,7 @@ class ShardRunner:
         again)."""
         total = self.dispatcher.total_limit()
         n = max(1, len(self._executing))
-        rank = self._executing.get(att, n - 1)
+        rank = self._executing.index(att) if att in self._executing else n - 1
         return max(1, total // n + (1 if rank < total % n else 0))
 
     async def room_for_shard(self) -> None:
@@ -374,18 +374,14 @@ class ShardRunner:
             lanes.add(task)
             task.add_done_callback(lanes.discard)
 
-        self.running += 1
-        self._executing[att] = len(self._executing)
+        self._executing.append(att)
         beat = asyncio.create_task(self._heartbeat(att, lanes), name="shard-heartbeat")
         try:
             for _ in range(max(1, min(self._fair_lanes(att), att.untaken))):
                 spawn()
             await finished.wait()
         finally:
-            self.running -= 1
-            del self._executing[att]
-            for i, a in enumerate(self._executing):  # the ranks close up
-                self._executing[a] = i
+            self._executing.remove(att)  # the ranks after it close up
             for t in list(lanes):
                 t.cancel()
             if lanes:
