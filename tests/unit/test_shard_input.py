@@ -6,11 +6,14 @@ import random
 from pathlib import Path
 
 import orjson
+import pytest
 
 from batchyard.blobs.local import LocalBlobStore
 from batchyard.domain.planning import Span
 from batchyard.domain.validation import BatchValidator, iter_lines
+from batchyard.errors import BlobUnavailable
 from batchyard.execution import shard_input
+from batchyard.execution.containment import is_outage
 from batchyard.execution.shard_input import coalesce, read_lines
 
 
@@ -55,6 +58,19 @@ async def test_every_planned_shard_reads_back_its_lines_with_their_numbers(tmp_p
         assert store.reads - before == len(coalesce(s.ranges())) <= len(s.ranges())
         got += pairs
     assert sorted(got) == list(iter_lines(data, 1))
+
+
+class DownStore(LocalBlobStore):
+    async def read_range(self, key: str, start: int, end: int) -> bytes:
+        raise BlobUnavailable("storage is down")
+
+
+async def test_storage_down_raises_the_blob_error_itself_not_a_group(tmp_path: Path) -> None:
+    # the shard runner tells an outage (pause, not counted) from a failure (counted, quarantined after 3) by type
+    spans = (Span(0, 10, 1), Span(10 * 1024 * 1024, 10 * 1024 * 1024 + 10, 9))  # two reads
+    with pytest.raises(BlobUnavailable):
+        await read_lines(DownStore(tmp_path), "in", spans)
+    assert is_outage(BlobUnavailable("x"))
 
 
 def test_coalescing_joins_near_spans_and_bounds_each_read() -> None:

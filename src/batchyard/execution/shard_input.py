@@ -44,7 +44,12 @@ async def read_lines(blobs: BlobStore, key: str, spans: tuple[Span, ...]) -> lis
         for i in inside:
             pieces[i] = data[spans[i].start - start : spans[i].end - start]
 
-    async with asyncio.TaskGroup() as tg:
-        for start, end, inside in coalesce(spans):
-            tg.create_task(read(start, end, inside))
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for start, end, inside in coalesce(spans):
+                tg.create_task(read(start, end, inside))
+    except BaseExceptionGroup as group:
+        # The first failure itself (a BlobError is an outage to the shard runner, which pauses instead of counting
+        # the attempt as failed: wrapped in a group it would count, and storage down would quarantine shards).
+        raise group.exceptions[0] from None
     return [pair for s, data in zip(spans, pieces, strict=True) for pair in iter_lines(data, s.first_line)]
