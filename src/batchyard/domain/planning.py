@@ -118,16 +118,13 @@ class PrefixPlanner:
             self._abandon()
             return
         self._sizes[gid] += 1
-        for a, v in (
-            (self.group, gid),
-            (self.shard, shard),
-            (self.start, start),
-            (self.end, end),
-            (self.first, line_no),
-            (self.last, line_no),
-            (self.count, 1),
-        ):
-            a.append(v)
+        self.group.append(gid)
+        self.shard.append(shard)
+        self.start.append(start)
+        self.end.append(end)
+        self.first.append(line_no)
+        self.last.append(line_no)
+        self.count.append(1)
 
     def clamp(self, size: int) -> None:
         """The file ended without a newline: its last line ends at the end of the file, not one byte past it."""
