@@ -9,6 +9,7 @@ from batchyard.api.quotas import CreateRates
 from batchyard.blobs.base import BlobStore
 from batchyard.config import Settings
 from batchyard.store.base import MetadataStore
+from batchyard.upstreams.online import OnlineGate
 from batchyard.upstreams.router import Router
 
 
@@ -20,3 +21,4 @@ class Services:
     settings: Settings
     notify: Callable[[], None] = field(default=lambda: None)  # wakes an in-process worker
     rates: CreateRates = field(default_factory=CreateRates)  # creates per owner per minute (api/quotas.py)
+    online: OnlineGate = field(default_factory=OnlineGate)  # online requests first (upstreams/online.py)
