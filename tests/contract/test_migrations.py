@@ -175,6 +175,26 @@ COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
         ("object_id", "text", NOT_NULL, None),
         ("created_at", "bigint", NOT_NULL, None),
     ],
+    "webhook_endpoints": [
+        ("seq", "serial", NOT_NULL, None),
+        ("id", "text", NOT_NULL, None),
+        ("owner", "text", NOT_NULL, None),
+        ("url", "text", NOT_NULL, None),
+        ("secret", "text", NOT_NULL, None),
+        ("previous_secret", "text", NULL, None),
+        ("previous_until", "bigint", NULL, None),
+        ("created_at", "bigint", NOT_NULL, None),
+        ("disabled_at", "bigint", NULL, None),
+    ],
+    "webhook_deliveries": [
+        ("seq", "serial", NOT_NULL, None),
+        ("event_id", "text", NOT_NULL, None),
+        ("endpoint_id", "text", NOT_NULL, None),
+        ("attempted_at", "float", NOT_NULL, None),
+        ("duration_ms", "int", NOT_NULL, None),
+        ("status_code", "int", NULL, None),
+        ("error", "text", NULL, None),
+    ],
 }
 PRIMARY_KEYS = {
     "schema_migrations": ("version",),
@@ -187,6 +207,8 @@ PRIMARY_KEYS = {
     "projects": ("seq",),
     "api_keys": ("seq",),
     "idempotency_keys": ("owner", "key"),
+    "webhook_endpoints": ("seq",),
+    "webhook_deliveries": ("seq",),
 }
 UNIQUE = {
     "files": [("id",)],
@@ -195,6 +217,7 @@ UNIQUE = {
     "webhook_events": [("batch_id",), ("id",)],
     "projects": [("id",), ("name",)],
     "api_keys": [("id",), ("key_hash",)],
+    "webhook_endpoints": [("id",)],
 }
 # index -> (table, columns, partial-index predicate as (SQLite, PostgreSQL) report it)
 INDEXES: dict[str, tuple[str, tuple[str, ...], tuple[str, str] | None]] = {
@@ -206,6 +229,9 @@ INDEXES: dict[str, tuple[str, tuple[str, ...], tuple[str, str] | None]] = {
     "webhook_events_due": ("webhook_events", ("status", "next_at"), None),
     "api_keys_project": ("api_keys", ("project_id", "seq"), None),
     "idempotency_keys_created": ("idempotency_keys", ("created_at",), None),
+    "webhook_endpoints_owner": ("webhook_endpoints", ("owner", "seq"), None),
+    "webhook_deliveries_event": ("webhook_deliveries", ("event_id", "seq"), None),
+    "webhook_events_owner": ("webhook_events", ("owner", "seq"), None),
 }
 
 

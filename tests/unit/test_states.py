@@ -192,7 +192,7 @@ def test_no_webhook_before_a_final_status(status: BatchStatus) -> None:
 def test_the_other_statuses_are_the_stored_strings() -> None:
     assert [str(s) for s in ShardStatus] == ["pending", "running", "done"]
     assert [str(s) for s in UploadStatus] == ["pending", "completed", "cancelled", "expired"]
-    assert [str(s) for s in WebhookStatus] == ["pending", "delivered", "abandoned"]
+    assert [str(s) for s in WebhookStatus] == ["pending", "delivered", "abandoned", "skipped"]
 
 
 SHARD_LEGAL = {("pending", "running"), ("running", "running"), ("running", "pending"), ("running", "done")}
@@ -225,10 +225,11 @@ def test_the_upload_lifecycle() -> None:
 
 def test_the_webhook_event_lifecycle() -> None:
     assert set(WEBHOOK_TRANSITIONS) == set(WebhookStatus)
-    for status in ("pending", "delivered", "abandoned"):
+    for status in ("pending", "delivered", "abandoned", "skipped"):
         assert settled_webhook(status) == status
     for status in ("completed", "failed", ""):
         with pytest.raises(IllegalTransition, match="illegal webhook event transition pending -> "):
             settled_webhook(status)
     assert not WEBHOOK_TRANSITIONS[WebhookStatus.DELIVERED]
     assert not WEBHOOK_TRANSITIONS[WebhookStatus.ABANDONED]
+    assert not WEBHOOK_TRANSITIONS[WebhookStatus.SKIPPED]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchyard.domain.planning import Span
-from batchyard.domain.states import BatchStatus
+from batchyard.domain.states import BatchStatus, WebhookStatus
 
 
 @dataclass(slots=True)
@@ -97,6 +97,7 @@ class WebhookEvent:
     type: str
     created_at: int
     attempts: int = 0
+    status: WebhookStatus = WebhookStatus.PENDING
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -106,6 +107,11 @@ class WebhookEvent:
             "created_at": self.created_at,
             "data": {"id": self.batch_id},
         }
+
+    def to_log_wire(self) -> dict[str, Any]:
+        """The event as its project reads it in the delivery log (`GET /v1/webhook_events`): the payload sent,
+        and where its delivery stands (batchyard extensions)."""
+        return {**self.to_wire(), "status": str(self.status), "attempts": self.attempts}
 
 
 @dataclass(slots=True)

@@ -153,15 +153,17 @@ class WebhookStatus(StrEnum):
     PENDING = "pending"  # due at its next try
     DELIVERED = "delivered"
     ABANDONED = "abandoned"  # given up (too old, or refused for good)
+    SKIPPED = "skipped"  # nowhere to send it: no endpoint of its project, no --webhook-url
 
 
 # pending -> pending: a failed try, due again later.
 WEBHOOK_TRANSITIONS: dict[WebhookStatus, frozenset[WebhookStatus]] = {
     WebhookStatus.PENDING: frozenset(
-        {WebhookStatus.PENDING, WebhookStatus.DELIVERED, WebhookStatus.ABANDONED}
+        {WebhookStatus.PENDING, WebhookStatus.DELIVERED, WebhookStatus.ABANDONED, WebhookStatus.SKIPPED}
     ),
     WebhookStatus.DELIVERED: frozenset(),
     WebhookStatus.ABANDONED: frozenset(),
+    WebhookStatus.SKIPPED: frozenset(),
 }
 
 

@@ -26,6 +26,7 @@ from batchyard.domain.models import (
 from batchyard.domain.states import BatchStatus
 from batchyard.domain.tenancy import ApiKeyRecord, KeyHolder, ProjectRecord
 from batchyard.domain.validation import ShardPlan
+from batchyard.domain.webhooks import DeliveryAttempt, WebhookEndpoint
 
 
 @dataclass(slots=True)
@@ -138,6 +139,50 @@ class MetadataStore(ABC):
         """After a delivery attempt by the lease holder: status "delivered", "abandoned", or "pending" again (then
         due at `next_at`); counts the attempt. False if `worker` no longer holds the event; any other `status`
         raises IllegalTransition (`domain.states.settled_webhook`)."""
+
+    # webhook endpoints per project, and the delivery log (domain/webhooks.py)
+    @abstractmethod
+    async def insert_webhook_endpoint(self, rec: WebhookEndpoint) -> None: ...
+    @abstractmethod
+    async def get_webhook_endpoint(self, endpoint_id: str) -> WebhookEndpoint | None:
+        """The endpoint (a disabled one too), or None."""
+
+    @abstractmethod
+    async def list_webhook_endpoints(
+        self, owner: str | None, *, include_disabled: bool
+    ) -> list[WebhookEndpoint]:
+        """Endpoints (of one owner, or all) in creation order."""
+
+    @abstractmethod
+    async def rotate_webhook_secret(
+        self, endpoint_id: str, secret: str, previous_until: int
+    ) -> WebhookEndpoint | None:
+        """The current secret becomes the previous one, still signing until `previous_until`, and `secret` the
+        current one; the endpoint afterwards, or None if it is unknown or disabled."""
+
+    @abstractmethod
+    async def disable_webhook_endpoint(self, endpoint_id: str, now: int) -> WebhookEndpoint | None:
+        """Stamp `disabled_at` (once): nothing more is sent to it. The endpoint afterwards, None if unknown."""
+
+    @abstractmethod
+    async def webhook_targets(self, ev: WebhookEvent) -> tuple[list[WebhookEndpoint], set[str]]:
+        """Where `ev` goes besides the --webhook-urls: the live endpoints of its owner made at or before it (in
+        creation order); and the targets (endpoint ids, `global_...` ids) that took it already (a 2xx attempt)."""
+
+    @abstractmethod
+    async def record_webhook_attempts(self, attempts: Sequence[DeliveryAttempt]) -> None:
+        """Append attempts to the delivery log."""
+
+    @abstractmethod
+    async def list_webhook_events(self, owner: str, *, limit: int, after: str | None) -> Page:
+        """`owner`'s events, newest first (an `after` that is not one of its events gives an empty page)."""
+
+    @abstractmethod
+    async def get_webhook_event(
+        self, owner: str, event_id: str
+    ) -> tuple[WebhookEvent, list[DeliveryAttempt]] | None:
+        """`owner`'s event and its attempts, oldest first (at most `MAX_ATTEMPTS_SHOWN`); None if unknown or
+        another owner's."""
 
     # batches
     @abstractmethod

@@ -47,6 +47,7 @@ from batchyard.domain.states import (
     webhook_type,
 )
 from batchyard.domain.tenancy import ApiKeyRecord, KeyHolder, ProjectRecord
+from batchyard.domain.webhooks import MAX_ATTEMPTS_SHOWN, DeliveryAttempt, WebhookEndpoint
 from batchyard.domain.validation import ShardPlan
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
@@ -120,6 +121,8 @@ class _State:
     projects: dict[str, ProjectRecord] = field(default_factory=dict)  # id -> project, in creation order
     api_keys: dict[str, ApiKeyRecord] = field(default_factory=dict)  # id -> key, in creation order
     idempotency: dict[tuple[str, str], IdempotencyKey] = field(default_factory=dict)  # (owner, key) -> row
+    endpoints: dict[str, WebhookEndpoint] = field(default_factory=dict)  # id -> webhook endpoint, in creation order
+    deliveries: dict[str, list[DeliveryAttempt]] = field(default_factory=dict)  # event id -> its attempts
     seq: int = 0
 
 
@@ -316,6 +319,73 @@ class MemoryStore(MetadataStore):
                 e.lease_owner = e.lease_until = None
                 return True
         return False
+
+    # -- webhook endpoints and the delivery log -------------------------------------------------------------
+    async def insert_webhook_endpoint(self, rec: WebhookEndpoint) -> None:
+        if rec.id in self._s.endpoints:
+            raise StoreError(f"memory: webhook endpoint {rec.id!r} exists")
+        self._s.endpoints[rec.id] = replace(rec)
+
+    async def get_webhook_endpoint(self, endpoint_id: str) -> WebhookEndpoint | None:
+        e = self._s.endpoints.get(endpoint_id)
+        return None if e is None else replace(e)
+
+    async def list_webhook_endpoints(
+        self, owner: str | None, *, include_disabled: bool
+    ) -> list[WebhookEndpoint]:
+        return [
+            replace(e)
+            for e in self._s.endpoints.values()
+            if (owner is None or e.owner == owner) and (include_disabled or e.disabled_at is None)
+        ]
+
+    async def rotate_webhook_secret(
+        self, endpoint_id: str, secret: str, previous_until: int
+    ) -> WebhookEndpoint | None:
+        e = self._s.endpoints.get(endpoint_id)
+        if e is None or e.disabled_at is not None:
+            return None
+        e.previous_secret, e.previous_until, e.secret = e.secret, previous_until, secret
+        return replace(e)
+
+    async def disable_webhook_endpoint(self, endpoint_id: str, now: int) -> WebhookEndpoint | None:
+        e = self._s.endpoints.get(endpoint_id)
+        if e is None:
+            return None
+        e.disabled_at = now if e.disabled_at is None else e.disabled_at
+        return replace(e)
+
+    async def webhook_targets(self, ev: WebhookEvent) -> tuple[list[WebhookEndpoint], set[str]]:
+        live = [
+            replace(e)
+            for e in self._s.endpoints.values()
+            if e.owner == ev.owner and e.disabled_at is None and e.created_at <= ev.created_at
+        ]
+        took = {a.endpoint_id for a in self._s.deliveries.get(ev.id, []) if a.took_it}
+        return live, took
+
+    async def record_webhook_attempts(self, attempts: Sequence[DeliveryAttempt]) -> None:
+        for a in attempts:
+            self._s.deliveries.setdefault(a.event_id, []).append(replace(a))
+
+    def _logged(self, e: _Event) -> WebhookEvent:
+        return replace(e.ev, status=e.status)
+
+    async def list_webhook_events(self, owner: str, *, limit: int, after: str | None) -> Page:
+        mine = sorted((e for e in self._s.events.values() if e.ev.owner == owner), key=lambda e: -e.seq)
+        if after is not None:
+            at = next((i for i, e in enumerate(mine) if e.ev.id == after), None)
+            mine = [] if at is None else mine[at + 1 :]
+        return Page([self._logged(e) for e in mine[:limit]], len(mine) > limit)
+
+    async def get_webhook_event(
+        self, owner: str, event_id: str
+    ) -> tuple[WebhookEvent, list[DeliveryAttempt]] | None:
+        for e in self._s.events.values():
+            if e.ev.id == event_id and e.ev.owner == owner:
+                attempts = self._s.deliveries.get(event_id, [])[:MAX_ATTEMPTS_SHOWN]
+                return self._logged(e), [replace(a) for a in attempts]
+        return None
 
     async def insert_batch(self, rec: BatchRecord) -> None:
         if rec.id in self._s.batches:

@@ -59,10 +59,12 @@ from batchyard.domain.states import (
     webhook_type,
 )
 from batchyard.domain.tenancy import ApiKeyRecord, KeyHolder, ProjectRecord
+from batchyard.domain.webhooks import DeliveryAttempt, WebhookEndpoint
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
 from batchyard.store import sql
 from batchyard.store import tenancy_sql as tq
+from batchyard.store import webhooks_sql as wq
 from batchyard.store.base import BatchJob, BatchStats, Heartbeat, MetadataStore, OwnerUsage, Page
 from batchyard.store.rows import (
     BATCH_FIELDS,
@@ -408,6 +410,68 @@ class PostgresStore(MetadataStore):
         async with self._conn() as conn:
             done = await conn.execute(pg(sql.SETTLE_EVENT), dst, next_at, error, event_id, worker)
         return _rowcount(done) == 1
+
+    # -- webhook endpoints and the delivery log -------------------------------------------------------------
+    async def insert_webhook_endpoint(self, rec: WebhookEndpoint) -> None:
+        async with self._conn() as conn:
+            await conn.execute(pg(wq.INSERT_ENDPOINT), *wq.endpoint_values(rec))
+
+    async def get_webhook_endpoint(self, endpoint_id: str) -> WebhookEndpoint | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(pg(wq.GET_ENDPOINT), endpoint_id)
+        return None if row is None else wq.endpoint_from_row(row)
+
+    async def list_webhook_endpoints(
+        self, owner: str | None, *, include_disabled: bool
+    ) -> list[WebhookEndpoint]:
+        statement = pg(wq.list_endpoints(owner is not None, include_disabled))
+        async with self._conn() as conn:
+            rows = await conn.fetch(statement, *[a for a in (owner,) if a is not None])
+        return [wq.endpoint_from_row(r) for r in rows]
+
+    async def rotate_webhook_secret(
+        self, endpoint_id: str, secret: str, previous_until: int
+    ) -> WebhookEndpoint | None:
+        async with self._tx() as conn:
+            done = await conn.execute(pg(wq.ROTATE_SECRET), previous_until, secret, endpoint_id)
+            if _rowcount(done) != 1:
+                return None
+            row = await conn.fetchrow(pg(wq.GET_ENDPOINT), endpoint_id)
+        return None if row is None else wq.endpoint_from_row(row)
+
+    async def disable_webhook_endpoint(self, endpoint_id: str, now: int) -> WebhookEndpoint | None:
+        async with self._tx() as conn:
+            await conn.execute(pg(wq.DISABLE_ENDPOINT), now, endpoint_id)
+            row = await conn.fetchrow(pg(wq.GET_ENDPOINT), endpoint_id)
+        return None if row is None else wq.endpoint_from_row(row)
+
+    async def webhook_targets(self, ev: WebhookEvent) -> tuple[list[WebhookEndpoint], set[str]]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(pg(wq.TARGET_ENDPOINTS), ev.owner, ev.created_at)
+            took = {str(r[0]) for r in await conn.fetch(pg(wq.TOOK_IT), ev.id)}
+        return [wq.endpoint_from_row(r) for r in rows], took
+
+    async def record_webhook_attempts(self, attempts: Sequence[DeliveryAttempt]) -> None:
+        if not attempts:
+            return
+        async with self._conn() as conn:
+            await conn.executemany(pg(wq.INSERT_ATTEMPT), [wq.attempt_values(a) for a in attempts])
+
+    async def list_webhook_events(self, owner: str, *, limit: int, after: str | None) -> Page:
+        args = [owner, *((after, owner) if after is not None else ()), limit + 1]
+        async with self._conn() as conn:
+            rows = await conn.fetch(pg(wq.list_events(after is not None)), *args)
+        return Page([event_from_row(r) for r in rows[:limit]], len(rows) > limit)
+
+    async def get_webhook_event(
+        self, owner: str, event_id: str
+    ) -> tuple[WebhookEvent, list[DeliveryAttempt]] | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(pg(wq.GET_EVENT), event_id, owner)
+            if row is None:
+                return None
+            attempts = await conn.fetch(pg(wq.ATTEMPTS_OF), event_id)
+        return event_from_row(row), [wq.attempt_from_row(a) for a in attempts]
 
     async def insert_batch(self, rec: BatchRecord) -> None:
         async with self._conn() as conn:

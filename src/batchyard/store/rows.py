@@ -20,7 +20,7 @@ from batchyard.domain.models import (
     WebhookEvent,
 )
 from batchyard.domain.planning import unpack_spans
-from batchyard.domain.states import BatchStatus, ShardStatus, UploadStatus
+from batchyard.domain.states import BatchStatus, ShardStatus, UploadStatus, WebhookStatus
 
 Row = Any  # sqlite3.Row or asyncpg.Record
 
@@ -43,7 +43,7 @@ UPLOAD_FIELDS = (
     "file_expires_after", "file_id",
 )  # fmt: skip
 PART_FIELDS = ("id", "upload_id", "bytes", "blob_key", "created_at")
-EVENT_FIELDS = ("id", "batch_id", "owner", "type", "created_at", "attempts")
+EVENT_FIELDS = ("id", "batch_id", "owner", "type", "created_at", "attempts", "status")
 # The batch columns a new batch is inserted with (the rest start empty), and every column a batch is read from.
 BATCH_INSERT_FIELDS = (
     "id", "owner", "endpoint", "input_file_id", "completion_window", "status", "created_at", "expires_at",
@@ -127,7 +127,9 @@ def part_from_row(row: Row) -> UploadPartRecord:
 
 
 def event_from_row(row: Row) -> WebhookEvent:
-    return WebhookEvent(**{f: row[f] for f in EVENT_FIELDS})
+    ev = WebhookEvent(**{f: row[f] for f in EVENT_FIELDS})
+    ev.status = WebhookStatus(ev.status)
+    return ev
 
 
 def shard_from_row(row: Row) -> ShardRecord:

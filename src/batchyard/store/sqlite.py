@@ -54,10 +54,12 @@ from batchyard.domain.states import (
     webhook_type,
 )
 from batchyard.domain.tenancy import ApiKeyRecord, KeyHolder, ProjectRecord
+from batchyard.domain.webhooks import DeliveryAttempt, WebhookEndpoint
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
 from batchyard.store import sql
 from batchyard.store import tenancy_sql as tq
+from batchyard.store import webhooks_sql as wq
 from batchyard.store.base import BatchJob, BatchStats, Heartbeat, MetadataStore, OwnerUsage, Page
 from batchyard.store.rows import (
     BATCH_COLS,
@@ -381,6 +383,86 @@ class SQLiteStore(MetadataStore):
         def q(db: sqlite3.Connection) -> bool:
             cur = db.execute(sql.SETTLE_EVENT, (dst, next_at, error, event_id, worker))
             return cur.rowcount == 1
+
+        return await self._run(q)
+
+    # -- webhook endpoints and the delivery log -------------------------------------------------------------
+    async def insert_webhook_endpoint(self, rec: WebhookEndpoint) -> None:
+        await self._run(lambda db: db.execute(wq.INSERT_ENDPOINT, wq.endpoint_values(rec)))
+
+    def _endpoint(self, db: sqlite3.Connection, endpoint_id: str) -> WebhookEndpoint | None:
+        row = db.execute(wq.GET_ENDPOINT, (endpoint_id,)).fetchone()
+        return None if row is None else wq.endpoint_from_row(row)
+
+    async def get_webhook_endpoint(self, endpoint_id: str) -> WebhookEndpoint | None:
+        return await self._run(lambda db: self._endpoint(db, endpoint_id))
+
+    async def list_webhook_endpoints(
+        self, owner: str | None, *, include_disabled: bool
+    ) -> list[WebhookEndpoint]:
+        statement = wq.list_endpoints(owner is not None, include_disabled)
+        args = [a for a in (owner,) if a is not None]
+
+        def q(db: sqlite3.Connection) -> list[WebhookEndpoint]:
+            return [wq.endpoint_from_row(r) for r in db.execute(statement, args).fetchall()]
+
+        return await self._run(q)
+
+    async def rotate_webhook_secret(
+        self, endpoint_id: str, secret: str, previous_until: int
+    ) -> WebhookEndpoint | None:
+        def q(db: sqlite3.Connection) -> WebhookEndpoint | None:
+            with self._tx(db):
+                if db.execute(wq.ROTATE_SECRET, (previous_until, secret, endpoint_id)).rowcount != 1:
+                    return None
+                return self._endpoint(db, endpoint_id)
+
+        return await self._run(q)
+
+    async def disable_webhook_endpoint(self, endpoint_id: str, now: int) -> WebhookEndpoint | None:
+        def q(db: sqlite3.Connection) -> WebhookEndpoint | None:
+            with self._tx(db):
+                db.execute(wq.DISABLE_ENDPOINT, (now, endpoint_id))
+                return self._endpoint(db, endpoint_id)
+
+        return await self._run(q)
+
+    async def webhook_targets(self, ev: WebhookEvent) -> tuple[list[WebhookEndpoint], set[str]]:
+        def q(db: sqlite3.Connection) -> tuple[list[WebhookEndpoint], set[str]]:
+            rows = db.execute(wq.TARGET_ENDPOINTS, (ev.owner, ev.created_at)).fetchall()
+            took = {r[0] for r in db.execute(wq.TOOK_IT, (ev.id,)).fetchall()}
+            return [wq.endpoint_from_row(r) for r in rows], took
+
+        return await self._run(q)
+
+    async def record_webhook_attempts(self, attempts: Sequence[DeliveryAttempt]) -> None:
+        rows = [wq.attempt_values(a) for a in attempts]
+
+        def q(db: sqlite3.Connection) -> None:
+            with self._tx(db):
+                db.executemany(wq.INSERT_ATTEMPT, rows)
+
+        await self._run(q)
+
+    async def list_webhook_events(self, owner: str, *, limit: int, after: str | None) -> Page:
+        statement = wq.list_events(after is not None)
+        args = [owner, *((after, owner) if after is not None else ()), limit + 1]
+
+        def q(db: sqlite3.Connection) -> Page:
+            rows = db.execute(statement, args).fetchall()
+            return Page([event_from_row(r) for r in rows[:limit]], len(rows) > limit)
+
+        return await self._run(q)
+
+    async def get_webhook_event(
+        self, owner: str, event_id: str
+    ) -> tuple[WebhookEvent, list[DeliveryAttempt]] | None:
+        def q(db: sqlite3.Connection) -> tuple[WebhookEvent, list[DeliveryAttempt]] | None:
+            row = db.execute(wq.GET_EVENT, (event_id, owner)).fetchone()
+            if row is None:
+                return None
+            attempts = db.execute(wq.ATTEMPTS_OF, (event_id,)).fetchall()
+            return event_from_row(row), [wq.attempt_from_row(a) for a in attempts]
 
         return await self._run(q)
 
