@@ -14,7 +14,16 @@ from openai import OpenAI
 
 from batchyard.domain.models import BatchRecord, FileRecord
 from batchyard.domain.states import BatchStatus
-from batchyard.domain.webhooks import MAX_RETRY_S, retry_delay, secret_key, signature
+from batchyard.domain.webhooks import (
+    MAX_RETRY_S,
+    WebhookEndpoint,
+    endpoint_id,
+    global_target_id,
+    new_secret,
+    retry_delay,
+    secret_key,
+    signature,
+)
 from batchyard.execution import webhooks
 from batchyard.execution.webhooks import WebhookSender
 from batchyard.store.memory import MemoryStore
@@ -172,3 +181,138 @@ async def test_a_receiver_that_is_down_is_a_failed_attempt(
     async with sender.open():
         assert await sender.deliver(store, "w1") == 1
     assert "attempt 1 failed: webhook 1: connection failed: ClientConnectorError" in caplog.text
+
+
+# -- endpoints per project: their own secrets, rotation, per-target state ---------------------------------------
+
+
+class Flaky(Receiver):
+    """A Receiver whose /down answers 503 while `down` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+        self.down_posts = 0
+        self.runner.app.router.add_post("/down", self.flaky)
+
+    async def flaky(self, request: web.Request) -> web.Response:
+        self.down_posts += 1
+        if self.down:
+            return web.Response(status=503)
+        return await self.hook(request)
+
+
+def endpoint_of(owner: str, url: str, secret: str) -> WebhookEndpoint:
+    return WebhookEndpoint(endpoint_id(), owner, url, secret, int(time.time()) - 10)
+
+
+async def test_an_event_goes_to_its_projects_endpoint_signed_with_its_secret(store: MemoryStore) -> None:
+    mine, theirs = new_secret(), new_secret()
+    async with Receiver() as rx:
+        await store.insert_webhook_endpoint(endpoint_of("k", rx.url + "/hook?mine", mine))
+        await store.insert_webhook_endpoint(endpoint_of("other", rx.url + "/hook?theirs", theirs))
+        batch_id = await failed_batch(store)  # owner "k"
+        async with WebhookSender([], "").open() as sender:
+            assert await sender.deliver(store, "w1") == 1
+    ((path, headers, body),) = rx.posts
+    assert path == "/hook?mine"
+    event = OpenAI(api_key="x", webhook_secret=mine).webhooks.unwrap(body, headers)
+    assert event.data.id == batch_id
+    with pytest.raises(Exception, match="signature"):
+        OpenAI(api_key="x").webhooks.verify_signature(body, headers, secret=theirs)
+    found = await store.get_webhook_event("k", headers["webhook-id"])
+    assert found is not None
+    ev, (attempt,) = found
+    assert ev.status == "delivered" and attempt.status_code == 200 and attempt.error is None
+
+
+async def test_during_a_rotation_both_secrets_sign_and_the_sdk_takes_either(store: MemoryStore) -> None:
+    old, new = new_secret(), new_secret()
+    async with Receiver() as rx:
+        e = endpoint_of("k", rx.url + "/hook", old)
+        await store.insert_webhook_endpoint(e)
+        assert await store.rotate_webhook_secret(e.id, new, int(time.time()) + 3600) is not None
+        await failed_batch(store)
+        async with WebhookSender([], "").open() as sender:
+            assert await sender.deliver(store, "w1") == 1
+    ((_, headers, body),) = rx.posts
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    for secret in (new, old):
+        OpenAI(api_key="x", webhook_secret=secret).webhooks.unwrap(body, headers)
+    with pytest.raises(Exception, match="signature"):
+        OpenAI(api_key="x").webhooks.verify_signature(body, headers, secret=new_secret())
+
+
+async def test_after_the_grace_only_the_new_secret_signs(store: MemoryStore) -> None:
+    old, new = new_secret(), new_secret()
+    async with Receiver() as rx:
+        e = endpoint_of("k", rx.url + "/hook", old)
+        await store.insert_webhook_endpoint(e)
+        assert await store.rotate_webhook_secret(e.id, new, int(time.time()) - 1) is not None
+        await failed_batch(store)
+        async with WebhookSender([], "").open() as sender:
+            await sender.deliver(store, "w1")
+    ((_, headers, body),) = rx.posts
+    assert " " not in headers["webhook-signature"]
+    OpenAI(api_key="x", webhook_secret=new).webhooks.unwrap(body, headers)
+    with pytest.raises(Exception, match="signature"):
+        OpenAI(api_key="x").webhooks.verify_signature(body, headers, secret=old)
+
+
+async def test_a_retry_goes_only_to_the_target_that_did_not_take_it() -> None:
+    now = [time.time()]
+    store = MemoryStore(clock=lambda: now[0])
+    await store.open()
+    async with Flaky() as rx:
+        await store.insert_webhook_endpoint(endpoint_of("k", rx.url + "/hook", new_secret()))
+        down = endpoint_of("k", rx.url + "/down", new_secret())
+        await store.insert_webhook_endpoint(down)
+        await failed_batch(store)
+        async with WebhookSender([rx.url + "/hook?global"], SECRET).open() as sender:
+            assert await sender.deliver(store, "w1") == 1
+            assert [p for p, _, _ in rx.posts] == ["/hook?global", "/hook"] and rx.down_posts == 1
+            now[0] += 3600  # past any retry delay
+            rx.down = False
+            assert await sender.deliver(store, "w1") == 1
+            assert [p for p, _, _ in rx.posts] == ["/hook?global", "/hook", "/down"]  # the others not again
+            now[0] += 3600
+            assert await sender.deliver(store, "w1") == 0  # delivered to every target
+    (ev,) = (await store.list_webhook_events("k", limit=5, after=None)).items
+    assert ev.status == "delivered" and ev.attempts == 2
+    found = await store.get_webhook_event("k", ev.id)
+    assert found is not None
+    log = [(a.endpoint_id, a.status_code) for a in found[1]]
+    assert sorted(log[:3]) == sorted(
+        [(global_target_id(rx.url + "/hook?global"), 200), (log[1][0], 200), (down.id, 503)]
+    )
+    assert log[3] == (down.id, 200) and len(log) == 4
+    assert all(a.duration_ms >= 0 and a.attempted_at > 0 for a in found[1])
+    await store.close()
+
+
+async def test_an_event_with_no_target_is_skipped_without_a_request(store: MemoryStore) -> None:
+    async with Receiver() as rx:
+        await store.insert_webhook_endpoint(endpoint_of("other", rx.url + "/hook", new_secret()))
+        await failed_batch(store)
+        async with WebhookSender([], "").open() as sender:
+            assert await sender.deliver(store, "w1") == 1
+            assert await sender.deliver(store, "w1") == 0
+    assert rx.posts == []
+    (ev,) = (await store.list_webhook_events("k", limit=5, after=None)).items
+    assert ev.status == "skipped"
+
+
+async def test_a_disabled_endpoint_gets_nothing_and_an_endpoint_made_after_the_event_neither(
+    store: MemoryStore,
+) -> None:
+    async with Receiver() as rx:
+        e = endpoint_of("k", rx.url + "/hook?disabled", new_secret())
+        await store.insert_webhook_endpoint(e)
+        assert await store.disable_webhook_endpoint(e.id, int(time.time())) is not None
+        later = endpoint_of("k", rx.url + "/hook?later", new_secret())
+        later.created_at = int(time.time()) + 60
+        await store.insert_webhook_endpoint(later)
+        await failed_batch(store)
+        async with WebhookSender([rx.url + "/hook?global"], SECRET).open() as sender:
+            assert await sender.deliver(store, "w1") == 1
+    assert [p for p, _, _ in rx.posts] == ["/hook?global"]

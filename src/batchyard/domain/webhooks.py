@@ -109,7 +109,8 @@ class DeliveryAttempt:
 
     @property
     def took_it(self) -> bool:
-        return self.status_code is not None and 200 <= self.status_code < 300
+        """A 2xx, read whole (an answer past the cap is an error even with a 2xx status)."""
+        return self.status_code is not None and 200 <= self.status_code < 300 and self.error is None
 
     def to_wire(self) -> dict[str, Any]:
         return {

@@ -47,11 +47,8 @@ class Worker:
         )
         self.runner = ShardRunner(store, blobs, self.dispatcher, settings)
         self.sweeper = Sweeper(store, blobs)
-        self.webhooks = (
-            WebhookSender(settings.webhook_urls, settings.webhook_secret or "")
-            if settings.webhook_urls
-            else None
-        )
+        # always: a project's own endpoints (in the store) need no --webhook-url
+        self.webhooks = WebhookSender(settings.webhook_urls, settings.webhook_secret or "")
         self._wake = asyncio.Event()
         self._event_loop: asyncio.AbstractEventLoop | None = None
 
@@ -166,14 +163,12 @@ class Worker:
         return True
 
     async def deliver_webhooks_once(self) -> bool:
-        assert self.webhooks is not None
         if not await self.webhooks.deliver(self.store, self.id):
             await asyncio.sleep(1.0)  # nothing due: look again in a second
         return True
 
     async def _deliver_webhooks(self) -> None:
         """The webhook loop, with its HTTP client open for as long as it runs."""
-        assert self.webhooks is not None
         async with self.webhooks.open():
             await self._loop(self.deliver_webhooks_once, "webhooks")
 
@@ -194,8 +189,7 @@ class Worker:
             tg.create_task(self._loop(self.validate_once, "validation"), name="validator")
             tg.create_task(self._loop(self.finalize_once, "finalization"), name="finalizer")
             tg.create_task(self._loop(self.sweep_files_once, "sweeping"), name="file-sweeper")
-            if self.webhooks is not None:
-                tg.create_task(self._deliver_webhooks(), name="webhooks")
+            tg.create_task(self._deliver_webhooks(), name="webhooks")
             tg.create_task(self._listen(), name="store-listener")
             for i in range(self.settings.max_shards):
                 tg.create_task(self._loop(self.run_shard_once, "running shards"), name=f"shard-runner-{i}")

@@ -47,8 +47,8 @@ from batchyard.domain.states import (
     webhook_type,
 )
 from batchyard.domain.tenancy import ApiKeyRecord, KeyHolder, ProjectRecord
-from batchyard.domain.webhooks import MAX_ATTEMPTS_SHOWN, DeliveryAttempt, WebhookEndpoint
 from batchyard.domain.validation import ShardPlan
+from batchyard.domain.webhooks import MAX_ATTEMPTS_SHOWN, DeliveryAttempt, WebhookEndpoint
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
 from batchyard.store.base import BatchJob, BatchStats, Heartbeat, MetadataStore, OwnerUsage, Page

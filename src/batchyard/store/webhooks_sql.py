@@ -31,10 +31,10 @@ TARGET_ENDPOINTS = (
     f"SELECT {ENDPOINT_COLS} FROM webhook_endpoints "
     "WHERE owner = ? AND disabled_at IS NULL AND created_at <= ? ORDER BY seq"
 )
-# The targets that took an event: one of their attempts got a 2xx.
+# The targets that took an event: one of their attempts got a 2xx (and no error, such as an answer past the cap).
 TOOK_IT = (
     "SELECT DISTINCT endpoint_id FROM webhook_deliveries "
-    "WHERE event_id = ? AND status_code >= 200 AND status_code < 300"
+    "WHERE event_id = ? AND status_code >= 200 AND status_code < 300 AND error IS NULL"
 )
 INSERT_ATTEMPT = f"INSERT INTO webhook_deliveries ({ATTEMPT_COLS}) VALUES (?, ?, ?, ?, ?, ?)"
 ATTEMPTS_OF = f"SELECT {ATTEMPT_COLS} FROM webhook_deliveries WHERE event_id = ? ORDER BY seq LIMIT {MAX_ATTEMPTS_SHOWN}"
