@@ -263,7 +263,8 @@ async def test_a_retry_goes_only_to_the_target_that_did_not_take_it() -> None:
     now = [time.time()]
     store = MemoryStore(clock=lambda: now[0])
     await store.open()
-    async with Flaky() as rx:
+    rx = Flaky()
+    async with rx:
         await store.insert_webhook_endpoint(endpoint_of("k", rx.url + "/hook", new_secret()))
         down = endpoint_of("k", rx.url + "/down", new_secret())
         await store.insert_webhook_endpoint(down)
