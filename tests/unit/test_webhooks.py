@@ -217,7 +217,7 @@ async def test_an_event_goes_to_its_projects_endpoint_signed_with_its_secret(sto
     ((path, headers, body),) = rx.posts
     assert path == "/hook?mine"
     event = OpenAI(api_key="x", webhook_secret=mine).webhooks.unwrap(body, headers)
-    assert event.data.id == batch_id
+    assert event.type == "batch.failed" and event.data.id == batch_id
     with pytest.raises(Exception, match="signature"):
         OpenAI(api_key="x").webhooks.verify_signature(body, headers, secret=theirs)
     found = await store.get_webhook_event("k", headers["webhook-id"])
