@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from batchyard.domain import limits
+from batchyard.domain.webhooks import DEFAULT_GRACE_S
 from batchyard.settings_fields import (
     COMMAND_SCOPES,
     ENV_PREFIX,
@@ -512,6 +513,27 @@ class Settings(_Model):
             metavar="shard|input",
         ),
     ] = "shard"
+    # -- webhook endpoints per project (docs/webhooks.md) --
+    webhook_rotation_grace_seconds: Annotated[
+        int,
+        Field(ge=0, le=30 * 86_400),
+        Option(
+            STATE,
+            "After a webhook endpoint's secret is rotated, how long the previous secret still signs its deliveries "
+            "(each then carries both signatures).",
+            default_text="86400 (24 h)",
+        ),
+    ] = DEFAULT_GRACE_S
+    webhook_allowed_hosts: Annotated[
+        Words,
+        Option(
+            SERVE,
+            "Host glob (e.g. '*.example.com', 'hooks.internal') that a webhook endpoint added through the admin API "
+            "may point at; none: the admin API refuses every endpoint URL (the CLI's `batchyard webhooks add` is not "
+            "limited). Repeatable.",
+            metavar="GLOB",
+        ),
+    ] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _secret_with_urls(self) -> Settings:
