@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import Depends, FastAPI, Request
 
-from batchyard.api import admin, batches, errors, files, metrics_route, openapi, ui_routes, uploads
+from batchyard.api import admin, batches, errors, files, metrics_route, openapi, ui_routes, uploads, webhooks
 from batchyard.api.auth import Authenticator
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
@@ -32,6 +32,8 @@ def create_app(svc: Services) -> FastAPI:
     app.include_router(batches.router(svc, auth.owner))
     app.include_router(uploads.router(svc, auth.owner))
     app.include_router(admin.router(svc, auth))
+    app.include_router(webhooks.events_router(svc, auth.owner))  # the delivery log (api/webhooks.py)
+    app.include_router(webhooks.admin_router(svc, auth))  # a project's webhook endpoints
     metrics_route.install(app, svc, auth)
 
     app.openapi = lambda: openapi.document(app)  # type: ignore[method-assign]

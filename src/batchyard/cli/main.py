@@ -16,7 +16,7 @@ import click
 from click.core import ParameterSource
 
 from batchyard import eventloop, logs
-from batchyard.cli import outcome, tenancy
+from batchyard.cli import outcome, tenancy, webhooks
 from batchyard.config import ServeSwitches, Settings, parse_route
 from batchyard.settings_sources import OptionField, SettingsError, load, options
 
@@ -295,6 +295,7 @@ async def _serve(settings: Settings) -> int:
 
 
 tenancy.register(cli, settings_options, _settings)  # `keys` and `projects` (cli/tenancy.py)
+webhooks.register(cli, settings_options, _settings)  # `webhooks` (cli/webhooks.py)
 
 
 def main() -> None:
