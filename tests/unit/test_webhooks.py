@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import random
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +24,8 @@ from batchyard.domain.webhooks import (
     retry_delay,
     secret_key,
     signature,
+    signature_header,
+    url_problem,
 )
 from batchyard.execution import webhooks
 from batchyard.execution.webhooks import WebhookSender
@@ -317,3 +320,52 @@ async def test_a_disabled_endpoint_gets_nothing_and_an_endpoint_made_after_the_e
         async with WebhookSender([rx.url + "/hook?global"], SECRET).open() as sender:
             assert await sender.deliver(store, "w1") == 1
     assert [p for p, _, _ in rx.posts] == ["/hook?global"]
+
+
+# -- endpoint rules (domain/webhooks.py) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed", "problem"),
+    [
+        ("https://hooks.example.com/x?y=1", None, None),  # the operator's CLI: any http(s) URL
+        ("http://127.0.0.1:8080/h", None, None),
+        ("ftp://hooks.example.com/x", None, "must be http:// or https://"),
+        ("https:///nohost", None, "must be http:// or https://"),
+        ("http://h:99999/x", None, "cannot be parsed"),
+        ("http://h/a b", None, "spaces or control characters"),
+        ("http://h/" + "x" * 3000, None, "longer than 2048"),
+        ("https://hooks.example.com/x", [], "webhook_allowed_hosts (--webhook-allowed-hosts) is empty"),
+        ("https://hooks.example.com/x", ["*.example.com"], None),
+        ("https://HOOKS.Example.com/x", ["*.example.com"], None),  # hosts compare without case
+        ("https://example.com.evil.net/x", ["*.example.com"], "'example.com.evil.net' is not in"),
+        ("https://user@10.0.0.1/x", ["hooks.internal", "10.0.0.*"], None),
+        ("http://169.254.169.254/latest", ["hooks.internal"], "is not in the operator's setting"),
+    ],
+)
+def test_which_urls_an_endpoint_may_have(url: str, allowed: list[str] | None, problem: str | None) -> None:
+    found = url_problem(url, allowed)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found
+
+
+def test_new_secrets_are_whsec_base64_of_32_random_bytes() -> None:
+    a, b = new_secret(), new_secret()
+    assert a != b and a.startswith("whsec_") and len(secret_key(a)) == 32
+    assert endpoint_id().startswith("wh_") and endpoint_id() != endpoint_id()
+
+
+def test_an_endpoint_shows_no_secret_and_its_grace_only_while_it_lasts() -> None:
+    e = WebhookEndpoint("wh_1", "proj_1", "https://h/x", "whsec_new", 100, "whsec_old", 200)
+    assert e.secrets_at(199.9) == ["whsec_new", "whsec_old"] and e.secrets_at(200) == ["whsec_new"]
+    wire = e.to_wire(150)
+    assert "whsec" not in json.dumps(wire) and wire["previous_secret_valid_until"] == 200
+    assert e.to_wire(250)["previous_secret_valid_until"] is None
+
+
+def test_the_signature_header_lists_one_signature_per_key() -> None:
+    keys = [secret_key(new_secret()), secret_key(new_secret())]
+    header = signature_header(keys, "evt_1", 7, b"{}")
+    assert header.split(" ") == [signature(k, "evt_1", 7, b"{}") for k in keys]

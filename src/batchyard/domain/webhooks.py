@@ -161,7 +161,7 @@ def url_problem(url: str, allowed_hosts: list[str] | None) -> str | None:
     if allowed_hosts is None:
         return None
     if not allowed_hosts:
-        return "no host is allowed: the operator's setting webhook_allowed_hosts (--webhook-allowed-host) is empty"
+        return "no host is allowed: the operator's setting webhook_allowed_hosts (--webhook-allowed-hosts) is empty"
     if not any(fnmatch.fnmatchcase(host.lower(), p.lower()) for p in allowed_hosts):
         return f"the host '{host}' is not in the operator's setting webhook_allowed_hosts"
     return None
