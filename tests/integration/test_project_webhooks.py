@@ -237,3 +237,40 @@ def test_the_admin_api_refuses_every_url_without_allowed_hosts(
     assert httpx.post(hooks, json={}, headers=auth).status_code == 400
     assert httpx.get(hooks + "/wh_nope", headers=auth).status_code == 404
     assert httpx.get(hooks.replace(ops["id"], "proj_nope"), headers=auth).status_code == 404
+
+
+def test_the_webhooks_cli_adds_lists_rotates_and_removes(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    by(data, "keys", "create", "--project", "alpha")
+    out = by(data, "webhooks", "add", "--project", "alpha", "--url", "https://hooks.example.com/b?x=1")
+    endpoint_id, secret = out[0].split()[3], out[-1]
+    assert out[0].endswith("of project alpha: https://hooks.example.com/b?x=1")
+    assert secret.startswith("whsec_") and len(secret) == 6 + 44
+    (header, row) = by(data, "webhooks", "list")
+    assert header.split()[:3] == ["ID", "PROJECT", "URL"]
+    assert row.split()[:3] == [endpoint_id, "alpha", "https://hooks.example.com/b?x=1"]
+    assert row.split()[-2:] == ["-", "-"]  # no old secret, not removed
+    assert secret not in "\n".join(by(data, "webhooks", "list"))  # shown once, when made
+    rotated = by(data, "webhooks", "rotate", endpoint_id)
+    assert rotated[-1].startswith("whsec_") and rotated[-1] != secret
+    assert "the previous one signs too until" in rotated[0]
+    (_, row) = by(data, "webhooks", "list", "--project", "alpha")
+    assert row.split()[-3] != "-"  # the old secret's deadline is shown
+    assert by(data, "webhooks", "remove", endpoint_id)[0].startswith(
+        f"removed webhook endpoint {endpoint_id}"
+    )
+    assert by(data, "webhooks", "list") == [by(data, "webhooks", "list")[0]]  # the header only
+    assert len(by(data, "webhooks", "list", "--all")) == 2
+    for args, words in [
+        (["rotate", endpoint_id], "or it was removed"),
+        (["remove", "wh_nope"], "no endpoint 'wh_nope'"),
+        (["add", "--project", "nope", "--url", "https://h/x"], "no project named 'nope'"),
+        (["add", "--project", "alpha", "--url", "file:///etc/passwd"], "must be http:// or https://"),
+    ]:
+        failed = subprocess.run(
+            [sys.executable, "-m", "batchyard.cli.main", "webhooks", *args, "--data-dir", str(data)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert failed.returncode != 0 and words in failed.stderr, failed.stderr
