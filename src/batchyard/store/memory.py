@@ -121,7 +121,7 @@ class _State:
     projects: dict[str, ProjectRecord] = field(default_factory=dict)  # id -> project, in creation order
     api_keys: dict[str, ApiKeyRecord] = field(default_factory=dict)  # id -> key, in creation order
     idempotency: dict[tuple[str, str], IdempotencyKey] = field(default_factory=dict)  # (owner, key) -> row
-    endpoints: dict[str, WebhookEndpoint] = field(default_factory=dict)  # id -> webhook endpoint, in creation order
+    endpoints: dict[str, WebhookEndpoint] = field(default_factory=dict)  # id -> endpoint, in creation order
     deliveries: dict[str, list[DeliveryAttempt]] = field(default_factory=dict)  # event id -> its attempts
     seq: int = 0
 
