@@ -335,6 +335,9 @@ async def test_a_disabled_endpoint_gets_nothing_and_an_endpoint_made_after_the_e
         ("http://h:99999/x", None, "cannot be parsed"),
         ("http://h/a b", None, "spaces or control characters"),
         ("http://h/" + "x" * 3000, None, "longer than 2048"),
+        ("http://a..b/x", None, "not a valid host name"),
+        ("http://" + "a" * 70 + ".com/x", None, "not a valid host name"),
+        ("https://bücher.example/x", None, None),  # an international name is one
         ("https://hooks.example.com/x", [], "webhook_allowed_hosts (--webhook-allowed-hosts) is empty"),
         ("https://hooks.example.com/x", ["*.example.com"], None),
         ("https://HOOKS.Example.com/x", ["*.example.com"], None),  # hosts compare without case
@@ -369,3 +372,19 @@ def test_the_signature_header_lists_one_signature_per_key() -> None:
     keys = [secret_key(new_secret()), secret_key(new_secret())]
     header = signature_header(keys, "evt_1", 7, b"{}")
     assert header.split(" ") == [signature(k, "evt_1", 7, b"{}") for k in keys]
+
+
+async def test_a_url_the_client_cannot_send_to_fails_alone(store: MemoryStore) -> None:
+    async with Receiver() as rx:
+        await store.insert_webhook_endpoint(
+            endpoint_of("k", "http://a..b/x", new_secret())
+        )  # stored as given
+        await store.insert_webhook_endpoint(endpoint_of("k", rx.url + "/hook", new_secret()))
+        await failed_batch(store)
+        async with WebhookSender([], "").open() as sender:
+            assert await sender.deliver(store, "w1") == 1
+    assert [p for p, _, _ in rx.posts] == ["/hook"]
+    (ev,) = (await store.list_webhook_events("k", limit=5, after=None)).items
+    found = await store.get_webhook_event("k", ev.id)
+    assert found is not None and ev.status == "pending"
+    assert sorted(str(a.error) for a in found[1]) == ["None", "cannot send to this URL: UnicodeError"]

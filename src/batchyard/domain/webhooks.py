@@ -158,6 +158,12 @@ def url_problem(url: str, allowed_hosts: list[str] | None) -> str | None:
         return "the URL must be http:// or https:// with a host"
     if any(c.isspace() or ord(c) < 32 for c in url):
         return "the URL contains spaces or control characters"
+    try:
+        host.encode(
+            "idna"
+        )  # what the HTTP client does with it: an empty label, or one of 64+ characters, fails
+    except UnicodeError:
+        return f"the host '{host}' is not a valid host name"
     if allowed_hosts is None:
         return None
     if not allowed_hosts:

@@ -109,6 +109,8 @@ class WebhookSender:
             error = f"did not answer within {TIMEOUT_S:g}s"
         except aiohttp.ClientError as e:
             status, error = None, f"connection failed: {type(e).__name__}"
+        except ValueError as e:  # a URL the client cannot send to (it fails alone, as a failed attempt)
+            status, error = None, f"cannot send to this URL: {type(e).__name__}"
         duration_ms = int((time.monotonic() - started) * 1000)
         return DeliveryAttempt(ev.id, target.id, now, duration_ms, status, error)
 
