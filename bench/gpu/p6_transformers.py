@@ -32,6 +32,7 @@ import datetime as dt
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -616,6 +617,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR {e}", flush=True)
     finally:
         procs.stop_all()
+        if out.resolve() != wd.resolve():  # the logs travel with the results ($OUT on the GPU machine)
+            for log in ("build.log", "reference.log", "transformers-serve.log", "batchyard.log"):
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(wd / log, out / f"p6-{log}")
     files = {v: wd / f"{v}.jsonl" for v in a.variants}
     summary: dict[str, Any] = {
         "bench": "p6_transformers",

@@ -32,6 +32,9 @@ for m in mods:
     except Exception as e:  # noqa: BLE001 - any failure to import is reported, all at once
         missing.append(f"{m}: {type(e).__name__}: {e}")
 import torch, transformers
+from transformers.utils.import_utils import is_serve_available
+if not is_serve_available():
+    missing.append("transformers serve: is_serve_available() is False (pydantic, fastapi, uvicorn, openai)")
 print(f"python {sys.version.split()[0]}, torch {torch.__version__} (cuda {torch.cuda.is_available()}), "
       f"transformers {transformers.__version__}")
 if missing:
