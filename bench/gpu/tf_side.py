@@ -201,8 +201,10 @@ def reference(args: argparse.Namespace) -> dict[str, Any]:
             "call_s": round(call_s, 3),
             "tok_s": round(completion / gen_s, 1) if gen_s > 0 else None,
         }
+        res["attn_implementation"] = model.config._attn_implementation  # what continuous batching switched to
         print(f"reference {path.name}: {json.dumps(res['files'][path.name])}", flush=True)
-    res["attn_implementation"] = model.config._attn_implementation  # what continuous batching switched to
+        Path(args.result).write_text(json.dumps(res) + "\n")  # after each file: a phase stopped at its limit
+        # still leaves the files it finished
     model.destroy_cached_continuous_batching_manager()
     return res
 
@@ -226,11 +228,7 @@ def main() -> int:
     r.add_argument("--cb-max-memory-percent", type=float)
     r.add_argument("inputs", nargs="+")
     args = ap.parse_args()
-    if args.cmd == "build":
-        info = build(args)
-    else:
-        info = reference(args)
-        Path(args.result).write_text(json.dumps(info) + "\n")
+    info = build(args) if args.cmd == "build" else reference(args)
     print(json.dumps(info), flush=True)
     return 0
 
