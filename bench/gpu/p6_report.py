@@ -13,7 +13,7 @@ GOAL = 0.95  # P6's goal against vLLM's own batch runner, applied to this stand-
 
 def rows(
     a: argparse.Namespace, ref: dict[str, Any], served: dict[str, Any], files: dict[str, Path]
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     out = []
     for v in a.variants:
         r = (ref.get("files") or {}).get(files[v].name)
