@@ -178,7 +178,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--tf-python", default=sys.executable, help="the python with torch + transformers[serving]"
     )
     ap.add_argument("--device", help="transformers serve --device (default cuda:0; --dry-run cpu)")
-    ap.add_argument("--budget-s", type=float, help="overall limit (default 440; --dry-run 170)")
+    ap.add_argument("--budget-s", type=float, help="overall limit (default 420; --dry-run 170)")
     ap.add_argument("--build-s", type=float, default=150)
     ap.add_argument("--reference-s", type=float, default=200)
     ap.add_argument("--serve-start-s", type=float, default=150)
@@ -195,7 +195,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         ("prefix_words", 600, 40),
         ("concurrency", 1000, 4),
         ("device", "cuda:0", "cpu"),
-        ("budget_s", 440.0, 170.0),
+        ("budget_s", 420.0, 170.0),
     ):
         if getattr(a, k) is None:
             setattr(a, k, cpu if dry else gpu)

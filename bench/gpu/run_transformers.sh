@@ -5,7 +5,7 @@
 # (or --out DIR). See bench/gpu/README.md for the `run` command.
 #   bash bench/gpu/run_transformers.sh               # the measurement (~5-7 minutes)
 #   bash bench/gpu/run_transformers.sh --dry-run     # tiny model on the CPU
-# PYTHON: the interpreter that has torch and transformers (default python3); P6_TIMEOUT: overall seconds (480).
+# PYTHON: the interpreter that has torch and transformers (default python3); P6_TIMEOUT: overall seconds (450).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$repo"
@@ -41,4 +41,4 @@ if missing:
     sys.exit("cannot import:\n  " + "\n  ".join(missing))
 EOF
 echo "setup took $((SECONDS - t0))s"
-exec timeout -k 15 "${P6_TIMEOUT:-480}" "$py" bench/gpu/p6_transformers.py --tf-python "$py" "$@"
+exec timeout -k 15 "${P6_TIMEOUT:-450}" "$py" bench/gpu/p6_transformers.py --tf-python "$py" "$@"
