@@ -22,6 +22,7 @@ from batchyard.execution.sweeper import Sweeper, SweepReport
 from batchyard.execution.webhooks import WebhookSender
 from batchyard.ids import worker_id
 from batchyard.store.base import MetadataStore
+from batchyard.upstreams.online import Board, BoardWatcher
 from batchyard.upstreams.router import Router
 
 log = logging.getLogger("batchyard.worker")
@@ -186,6 +187,20 @@ class Worker:
         """One pass of the sweeper: expired files and uploads, deleted files' blobs, orphans (execution/sweeper)."""
         return await self.sweeper.sweep()
 
+    async def _watch_online(self) -> None:
+        """Batch lines yield to the online requests of this machine's API processes (upstreams/online.py)."""
+        try:
+            board = Board(self.settings.online_board)
+        except OSError as e:  # no shared memory here: batch lines do not see online requests
+            log.warning(
+                "online priority is off: the board %s cannot be opened (%s)", self.settings.online_board, e
+            )
+            return
+        try:
+            await BoardWatcher(board, self.router.members, self.settings.online_priority).run()
+        finally:
+            board.close()
+
     async def run(self) -> None:
         """Run every loop until cancelled; an exception in one loop cancels the others and propagates."""
         self._event_loop = asyncio.get_running_loop()
@@ -197,5 +212,7 @@ class Worker:
             if self.webhooks is not None:
                 tg.create_task(self._deliver_webhooks(), name="webhooks")
             tg.create_task(self._listen(), name="store-listener")
+            if self.settings.online_priority != "off":
+                tg.create_task(self._watch_online(), name="online-board")
             for i in range(self.settings.max_shards):
                 tg.create_task(self._loop(self.run_shard_once, "running shards"), name=f"shard-runner-{i}")

@@ -9,6 +9,7 @@ Shrinking happens at most once per round trip, so one burst of 429s counts as on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -41,16 +42,39 @@ class Signal(Enum):
     OK = "ok"  # a response the upstream produced normally (2xx, or a 4xx about the request itself)
     OVERLOAD = "overload"  # 429, 503, a timeout: the upstream wants less
     ERROR = "error"  # other failures (5xx, connection errors): no information about capacity
+    PREEMPTED = "preempted"  # cut short to make room for an online request: no information either
+
+
+class Preemptible:
+    """A batch request in flight that an online request may cut short (`Limiter.preempt`)."""
+
+    __slots__ = ("preempted", "task")
+
+    def __init__(self, task: asyncio.Task[object]) -> None:
+        self.task = task
+        self.preempted = False
+
+    def taken_back(self) -> bool:
+        """Called where the request's task caught its CancelledError: True when the cancel was a preemption
+        only (the request is then sent again), False when the task itself is being cancelled."""
+        if not self.preempted:
+            return False
+        return self.task.uncancel() == 0
 
 
 class Limiter:
-    """Bounds requests in flight. FIFO among waiters; cancellation-safe."""
+    """Bounds requests in flight. FIFO among waiters; cancellation-safe.
+
+    A *reservation* (`reserve`, from the online requests in flight on the same upstream: upstreams/online.py) takes
+    slots off the limit for batch lines; `preempt` cuts the youngest requests in flight beyond what is left."""
 
     def __init__(self, limit: float) -> None:
         self._limit = float(limit)
         self.in_flight = 0
+        self.reserved = 0  # slots online requests hold (upstreams/online.py): batch lines get the rest
         self._handed = 0  # slots given to waiters that have not resumed yet
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._running: list[Preemptible] = []  # requests in flight that may be cut short, oldest first
 
     @property
     def pending(self) -> int:
@@ -63,7 +87,7 @@ class Limiter:
 
     async def acquire(self) -> float:
         """Wait for a slot; returns a start time to pass back to `release`."""
-        if self.in_flight + self._handed >= self.limit or self._waiters:
+        if self.in_flight + self._handed >= self.limit - self.reserved or self._waiters:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
             try:
@@ -87,8 +111,48 @@ class Limiter:
     def observe(self, rtt: float, signal: Signal) -> None:
         """Fixed limits learn nothing."""
 
+    def reserve(self, slots: int) -> None:
+        """Online requests hold `slots` of this upstream now: batch lines get the rest of the limit, and the
+        youngest of theirs in flight beyond it are cut short."""
+        if slots == self.reserved:
+            return
+        grew, self.reserved = slots > self.reserved, slots
+        if grew:
+            self.preempt(self.in_flight - max(0, self.limit - slots))
+        else:
+            self._wake()
+
+    def track(self) -> Preemptible:
+        """The current task's request is in flight and may be cut short; `untrack` it when it ends."""
+        task = asyncio.current_task()
+        assert task is not None
+        handle = Preemptible(task)
+        self._running.append(handle)
+        return handle
+
+    def untrack(self, handle: Preemptible) -> None:
+        running = self._running
+        if running and running[-1] is handle:  # the youngest ends first often enough to check
+            running.pop()
+        else:
+            with contextlib.suppress(ValueError):
+                running.remove(handle)
+
+    def preempt(self, n: int) -> int:
+        """Cut the `n` youngest requests in flight short (their tasks are cancelled: see `Preemptible`); returns
+        how many were."""
+        cut = 0
+        for handle in reversed(self._running):
+            if cut >= n:
+                break
+            if not handle.preempted:
+                handle.preempted = True
+                handle.task.cancel()
+                cut += 1
+        return cut
+
     def _wake(self) -> None:
-        free = self.limit - self.in_flight - self._handed
+        free = self.limit - self.reserved - self.in_flight - self._handed
         while free > 0 and self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
@@ -157,7 +221,7 @@ class AdaptiveLimiter(Limiter):
         if signal is Signal.OVERLOAD:
             self._decrease(now)
             return
-        if signal is Signal.ERROR:
+        if signal is Signal.ERROR or signal is Signal.PREEMPTED:
             return
         # Time-based averages (not per sample): at thousands of responses a second a per-sample average would
         # forget within milliseconds and follow a rising queue instead of revealing it.
