@@ -581,12 +581,24 @@ class Settings(_Model):
         """A copy with `changes`, checked like the original."""
         return type(self).model_validate({**self.model_dump(), **changes})
 
-    def share(self, n: int) -> Settings:
+    def share(self, n: int, *, concurrency: bool = True) -> Settings:
         """The settings of one of `n` worker processes that together honour this process's limits: the limits
         that are per upstream (concurrency, where the automatic one starts and its ceiling, max_concurrency, rpm, tpm)
-        are split n ways."""
+        are split n ways. With `concurrency` false the concurrency limits stay whole: the processes share them on
+        this machine's board instead (upstreams/online.py), each taking its fair part of what is in use."""
         if n <= 1:
             return self
+        if not concurrency:
+            rates = [
+                s.model_copy(
+                    update={
+                        "rpm": None if s.rpm is None else s.rpm / n,
+                        "tpm": None if s.tpm is None else s.tpm / n,
+                    }
+                )
+                for s in self.upstream_specs
+            ]
+            return self.model_copy(update={"workers": 1, "upstream_specs": rates})
 
         def split(v: int | None) -> int | None:
             return None if v is None else max(1, math.ceil(v / n))

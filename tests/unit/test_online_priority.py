@@ -14,7 +14,7 @@ import pytest
 from batchyard.execution.dispatcher import Dispatcher, StopSignal
 from batchyard.upstreams.http import HTTPUpstream
 from batchyard.upstreams.limiter import Limiter, Signal
-from batchyard.upstreams.online import CELLS, Board, BoardWatcher, OnlineGate, cell
+from batchyard.upstreams.online import CELLS, Board, BoardWatcher, OnlineGate, cell, fair_level
 from batchyard.upstreams.pool import Member
 from batchyard.upstreams.router import Router
 from tests.support.fake_upstream import FakeUpstream
@@ -122,23 +122,73 @@ def test_board_counts_across_processes_and_forgets_the_dead(tmp_path: Path) -> N
     board.close()
 
 
+def _rows(online: int, name: str = "up") -> list[tuple[bool, list[int]]]:
+    row = [1] + [0] * (3 * CELLS)
+    row[1 + cell(name)] = online
+    return [(False, row)]
+
+
 def test_watcher_modes(tmp_path: Path) -> None:
     board = Board(tmp_path / "board")
     lim = Limiter(4)
     member = Member(_NoUpstream("up"), lim)
-    counts = [0] * CELLS
-    counts[cell("up")] = 1
-    BoardWatcher(board, [member], "slots").apply(counts, 100.0)
+    BoardWatcher(board, [member], "slots").apply(_rows(1), 100.0)
     assert lim.reserved == 1
     pause = BoardWatcher(board, [member], "pause", hold_s=0.1)
-    pause.apply(counts, 100.0)
+    pause.apply(_rows(1), 100.0)
     assert lim.reserved >= lim.limit
-    counts[cell("up")] = 0
-    pause.apply(counts, 100.05)  # within the hold after the last online request
+    pause.apply(_rows(0), 100.05)  # within the hold after the last online request
     assert lim.reserved >= lim.limit
-    pause.apply(counts, 100.2)
+    pause.apply(_rows(0), 100.2)
     assert lim.reserved == 0
     board.close()
+
+
+def test_fair_level() -> None:
+    assert fair_level([20, 20], 32) == 16
+    assert fair_level([10, 10], 32) == float("inf")  # both met in full
+    assert fair_level([2, 100], 32) == 30  # the small demand is met, the rest goes to the big one
+    assert fair_level([1, 2], 32) == float("inf")
+    assert fair_level([50, 50, 50], 30) == 10
+
+
+async def test_two_processes_share_one_limit_fairly(tmp_path: Path) -> None:
+    """Two workers' limiters on one board (two entries: as two processes): each gets half of a limit of 8 while
+    both have lines waiting, and one alone gets all of it; the other's requests in flight are never exceeded."""
+    path = tmp_path / "board"
+    boards = [Board(path), Board(path)]
+    limiters = [Limiter(8), Limiter(8)]
+    watchers = [
+        BoardWatcher(b, [Member(_NoUpstream("up"), lim)], "slots") for b, lim in zip(boards, limiters)
+    ]
+
+    def step() -> None:
+        for w in watchers:
+            w.publish()
+        for w in watchers:
+            w.apply(w.board.rows(), 0.0)
+
+    held_a = [await limiters[0].acquire() for _ in range(8)]  # A alone: the whole limit
+    step()
+    assert limiters[0].room is None  # nobody else wants any
+    assert limiters[1].room == 0  # A uses the whole limit: B's first line waits for the next look at the board
+    waiting_b = [asyncio.create_task(limiters[1].acquire()) for _ in range(8)]
+    waiting_a = [asyncio.create_task(limiters[0].acquire()) for _ in range(8)]
+    await asyncio.sleep(0)
+    step()
+    assert limiters[0].room == 4 and limiters[1].room == 0  # B's fair 4 waits for A's requests to end
+    for t in held_a[:4]:
+        limiters[0].release(t, Signal.OK)
+    step()
+    await asyncio.sleep(0)
+    assert limiters[1].in_flight == 4 and limiters[0].in_flight == 4
+    assert limiters[1].room == 4
+    for lim, tasks in zip(limiters, (waiting_a, waiting_b)):
+        for t in tasks:
+            t.cancel()
+    await asyncio.gather(*waiting_a, *waiting_b, return_exceptions=True)
+    for b in boards:
+        b.close()
 
 
 class _NoUpstream(HTTPUpstream):

@@ -72,6 +72,9 @@ class Limiter:
         self._limit = float(limit)
         self.in_flight = 0
         self.reserved = 0  # slots online requests hold (upstreams/online.py): batch lines get the rest
+        self.room: int | None = (
+            None  # this process's share of the limit with other processes (None: all of it)
+        )
         self._handed = 0  # slots given to waiters that have not resumed yet
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._running: list[Preemptible] = []  # requests in flight that may be cut short, oldest first
@@ -87,7 +90,7 @@ class Limiter:
 
     async def acquire(self) -> float:
         """Wait for a slot; returns a start time to pass back to `release`."""
-        if self.in_flight + self._handed >= self.limit - self.reserved or self._waiters:
+        if self.in_flight + self._handed >= self._cap() or self._waiters:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
             try:
@@ -111,6 +114,22 @@ class Limiter:
     def observe(self, rtt: float, signal: Signal) -> None:
         """Fixed limits learn nothing."""
 
+    def _cap(self) -> int:
+        """Requests this process may have in flight now: the limit, less the online reservation, within its share."""
+        cap = max(0, self.limit - self.reserved)
+        room = self.room
+        return cap if room is None or room >= cap else room
+
+    def share(self, room: int | None) -> None:
+        """Other processes use the same upstream: this one may have `room` requests in flight (None: no cap).
+        Requests in flight beyond it are not cut: they end, and their slots go to the other processes."""
+        if room == self.room:
+            return
+        grew = room is None or (self.room is not None and room > self.room)
+        self.room = room
+        if grew:
+            self._wake()
+
     def reserve(self, slots: int) -> None:
         """Online requests hold `slots` of this upstream now: batch lines get the rest of the limit, and the
         youngest of theirs in flight beyond it are cut short."""
@@ -118,7 +137,7 @@ class Limiter:
             return
         grew, self.reserved = slots > self.reserved, slots
         if grew:
-            self.preempt(self.in_flight - max(0, self.limit - slots))
+            self.preempt(self.in_flight - max(0, self.limit - slots))  # a share is not preempted
         else:
             self._wake()
 
@@ -152,7 +171,7 @@ class Limiter:
         return cut
 
     def _wake(self) -> None:
-        free = self.limit - self.reserved - self.in_flight - self._handed
+        free = self._cap() - self.in_flight - self._handed
         while free > 0 and self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
@@ -247,8 +266,9 @@ class AdaptiveLimiter(Limiter):
         if self._short > tolerance * self._long and self._short - self._long > min_queueing:
             # the recent average needs about half its horizon to show the effect of a decrease
             self._decrease(now, spacing=max(self._short, SHORT_S / 2))
-        elif self.in_flight + 1 >= self.limit * 0.8 and not busy:
-            # while the limit is actually in use (and this process has CPU to spare): slow start doubles it per
+        elif self.in_flight + 1 >= self._cap() * 0.8 and not busy:
+            # while the limit is actually in use (this process's share of it, when it shares it with others; and
+            # this process has CPU to spare): slow start doubles it per
             # round trip, then additive increase adds about one request per round trip
             step = 1.0 if self._slow_start else 1.0 / max(self._limit, 1.0)
             self._limit = min(float(self.max_limit), self._limit + step)

@@ -50,12 +50,14 @@ log = logging.getLogger("batchyard.online")
 Mode = Literal["slots", "pause", "off"]
 
 MAGIC = 0x4259_4F4E  # "BYON"
-VERSION = 1
+VERSION = 2
 ENTRIES = 64
 CELLS = 64
 HEADER = struct.Struct("<III")  # magic, version, generation
-ENTRY_BYTES = 4 + 4 * CELLS  # pid, then one count per cell
-SIZE = HEADER.size + ENTRIES * ENTRY_BYTES
+# an entry: pid, then per cell: online requests in flight, batch demand (holding or waiting for a slot), batch in flight
+ONLINE, DEMAND, FLIGHT = 1, 1 + CELLS, 1 + 2 * CELLS
+ENTRY_INTS = 1 + 3 * CELLS
+SIZE = HEADER.size + ENTRIES * ENTRY_INTS * 4
 POLL_S = 0.005  # how often a worker looks at the board's generation
 LIVENESS_S = 1.0  # how often a worker checks that the processes counted are alive
 PAUSE_RESERVE = 1 << 30  # a reservation no limit reaches: no batch line is sent
@@ -85,7 +87,8 @@ def _alive(pid: int) -> bool:
 
 
 class Board:
-    """The shared-memory board at `path` (created when missing, 0600)."""
+    """The shared-memory board at `path` (created when missing, 0600). Each `Board` object writes its own entry
+    (claimed on first write): an API and a worker thread of one process have one each."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -96,10 +99,7 @@ class Board:
                     os.ftruncate(fd, SIZE)
                 self._map = mmap.mmap(fd, SIZE)
                 magic, version, _ = HEADER.unpack_from(self._map, 0)
-                if (magic, version) != (
-                    MAGIC,
-                    VERSION,
-                ):  # a new board (or one of another version): start clean
+                if (magic, version) != (MAGIC, VERSION):  # a new board (or of another version): start clean
                     self._map[:SIZE] = bytes(SIZE)
                     HEADER.pack_into(self._map, 0, MAGIC, VERSION, 0)
         finally:
@@ -108,11 +108,9 @@ class Board:
         self._entry: int | None = None
 
     def close(self) -> None:
-        """Clear this process's entry and unmap."""
+        """Clear this object's entry and unmap."""
         if self._entry is not None:
-            base = self._base(self._entry)
-            for i in range(base, base + 1 + CELLS):
-                self._ints[i] = 0
+            self._clear(self._entry)
             self._bump()
             self._entry = None
         self._ints.release()
@@ -120,7 +118,11 @@ class Board:
 
     @staticmethod
     def _base(entry: int) -> int:
-        return HEADER.size // 4 + entry * (ENTRY_BYTES // 4)
+        return HEADER.size // 4 + entry * ENTRY_INTS
+
+    def _clear(self, entry: int) -> None:
+        base = self._base(entry)
+        self._ints[base : base + ENTRY_INTS] = memoryview(bytes(ENTRY_INTS * 4)).cast("i")
 
     def generation(self) -> int:
         return self._ints[2]
@@ -128,36 +130,44 @@ class Board:
     def _bump(self) -> None:
         self._ints[2] = (self._ints[2] + 1) & 0x7FFF_FFFF  # two writers may race: it changes either way
 
-    def _claim(self) -> int:
-        """This process's entry: a free one, or one whose process is gone."""
-        if self._entry is not None and self._ints[self._base(self._entry)] == os.getpid():
-            return self._entry
+    def _own(self) -> int:
+        """This object's entry base: claimed once, from a free entry or one whose process is gone."""
+        if self._entry is not None:
+            return self._base(self._entry)
         fd = os.open(self.path, os.O_RDWR)
         try:
             with _locked(fd):
                 for entry in range(ENTRIES):
-                    base = self._base(entry)
-                    pid = self._ints[base]
-                    if pid == 0 or pid == os.getpid() or not _alive(pid):
-                        for i in range(base + 1, base + 1 + CELLS):
-                            self._ints[i] = 0
-                        self._ints[base] = os.getpid()
+                    pid = self._ints[self._base(entry)]
+                    if pid == 0 or (pid != os.getpid() and not _alive(pid)):
+                        self._clear(entry)
+                        self._ints[self._base(entry)] = os.getpid()
                         self._entry = entry
-                        return entry
+                        return self._base(entry)
         finally:
             os.close(fd)
         raise RuntimeError(f"the online board {self.path} has no free entry ({ENTRIES} processes use it)")
 
     def add(self, name: str, n: int) -> None:
-        """Count `n` (1 or -1) online requests in flight on the upstream `name`, in this process's entry."""
-        i = self._base(self._claim()) + 1 + cell(name)
+        """Count `n` (1 or -1) online requests in flight on the upstream `name`, in this object's entry."""
+        i = self._own() + ONLINE + cell(name)
         self._ints[i] = max(0, self._ints[i] + n)
         self._bump()
 
-    def counts(self, *, check_alive: bool = False) -> list[int]:
-        """Online requests in flight per cell, summed over the processes (with `check_alive`, entries of processes
-        that are gone are cleared first)."""
-        totals = [0] * CELLS
+    def publish(self, batch: dict[int, tuple[int, int]]) -> None:
+        """This object's batch load per cell: (demand, in flight); bumps the generation when it changed."""
+        base, ints, changed = self._own(), self._ints, False
+        for c, (demand, flight) in batch.items():
+            if ints[base + DEMAND + c] != demand or ints[base + FLIGHT + c] != flight:
+                ints[base + DEMAND + c], ints[base + FLIGHT + c] = demand, flight
+                changed = True
+        if changed:
+            self._bump()
+
+    def rows(self, *, check_alive: bool = False) -> list[tuple[bool, memoryview]]:
+        """(is this object's, its ints) of every entry in use; with `check_alive`, entries of processes that are
+        gone are cleared first."""
+        out = []
         ints = self._ints
         for entry in range(ENTRIES):
             base = self._base(entry)
@@ -165,13 +175,18 @@ class Board:
             if pid == 0:
                 continue
             if check_alive and pid != os.getpid() and not _alive(pid):
-                for i in range(base, base + 1 + CELLS):
-                    ints[i] = 0
+                self._clear(entry)
                 continue
-            row = ints[base + 1 : base + 1 + CELLS]
+            out.append((entry == self._entry, ints[base : base + ENTRY_INTS]))
+        return out
+
+    def counts(self, *, check_alive: bool = False) -> list[int]:
+        """Online requests in flight per cell, summed over the entries."""
+        totals = [0] * CELLS
+        for _, row in self.rows(check_alive=check_alive):
             for c in range(CELLS):
-                if row[c]:
-                    totals[c] += row[c]
+                if row[ONLINE + c]:
+                    totals[c] += row[ONLINE + c]
         return totals
 
 
@@ -222,17 +237,39 @@ class OnlineGate:
             self._board = None
 
 
+def fair_level(demands: Sequence[int], capacity: float) -> float:
+    """Max-min fair share: the level such that every demand below it is met in full and the rest get the level."""
+    remaining, n = float(capacity), len(demands)
+    for d in sorted(demands):
+        level = remaining / n
+        if d >= level:
+            return level
+        remaining -= d
+        n -= 1
+    return float("inf")  # every demand is met
+
+
 class BoardWatcher:
-    """A worker's side: turns the board's online counts into each member's reservation (see the module's doc)."""
+    """A worker's side of the board (see the module's doc): each member's limiter gets a reservation for the online
+    requests in flight on its upstream, and a share of the limit with the other batch processes of this machine:
+    its max-min fair part of the demand, and never more than the others leave free."""
 
     def __init__(self, board: Board, members: Sequence[Member], mode: Mode, hold_s: float = 0.1) -> None:
         self.board, self.members, self.mode, self.hold_s = board, list(members), mode, hold_s
         self._cells = [cell(m.name) for m in self.members]
         self._last_online = [0.0] * len(self.members)  # when each member last had an online request
 
-    def apply(self, counts: list[int], now: float) -> None:
+    def publish(self) -> None:
+        load: dict[int, tuple[int, int]] = {}
+        for c, m in zip(self._cells, self.members, strict=True):
+            demand, flight = load.get(c, (0, 0))
+            load[c] = (demand + m.limiter.pending, flight + m.limiter.in_flight)
+        self.board.publish(load)
+
+    def apply(self, rows: Sequence[tuple[bool, Sequence[int]]], now: float) -> None:
         for i, member in enumerate(self.members):
-            online = counts[self._cells[i]]
+            c, limiter = self._cells[i], member.limiter
+            online = sum(row[ONLINE + c] for _, row in rows)
             if self.mode == "pause":
                 if online:
                     self._last_online[i] = now
@@ -240,7 +277,15 @@ class BoardWatcher:
                 reserve = PAUSE_RESERVE if paused else 0
             else:
                 reserve = online
-            member.limiter.reserve(reserve)
+            limiter.reserve(reserve)
+            others = [(row[DEMAND + c], row[FLIGHT + c]) for own, row in rows if not own and row[DEMAND + c]]
+            if not others:
+                limiter.share(None)
+                continue
+            capacity = max(0, limiter.limit - min(reserve, limiter.limit))
+            level = fair_level([limiter.pending, *(d for d, _ in others)], capacity)
+            fair = limiter.pending if level == float("inf") else max(1, int(level))
+            limiter.share(max(0, min(fair, capacity - sum(f for _, f in others))))
 
     async def run(self) -> None:
         """Follow the board until cancelled."""
@@ -248,14 +293,13 @@ class BoardWatcher:
         pausing = False
         while True:
             now = time.monotonic()
+            self.publish()
             current = self.board.generation()
             if current != gen or now - checked >= LIVENESS_S or pausing:
                 check = now - checked >= LIVENESS_S
                 if check:
                     checked = now
                 gen = current
-                self.apply(self.board.counts(check_alive=check), now)
-                pausing = self.mode == "pause" and any(
-                    now - t < self.hold_s for t in self._last_online
-                )  # the hold runs out without a change on the board
+                self.apply(self.board.rows(check_alive=check), now)
+                pausing = self.mode == "pause" and any(now - t < self.hold_s for t in self._last_online)
             await asyncio.sleep(POLL_S)
