@@ -175,6 +175,14 @@ COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
         ("object_id", "text", NOT_NULL, None),
         ("created_at", "bigint", NOT_NULL, None),
     ],
+    "upstream_load": [
+        ("holder", "text", NOT_NULL, None),
+        ("upstream", "text", NOT_NULL, None),
+        ("machine", "text", NOT_NULL, None),
+        ("demand", "int", NOT_NULL, None),
+        ("in_flight", "int", NOT_NULL, None),
+        ("expires_at", "float", NOT_NULL, None),
+    ],
 }
 PRIMARY_KEYS = {
     "schema_migrations": ("version",),
@@ -187,6 +195,7 @@ PRIMARY_KEYS = {
     "projects": ("seq",),
     "api_keys": ("seq",),
     "idempotency_keys": ("owner", "key"),
+    "upstream_load": ("holder", "upstream"),
 }
 UNIQUE = {
     "files": [("id",)],

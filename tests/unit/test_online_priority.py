@@ -12,9 +12,18 @@ from pathlib import Path
 import pytest
 
 from batchyard.execution.dispatcher import Dispatcher, StopSignal
+from batchyard.store.base import UpstreamLoad
 from batchyard.upstreams.http import HTTPUpstream
 from batchyard.upstreams.limiter import Limiter, Signal
-from batchyard.upstreams.online import CELLS, Board, BoardWatcher, OnlineGate, cell, fair_level
+from batchyard.upstreams.online import (
+    CELLS,
+    Board,
+    BoardWatcher,
+    MachineShares,
+    OnlineGate,
+    cell,
+    fair_level,
+)
 from batchyard.upstreams.pool import Member
 from batchyard.upstreams.router import Router
 from tests.support.fake_upstream import FakeUpstream
@@ -159,7 +168,8 @@ async def test_two_processes_share_one_limit_fairly(tmp_path: Path) -> None:
     boards = [Board(path), Board(path)]
     limiters = [Limiter(8), Limiter(8)]
     watchers = [
-        BoardWatcher(b, [Member(_NoUpstream("up"), lim)], "slots") for b, lim in zip(boards, limiters)
+        BoardWatcher(b, [Member(_NoUpstream("up"), lim)], "slots")
+        for b, lim in zip(boards, limiters, strict=True)
     ]
 
     def step() -> None:
@@ -171,7 +181,9 @@ async def test_two_processes_share_one_limit_fairly(tmp_path: Path) -> None:
     held_a = [await limiters[0].acquire() for _ in range(8)]  # A alone: the whole limit
     step()
     assert limiters[0].room is None  # nobody else wants any
-    assert limiters[1].room == 0  # A uses the whole limit: B's first line waits for the next look at the board
+    assert (
+        limiters[1].room == 0
+    )  # A uses the whole limit: B's first line waits for the next look at the board
     waiting_b = [asyncio.create_task(limiters[1].acquire()) for _ in range(8)]
     waiting_a = [asyncio.create_task(limiters[0].acquire()) for _ in range(8)]
     await asyncio.sleep(0)
@@ -183,7 +195,7 @@ async def test_two_processes_share_one_limit_fairly(tmp_path: Path) -> None:
     await asyncio.sleep(0)
     assert limiters[1].in_flight == 4 and limiters[0].in_flight == 4
     assert limiters[1].room == 4
-    for lim, tasks in zip(limiters, (waiting_a, waiting_b)):
+    for tasks in (waiting_a, waiting_b):
         for t in tasks:
             t.cancel()
     await asyncio.gather(*waiting_a, *waiting_b, return_exceptions=True)
@@ -244,3 +256,61 @@ async def test_an_online_request_cuts_the_youngest_batch_request_which_is_sent_a
             watcher_board.close()
             gate.close()
             await router.aclose()
+
+
+async def test_two_machines_share_one_limit_through_the_store(tmp_path: Path) -> None:
+    """Two machines (two boards), one store: each machine gets half of a limit of 8 while both want more, then the
+    one left alone gets it all once the other's rows expire."""
+    from batchyard.store.memory import MemoryStore
+
+    clock = [1000.0]
+    store = MemoryStore(clock=lambda: clock[0])
+    await store.open()
+    limiters = [Limiter(8), Limiter(8)]
+    shares = []
+    for i, lim in enumerate(limiters):
+        board = Board(tmp_path / f"board-{i}")
+        watcher = BoardWatcher(board, [Member(_NoUpstream("up"), lim)], "slots")
+
+        async def exchange(loads: list[tuple[str, int, int]], i: int = i) -> list[UpstreamLoad] | None:
+            return await store.exchange_load(f"w{i}", f"m{i}", loads, 3.0)
+
+        shares.append(MachineShares(watcher, f"m{i}", exchange))
+
+    async def step() -> None:
+        for sh in shares:
+            sh.watcher.publish()
+            rows = await sh.exchange(
+                [(m.name, m.limiter.pending, m.limiter.in_flight) for m in sh.watcher.members]
+            )
+            assert rows is not None
+            sh.watcher.machine_caps = sh.caps(rows, sh.watcher.board.rows())
+        for sh in shares:
+            sh.watcher.apply(sh.watcher.board.rows(), 0.0)
+
+    held = [await lim.acquire() for lim in limiters for _ in range(8)]  # before any word: both run it all
+    waiting = [asyncio.create_task(lim.acquire()) for lim in limiters for _ in range(4)]
+    await asyncio.sleep(0)
+    await step()
+    await step()  # the first machine to write saw nothing of the other's yet
+    assert limiters[0].room == 0 and limiters[1].room == 0  # each sees the other using the whole limit
+    for lim in limiters:  # their requests end
+        for _ in range(8):
+            lim.release(held.pop(), Signal.OK)
+    await step()
+    await step()
+    await asyncio.sleep(0)
+    assert limiters[0].room == 4 and limiters[1].room == 4  # half each: both want more than half
+    assert limiters[0].in_flight == 4 and limiters[1].in_flight == 4
+    for t in waiting:
+        t.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    for lim in limiters:
+        while lim.in_flight:
+            lim.release(0.0, Signal.OK)
+    clock[0] += 10  # machine 1 is gone (its rows expired): machine 0 runs the whole limit
+    rows = await shares[0].exchange([("up", 0, 0)])
+    assert rows == []
+    assert shares[0].caps(rows, shares[0].watcher.board.rows()) == [None]
+    for sh in shares:
+        sh.watcher.board.close()

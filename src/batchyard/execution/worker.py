@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 
 from batchyard import metrics
@@ -21,8 +22,8 @@ from batchyard.execution.shard_runner import ShardRunner
 from batchyard.execution.sweeper import Sweeper, SweepReport
 from batchyard.execution.webhooks import WebhookSender
 from batchyard.ids import worker_id
-from batchyard.store.base import MetadataStore
-from batchyard.upstreams.online import Board, BoardWatcher
+from batchyard.store.base import MetadataStore, UpstreamLoad
+from batchyard.upstreams.online import Board, BoardWatcher, MachineShares
 from batchyard.upstreams.router import Router
 
 log = logging.getLogger("batchyard.worker")
@@ -196,8 +197,19 @@ class Worker:
                 "online priority is off: the board %s cannot be opened (%s)", self.settings.online_board, e
             )
             return
+        watcher = BoardWatcher(board, self.router.members, self.settings.online_priority)
+
+        async def exchange(loads: list[tuple[str, int, int]]) -> list[UpstreamLoad] | None:
+            try:
+                return await self.store.exchange_load(self.id, machine, loads, ttl_s=3.0)
+            except DEPENDENCY_ERRORS:
+                return None  # no word from the other machines: this one runs the whole limit meanwhile
+
+        machine = f"{socket.gethostname()}|{self.settings.online_board}"
         try:
-            await BoardWatcher(board, self.router.members, self.settings.online_priority).run()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(watcher.run())
+                tg.create_task(MachineShares(watcher, machine, exchange).run())
         finally:
             board.close()
 

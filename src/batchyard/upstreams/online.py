@@ -39,10 +39,11 @@ import struct
 import tempfile
 import time
 import zlib
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
+from batchyard.store.base import UpstreamLoad
 from batchyard.upstreams.pool import Member
 
 log = logging.getLogger("batchyard.online")
@@ -258,6 +259,8 @@ class BoardWatcher:
         self.board, self.members, self.mode, self.hold_s = board, list(members), mode, hold_s
         self._cells = [cell(m.name) for m in self.members]
         self._last_online = [0.0] * len(self.members)  # when each member last had an online request
+        # what this machine may have in flight per member, from the other machines' load (MachineShares; None: all)
+        self.machine_caps: list[int | None] = [None] * len(self.members)
 
     def publish(self) -> None:
         load: dict[int, tuple[int, int]] = {}
@@ -278,11 +281,14 @@ class BoardWatcher:
             else:
                 reserve = online
             limiter.reserve(reserve)
+            machine_cap = self.machine_caps[i]
             others = [(row[DEMAND + c], row[FLIGHT + c]) for own, row in rows if not own and row[DEMAND + c]]
             if not others:
-                limiter.share(None)
+                limiter.share(machine_cap)
                 continue
             capacity = max(0, limiter.limit - min(reserve, limiter.limit))
+            if machine_cap is not None:
+                capacity = min(capacity, machine_cap)
             level = fair_level([limiter.pending, *(d for d, _ in others)], capacity)
             fair = limiter.pending if level == float("inf") else max(1, int(level))
             limiter.share(max(0, min(fair, capacity - sum(f for _, f in others))))
@@ -303,3 +309,49 @@ class BoardWatcher:
                 self.apply(self.board.rows(check_alive=check), now)
                 pausing = self.mode == "pause" and any(now - t < self.hold_s for t in self._last_online)
             await asyncio.sleep(POLL_S)
+
+
+Exchange = Callable[[list[tuple[str, int, int]]], Awaitable[list[UpstreamLoad] | None]]
+
+
+class MachineShares:
+    """Shares each upstream's limit with the workers of other machines (through the store, every `interval`): this
+    machine gets its max-min fair part of the demand of all machines, never more than the others leave free; the
+    watcher divides it among this machine's processes. `exchange(loads)` records this process's (upstream, demand,
+    in flight) and returns the other holders' live rows (None when the store cannot be reached: no cap then)."""
+
+    def __init__(
+        self, watcher: BoardWatcher, machine: str, exchange: Exchange, interval: float = 1.0
+    ) -> None:
+        self.watcher, self.machine, self.exchange, self.interval = watcher, machine, exchange, interval
+
+    def caps(
+        self, rows: Sequence[UpstreamLoad], board_rows: Sequence[tuple[bool, Sequence[int]]]
+    ) -> list[int | None]:
+        w = self.watcher
+        out: list[int | None] = []
+        for c, member in zip(w._cells, w.members, strict=True):
+            demand: dict[str, int] = {}
+            flight = 0
+            for r in rows:
+                if r.upstream == member.name and r.machine != self.machine:
+                    demand[r.machine] = demand.get(r.machine, 0) + r.demand
+                    flight += r.in_flight
+            if not any(demand.values()):
+                out.append(None)
+                continue
+            limiter = member.limiter
+            mine = sum(row[DEMAND + c] for _, row in board_rows)
+            capacity = max(0, limiter.limit - min(limiter.reserved, limiter.limit))
+            level = fair_level([mine, *demand.values()], capacity)
+            fair = mine if level == float("inf") else max(1, int(level))
+            out.append(max(0, min(fair, capacity - flight)))
+        return out
+
+    async def run(self) -> None:
+        w = self.watcher
+        while True:
+            loads = [(m.name, m.limiter.pending, m.limiter.in_flight) for m in w.members]
+            rows = await self.exchange(loads)
+            w.machine_caps = [None] * len(w.members) if rows is None else self.caps(rows, w.board.rows())
+            await asyncio.sleep(self.interval)
