@@ -189,8 +189,8 @@ async def test_two_processes_share_one_limit_fairly(tmp_path: Path) -> None:
     await asyncio.sleep(0)
     step()
     assert limiters[0].room == 4 and limiters[1].room == 0  # B's fair 4 waits for A's requests to end
-    for t in held_a[:4]:
-        limiters[0].release(t, Signal.OK)
+    for started in held_a[:4]:
+        limiters[0].release(started, Signal.OK)
     step()
     await asyncio.sleep(0)
     assert limiters[1].in_flight == 4 and limiters[0].in_flight == 4
