@@ -534,6 +534,24 @@ class Settings(_Model):
             metavar="GLOB",
         ),
     ] = Field(default_factory=list)
+    online_priority: Annotated[
+        Literal["slots", "pause", "off"],
+        Option(
+            EXECUTION,
+            "How batch lines yield to online requests (/v1/chat/completions and the like) on the same upstream: "
+            "'slots' (batch lines get what online requests leave of the concurrency limit; the youngest are cut "
+            "short when an online request needs their slot), 'pause' (no batch line is sent while an online "
+            "request is in flight there: for an engine whose slots share a few CPU cores), or 'off'.",
+            doc="How batch lines yield to online requests on the same upstream (docs/api.md, online requests): "
+            "`slots` (batch lines get what online requests in flight leave of the concurrency limit; the "
+            "youngest are cut short and sent again when an online request needs their slot), `pause` (no batch "
+            "line is sent to an upstream while an online request is in flight there, nor for 0.1 s after: for "
+            "an engine whose slots share a few CPU cores, such as llama.cpp on a CPU), `off`. The API and the "
+            "workers of one machine meet on a shared-memory board; workers on other machines see online load "
+            "only as latency",
+            metavar="slots|pause|off",
+        ),
+    ] = "slots"
 
     @model_validator(mode="after")
     def _secret_with_urls(self) -> Settings:
@@ -548,6 +566,15 @@ class Settings(_Model):
     @property
     def blob_root(self) -> Path:
         return self.data_dir / "blobs"
+
+    @property
+    def online_board(self) -> Path:
+        """The shared-memory board where this deployment's API and workers on this machine meet (upstreams/online)."""
+        if self.database_url is None:  # SQLite: beside its file
+            return self.data_dir / "online-board"
+        from batchyard.upstreams.online import default_path
+
+        return default_path(self.database_url)
 
     @property
     def heartbeat_seconds(self) -> float:
@@ -576,12 +603,24 @@ class Settings(_Model):
         """A copy with `changes`, checked like the original."""
         return type(self).model_validate({**self.model_dump(), **changes})
 
-    def share(self, n: int) -> Settings:
+    def share(self, n: int, *, concurrency: bool = True) -> Settings:
         """The settings of one of `n` worker processes that together honour this process's limits: the limits
         that are per upstream (concurrency, where the automatic one starts and its ceiling, max_concurrency, rpm, tpm)
-        are split n ways."""
+        are split n ways. With `concurrency` false the concurrency limits stay whole: the processes share them on
+        this machine's board instead (upstreams/online.py), each taking its fair part of what is in use."""
         if n <= 1:
             return self
+        if not concurrency:
+            rates = [
+                s.model_copy(
+                    update={
+                        "rpm": None if s.rpm is None else s.rpm / n,
+                        "tpm": None if s.tpm is None else s.tpm / n,
+                    }
+                )
+                for s in self.upstream_specs
+            ]
+            return self.model_copy(update={"workers": 1, "upstream_specs": rates})
 
         def split(v: int | None) -> int | None:
             return None if v is None else max(1, math.ceil(v / n))

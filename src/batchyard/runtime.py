@@ -32,6 +32,7 @@ from batchyard.store.base import MetadataStore
 from batchyard.store.factory import open_store
 from batchyard.supervisor import WorkerPool, WorkerThread
 from batchyard.upstreams.factory import build_router
+from batchyard.upstreams.online import OnlineGate
 from batchyard.upstreams.router import Router
 
 log = logging.getLogger("batchyard")
@@ -59,6 +60,7 @@ class Runtime:
     worker_mode: str  # "thread" (a worker on a thread of this process) or "process" (child processes)
     worker: Worker | None = None  # the in-process worker, once its thread has built it
     worker_pool: WorkerPool | None = None
+    _online: OnlineGate | None = None
 
     @classmethod
     def create(cls, settings: Settings, worker_mode: str | None = None) -> Runtime:
@@ -73,7 +75,16 @@ class Runtime:
         )
 
     def services(self) -> Services:
-        return Services(self.store, self.blobs, self.router, self.settings, self._notify)
+        return Services(
+            self.store, self.blobs, self.router, self.settings, self._notify, online=self.online_gate()
+        )
+
+    def online_gate(self) -> OnlineGate:
+        """The gate online requests pass (upstreams/online.py): on the board this machine's workers watch."""
+        if self._online is None:
+            off = self.settings.online_priority == "off"
+            self._online = OnlineGate(None if off else self.settings.online_board)
+        return self._online
 
     def announce(self, url: str) -> None:
         """Log what this process serves, once it listens at `url`: the startup summary (logs.py)."""
@@ -100,6 +111,8 @@ class Runtime:
             if children or metrics.multiprocess_dir():  # before any child or count exists
                 stack.enter_context(metrics.shared_across_processes())
             await _enter(stack, self.store, self.blobs, self.router)
+            if self._online is not None:
+                stack.callback(self._online.close)
             if self.settings.run_worker:
                 await self._start_workers(stack, on_worker_death or (lambda: None))
             yield

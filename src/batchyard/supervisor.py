@@ -223,7 +223,7 @@ class WorkerProcess:
 
 class WorkerPool:
     """`n` worker processes that claim shards from the same store, each with its share of the per-upstream limits
-    (`Settings.share`). Python runs one line of bytecode at a time per process, and against a fast upstream the
+    (`Settings.share`; the concurrency limits shared on this machine's board, upstreams/online.py). Python runs one line of bytecode at a time per process, and against a fast upstream the
     per-request HTTP work is CPU-bound, so a node with several cores runs several workers. A child that dies is
     started again (`WorkerProcess`); one that keeps dying calls `on_death` (the parent exits and its supervisor
     restarts it)."""
@@ -236,7 +236,8 @@ class WorkerPool:
         on_death: Callable[[], None],
         release: Release | None = None,
     ) -> None:
-        share = settings.share(n)
+        # the concurrency limits are shared on the board when the workers watch it, else split n ways
+        share = settings.share(n, concurrency=settings.online_priority == "off")
         self.workers = [WorkerProcess(share, entry, on_death, release=release) for _ in range(n)]
 
     def start(self) -> None:

@@ -195,6 +195,14 @@ COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
         ("status_code", "int", NULL, None),
         ("error", "text", NULL, None),
     ],
+    "upstream_load": [
+        ("holder", "text", NOT_NULL, None),
+        ("upstream", "text", NOT_NULL, None),
+        ("machine", "text", NOT_NULL, None),
+        ("demand", "int", NOT_NULL, None),
+        ("in_flight", "int", NOT_NULL, None),
+        ("expires_at", "float", NOT_NULL, None),
+    ],
 }
 PRIMARY_KEYS = {
     "schema_migrations": ("version",),
@@ -209,6 +217,7 @@ PRIMARY_KEYS = {
     "idempotency_keys": ("owner", "key"),
     "webhook_endpoints": ("seq",),
     "webhook_deliveries": ("seq",),
+    "upstream_load": ("holder", "upstream"),
 }
 UNIQUE = {
     "files": [("id",)],

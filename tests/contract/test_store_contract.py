@@ -1649,3 +1649,21 @@ async def test_claims_remove_forgotten_idempotency_keys(store: MetadataStore) ->
     # the old rows are gone: a claim with an older window (which would keep them) gets its own row
     again = idem("batch_again", key="old0", at=int(T0) - TTL_S - 5)
     assert await store.claim_idempotency_key(again, int(T0) - 2 * TTL_S) == again
+
+
+# -- upstream load across machines (migration 0011) --------------------------------------------------------------
+
+
+async def test_exchange_load_shows_other_holders_live_rows(store: MetadataStore, clock: Clock) -> None:
+    assert await store.exchange_load("w1", "m1", [("up-a", 10, 4), ("up-b", 1, 1)], 3.0) == []
+    others = await store.exchange_load("w2", "m2", [("up-a", 7, 2)], 3.0)
+    assert [(r.machine, r.upstream, r.demand, r.in_flight) for r in others] == [
+        ("m1", "up-a", 10, 4),
+        ("m1", "up-b", 1, 1),
+    ]
+    clock.advance(2.0)
+    others = await store.exchange_load("w1", "m1", [("up-a", 12, 5)], 3.0)  # an update, not a second row
+    assert [(r.machine, r.upstream, r.demand, r.in_flight) for r in others] == [("m2", "up-a", 7, 2)]
+    clock.advance(2.0)  # w2's row is 4 s old: gone; w1's up-b too (not refreshed)
+    others = await store.exchange_load("w3", "m3", [], 3.0)
+    assert [(r.machine, r.upstream, r.demand) for r in others] == [("m1", "up-a", 12)]

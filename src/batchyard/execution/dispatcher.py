@@ -28,6 +28,9 @@ class Outcome:
     stopped: str | None = None  # batch_cancelled / batch_expired: the line was not executed to the end
 
 
+PREEMPTED = object()  # `_attempt`'s answer when an online request cut the attempt short: send the line again
+
+
 class StopSignal:
     """Set when a shard must stop dispatching (batch cancelled or expired); carries the error code."""
 
@@ -60,9 +63,9 @@ class Dispatcher:
         body: dict[str, Any],
         payload: bytes,
         stop: StopSignal,
-    ) -> UpstreamResponse | UpstreamError | None:
+    ) -> UpstreamResponse | UpstreamError | object | None:
         """One try on the best member of the group: its rate limits, concurrency limit and health.
-        None if the batch stopped before the request was sent."""
+        None if the batch stopped before the request was sent; PREEMPTED if an online request cut it short."""
         while True:
             member = pick(group)
             limiter = member.limiter
@@ -83,9 +86,10 @@ class Dispatcher:
         body: dict[str, Any],
         payload: bytes,
         stop: StopSignal,
-    ) -> UpstreamResponse | UpstreamError | None:
+    ) -> UpstreamResponse | UpstreamError | object | None:
         signal = Signal.ERROR
         meter, sent_at, status = metrics.upstream(member.name), None, None  # status: None while unanswered
+        handle = None
         try:
             if member.rpm is not None:
                 await member.rpm.take(1)
@@ -95,9 +99,17 @@ class Dispatcher:
                 return None
             member.health.on_attempt(time.monotonic())
             sent_at = meter.sent()
-            resp = await member.upstream.call(
-                endpoint, payload, timeout=member.timeout or self._attempt_timeout
-            )
+            if member.upstream.preemptible:
+                handle = limiter.track()
+            try:
+                resp = await member.upstream.call(
+                    endpoint, payload, timeout=member.timeout or self._attempt_timeout
+                )
+            except asyncio.CancelledError:
+                if handle is None or not handle.taken_back():
+                    raise
+                signal, status = Signal.PREEMPTED, "preempted"
+                return PREEMPTED
             signal, status = _signal_of(resp.status), str(resp.status)
             if resp.status >= 400:
                 failure_log.answered(member, resp)
@@ -108,8 +120,12 @@ class Dispatcher:
             failure_log.failed(member, e)
             return e
         finally:
+            if handle is not None:
+                limiter.untrack(handle)
             limiter.release(started, signal)
-            if signal is not Signal.OVERLOAD:  # overload is about capacity, not health
+            if signal is Signal.PREEMPTED:  # says nothing of its health (a probe that was cut may go again)
+                member.health.probing = False
+            elif signal is not Signal.OVERLOAD:  # overload is about capacity, not health
                 member.health.on_result(signal is Signal.OK, time.monotonic())
             if sent_at is not None:
                 meter.answered(sent_at, status)
@@ -130,6 +146,9 @@ class Dispatcher:
             resp = await self._attempt(group, endpoint, body, payload, stop)
             if resp is None:  # stopped while waiting for a slot: never sent
                 return Outcome(False, lines.not_executed_line(custom_id, stop.code or ""), stopped=stop.code)
+            if resp is PREEMPTED:  # an online request took its slot: the line goes again (no retry counted)
+                continue
+            assert isinstance(resp, UpstreamResponse | UpstreamError)
             if isinstance(resp, UpstreamError):
                 if resp.retryable and retries < self._max_retries:
                     metrics.retried(resp.kind)

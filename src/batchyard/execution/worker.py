@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 
 from batchyard import metrics
@@ -21,7 +22,8 @@ from batchyard.execution.shard_runner import ShardRunner
 from batchyard.execution.sweeper import Sweeper, SweepReport
 from batchyard.execution.webhooks import WebhookSender
 from batchyard.ids import worker_id
-from batchyard.store.base import MetadataStore
+from batchyard.store.base import MetadataStore, UpstreamLoad
+from batchyard.upstreams.online import Board, BoardWatcher, MachineShares
 from batchyard.upstreams.router import Router
 
 log = logging.getLogger("batchyard.worker")
@@ -181,6 +183,31 @@ class Worker:
         """One pass of the sweeper: expired files and uploads, deleted files' blobs, orphans (execution/sweeper)."""
         return await self.sweeper.sweep()
 
+    async def _watch_online(self) -> None:
+        """Batch lines yield to the online requests of this machine's API processes (upstreams/online.py)."""
+        try:
+            board = Board(self.settings.online_board)
+        except OSError as e:  # no shared memory here: batch lines do not see online requests
+            log.warning(
+                "online priority is off: the board %s cannot be opened (%s)", self.settings.online_board, e
+            )
+            return
+        watcher = BoardWatcher(board, self.router.members, self.settings.online_priority)
+
+        async def exchange(loads: list[tuple[str, int, int]]) -> list[UpstreamLoad] | None:
+            try:
+                return await self.store.exchange_load(self.id, machine, loads, ttl_s=3.0)
+            except DEPENDENCY_ERRORS:
+                return None  # no word from the other machines: this one runs the whole limit meanwhile
+
+        machine = f"{socket.gethostname()}|{self.settings.online_board}"
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(watcher.run())
+                tg.create_task(MachineShares(watcher, machine, exchange).run())
+        finally:
+            board.close()
+
     async def run(self) -> None:
         """Run every loop until cancelled; an exception in one loop cancels the others and propagates."""
         self._event_loop = asyncio.get_running_loop()
@@ -191,5 +218,7 @@ class Worker:
             tg.create_task(self._loop(self.sweep_files_once, "sweeping"), name="file-sweeper")
             tg.create_task(self._deliver_webhooks(), name="webhooks")
             tg.create_task(self._listen(), name="store-listener")
+            if self.settings.online_priority != "off":
+                tg.create_task(self._watch_online(), name="online-board")
             for i in range(self.settings.max_shards):
                 tg.create_task(self._loop(self.run_shard_once, "running shards"), name=f"shard-runner-{i}")

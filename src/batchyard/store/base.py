@@ -63,6 +63,16 @@ class BatchStats:
     lines_waiting: int  # lines of unfinished batches without an output or error line yet (progress counts)
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamLoad:
+    """One worker process's batch load on one upstream (`exchange_load`)."""
+
+    machine: str
+    upstream: str
+    demand: int  # lines holding or waiting for a slot
+    in_flight: int
+
+
 @dataclass(slots=True)
 class Heartbeat:
     batch_status: BatchStatus
@@ -348,3 +358,11 @@ class MetadataStore(ABC):
     @abstractmethod
     async def drop_idempotency_key(self, owner: str, key: str, object_id: str) -> None:
         """Remove the row of (owner, key) if it still names `object_id` (its request failed before creating it)."""
+
+    # upstream load across machines (upstreams/online.py, MachineShares)
+    @abstractmethod
+    async def exchange_load(
+        self, holder: str, machine: str, loads: Sequence[tuple[str, int, int]], ttl_s: float
+    ) -> list[UpstreamLoad]:
+        """Record `holder`'s (upstream, demand, in flight) rows, live for `ttl_s` (the store's clock), and return the
+        live rows of every other holder on those upstreams. Rows past their time are removed on the way."""

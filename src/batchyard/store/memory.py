@@ -51,7 +51,15 @@ from batchyard.domain.validation import ShardPlan
 from batchyard.domain.webhooks import MAX_ATTEMPTS_SHOWN, DeliveryAttempt, WebhookEndpoint
 from batchyard.errors import StoreError
 from batchyard.ids import event_id
-from batchyard.store.base import BatchJob, BatchStats, Heartbeat, MetadataStore, OwnerUsage, Page
+from batchyard.store.base import (
+    BatchJob,
+    BatchStats,
+    Heartbeat,
+    MetadataStore,
+    OwnerUsage,
+    Page,
+    UpstreamLoad,
+)
 
 S = BatchStatus
 Sh = ShardStatus
@@ -123,6 +131,9 @@ class _State:
     idempotency: dict[tuple[str, str], IdempotencyKey] = field(default_factory=dict)  # (owner, key) -> row
     endpoints: dict[str, WebhookEndpoint] = field(default_factory=dict)  # id -> endpoint, in creation order
     deliveries: dict[str, list[DeliveryAttempt]] = field(default_factory=dict)  # event id -> its attempts
+    load: dict[tuple[str, str], tuple[UpstreamLoad, float]] = field(
+        default_factory=dict
+    )  # (holder, upstream)
     seq: int = 0
 
 
@@ -795,6 +806,20 @@ class MemoryStore(MetadataStore):
         held = self._s.idempotency.get((owner, key))
         if held is not None and held.object_id == object_id:
             del self._s.idempotency[(owner, key)]
+
+    # -- upstream load across machines ----------------------------------------------------------------------
+    async def exchange_load(
+        self, holder: str, machine: str, loads: Sequence[tuple[str, int, int]], ttl_s: float
+    ) -> list[UpstreamLoad]:
+        now = self._clock()
+        rows = self._s.load
+        for k in [k for k, (_, until) in rows.items() if until < now]:
+            del rows[k]
+        for upstream, demand, in_flight in loads:
+            rows[(holder, upstream)] = (UpstreamLoad(machine, upstream, demand, in_flight), now + ttl_s)
+        return sorted(
+            (row for (h, _), (row, _) in rows.items() if h != holder), key=lambda r: (r.machine, r.upstream)
+        )
 
 
 def _after(items: list[Any], after: str | None) -> list[Any]:

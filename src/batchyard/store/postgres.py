@@ -65,7 +65,15 @@ from batchyard.ids import event_id
 from batchyard.store import sql
 from batchyard.store import tenancy_sql as tq
 from batchyard.store import webhooks_sql as wq
-from batchyard.store.base import BatchJob, BatchStats, Heartbeat, MetadataStore, OwnerUsage, Page
+from batchyard.store.base import (
+    BatchJob,
+    BatchStats,
+    Heartbeat,
+    MetadataStore,
+    OwnerUsage,
+    Page,
+    UpstreamLoad,
+)
 from batchyard.store.rows import (
     BATCH_FIELDS,
     EVENT_FIELDS,
@@ -874,3 +882,16 @@ class PostgresStore(MetadataStore):
     async def drop_idempotency_key(self, owner: str, key: str, object_id: str) -> None:
         async with self._conn() as conn:
             await conn.execute(pg(sql.DROP_IDEMPOTENCY_KEY), owner, key, object_id)
+
+    # -- upstream load across machines ----------------------------------------------------------------------
+    async def exchange_load(
+        self, holder: str, machine: str, loads: Sequence[tuple[str, int, int]], ttl_s: float
+    ) -> list[UpstreamLoad]:
+        async with self._tx() as conn:
+            now = await conn.fetchval(f"SELECT {_now('$1')}", self._t())
+            await conn.execute(pg(sql.PRUNE_LOAD), now)
+            await conn.executemany(
+                pg(sql.PUT_LOAD), [(holder, u, machine, d, f, now + ttl_s) for u, d, f in loads]
+            )
+            rows = await conn.fetch(pg(sql.OTHERS_LOAD), holder, now)
+        return [UpstreamLoad(*r.values()) for r in rows]

@@ -168,3 +168,15 @@ LINES_WAITING = (
     "SELECT COALESCE(SUM(s.line_count - s.completed - s.failed), 0) FROM shards s "
     f"JOIN batches b ON b.id = s.batch_id WHERE s.status <> {_DONE} AND b.status IN {in_list(UNFINISHED)}"
 )
+
+# upstream load across machines (migration 0011): expired rows go, this holder's rows are upserted, the others read
+PRUNE_LOAD = "DELETE FROM upstream_load WHERE expires_at < ?"
+PUT_LOAD = (
+    "INSERT INTO upstream_load (holder, upstream, machine, demand, in_flight, expires_at) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (holder, upstream) DO UPDATE SET machine = excluded.machine, demand = excluded.demand, "
+    "in_flight = excluded.in_flight, expires_at = excluded.expires_at"
+)
+OTHERS_LOAD = (
+    "SELECT machine, upstream, demand, in_flight FROM upstream_load WHERE holder <> ? AND expires_at >= ? "
+    "ORDER BY machine, upstream"
+)

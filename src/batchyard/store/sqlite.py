@@ -60,7 +60,15 @@ from batchyard.ids import event_id
 from batchyard.store import sql
 from batchyard.store import tenancy_sql as tq
 from batchyard.store import webhooks_sql as wq
-from batchyard.store.base import BatchJob, BatchStats, Heartbeat, MetadataStore, OwnerUsage, Page
+from batchyard.store.base import (
+    BatchJob,
+    BatchStats,
+    Heartbeat,
+    MetadataStore,
+    OwnerUsage,
+    Page,
+    UpstreamLoad,
+)
 from batchyard.store.rows import (
     BATCH_COLS,
     EVENT_COLS,
@@ -918,6 +926,20 @@ class SQLiteStore(MetadataStore):
             db.execute(sql.DROP_IDEMPOTENCY_KEY, (owner, key, object_id))
 
         await self._run(q)
+
+    # -- upstream load across machines ----------------------------------------------------------------------
+    async def exchange_load(
+        self, holder: str, machine: str, loads: Sequence[tuple[str, int, int]], ttl_s: float
+    ) -> list[UpstreamLoad]:
+        def q(db: sqlite3.Connection) -> list[UpstreamLoad]:
+            now = self._clock()
+            with self._tx(db):
+                db.execute(sql.PRUNE_LOAD, (now,))
+                db.executemany(sql.PUT_LOAD, [(holder, u, machine, d, f, now + ttl_s) for u, d, f in loads])
+                rows = db.execute(sql.OTHERS_LOAD, (holder, now)).fetchall()
+            return [UpstreamLoad(*r) for r in rows]
+
+        return await self._run(q)
 
 
 def _key_values(rec: IdempotencyKey) -> tuple[str, str, str, str, str, int]:

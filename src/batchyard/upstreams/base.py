@@ -33,6 +33,9 @@ class UpstreamError(Exception):
 
 class Upstream(ABC):
     name: str
+    # A request cut short (its task cancelled) frees its engine slot: true of an HTTP upstream (the connection is
+    # closed, the engine stops), not of an engine in this process that finishes the request in the background.
+    preemptible: bool = False
 
     @abstractmethod
     async def call(self, endpoint: str, body: bytes, *, timeout: float) -> UpstreamResponse:

@@ -179,6 +179,8 @@ class _Connection(asyncio.Protocol):
 
 
 class HTTPUpstream(Upstream):
+    preemptible = True  # a cancelled request aborts its connection (`_exchange`): the engine stops on its own
+
     def __init__(
         self,
         base_url: str,

@@ -9,6 +9,7 @@ Shrinking happens at most once per round trip, so one burst of 429s counts as on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -41,16 +42,42 @@ class Signal(Enum):
     OK = "ok"  # a response the upstream produced normally (2xx, or a 4xx about the request itself)
     OVERLOAD = "overload"  # 429, 503, a timeout: the upstream wants less
     ERROR = "error"  # other failures (5xx, connection errors): no information about capacity
+    PREEMPTED = "preempted"  # cut short to make room for an online request: no information either
+
+
+class Preemptible:
+    """A batch request in flight that an online request may cut short (`Limiter.preempt`)."""
+
+    __slots__ = ("preempted", "task")
+
+    def __init__(self, task: asyncio.Task[object]) -> None:
+        self.task = task
+        self.preempted = False
+
+    def taken_back(self) -> bool:
+        """Called where the request's task caught its CancelledError: True when the cancel was a preemption
+        only (the request is then sent again), False when the task itself is being cancelled."""
+        if not self.preempted:
+            return False
+        return self.task.uncancel() == 0
 
 
 class Limiter:
-    """Bounds requests in flight. FIFO among waiters; cancellation-safe."""
+    """Bounds requests in flight. FIFO among waiters; cancellation-safe.
+
+    A *reservation* (`reserve`, from the online requests in flight on the same upstream: upstreams/online.py) takes
+    slots off the limit for batch lines; `preempt` cuts the youngest requests in flight beyond what is left."""
 
     def __init__(self, limit: float) -> None:
         self._limit = float(limit)
         self.in_flight = 0
+        self.reserved = 0  # slots online requests hold (upstreams/online.py): batch lines get the rest
+        self.room: int | None = (
+            None  # this process's share of the limit with other processes (None: all of it)
+        )
         self._handed = 0  # slots given to waiters that have not resumed yet
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._running: list[Preemptible] = []  # requests in flight that may be cut short, oldest first
 
     @property
     def pending(self) -> int:
@@ -63,7 +90,7 @@ class Limiter:
 
     async def acquire(self) -> float:
         """Wait for a slot; returns a start time to pass back to `release`."""
-        if self.in_flight + self._handed >= self.limit or self._waiters:
+        if self.in_flight + self._handed >= self._cap() or self._waiters:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
             try:
@@ -87,8 +114,64 @@ class Limiter:
     def observe(self, rtt: float, signal: Signal) -> None:
         """Fixed limits learn nothing."""
 
+    def _cap(self) -> int:
+        """Requests this process may have in flight now: the limit, less the online reservation, within its share."""
+        cap = max(0, self.limit - self.reserved)
+        room = self.room
+        return cap if room is None or room >= cap else room
+
+    def share(self, room: int | None) -> None:
+        """Other processes use the same upstream: this one may have `room` requests in flight (None: no cap).
+        Requests in flight beyond it are not cut: they end, and their slots go to the other processes."""
+        if room == self.room:
+            return
+        grew = room is None or (self.room is not None and room > self.room)
+        self.room = room
+        if grew:
+            self._wake()
+
+    def reserve(self, slots: int) -> None:
+        """Online requests hold `slots` of this upstream now: batch lines get the rest of the limit, and the
+        youngest of theirs in flight beyond it are cut short."""
+        if slots == self.reserved:
+            return
+        grew, self.reserved = slots > self.reserved, slots
+        if grew:
+            self.preempt(self.in_flight - max(0, self.limit - slots))  # a share is not preempted
+        else:
+            self._wake()
+
+    def track(self) -> Preemptible:
+        """The current task's request is in flight and may be cut short; `untrack` it when it ends."""
+        task = asyncio.current_task()
+        assert task is not None
+        handle = Preemptible(task)
+        self._running.append(handle)
+        return handle
+
+    def untrack(self, handle: Preemptible) -> None:
+        running = self._running
+        if running and running[-1] is handle:  # the youngest ends first often enough to check
+            running.pop()
+        else:
+            with contextlib.suppress(ValueError):
+                running.remove(handle)
+
+    def preempt(self, n: int) -> int:
+        """Cut the `n` youngest requests in flight short (their tasks are cancelled: see `Preemptible`); returns
+        how many were."""
+        cut = 0
+        for handle in reversed(self._running):
+            if cut >= n:
+                break
+            if not handle.preempted:
+                handle.preempted = True
+                handle.task.cancel()
+                cut += 1
+        return cut
+
     def _wake(self) -> None:
-        free = self.limit - self.in_flight - self._handed
+        free = self._cap() - self.in_flight - self._handed
         while free > 0 and self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
@@ -157,7 +240,7 @@ class AdaptiveLimiter(Limiter):
         if signal is Signal.OVERLOAD:
             self._decrease(now)
             return
-        if signal is Signal.ERROR:
+        if signal is Signal.ERROR or signal is Signal.PREEMPTED:
             return
         # Time-based averages (not per sample): at thousands of responses a second a per-sample average would
         # forget within milliseconds and follow a rising queue instead of revealing it.
@@ -183,8 +266,9 @@ class AdaptiveLimiter(Limiter):
         if self._short > tolerance * self._long and self._short - self._long > min_queueing:
             # the recent average needs about half its horizon to show the effect of a decrease
             self._decrease(now, spacing=max(self._short, SHORT_S / 2))
-        elif self.in_flight + 1 >= self.limit * 0.8 and not busy:
-            # while the limit is actually in use (and this process has CPU to spare): slow start doubles it per
+        elif self.in_flight + 1 >= self._cap() * 0.8 and not busy:
+            # while the limit is actually in use (this process's share of it, when it shares it with others; and
+            # this process has CPU to spare): slow start doubles it per
             # round trip, then additive increase adds about one request per round trip
             step = 1.0 if self._slow_start else 1.0 / max(self._limit, 1.0)
             self._limit = min(float(self.max_limit), self._limit + step)
