@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import Depends, FastAPI, Request
 
-from batchyard.api import admin, batches, errors, files, metrics_route, openapi, ui_routes, uploads
+from batchyard.api import admin, batches, errors, files, metrics_route, online, openapi, ui_routes, uploads
 from batchyard.api.auth import Authenticator
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
@@ -32,6 +32,7 @@ def create_app(svc: Services) -> FastAPI:
     app.include_router(batches.router(svc, auth.owner))
     app.include_router(uploads.router(svc, auth.owner))
     app.include_router(admin.router(svc, auth))
+    app.include_router(online.router(svc, auth.owner))  # the online front door (api/online.py)
     metrics_route.install(app, svc, auth)
 
     app.openapi = lambda: openapi.document(app)  # type: ignore[method-assign]
