@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from batchyard.upstreams.embedded import EmbeddedUpstream
 from tests.conftest import Server
@@ -31,7 +32,7 @@ from tests.support.fake_upstream import (
 )
 from tests.support.processes import free_port
 
-MESSAGES = [{"role": "user", "content": "Say hello"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello"}]
 
 
 def new_key(data_dir: Path, project: str) -> str:
@@ -109,7 +110,7 @@ def envelope(resp: httpx.Response, status: int, code: str | None) -> dict[str, A
 
 
 def test_chat_completions(oai: openai.OpenAI, up: FakeUpstream) -> None:
-    resp = oai.chat.completions.create(model="fake-model", messages=MESSAGES)  # type: ignore[arg-type]
+    resp = oai.chat.completions.create(model="fake-model", messages=MESSAGES)
     assert resp.choices[0].message.content == expected_text({"model": "fake-model", "messages": MESSAGES})
     assert resp.usage is not None and resp.usage.completion_tokens == 3
     assert resp._request_id is not None and resp._request_id.startswith("req_")  # the fake's own id
@@ -129,7 +130,7 @@ def test_a_stream_reaches_the_client_before_the_upstream_ends(oai: openai.OpenAI
     up.reset()
     stream = oai.chat.completions.create(
         model="fake-model",
-        messages=MESSAGES,  # type: ignore[arg-type]
+        messages=MESSAGES,
         stream=True,
         extra_body={"x_fake": {"hold": True}},  # the fake holds the stream after its first event
     )
@@ -163,7 +164,9 @@ def test_a_client_that_goes_away_closes_the_upstream_request(srv: Server, key: s
     ):
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         assert next(r.iter_raw()).startswith(b"data: ")
-    deadline = time.monotonic() + 1.5  # at once: well before the chunk timeout (--attempt-timeout 3) would cut it
+    deadline = (
+        time.monotonic() + 1.5
+    )  # at once: well before the chunk timeout (--attempt-timeout 3) would cut it
     while up.stats()["streams_cancelled"] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert up.stats()["streams_cancelled"] == 1 and up.stats()["streams_done"] == 0
@@ -200,7 +203,7 @@ def test_upstream_errors_come_back_as_they_were(http: httpx.Client) -> None:
 
 def test_unknown_model_bad_json_and_missing_model(http: httpx.Client, oai: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
-        oai.chat.completions.create(model="no-such-model", messages=MESSAGES)  # type: ignore[arg-type]
+        oai.chat.completions.create(model="no-such-model", messages=MESSAGES)
     assert info.value.code == "model_not_found"
     assert info.value.param == "model"
     envelope(http.post("/embeddings", content=b"{not json"), 400, "invalid_json")
@@ -226,7 +229,7 @@ def test_a_key_is_needed(srv: Server) -> None:
     r = httpx.post(srv.base_url + "/chat/completions", json={"model": "fake-model", "messages": MESSAGES})
     envelope(r, 401, "missing_api_key")
     with pytest.raises(openai.AuthenticationError):
-        srv.client("sk-wrong").chat.completions.create(model="fake-model", messages=MESSAGES)  # type: ignore[arg-type]
+        srv.client("sk-wrong").chat.completions.create(model="fake-model", messages=MESSAGES)
 
 
 def test_upstream_down_is_502_and_another_member_takes_it(http: httpx.Client, up: FakeUpstream) -> None:
