@@ -172,6 +172,24 @@ def test_a_client_that_goes_away_closes_the_upstream_request(srv: Server, key: s
     assert up.stats()["streams_cancelled"] == 1 and up.stats()["streams_done"] == 0
 
 
+def test_a_client_that_gives_up_waiting_closes_the_upstream_request(
+    srv: Server, key: str, up: FakeUpstream
+) -> None:
+    up.reset()
+    body = {"model": "fake-model", "messages": MESSAGES, "x_fake": {"delay": 2.5}}
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            srv.base_url + "/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=0.5,
+        )
+    while up.stats()["in_flight"] and time.monotonic() - started < 1.7:
+        time.sleep(0.05)
+    assert up.stats()["in_flight"] == 0  # cut well before the fake's 2.5 s were over
+
+
 # -- what is passed through, exactly ---------------------------------------------------------------------------
 
 

@@ -17,12 +17,12 @@ off after its head ends with an `error` event (the openai SDK raises it).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-import anyio
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
@@ -112,7 +112,7 @@ class FrontDoor:
                     param="model",
                     code="model_not_found",
                 )
-            response = await self._forward(endpoint, group, raw, stream, started)
+            response = await _unless_gone(request, self._forward(endpoint, group, raw, stream, started))
             status = _RELAYED if isinstance(response, _Relay) else response.status_code
             return response
         except APIError as e:
@@ -173,6 +173,28 @@ class FrontDoor:
 
 
 _RELAYED = -1  # the status `handle` leaves for a relayed stream, whose end counts it
+CLIENT_GONE = 499  # the status counted when the client left before the answer's head (nginx's number for it)
+
+
+async def _unless_gone(request: Request, work: Coroutine[Any, Any, Response]) -> Response:
+    """`work`'s response, unless the client goes away first: then `work` is cancelled (which ends its upstream
+    request) and the answer is a bare 499 that nobody reads."""
+    forward = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait((forward, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (forward, gone):
+            task.cancel()
+        await asyncio.gather(forward, gone, return_exceptions=True)
+    if forward.cancelled():
+        return Response(status_code=CLIENT_GONE)
+    return forward.result()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class _Call:
@@ -234,27 +256,25 @@ class _Relay(StreamingResponse):
         self._started = started
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relay = asyncio.ensure_future(self._relay(send))
+        gone = asyncio.ensure_future(_disconnected(receive))
         status: str | None = None  # stays None when the client went away first
-        healthy: bool | None = True
+        healthy: bool | None = None
         try:
-            async with anyio.create_task_group() as tg:
-
-                async def watch() -> None:
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(watch)
-                status, healthy = await self._relay(send)
-                tg.cancel_scope.cancel()
-        except OSError:  # the client went away while we wrote to it
-            status = None
+            await asyncio.wait((relay, gone), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._up.aclose()
-                await self._call.finish(status, healthy)
+            for task in (relay, gone):
+                task.cancel()
+            await asyncio.gather(relay, gone, return_exceptions=True)
+            failure = None if relay.cancelled() else relay.exception()
+            if not relay.cancelled() and failure is None:
+                status, healthy = relay.result()
+            await self._up.aclose()
+            await self._call.finish(status, healthy)
             if status is not None:
                 metrics.online_request(self._endpoint, self._up.status, time.perf_counter() - self._started)
+        if failure is not None and not isinstance(failure, OSError):  # OSError: the client left as we wrote
+            raise failure
 
     async def _relay(self, send: Send) -> tuple[str, bool | None]:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
