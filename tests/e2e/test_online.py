@@ -78,7 +78,13 @@ def routes(up: FakeUpstream, dead: str) -> list[str]:
 @pytest.fixture(scope="module")
 def srv(up: FakeUpstream, keys: tuple[Path, str, str]) -> Iterator[Server]:
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
-    with Server(keys[0], [*routes(up, dead), "--attempt-timeout", "3"]) as s:
+    config = (
+        keys[0].parent / "batchyard.toml"
+    )  # `prio-model`: a member with a vLLM priority hint for batch lines
+    config.write_text(
+        f'[[upstreams]]\nname = "prio"\nbase_url = "{up.base_url}"\nmodels = ["prio-model"]\npriority = -1\n'
+    )
+    with Server(keys[0], [*routes(up, dead), "--attempt-timeout", "3", "--config", str(config)]) as s:
         yield s
 
 
@@ -195,16 +201,17 @@ def test_a_client_that_gives_up_waiting_closes_the_upstream_request(
 
 def test_bodies_pass_through_byte_for_byte(http: httpx.Client, up: FakeUpstream) -> None:
     raw = (
-        b'{ "model":"fake-model",  "messages":[{"role":"user","content":"x"}],'
+        b'{ "model":"prio-model",  "messages":[{"role":"user","content":"x"}],'
         b' "seed": %d, "x_fake": {"huge_int": true} }' % HUGE_INT
     )
     r = http.post("/chat/completions", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 200
-    assert up.received()[-1] == raw  # not re-serialized: the spacing and the integer past 64 bits are kept
+    assert (
+        up.received()[-1] == raw
+    )  # not re-serialized: spacing, an integer past 64 bits kept; no priority added
     assert b'"x_fake_huge":%d' % HUGE_INT in r.content
     payload = build_response("/v1/chat/completions", json.loads(raw))
     assert json.loads(r.content) == {**payload, "x_fake_huge": HUGE_INT}
-    assert b'"priority"' not in up.received()[-1]
     assert len(r.headers.get_list("x-request-id")) == 1  # the upstream's id, not a second one of ours
     assert r.headers["content-type"] == "application/json"  # the fake's, as it sent it
 

@@ -49,6 +49,7 @@ class Scripted(Upstream):
         self.chunks = chunks
         self.fail = fail  # an UpstreamError kind: raised before the head, or mid-stream after the chunks
         self.fail_mid_stream = False
+        self.headers = {"content-type": "text/event-stream"}
 
     async def call(self, endpoint: str, body: bytes, *, timeout: float) -> UpstreamResponse:
         raise AssertionError("online requests use stream()")
@@ -65,7 +66,7 @@ class Scripted(Upstream):
             if self.fail:
                 raise UpstreamError(self.fail, f"scripted {self.fail}")
 
-        return UpstreamStream(200, {"content-type": "text/event-stream"}, chunks())
+        return UpstreamStream(200, self.headers, chunks())
 
 
 @contextlib.asynccontextmanager
@@ -165,3 +166,18 @@ async def test_a_stream_that_breaks_off_ends_with_an_error_event(events: Events)
     assert head == b"data: 1\n\ndata: half"  # the half-written event is closed, then the error follows
     assert json.loads(last)["error"]["code"] == "upstream_connect"
     assert events[-1] == ("exit", "a")
+
+
+async def test_odd_upstream_headers_are_dropped_not_a_500(events: Events) -> None:
+    up = Scripted("a", events, [b"{}"])
+    up.headers = {
+        "content-type": "application/json" + "x" * 2000,
+        "x-request-id": "req_\u00e9\udcff",
+        "retry-after": "3",
+    }
+    async with serving(up, events=events) as http:
+        r = await http.post(CHAT, content=b'{"model":"m"}')
+    assert r.status_code == 200 and r.content == b"{}"
+    assert r.headers["content-type"] == "application/json"  # the default
+    assert r.headers["retry-after"] == "3"
+    assert "x-request-id" not in r.headers  # dropped (no access-log middleware in process to add ours)

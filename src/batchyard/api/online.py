@@ -149,8 +149,8 @@ class FrontDoor:
         except BaseException:
             await call.finish(None, True)
             raise
-        content_type = up.headers.get("content-type", "application/json")
-        headers = {k: up.headers[k] for k in PASSED_HEADERS if k in up.headers}
+        content_type = _header(up.headers.get("content-type")) or "application/json"
+        headers = {k: v for k in PASSED_HEADERS if (v := _header(up.headers.get(k))) is not None}
         if stream and 200 <= up.status < 300 and content_type.startswith("text/event-stream"):
             headers["cache-control"] = "no-cache"
             return _Relay(up, call, endpoint, started, headers, content_type)
@@ -298,6 +298,13 @@ class _Relay(StreamingResponse):
 def _error_event(e: UpstreamError) -> bytes:
     err = _api_error(e)
     return b"event: error\ndata: " + orjson.dumps(err.to_dict()) + b"\n\n"
+
+
+def _header(value: str | None) -> str | None:
+    """An upstream's header value as passed on: printable ASCII of at most 1 KiB (anything else is dropped)."""
+    if value is None or len(value) > 1024 or not value.isascii() or not value.isprintable():
+        return None
+    return value
 
 
 def _healthy(status: int) -> bool | None:
