@@ -160,6 +160,22 @@ def test_streams_of_completions_and_responses(oai: openai.OpenAI) -> None:
     assert deltas == expected_text({"model": "fake-model", "input": "x", "stream": True})
 
 
+def test_a_stream_that_stalls_ends_with_an_error_the_sdk_raises(oai: openai.OpenAI) -> None:
+    stream = oai.chat.completions.create(
+        model="fake-model",
+        messages=MESSAGES,
+        stream=True,
+        extra_body={
+            "x_fake": {"stream_gap": 5}
+        },  # longer than the server's --attempt-timeout 3 between chunks
+    )
+    chunks = iter(stream)
+    assert next(chunks).choices[0].delta.content == "echo:"
+    with pytest.raises(openai.APIError) as info:
+        next(chunks)
+    assert info.value.code == "request_timeout"
+
+
 def test_a_client_that_goes_away_closes_the_upstream_request(srv: Server, key: str, up: FakeUpstream) -> None:
     up.reset()
     body = {"model": "fake-model", "messages": MESSAGES, "stream": True, "x_fake": {"hold": True}}
