@@ -349,3 +349,16 @@ async def test_the_embedded_engine_answers_400_to_a_stream() -> None:
     assert answer.status == 400
     assert json.loads(raw)["error"]["code"] == "streaming_unsupported"
     await engine.close()
+
+
+@pytest.mark.slow
+def test_the_embedded_engine_answers_online_and_refuses_a_stream(tmp_path: Path) -> None:
+    with Server(tmp_path / "data", ["--embedded-slots", "2"]) as srv:  # no --upstream: the embedded engine
+        client = srv.client()
+        chat = client.chat.completions.create(
+            model="smollm2-135m-instruct", messages=MESSAGES, max_tokens=4, temperature=0
+        )
+        assert chat.choices[0].message.content and chat.model == "smollm2-135m-instruct"
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="smollm2-135m-instruct", messages=MESSAGES, stream=True)
+        assert info.value.code == "streaming_unsupported"
