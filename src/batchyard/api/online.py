@@ -41,6 +41,7 @@ from batchyard.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    StoreError,
 )
 from batchyard.execution import failure_log
 from batchyard.upstreams.base import UpstreamError, UpstreamResponse, UpstreamStream
@@ -117,6 +118,9 @@ class FrontDoor:
             return response
         except APIError as e:
             status = e.status_code
+            raise
+        except StoreError:  # a stored key could not be read: the error handler answers 503
+            status = 503
             raise
         finally:
             if status != _RELAYED:
