@@ -5,10 +5,13 @@ upstream's work."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import ssl
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import trustme
 
 from batchyard.upstreams.base import UpstreamError
 from batchyard.upstreams.http import HTTPUpstream
@@ -113,3 +116,38 @@ async def test_closing_early_ends_the_upstreams_work(fake: FakeUpstream, client:
     again = await client.stream(CHAT, body(), timeout=10)  # the session goes on
     assert again.status == 200
     await again.aclose()
+
+
+async def test_https_uses_the_upstreams_trust() -> None:
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 12\r\n\r\ndata: tls\n\n\n"
+    )
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    up = HTTPUpstream(f"https://127.0.0.1:{port}/v1", ssl_context=trusting)
+    untrusting = HTTPUpstream(f"https://127.0.0.1:{port}/v1")  # the system store does not know this CA
+    try:
+        got = await up.stream(CHAT, body(), timeout=5)
+        assert got.status == 200 and b"".join([c async for c in got.chunks]) == b"data: tls\n\n\n"
+        with pytest.raises(UpstreamError) as refused:
+            await untrusting.stream(CHAT, body(), timeout=5)
+        assert refused.value.kind == "connect" and "TLS" in refused.value.message
+    finally:
+        await up.close()
+        await untrusting.close()
+        server.close()

@@ -363,8 +363,9 @@ class HTTPUpstream(Upstream):
                 resp = await self._stream_session().post(url, data=body, allow_redirects=False)
         except TimeoutError as e:
             raise UpstreamError("timeout", f"upstream did not answer within {timeout:g}s") from e
-        except ssl.SSLError as e:
-            raise UpstreamError("connect", f"upstream TLS failed: {e.reason or type(e).__name__}") from e
+        except ssl.SSLError as e:  # aiohttp's certificate errors are ones too, without a `reason`
+            reason = getattr(e, "reason", None) or type(e).__name__
+            raise UpstreamError("connect", f"upstream TLS failed: {reason}") from e
         except (aiohttp.ClientError, OSError) as e:
             raise UpstreamError("connect", f"upstream connection failed: {type(e).__name__}") from e
         headers = {name: resp.headers[name] for name in STREAM_HEADERS if name in resp.headers}
