@@ -477,4 +477,5 @@ def online_request(endpoint: str, status: int, seconds: float) -> None:
 
 
 def online_first_byte(endpoint: str, seconds: float) -> None:
-    _metrics().online_first_byte.labels(endpoint if endpoint in ONLINE_ENDPOINTS else "other").observe(seconds)
+    label = endpoint if endpoint in ONLINE_ENDPOINTS else "other"
+    _metrics().online_first_byte.labels(label).observe(seconds)
