@@ -2,6 +2,7 @@
 llama.cpp's own server (`xllamacpp.Server`, SmolLM2-135M, 4 slots, 2 threads), a fresh engine per setting.
 
     python bench/interactive_engine.py [--users 2] [--requests 12] [--lines 240] [--settings auto,3]
+                                       [--users-via engine|batchyard]
 
 Measures, in one run:
 - idle: `--users` interactive users, each sending `--requests` short chat requests one after the other straight to
@@ -10,6 +11,9 @@ Measures, in one run:
 - together: the same users while the batch runs, for each `--settings` value of batchyard's `--concurrency`
   (`auto`: the adaptive limit; a number: a fixed one); the users' p50/p99 against idle, and the batch's throughput
   while they were active against its throughput alone.
+`--users-via batchyard`: the users send their requests through batchyard's front door (`POST /v1/chat/completions`
+on the same `batchyard serve` that runs the batch; idle: on one that runs none) instead of straight to the engine,
+as teams that point one base URL at batchyard do; the idle figure is then batchyard's idle too.
 Goal (issue 13): p99 <= 1.3x idle while the batch keeps >= 0.8 of its throughput alone.
 """
 
@@ -78,7 +82,9 @@ class BatchRun:
     def __init__(self, engine: Engine, path: Path, work: Path, concurrency: str) -> None:
         self.engine, self.path, self.work, self.concurrency = engine, path, work, concurrency
         self.samples: list[tuple[float, int]] = []  # (time, completed lines)
+        self.base_url: str | None = None  # batchyard's, once it serves (its front door, for --users-via)
         self.done = threading.Event()
+        self.users_done = threading.Event()  # batchyard serves until then (the users may go through it)
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -92,6 +98,7 @@ class BatchRun:
                 "900",
             ]
             with tempfile.TemporaryDirectory(dir=self.work) as d, BatchyardServer(Path(d), *args) as srv:
+                self.base_url = srv.base_url
                 client = OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=900)
                 f = client.files.create(file=self.path.open("rb"), purpose="batch")
                 b = client.batches.create(
@@ -103,6 +110,7 @@ class BatchRun:
                     if b.request_counts is not None:
                         self.samples.append((time.perf_counter(), b.request_counts.completed))
                 assert b.status == "completed", b
+                self.users_done.wait(1800)
         except BaseException as e:
             self.error = e
         finally:
@@ -117,23 +125,42 @@ class BatchRun:
         return (nb - na) / (tb - ta) if tb > ta else 0.0
 
 
+def idle_users(eng: Engine, args: argparse.Namespace, work: Path) -> list[float]:
+    """The users' latencies on an idle engine: straight to it, or through a batchyard that runs no batch."""
+    if args.users_via == "engine":
+        return asyncio.run(users(eng.base_url, args.users, args.requests))
+    with (
+        tempfile.TemporaryDirectory(dir=work) as d,
+        BatchyardServer(Path(d), "--upstream", eng.base_url) as srv,
+    ):
+        return asyncio.run(users(srv.base_url, args.users, args.requests))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--users", type=int, default=2)
     ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--lines", type=int, default=240)
     ap.add_argument("--settings", default="auto,3")
+    ap.add_argument(
+        "--users-via",
+        choices=("engine", "batchyard"),
+        default="engine",
+        help="where the interactive users send their requests: straight to the engine, or through batchyard's "
+        "front door (the server that runs the batch)",
+    )
     args = ap.parse_args()
+    via = f" (users via {args.users_via})"
     model = ensure_smollm2()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         batch = work / "batch.jsonl"
         make_file(batch, args.lines, args.lines, 60)  # no shared prefix: every line is full work
         with Engine(model, "on") as eng:
-            idle = asyncio.run(users(eng.base_url, args.users, args.requests))
+            idle = idle_users(eng, args, work)
         p50_idle, p99_idle = statistics.median(idle), pct(idle, 0.99)
         print(
-            f"idle: users p50 {p50_idle * 1000:.0f} ms, p99 {p99_idle * 1000:.0f} ms (n={len(idle)})",
+            f"idle{via}: users p50 {p50_idle * 1000:.0f} ms, p99 {p99_idle * 1000:.0f} ms (n={len(idle)})",
             flush=True,
         )
         for setting in args.settings.split(","):
@@ -147,10 +174,13 @@ def main() -> None:
                 t_before = time.perf_counter()
                 time.sleep(8)
                 alone = run.rate(t_before, time.perf_counter())
+                target = eng.base_url if args.users_via == "engine" else run.base_url
+                assert target is not None, "batchyard is not serving"
                 t0 = time.perf_counter()
-                lat = asyncio.run(users(eng.base_url, args.users, args.requests))
+                lat = asyncio.run(users(target, args.users, args.requests))
                 t1 = time.perf_counter()
                 together = run.rate(t0, t1)
+                run.users_done.set()
                 run.done.wait(1800)
                 th.join(5)
                 if run.error is not None:
@@ -158,7 +188,7 @@ def main() -> None:
             p50, p99 = statistics.median(lat), pct(lat, 0.99)
             share = together / alone if alone else float("nan")
             print(
-                f"--concurrency {setting}: batch alone {alone:.2f} lines/s, with users {together:.2f} lines/s "
+                f"--concurrency {setting}{via}: batch alone {alone:.2f} lines/s, with users {together:.2f} lines/s "
                 f"({share:.2f} of alone); users p50 {p50 * 1000:.0f} ms ({p50 / p50_idle:.2f}x idle), "
                 f"p99 {p99 * 1000:.0f} ms ({p99 / p99_idle:.2f}x idle)",
                 flush=True,

@@ -552,6 +552,16 @@ class Settings(_Model):
             metavar="slots|pause|off",
         ),
     ] = "slots"
+    project_online_rpm: Annotated[
+        int,
+        Field(ge=0),
+        Option(
+            SERVE,
+            "Online requests (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses) one project "
+            "(or static key) may make per minute (0: no limit); beyond it, 429 rate_limit_exceeded with "
+            "Retry-After.",
+        ),
+    ] = 0
 
     @model_validator(mode="after")
     def _secret_with_urls(self) -> Settings:

@@ -10,6 +10,8 @@
     │   ├── PayloadTooLarge    413
     │   ├── TooManyRequests    429 insufficient_quota (a per-key cap: stored bytes, files, uploads, batches)
     │   ├── RateLimited        429 rate_limit_exceeded, with Retry-After (creates per minute)
+    │   ├── BadGateway         502 (an online request's upstream gave no usable answer)
+    │   ├── GatewayTimeout     504 (an online request's upstream did not answer in time)
     │   ├── StorageUnavailable 503 (a store or blob store failed while answering a request)
     │   └── InsufficientStorage 507 (the blob storage is full)
     ├── StoreError             a metadata store failure (driver errors are wrapped once, at the store's edge)
@@ -98,6 +100,16 @@ class RateLimited(APIError):
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message, code="rate_limit_exceeded")
         self.retry_after = retry_after
+
+
+class BadGateway(APIError):
+    status_code = 502
+    error_type = "server_error"
+
+
+class GatewayTimeout(APIError):
+    status_code = 504
+    error_type = "server_error"
 
 
 class StorageUnavailable(APIError):

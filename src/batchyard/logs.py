@@ -28,7 +28,15 @@ ACCESS_LOGGER = "batchyard.access"
 # the API request this code runs for (set by api/access.py); every line logged meanwhile carries it
 request_id: ContextVar[str | None] = ContextVar("batchyard_request_id", default=None)
 # what an access line adds to its record (`extra=`), and the JSON formatter writes out as fields
-ACCESS_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "client_request_id")
+ACCESS_FIELDS = (
+    "request_id",
+    "method",
+    "path",
+    "status",
+    "duration_ms",
+    "client_request_id",
+    "upstream_request_id",
+)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

@@ -54,6 +54,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format eve
 
 # An upstream call lasts from a few milliseconds (an embedding on a GPU next door) to minutes (a long generation).
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+ONLINE_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"})
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 # The error codes batchyard writes into error lines; `http_<status>` for an upstream's HTTP error answer. Any other
@@ -183,6 +184,28 @@ class _Metrics:
             "Duration of an API request (response body included), by route template.",
             ["route"],
             buckets=HTTP_BUCKETS,
+            registry=r,
+        )
+        self.online_requests = Counter(
+            "batchyard_online_requests",
+            "Online requests (the front door), by endpoint and status: the upstream's HTTP status, or "
+            "batchyard's own answer (401, 400, 404, 413, 429, 502, 504).",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.online_duration = Histogram(
+            "batchyard_online_request_duration_seconds",
+            "Duration of an online request, to its answer's last byte (a stream's end), by endpoint.",
+            ["endpoint"],
+            buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self.online_first_byte = Histogram(
+            "batchyard_online_first_byte_seconds",
+            "Time from an online request's arrival to the first byte of its answer's body passed on (a stream's "
+            "first event), by endpoint.",
+            ["endpoint"],
+            buckets=UPSTREAM_BUCKETS,
             registry=r,
         )
 
@@ -443,3 +466,16 @@ def http_request(method: str, route: str, status: int, seconds: float) -> None:
     m = _metrics()
     m.http_requests.labels(method if method in HTTP_METHODS else "other", route, str(status)).inc()
     m.http_duration.labels(route).observe(seconds)
+
+
+def online_request(endpoint: str, status: int, seconds: float) -> None:
+    """An online request ended: its answer's status and how long it took, to the last byte."""
+    m = _metrics()
+    label = endpoint if endpoint in ONLINE_ENDPOINTS else "other"
+    m.online_requests.labels(label, str(status)).inc()
+    m.online_duration.labels(label).observe(seconds)
+
+
+def online_first_byte(endpoint: str, seconds: float) -> None:
+    label = endpoint if endpoint in ONLINE_ENDPOINTS else "other"
+    _metrics().online_first_byte.labels(label).observe(seconds)

@@ -38,6 +38,15 @@ Misbehaving answers (a hostile or broken upstream; the normal 200 body is kept u
 ``content_length``       (int D) declare ``Content-Length`` = real length + D, written raw: D > 0 sends the body
                          and closes early (truncated), D < 0 sends the whole body, more than declared, then closes
 
+Streaming (the front door): a body with ``"stream": true`` posted to chat/completions, completions or responses is
+answered with server-sent events (text/event-stream): the expected text in three pieces, as OpenAI streams them
+(chunks ending with ``data: [DONE]``; typed ``response.*`` events for responses). ``x_fake`` keys for it:
+
+``stream_gap`` (float s) sleep between events
+``hold`` (bool)          after the first event, wait (30 s at most) until :meth:`FakeUpstream.release` /
+                         ``POST /_release``; ``/_stats`` counts ``streams_open``, ``streams_done`` and
+                         ``streams_cancelled`` (the client went away mid-stream)
+
 ``GET /_received`` / :meth:`FakeUpstream.received` give the raw request bodies, in arrival order (the last
 ``RECEIVED_KEEP``), so a test can check the exact bytes that reached the upstream (e.g. an integer beyond 64 bits).
 
@@ -427,6 +436,8 @@ class _State:
         self.max_in_flight = 0
         self.seen: dict[str, int] = {}
         self.received: list[bytes] = []
+        self.streams = {"open": 0, "done": 0, "cancelled": 0}
+        self.released = asyncio.Event()  # `hold` streams go on once set (on the server's loop)
 
     def record(self, raw: bytes) -> None:
         with self.lock:
@@ -461,7 +472,12 @@ class _State:
                 "by_path": dict(self.by_path),
                 "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight,
+                **{f"streams_{k}": v for k, v in self.streams.items()},
             }
+
+    def stream_event(self, what: str, delta: int) -> None:
+        with self.lock:
+            self.streams[what] += delta
 
     def reset(self) -> None:
         with self.lock:
@@ -470,6 +486,8 @@ class _State:
             self.by_path.clear()
             self.seen.clear()
             self.received.clear()
+            self.streams.update(done=0, cancelled=0)
+            self.released.clear()
             # in_flight reflects live requests and is kept; the peak restarts from it
             self.max_in_flight = self.in_flight
 
@@ -579,6 +597,8 @@ async def _inference(request: web.Request) -> web.StreamResponse:
             return _error(400, "you must provide a model parameter", param="model")
 
         payload = build_response(path, body)
+        if body.get("stream") is True and not path.endswith(("/embeddings", "/moderations")):
+            return await _sse(request, path, payload, fake)
         big = int(fake.get("big", 0))
         if big > 0:
             payload["x_fake_padding"] = "x" * big
@@ -611,6 +631,80 @@ async def _inference(request: web.Request) -> web.StreamResponse:
         )
     finally:
         state.leave()
+
+
+def _sse_events(path: str, payload: JSONDict) -> list[bytes]:
+    """The server-sent events that stream `payload` (the whole answer) as OpenAI streams it."""
+    if path.endswith("/responses"):
+        message = payload["output"][0]
+        text = message["content"][0]["text"]
+        started = {**payload, "status": "in_progress", "output": [], "usage": None}
+        events: list[JSONDict] = [{"type": "response.created", "response": started}]
+        for piece in _pieces(text):
+            events.append(
+                {
+                    "type": "response.output_text.delta",
+                    "item_id": message["id"],
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": piece,
+                    "logprobs": [],
+                }
+            )
+        events.append({"type": "response.completed", "response": payload})
+        out = []
+        for i, event in enumerate(events):
+            event["sequence_number"] = i
+            out.append(b"event: " + event["type"].encode() + b"\ndata: " + _dumps(event) + b"\n\n")
+        return out
+    chat = path.endswith("/chat/completions")
+    choice = payload["choices"][0]
+    text = choice["message"]["content"] if chat else choice["text"]
+    base = {k: payload[k] for k in ("id", "created", "model", "system_fingerprint")}
+    base["object"] = "chat.completion.chunk" if chat else "text_completion"
+    chunks = []
+    for i, piece in enumerate([*_pieces(text), ""]):
+        last = not piece
+        if chat:
+            delta: JSONDict = {} if last else {"content": piece}
+            if i == 0:
+                delta["role"] = "assistant"
+            part: JSONDict = {"index": 0, "delta": delta, "logprobs": None}
+        else:
+            part = {"index": 0, "text": piece, "logprobs": None}
+        part["finish_reason"] = "stop" if last else None
+        chunks.append(b"data: " + _dumps({**base, "choices": [part]}) + b"\n\n")
+    return [*chunks, b"data: [DONE]\n\n"]
+
+
+def _pieces(text: str) -> list[str]:
+    return [text[:5], text[5:13], text[13:]]
+
+
+async def _sse(request: web.Request, path: str, payload: JSONDict, fake: JSONDict) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    resp = web.StreamResponse(status=200)
+    resp.content_type = "text/event-stream"
+    resp.headers["Cache-Control"] = "no-cache"
+    await resp.prepare(request)
+    gap = float(fake.get("stream_gap", 0.0))
+    state.stream_event("open", 1)
+    try:
+        for i, event in enumerate(_sse_events(path, payload)):
+            if i and gap > 0:
+                await asyncio.sleep(gap)
+            await resp.write(event)
+            if i == 0 and fake.get("hold"):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(state.released.wait(), 30)
+        await resp.write_eof()
+        state.stream_event("done", 1)
+    except (asyncio.CancelledError, ConnectionResetError):
+        state.stream_event("cancelled", 1)
+        raise
+    finally:
+        state.stream_event("open", -1)
+    return resp
 
 
 def _encode(payload: JSONDict, fake: JSONDict) -> bytes:
@@ -649,6 +743,11 @@ async def _received(request: web.Request) -> web.Response:
     with state.lock:
         bodies = [b.decode("utf-8", "backslashreplace") for b in state.received]
     return web.json_response(bodies)
+
+
+async def _release(request: web.Request) -> web.Response:
+    request.app[STATE_KEY].released.set()
+    return web.json_response({"ok": True})
 
 
 async def _reset(request: web.Request) -> web.Response:
@@ -694,6 +793,7 @@ def build_app(
     app.router.add_get("/_stats", _stats)
     app.router.add_get("/_received", _received)
     app.router.add_post("/_reset", _reset)
+    app.router.add_post("/_release", _release)
     app.router.add_get("/health", _health)
     app.on_response_prepare.append(_add_request_id)
     return app
@@ -810,6 +910,11 @@ class FakeUpstream:
     def reset(self) -> None:
         if self._state is not None:
             self._state.reset()
+
+    def release(self) -> None:
+        """Let every stream held after its first event (``x_fake.hold``) go on."""
+        if self._state is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._state.released.set)
 
     def __enter__(self) -> FakeUpstream:
         return self.start()

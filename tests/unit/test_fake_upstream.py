@@ -286,7 +286,16 @@ async def test_stats(upstream: FakeUpstream, session: aiohttp.ClientSession) -> 
     async with session.post(upstream.root_url + "/_reset") as r:
         assert r.status == 200
     async with session.get(upstream.root_url + "/_stats") as r:
-        assert await r.json() == {"total": 0, "by_key": {}, "by_path": {}, "in_flight": 0, "max_in_flight": 0}
+        assert await r.json() == {
+            "total": 0,
+            "by_key": {},
+            "by_path": {},
+            "in_flight": 0,
+            "max_in_flight": 0,
+            "streams_open": 0,
+            "streams_done": 0,
+            "streams_cancelled": 0,
+        }
 
 
 async def test_max_concurrency_and_server_delay() -> None:

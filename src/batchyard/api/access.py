@@ -10,7 +10,9 @@ carries the id: `logs.request_id`), and one log line after the response's last b
 `req_` + 32 hex digits like OpenAI's. The id is always batchyard's own: like OpenAI, a client's `x-request-id` is
 not echoed (a client could otherwise make two requests share an id in the logs); a client's
 `x-client-request-id` (the header OpenAI documents for that) or `x-request-id` is logged beside it as
-`client_request_id` when it is a short token. /health and /metrics are logged at DEBUG only (probes and scrapes).
+`client_request_id` when it is a short token. An online request's answer (api/online.py) keeps its upstream's
+`x-request-id` when the upstream sent one (the id its engine logged); the access line names it beside batchyard's.
+/health and /metrics are logged at DEBUG only (probes and scrapes).
 Bodies, query strings and headers (Authorization) are never logged; the path is logged as the client sent it
 (percent-escapes kept, so a `%0a` cannot start a forged line).
 """
@@ -44,12 +46,18 @@ class AccessLog:
         rid = http_request_id()
         header = (b"x-request-id", rid.encode("ascii"))
         status = 0  # stays 0 when no response was sent (the client went away first)
+        upstream_id: str | None = None
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, upstream_id
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), header]}
+                headers = list(message.get("headers", ()))
+                theirs = next((v for k, v in headers if k == b"x-request-id"), None)
+                if theirs is None:
+                    message = {**message, "headers": [*headers, header]}
+                elif CLIENT_ID.fullmatch(theirs):
+                    upstream_id = theirs.decode("ascii")
             await send(message)
 
         token = logs.request_id.set(rid)
@@ -58,10 +66,10 @@ class AccessLog:
             await self.app(scope, receive, send_with_id)
         finally:
             logs.request_id.reset(token)
-            _log(scope, status, time.perf_counter() - started, rid)
+            _log(scope, status, time.perf_counter() - started, rid, upstream_id)
 
 
-def _log(scope: Scope, status: int, seconds: float, rid: str) -> None:
+def _log(scope: Scope, status: int, seconds: float, rid: str, upstream_id: str | None = None) -> None:
     level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
     if not log.isEnabledFor(level):
         return
@@ -74,13 +82,14 @@ def _log(scope: Scope, status: int, seconds: float, rid: str) -> None:
     client = _client_id(scope)
     log.log(
         level,
-        "%s %s %s %.1fms %s%s",
+        "%s %s %s %.1fms %s%s%s",
         method,
         path,
         status or "-",
         ms,
         rid,
         f" (client id {client})" if client else "",
+        f" (upstream id {upstream_id})" if upstream_id else "",
         extra={
             "request_id": rid,
             "method": method,
@@ -88,6 +97,7 @@ def _log(scope: Scope, status: int, seconds: float, rid: str) -> None:
             "status": status,
             "duration_ms": ms,
             "client_request_id": client,
+            "upstream_request_id": upstream_id,
         },
     )
 

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from fastapi import Depends, FastAPI, Request
 
-from batchyard.api import admin, batches, errors, files, metrics_route, openapi, ui_routes, uploads, webhooks
+from batchyard.api import (
+    admin,
+    batches,
+    errors,
+    files,
+    metrics_route,
+    online,
+    openapi,
+    ui_routes,
+    uploads,
+    webhooks,
+)
 from batchyard.api.auth import Authenticator
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
@@ -34,6 +45,7 @@ def create_app(svc: Services) -> FastAPI:
     app.include_router(admin.router(svc, auth))
     app.include_router(webhooks.events_router(svc, auth.owner))  # the delivery log (api/webhooks.py)
     app.include_router(webhooks.admin_router(svc, auth))  # a project's webhook endpoints
+    app.include_router(online.router(svc, auth.owner))  # the online front door (api/online.py)
     metrics_route.install(app, svc, auth)
 
     app.openapi = lambda: openapi.document(app)  # type: ignore[method-assign]

@@ -46,10 +46,14 @@ def _refuse(owner: str, what: str, cap: int) -> TooManyRequests:
 
 
 class CreateRates:
-    """The creates of each owner in the last minute, in this process (shared by the routes: `Services.rates`)."""
+    """The creates of each owner in the last minute, in this process (shared by the routes: `Services.rates`).
+    `what` names what is counted in the 429's message (the online front door counts its requests with one)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, *, what: str = "creates (files, uploads, batches)"
+    ) -> None:
         self._clock = clock
+        self._what = what
         self._seen: dict[str, deque[float]] = {}
 
     def admit(self, owner: str, rpm: int) -> None:
@@ -64,7 +68,7 @@ class CreateRates:
         if len(recent) >= rpm:
             wait = max(1, math.ceil(recent[0] + WINDOW_S - now))
             raise RateLimited(
-                f"Rate limit reached for creates (files, uploads, batches) of {owner} on requests per min "
+                f"Rate limit reached for {self._what} of {owner} on requests per min "
                 f"(RPM): Limit {rpm}, Used {len(recent)}, Requested 1. Please try again in {wait}s.",
                 retry_after=wait,
             )

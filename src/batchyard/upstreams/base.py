@@ -9,6 +9,7 @@ UpstreamError            the call produced no usable HTTP response
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 
@@ -18,6 +19,31 @@ class UpstreamResponse:
     headers: dict[str, str]  # lower-cased names
     body: bytes
     request_id: str | None
+
+
+@dataclass(slots=True)
+class UpstreamStream:
+    """An answer whose body arrives as it is produced (server-sent events): the head now, `chunks` as they come.
+
+    `chunks` raises UpstreamError when the answer breaks off; `aclose` ends the request early (the client went
+    away) and is safe to call at any time, more than once."""
+
+    status: int
+    headers: dict[str, str]  # lower-cased names
+    chunks: AsyncIterator[bytes]
+    closer: Callable[[], Awaitable[None]] | None = None
+
+    async def aclose(self) -> None:
+        closer, self.closer = self.closer, None
+        finish = getattr(self.chunks, "aclose", None)  # an async generator's own clean-up
+        if finish is not None:
+            await finish()
+        if closer is not None:
+            await closer()
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
 
 
 class UpstreamError(Exception):
@@ -40,6 +66,13 @@ class Upstream(ABC):
     @abstractmethod
     async def call(self, endpoint: str, body: bytes, *, timeout: float) -> UpstreamResponse:
         """POST body to endpoint (e.g. "/v1/chat/completions"); the whole attempt finishes within timeout."""
+
+    async def stream(self, endpoint: str, body: bytes, *, timeout: float) -> UpstreamStream:
+        """POST body to endpoint and hand back the answer as it arrives (online requests: the front door).
+        `timeout` bounds the wait for the answer's head and for each chunk after it. This default waits for the
+        whole answer (`call`) and hands it over in one chunk."""
+        resp = await self.call(endpoint, body, timeout=timeout)
+        return UpstreamStream(resp.status, resp.headers, _once(resp.body))
 
     async def list_models(self, *, timeout: float) -> list[str] | None:
         """The model ids this upstream serves (its /v1/models), or None when it cannot say."""

@@ -5,12 +5,16 @@ Model names (exact): `smollm2-135m-instruct` answers /v1/chat/completions and /v
 upstream would answer them; `UpstreamError` is raised only when there is no answer at all: the attempt's deadline
 passed ("timeout", the engine finishes the request in the background) or a model could not be loaded or was closed
 ("connect").
+
+Online requests (the front door) get the same answers; `"stream": true` is answered 400 (the engine answers
+whole: xllamacpp's streaming goes through its HTTP listener, which batchyard keeps closed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,7 @@ from batchyard.embedded.embeddings import EmbeddingEngine
 from batchyard.embedded.llm import LLMEngine, default_threads
 from batchyard.embedded.models import ModelError, Progress, ensure_smollm2, local_gguf
 from batchyard.errors import APIError, InvalidRequest, NotFound
-from batchyard.upstreams.base import Upstream, UpstreamError, UpstreamResponse
+from batchyard.upstreams.base import Upstream, UpstreamError, UpstreamResponse, UpstreamStream
 
 CHAT_MODEL = "smollm2-135m-instruct"
 EMBEDDING_MODEL = "multilingual-e5-small"
@@ -98,6 +102,20 @@ class EmbeddedUpstream(Upstream):
                 raise UpstreamError("connect", "the embedded engine was closed") from None
             raise
 
+    async def stream(self, endpoint: str, body: bytes, *, timeout: float) -> UpstreamStream:
+        """Online requests: answered whole (`call`); one asking for a stream gets a 400."""
+        if _asks_stream(body):
+            error = InvalidRequest(
+                "Streaming is not supported by the embedded engine: send the request without 'stream', or "
+                "route this model to an HTTP upstream (--upstream MODEL=URL) that streams.",
+                param="stream",
+                code="streaming_unsupported",
+            )
+            rid = f"req_{secrets.token_hex(12)}"
+            resp = _response(error.status_code, orjson.dumps(error.to_dict()), rid)
+            return await _whole(resp)
+        return await super().stream(endpoint, body, timeout=timeout)
+
     async def _answer(self, endpoint: str, raw: bytes) -> Json:
         body = _parse(raw)
         model = body.get("model")
@@ -161,6 +179,21 @@ def embedded_routes(upstream: EmbeddedUpstream | None = None) -> list[tuple[str,
     """Router entries (exact model names) for the embedded engine; a default one is made when none is given."""
     up = upstream if upstream is not None else EmbeddedUpstream()
     return [(name, up) for name in up.model_names]
+
+
+def _asks_stream(raw: bytes) -> bool:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(body, dict) and body.get("stream") is True
+
+
+async def _whole(resp: UpstreamResponse) -> UpstreamStream:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield resp.body
+
+    return UpstreamStream(resp.status, resp.headers, chunks())
 
 
 def _parse(raw: bytes) -> Json:

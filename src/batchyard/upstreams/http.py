@@ -14,24 +14,32 @@ and the body. What it does need is kept:
 - the caller's overall deadline: a request cancelled mid-way closes its connection, never returns it to the pool;
 - a pooled connection that the server closed while idle is detected, and a request that finds it dead before any
   byte of an answer came back is sent once more on a new connection (as urllib3 and httpx do).
+
+Online requests (the front door, `stream`) go through aiohttp instead, on a session of this upstream opened on
+first use: they are few next to batch lines, and their answers are passed through as they arrive (server-sent
+events), which the lean path above does not do. Same base URL, key and TLS; redirects off; no compression asked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
+import aiohttp
 import httptools
 import orjson
 
 from batchyard.ids import request_id
-from batchyard.upstreams.base import Upstream, UpstreamError, UpstreamResponse
+from batchyard.upstreams.base import Upstream, UpstreamError, UpstreamResponse, UpstreamStream
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 MAX_HEAD_BYTES = 256 * 1024  # status line and headers of one answer (including interim 1xx answers)
 # The only response headers batchyard reads.
 _KEPT_HEADERS = frozenset((b"x-request-id", b"retry-after", b"retry-after-ms"))
+# The response headers an online answer passes on to its client.
+STREAM_HEADERS = ("content-type", "x-request-id", "retry-after", "retry-after-ms")
 
 
 class _Stale(Exception):
@@ -212,6 +220,11 @@ class HTTPUpstream(Upstream):
         self._fixed_headers = ("\r\n".join(fixed) + "\r\n").encode("latin-1")
         self._ssl = ssl_context
         self._idle: list[_Connection] = []
+        self._origin = f"{parts.scheme}://{authority}"
+        self._stream_headers = {"Content-Type": "application/json", "User-Agent": "batchyard"}
+        if api_key:
+            self._stream_headers["Authorization"] = f"Bearer {api_key}"
+        self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         if self._tls and self._ssl is None:
@@ -221,6 +234,9 @@ class HTTPUpstream(Upstream):
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     def _path(self, endpoint: str) -> str:
         return self._prefix + (endpoint[3:] if endpoint.startswith("/v1/") else endpoint)
@@ -323,3 +339,62 @@ class HTTPUpstream(Upstream):
             raise UpstreamError(
                 "connect", f"upstream connection failed: {e.strerror or type(e).__name__}"
             ) from e
+
+    # online requests (aiohttp: see the module's docstring)
+
+    def _stream_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            tls: ssl.SSLContext | bool = False
+            if self._tls:
+                tls = self._ssl = self._ssl or ssl.create_default_context()
+            connector = aiohttp.TCPConnector(limit=0, ssl=tls)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                headers=self._stream_headers,
+                skip_auto_headers=("Accept-Encoding",),  # identity: the bytes pass through as they were sent
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+        return self._session
+
+    async def stream(self, endpoint: str, body: bytes, *, timeout: float) -> UpstreamStream:
+        """POST `body` and hand back the answer as it arrives: the head within `timeout`, then each chunk within
+        `timeout` of the one before; the body capped like `call`'s (`too_large` once past it)."""
+        url = self._origin + self._path(endpoint)
+        try:
+            async with asyncio.timeout(timeout):
+                resp = await self._stream_session().post(url, data=body, allow_redirects=False)
+        except TimeoutError as e:
+            raise UpstreamError("timeout", f"upstream did not answer within {timeout:g}s") from e
+        except ssl.SSLError as e:  # aiohttp's certificate errors are ones too, without a `reason`
+            reason = getattr(e, "reason", None) or type(e).__name__
+            raise UpstreamError("connect", f"upstream TLS failed: {reason}") from e
+        except (aiohttp.ClientError, OSError) as e:
+            raise UpstreamError("connect", f"upstream connection failed: {type(e).__name__}") from e
+        headers = {name: resp.headers[name] for name in STREAM_HEADERS if name in resp.headers}
+        return UpstreamStream(resp.status, headers, self._chunks(resp, timeout), _closer(resp))
+
+    async def _chunks(self, resp: aiohttp.ClientResponse, timeout: float) -> AsyncIterator[bytes]:
+        size = 0
+        try:
+            while True:
+                async with asyncio.timeout(timeout):
+                    data = await resp.content.readany()
+                if not data:
+                    return
+                size += len(data)
+                if size > self._max_body:
+                    raise UpstreamError("too_large", f"upstream response exceeded {self._max_body} bytes")
+                yield data
+        except TimeoutError as e:
+            raise UpstreamError("timeout", f"upstream sent nothing for {timeout:g}s") from e
+        except (aiohttp.ClientError, OSError) as e:
+            raise UpstreamError("connect", f"upstream connection failed: {type(e).__name__}") from e
+        finally:
+            resp.close()  # a no-op once the body was read whole (its connection went back to the pool)
+
+
+def _closer(resp: aiohttp.ClientResponse) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:
+        resp.close()  # mid-answer: the connection is dropped, which ends the upstream's work on it
+
+    return close

@@ -1,0 +1,365 @@
+"""The online front door: `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings` and `/v1/responses`,
+passed through to the upstreams that serve batch lines (the same router, groups and members).
+
+A request is authenticated like every route, counted against its owner's online rate (`--project-online-rpm`),
+read with the request-line cap (`domain/validation.MAX_LINE_BYTES`) and checked for a JSON object with a routable
+`model`; then its bytes go to one member of the model's group as they came (never re-serialized: no `priority` hint
+is added, an integer past 64 bits stays exact), and the upstream's status, body, content type and `x-request-id`
+come back as they were. `"stream": true` answered with server-sent events is relayed chunk by chunk as the
+upstream sends them; a client that goes away closes the upstream request. Every upstream call is held in
+`Services.online.hold(member)` for its whole duration (a stream to its end): that is how batch lines yield to it.
+
+No answer from the upstream: a connection failure is tried once more on another member of the group when there is
+one (ejected members come last, as for batch lines); then 502 `upstream_connect`, 504 `request_timeout` (no head,
+or no chunk, within the member's timeout or `--attempt-timeout`), 502 `upstream_too_large`. A stream that breaks
+off after its head ends with an `error` event (the openai SDK raises it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from batchyard import metrics
+from batchyard.api.deps import required_str, shown
+from batchyard.api.quotas import CreateRates
+from batchyard.api.services import Services
+from batchyard.domain import wire
+from batchyard.domain.validation import MAX_LINE_BYTES
+from batchyard.errors import (
+    APIError,
+    BadGateway,
+    GatewayTimeout,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    StoreError,
+)
+from batchyard.execution import failure_log
+from batchyard.upstreams.base import UpstreamError, UpstreamResponse, UpstreamStream
+from batchyard.upstreams.pool import Member, pick
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+MAX_BODY = MAX_LINE_BYTES  # the largest request line a batch may hold
+PASSED_HEADERS = ("x-request-id", "retry-after", "retry-after-ms")  # besides content-type
+OwnerOf = Callable[[Request], str]
+
+# In /openapi.json: the body is any JSON object with a `model` (its schema is the upstream's business).
+_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model"],
+                    "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"}},
+                    "additionalProperties": True,
+                }
+            }
+        },
+    },
+}
+
+
+def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
+    r = APIRouter()
+    door = FrontDoor(svc, owner_of)
+    for endpoint in ENDPOINTS:
+        r.add_api_route(
+            endpoint,
+            door.route(endpoint),
+            methods=["POST"],
+            response_model=None,
+            summary=f"Online {endpoint[4:]} (passed through to the model's upstream)",
+            openapi_extra=_OPENAPI,
+        )
+    return r
+
+
+class FrontDoor:
+    def __init__(self, svc: Services, owner_of: OwnerOf) -> None:
+        self._svc = svc
+        self._owner_of = owner_of
+        self._rates = CreateRates(what="online requests")
+
+    def route(self, endpoint: str) -> Callable[[Request], Awaitable[Response]]:
+        async def online(request: Request) -> Response:
+            return await self.handle(endpoint, request)
+
+        online.__name__ = "online_" + endpoint[4:].replace("/", "_")
+        return online
+
+    async def handle(self, endpoint: str, request: Request) -> Response:
+        started = time.perf_counter()
+        status = 500
+        try:
+            owner = self._owner_of(request)
+            self._rates.admit(owner, self._svc.settings.project_online_rpm)
+            raw = await read_body(request)
+            model, stream = inspect(raw)
+            group = self._svc.router.group(model)
+            if group is None:
+                raise NotFound(
+                    f"The model '{shown(model)}' does not exist or you do not have access to it.",
+                    param="model",
+                    code="model_not_found",
+                )
+            response = await _unless_gone(request, self._forward(endpoint, group, raw, stream, started))
+            status = _RELAYED if isinstance(response, _Relay) else response.status_code
+            return response
+        except APIError as e:
+            status = e.status_code
+            raise
+        except StoreError:  # a stored key could not be read: the error handler answers 503
+            status = 503
+            raise
+        finally:
+            if status != _RELAYED:
+                metrics.online_request(endpoint, status, time.perf_counter() - started)
+
+    async def _forward(
+        self, endpoint: str, group: list[Member], raw: bytes, stream: bool, started: float
+    ) -> Response:
+        member = pick(group)
+        try:
+            return await self._attempt(member, endpoint, raw, stream, started)
+        except UpstreamError as e:
+            others = [m for m in group if m is not member]
+            if e.kind != "connect" or not others:
+                raise _api_error(e) from None
+        try:
+            return await self._attempt(pick(others), endpoint, raw, stream, started)
+        except UpstreamError as e:
+            raise _api_error(e) from None
+
+    async def _attempt(
+        self, member: Member, endpoint: str, raw: bytes, stream: bool, started: float
+    ) -> Response:
+        call = await _Call.open(self._svc, member)
+        try:
+            up = await member.upstream.stream(endpoint, raw, timeout=call.timeout)
+        except UpstreamError as e:
+            await call.failed(e)
+            raise
+        except BaseException:
+            await call.finish(None, True)
+            raise
+        content_type = _header(up.headers.get("content-type")) or "application/json"
+        headers = {k: v for k in PASSED_HEADERS if (v := _header(up.headers.get(k))) is not None}
+        if stream and 200 <= up.status < 300 and content_type.startswith("text/event-stream"):
+            headers["cache-control"] = "no-cache"
+            return _Relay(up, call, endpoint, started, headers, content_type)
+        try:
+            body = b"".join([chunk async for chunk in up.chunks])
+        except UpstreamError as e:
+            await up.aclose()
+            await call.failed(e)
+            raise
+        except BaseException:
+            await up.aclose()
+            await call.finish(None, True)
+            raise
+        await up.aclose()
+        if up.status >= 400:
+            failure_log.answered(member, UpstreamResponse(up.status, up.headers, body, None))
+        await call.finish(str(up.status), _healthy(up.status))
+        metrics.online_first_byte(endpoint, time.perf_counter() - started)
+        return Response(body, status_code=up.status, headers=headers, media_type=content_type)
+
+
+_RELAYED = -1  # the status `handle` leaves for a relayed stream, whose end counts it
+CLIENT_GONE = 499  # the status counted when the client left before the answer's head (nginx's number for it)
+
+
+async def _unless_gone(request: Request, work: Coroutine[Any, Any, Response]) -> Response:
+    """`work`'s response, unless the client goes away first: then `work` is cancelled (which ends its upstream
+    request) and the answer is a bare 499 that nobody reads."""
+    forward = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait((forward, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (forward, gone):
+            task.cancel()
+        await asyncio.gather(forward, gone, return_exceptions=True)
+    if forward.cancelled():
+        return Response(status_code=CLIENT_GONE)
+    return forward.result()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Call:
+    """One upstream call of an online request: held in the online gate, measured, and its member's health told
+    once it ends (`finish`, once)."""
+
+    def __init__(self, member: Member, stack: contextlib.AsyncExitStack, timeout: float) -> None:
+        self.member = member
+        self.timeout = timeout
+        self._stack = stack
+        self._meter = metrics.upstream(member.name)
+        self._sent_at = self._meter.sent()
+        self._open = True
+        member.health.on_attempt(time.monotonic())
+
+    @classmethod
+    async def open(cls, svc: Services, member: Member) -> _Call:
+        stack = contextlib.AsyncExitStack()
+        await stack.enter_async_context(svc.online.hold(member))
+        return cls(member, stack, member.timeout or svc.settings.attempt_timeout)
+
+    async def failed(self, error: UpstreamError) -> None:
+        failure_log.failed(self.member, error)
+        # a timeout says the upstream is busy, not broken (as for batch lines)
+        await self.finish(
+            metrics.upstream_error_status(error.kind), None if error.kind == "timeout" else False
+        )
+
+    async def finish(self, status: str | None, healthy: bool | None) -> None:
+        """`status`: the metric's label, None when the client cut the call short; `healthy`: None says nothing."""
+        if not self._open:
+            return
+        self._open = False
+        try:
+            if healthy is not None and status is not None:
+                self.member.health.on_result(healthy, time.monotonic())
+            self._meter.answered(self._sent_at, status)
+        finally:
+            await self._stack.aclose()
+
+
+class _Relay(StreamingResponse):
+    """A stream of server-sent events relayed as it arrives; the upstream call ends with it, whichever way it
+    ends (its last event, a break, the client going away)."""
+
+    def __init__(
+        self,
+        up: UpstreamStream,
+        call: _Call,
+        endpoint: str,
+        started: float,
+        headers: dict[str, str],
+        content_type: str,
+    ) -> None:
+        super().__init__(up.chunks, status_code=up.status, headers=headers, media_type=content_type)
+        self._up = up
+        self._call = call
+        self._endpoint = endpoint
+        self._started = started
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relay = asyncio.ensure_future(self._relay(send))
+        gone = asyncio.ensure_future(_disconnected(receive))
+        status: str | None = None  # stays None when the client went away first
+        healthy: bool | None = None
+        try:
+            await asyncio.wait((relay, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (relay, gone):
+                task.cancel()
+            await asyncio.gather(relay, gone, return_exceptions=True)
+            failure = None if relay.cancelled() else relay.exception()
+            if not relay.cancelled() and failure is None:
+                status, healthy = relay.result()
+            await self._up.aclose()
+            await self._call.finish(status, healthy)
+            if status is not None:
+                metrics.online_request(self._endpoint, self._up.status, time.perf_counter() - self._started)
+        if failure is not None and not isinstance(failure, OSError):  # OSError: the client left as we wrote
+            raise failure
+
+    async def _relay(self, send: Send) -> tuple[str, bool | None]:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        first, last = True, b"\n\n"
+        try:
+            async for chunk in self._up.chunks:
+                if first:
+                    metrics.online_first_byte(self._endpoint, time.perf_counter() - self._started)
+                    first = False
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                last = chunk
+        except UpstreamError as e:
+            failure_log.failed(self._call.member, e)
+            end = b"" if last.endswith(b"\n\n") else b"\n\n"  # close an event the upstream left half-written
+            await send({"type": "http.response.body", "body": end + _error_event(e), "more_body": False})
+            return metrics.upstream_error_status(e.kind), None if e.kind == "timeout" else False
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return str(self.status_code), True
+
+
+def _error_event(e: UpstreamError) -> bytes:
+    err = _api_error(e)
+    return b"event: error\ndata: " + orjson.dumps(err.to_dict()) + b"\n\n"
+
+
+def _header(value: str | None) -> str | None:
+    """An upstream's header value as passed on: printable ASCII of at most 1 KiB (anything else is dropped)."""
+    if value is None or len(value) > 1024 or not value.isascii() or not value.isprintable():
+        return None
+    return value
+
+
+def _healthy(status: int) -> bool | None:
+    """What an answer says of its upstream's health, as for batch lines: 429 and 503 only that it is busy."""
+    if status in (429, 503):
+        return None
+    return status < 500
+
+
+def _api_error(e: UpstreamError) -> APIError:
+    if e.kind == "timeout":
+        return GatewayTimeout(
+            f"The upstream serving this model timed out: {e.message}.", code="request_timeout"
+        )
+    if e.kind == "too_large":
+        return BadGateway(
+            f"The upstream serving this model answered too much: {e.message}.", code="upstream_too_large"
+        )
+    return BadGateway(
+        f"The upstream serving this model could not be reached: {e.message}.", code="upstream_connect"
+    )
+
+
+def _too_large() -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"The request body is too large: the limit is {MAX_BODY} bytes.", code="request_too_large"
+    )
+
+
+async def read_body(request: Request) -> bytes:
+    """The request's body, at most MAX_BODY bytes (413 past it: at once when Content-Length says so)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise _too_large()
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise _too_large()
+    return bytes(raw)
+
+
+def inspect(raw: bytes) -> tuple[str, bool]:
+    """The request's `model`, and whether it asks for a stream; 400 unless it is a JSON object with a model."""
+    try:
+        body: Any = wire.loads(raw)
+    except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. The body must be a JSON object.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return required_str(body, "model"), body.get("stream") is True
