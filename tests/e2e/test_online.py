@@ -191,7 +191,8 @@ def test_a_client_that_goes_away_closes_the_upstream_request(srv: Server, key: s
     )  # at once: well before the chunk timeout (--attempt-timeout 3) would cut it
     while up.stats()["streams_cancelled"] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert up.stats()["streams_cancelled"] == 1 and up.stats()["streams_done"] == 0
+    # at least this one: a stream an earlier test left may end (cancelled) after the reset too
+    assert up.stats()["streams_cancelled"] >= 1 and up.stats()["streams_done"] == 0
 
 
 def test_a_client_that_gives_up_waiting_closes_the_upstream_request(
