@@ -843,6 +843,7 @@ class FakeUpstream:
         status: int = 500,
         retry_after: str | None = None,
         max_concurrency: int | None = None,
+        slots: int | None = None,
         api_key: str | None = None,
         models: Sequence[str] = DEFAULT_MODELS,
         port: int = 0,
@@ -853,6 +854,7 @@ class FakeUpstream:
             "status": status,
             "retry_after": retry_after,
             "max_concurrency": max_concurrency,
+            "slots": slots,
             "api_key": api_key,
             "models": models,
         }
