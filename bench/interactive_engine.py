@@ -2,6 +2,10 @@
 llama.cpp's own server (`xllamacpp.Server`, SmolLM2-135M, 4 slots, 2 threads), a fresh engine per setting.
 
     python bench/interactive_engine.py [--users 2] [--requests 12] [--lines 240] [--settings auto,3]
+        [--users-via engine|batchyard] [--think SECONDS]
+
+`--settings`: batchyard's `--concurrency` values to try, each optionally with its `--online-priority`
+(`auto:pause`). `--think`: a user's pause between requests (0.5-1.4x it, not in step with the other users).
                                        [--users-via engine|batchyard]
 
 Measures, in one run:
@@ -48,8 +52,8 @@ QUESTION = {
 }
 
 
-async def users(base_url: str, n: int, requests: int) -> list[float]:
-    """Latencies of `n` users each sending `requests` requests in sequence."""
+async def users(base_url: str, n: int, requests: int, think: float = 0.0) -> list[float]:
+    """Latencies of `n` users each sending `requests` requests in sequence, `think` seconds apart."""
     lat: list[float] = []
     async with httpx.AsyncClient(timeout=600) as client:
 
@@ -66,6 +70,8 @@ async def users(base_url: str, n: int, requests: int) -> list[float]:
                 r = await client.post(base_url + "/chat/completions", json=body)
                 r.raise_for_status()
                 lat.append(time.perf_counter() - t0)
+                if think and i + 1 < requests:
+                    await asyncio.sleep(think * (0.5 + (u * 7 + i * 3) % 10 / 10))  # 0.5-1.4x, not in step
 
         await asyncio.gather(*(user(u) for u in range(n)))
     return lat
@@ -79,8 +85,9 @@ def pct(xs: list[float], q: float) -> float:
 class BatchRun:
     """A batch through batchyard on `engine`, watched from a thread: completed lines over time."""
 
-    def __init__(self, engine: Engine, path: Path, work: Path, concurrency: str) -> None:
-        self.engine, self.path, self.work, self.concurrency = engine, path, work, concurrency
+    def __init__(self, engine: Engine, path: Path, work: Path, setting: str) -> None:
+        self.engine, self.path, self.work = engine, path, work
+        self.concurrency, _, self.priority = setting.partition(":")  # e.g. "auto:pause"
         self.samples: list[tuple[float, int]] = []  # (time, completed lines)
         self.base_url: str | None = None  # batchyard's, once it serves (its front door, for --users-via)
         self.done = threading.Event()
@@ -96,6 +103,7 @@ class BatchRun:
                 self.concurrency,
                 "--attempt-timeout",
                 "900",
+                *(["--online-priority", self.priority] if self.priority else []),
             ]
             with tempfile.TemporaryDirectory(dir=self.work) as d, BatchyardServer(Path(d), *args) as srv:
                 self.base_url = srv.base_url
@@ -128,12 +136,12 @@ class BatchRun:
 def idle_users(eng: Engine, args: argparse.Namespace, work: Path) -> list[float]:
     """The users' latencies on an idle engine: straight to it, or through a batchyard that runs no batch."""
     if args.users_via == "engine":
-        return asyncio.run(users(eng.base_url, args.users, args.requests))
+        return asyncio.run(users(eng.base_url, args.users, args.requests, args.think))
     with (
         tempfile.TemporaryDirectory(dir=work) as d,
         BatchyardServer(Path(d), "--upstream", eng.base_url) as srv,
     ):
-        return asyncio.run(users(srv.base_url, args.users, args.requests))
+        return asyncio.run(users(srv.base_url, args.users, args.requests, args.think))
 
 
 def main() -> None:
@@ -141,7 +149,12 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=2)
     ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--lines", type=int, default=240)
-    ap.add_argument("--settings", default="auto,3")
+    ap.add_argument(
+        "--settings",
+        default="auto,3",
+        help="comma-separated batchyard settings to try: CONCURRENCY[:ONLINE_PRIORITY], e.g. auto,auto:pause",
+    )
+    ap.add_argument("--think", type=float, default=0.0, help="seconds a user waits between requests (about)")
     ap.add_argument(
         "--users-via",
         choices=("engine", "batchyard"),
@@ -177,7 +190,7 @@ def main() -> None:
                 target = eng.base_url if args.users_via == "engine" else run.base_url
                 assert target is not None, "batchyard is not serving"
                 t0 = time.perf_counter()
-                lat = asyncio.run(users(target, args.users, args.requests))
+                lat = asyncio.run(users(target, args.users, args.requests, args.think))
                 t1 = time.perf_counter()
                 together = run.rate(t0, t1)
                 run.users_done.set()
@@ -188,7 +201,7 @@ def main() -> None:
             p50, p99 = statistics.median(lat), pct(lat, 0.99)
             share = together / alone if alone else float("nan")
             print(
-                f"--concurrency {setting}{via}: batch alone {alone:.2f} lines/s, with users {together:.2f} lines/s "
+                f"{setting}{via}: batch alone {alone:.2f} lines/s, with users {together:.2f} lines/s "
                 f"({share:.2f} of alone); users p50 {p50 * 1000:.0f} ms ({p50 / p50_idle:.2f}x idle), "
                 f"p99 {p99 * 1000:.0f} ms ({p99 / p99_idle:.2f}x idle)",
                 flush=True,

@@ -10,7 +10,8 @@ processes of one deployment on one machine find the same file):
 
 Only the process that owns an entry writes it, so no lock is needed for counting; a lock file is taken only to claim
 an entry. `OnlineGate.hold(member)` (API side) counts one online request in flight on `member` for its whole
-duration, a stream included. `BoardWatcher` (worker side) looks at the generation every `POLL_S` and hands each
+duration, a stream included. `BoardWatcher` (worker side) looks at the generation every `POLL_S` (`IDLE_POLL_S`
+while it has no batch line) and hands each
 member's limiter a *reservation* (upstreams/limiter.py: `Limiter.reserve`):
 
 - `slots` (the default): batch lines get what online requests leave of the upstream's limit; when an online request
@@ -59,7 +60,8 @@ HEADER = struct.Struct("<III")  # magic, version, generation
 ONLINE, DEMAND, FLIGHT = 1, 1 + CELLS, 1 + 2 * CELLS
 ENTRY_INTS = 1 + 3 * CELLS
 SIZE = HEADER.size + ENTRIES * ENTRY_INTS * 4
-POLL_S = 0.005  # how often a worker looks at the board's generation
+POLL_S = 0.005  # how often a worker looks at the board's generation while it has batch lines for an upstream
+IDLE_POLL_S = 0.05  # and while it has none (a line that starts meanwhile may be cut at the next look)
 LIVENESS_S = 1.0  # how often a worker checks that the processes counted are alive
 PAUSE_RESERVE = 1 << 30  # a reservation no limit reaches: no batch line is sent
 
@@ -308,7 +310,8 @@ class BoardWatcher:
                 gen = current
                 self.apply(self.board.rows(check_alive=check), now)
                 pausing = self.mode == "pause" and any(now - t < self.hold_s for t in self._last_online)
-            await asyncio.sleep(POLL_S)
+            busy = any(m.limiter.pending for m in self.members)
+            await asyncio.sleep(POLL_S if busy else IDLE_POLL_S)
 
 
 Exchange = Callable[[list[tuple[str, int, int]]], Awaitable[list[UpstreamLoad] | None]]
@@ -349,9 +352,17 @@ class MachineShares:
         return out
 
     async def run(self) -> None:
+        """Exchange every `interval` while this process has batch lines, at once when they start; nothing while it
+        has none (its rows expire: it wants nothing)."""
         w = self.watcher
+        last = float("-inf")
         while True:
             loads = [(m.name, m.limiter.pending, m.limiter.in_flight) for m in w.members]
-            rows = await self.exchange(loads)
-            w.machine_caps = [None] * len(w.members) if rows is None else self.caps(rows, w.board.rows())
-            await asyncio.sleep(self.interval)
+            now = time.monotonic()
+            if any(demand for _, demand, _ in loads) and now - last >= self.interval:
+                last = now
+                rows = await self.exchange(loads)
+                w.machine_caps = [None] * len(w.members) if rows is None else self.caps(rows, w.board.rows())
+            elif now - last >= self.interval:
+                last = float("-inf")  # idle: the next line that starts exchanges at once
+            await asyncio.sleep(IDLE_POLL_S)
