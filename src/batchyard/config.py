@@ -562,6 +562,16 @@ class Settings(_Model):
             "Retry-After.",
         ),
     ] = 0
+    project_online_concurrency: Annotated[
+        int,
+        Field(ge=0),
+        Option(
+            SERVE,
+            "Online requests one project (or static key) may have in flight at once, per API process (0: no "
+            "limit); beyond it, 429 rate_limit_exceeded. Online requests come before batch lines, so this is what "
+            "keeps one project's online traffic from taking every upstream slot from everyone's batches.",
+        ),
+    ] = 64
 
     @model_validator(mode="after")
     def _secret_with_urls(self) -> Settings:

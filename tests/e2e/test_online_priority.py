@@ -109,3 +109,44 @@ def test_online_requests_cut_ahead_of_batch_lines(
     else:
         assert median > DELAY * 1.4, lat  # queued behind the batch request in the upstream
         assert preempted is None
+
+
+def test_a_projects_online_requests_in_flight_are_capped(
+    make_server: Callable[..., Server], slow: FakeUpstream
+) -> None:
+    """`--project-online-concurrency 1`: a second request of the same key while its first is in flight gets 429
+    rate_limit_exceeded; another key's does not; once the first ended, the key may send again."""
+    import concurrent.futures
+
+    srv = make_server(
+        "--upstream",
+        slow.base_url,
+        "--api-key",
+        "sk-a",
+        "--api-key",
+        "sk-b",
+        "--project-online-concurrency",
+        "1",
+    )
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+    def post(key: str, delay: float) -> httpx.Response:
+        time.sleep(delay)
+        return httpx.post(
+            srv.base_url + "/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        first = pool.submit(post, "sk-a", 0.0)
+        second = pool.submit(post, "sk-a", 0.3)
+        other = pool.submit(post, "sk-b", 0.3)
+        assert first.result().status_code == 200
+        refused = second.result()
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert refused.headers["retry-after"] == "1"
+        assert other.result().status_code == 200
+    assert post("sk-a", 0.0).status_code == 200

@@ -41,6 +41,7 @@ from batchyard.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     StoreError,
 )
 from batchyard.execution import failure_log
@@ -90,6 +91,7 @@ class FrontDoor:
         self._svc = svc
         self._owner_of = owner_of
         self._rates = CreateRates(what="online requests")
+        self._in_flight: dict[str, int] = {}  # owner -> online requests in flight (this process)
 
     def route(self, endpoint: str) -> Callable[[Request], Awaitable[Response]]:
         async def online(request: Request) -> Response:
@@ -100,10 +102,55 @@ class FrontDoor:
 
     async def handle(self, endpoint: str, request: Request) -> Response:
         started = time.perf_counter()
-        status = 500
         try:
             owner = self._owner_of(request)
             self._rates.admit(owner, self._svc.settings.project_online_rpm)
+            release = self._take_slot(owner)
+        except (APIError, StoreError) as e:  # a stored key that could not be read: the handler answers 503
+            status = e.status_code if isinstance(e, APIError) else 503
+            metrics.online_request(endpoint, status, time.perf_counter() - started)
+            raise
+        try:
+            response = await self._handle(endpoint, request, started)
+        except BaseException:
+            release()
+            raise
+        if isinstance(response, _Relay):
+            response.ended.append(release)  # the stream holds its slot to its end
+        else:
+            release()
+        return response
+
+    def _take_slot(self, owner: str) -> Callable[[], None]:
+        """Count one online request of `owner` in flight (429 past `--project-online-concurrency`); returns what
+        ends it (once)."""
+        cap = self._svc.settings.project_online_concurrency
+        held = self._in_flight.get(owner, 0)
+        if cap and held >= cap:
+            raise RateLimited(
+                f"Too many online requests in flight at once for this project: the limit is {cap}. Wait for "
+                "one to end and try again.",
+                retry_after=1,
+            )
+        self._in_flight[owner] = held + 1
+        done = False
+
+        def release() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            left = self._in_flight[owner] - 1
+            if left:
+                self._in_flight[owner] = left
+            else:
+                del self._in_flight[owner]
+
+        return release
+
+    async def _handle(self, endpoint: str, request: Request, started: float) -> Response:
+        status = 500
+        try:
             raw = await read_body(request)
             model, stream = inspect(raw)
             group = self._svc.router.group(model)
@@ -258,6 +305,7 @@ class _Relay(StreamingResponse):
         self._call = call
         self._endpoint = endpoint
         self._started = started
+        self.ended: list[Callable[[], None]] = []  # called once the stream ended, whichever way
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         relay = asyncio.ensure_future(self._relay(send))
@@ -273,6 +321,8 @@ class _Relay(StreamingResponse):
             failure = None if relay.cancelled() else relay.exception()
             if not relay.cancelled() and failure is None:
                 status, healthy = relay.result()
+            for end in self.ended:
+                end()
             await self._up.aclose()
             await self._call.finish(status, healthy)
             if status is not None:
