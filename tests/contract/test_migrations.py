@@ -36,7 +36,12 @@ TYPES = {
     "bytes": ("BLOB", "bytea"),
 }
 # Logical default -> (SQLite, PostgreSQL), as each reports it.
-DEFAULTS = {"zero": ("0", "0"), "false": ("0", "false"), "pending": ("'pending'", "'pending'::text")}
+DEFAULTS = {
+    "zero": ("0", "0"),
+    "false": ("0", "false"),
+    "pending": ("'pending'", "'pending'::text"),
+    "one": ("1.0", "1.0"),
+}
 
 NULL, NOT_NULL = False, True
 TIMESTAMPS = ["in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at"]
@@ -155,6 +160,7 @@ COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
         ("name", "text", NOT_NULL, None),
         ("created_at", "bigint", NOT_NULL, None),
         ("archived_at", "bigint", NULL, None),
+        ("weight", "float", NOT_NULL, "one"),
     ],
     "api_keys": [
         ("seq", "serial", NOT_NULL, None),

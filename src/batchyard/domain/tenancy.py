@@ -71,6 +71,7 @@ class ProjectRecord:
     name: str
     created_at: int
     archived_at: int | None = None
+    weight: float = 1.0  # its share of workers and upstream slots (domain/fairshare.py)
 
     @property
     def archived(self) -> bool:

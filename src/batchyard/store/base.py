@@ -262,6 +262,10 @@ class MetadataStore(ABC):
         """Stamp `archived_at` (once: archiving again keeps the first stamp); None if unknown."""
 
     @abstractmethod
+    async def set_project_weight(self, project_id: str, weight: float) -> ProjectRecord | None:
+        """Set the project's fair-share weight (checked by `fairshare.weight_problem`); None if unknown."""
+
+    @abstractmethod
     async def insert_api_key(self, rec: ApiKeyRecord) -> None:
         """Insert a key of an existing project."""
 

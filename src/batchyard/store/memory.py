@@ -464,19 +464,30 @@ class MemoryStore(MetadataStore):
 
     # -- shards ---------------------------------------------------------------------------------------------
     def _pick_shard(self, now: float) -> tuple[_Batch, _Shard] | None:
-        """Cancelling batches first (they only drain), then the batch with the fewest running shards, oldest
-        first, then the lowest shard index: a small batch is not starved behind a big one."""
-        best: tuple[tuple[bool, int, int], _Batch, _Shard] | None = None
+        """In `sql.claim_order`'s order: cancelling batches first (they only drain), then the owner with the fewest
+        running shards per unit of weight, then the batch with the fewest running shards, the earliest deadline,
+        the oldest, then the lowest shard index."""
+        load: dict[str, int] = {}
+        for b in self._s.batches.values():
+            running = sum(sh.leased(now) for sh in self._s.shards.get(b.rec.id, {}).values())
+            load[b.rec.owner] = load.get(b.rec.owner, 0) + running
+        best: tuple[tuple[bool, float, int, int, int], _Batch, _Shard] | None = None
         for b in self._s.batches.values():
             if b.rec.status not in ACTIVE or b.rec.input_file_id not in self._s.files:
                 continue
             mine = self._s.shards.get(b.rec.id, {}).values()
             free = [sh for sh in mine if sh.claimable(now)]
             if free:
-                key = (b.rec.status != S.CANCELLING, sum(sh.leased(now) for sh in mine), b.seq)
+                share = load[b.rec.owner] / self._weight(b.rec.owner)
+                running = sum(sh.leased(now) for sh in mine)
+                key = (b.rec.status != S.CANCELLING, share, running, b.rec.expires_at, b.seq)
                 if best is None or key < best[0]:
                     best = (key, b, min(free, key=lambda sh: sh.rec.index))
         return None if best is None else (best[1], best[2])
+
+    def _weight(self, owner: str) -> float:
+        p = self._s.projects.get(owner)
+        return 1.0 if p is None else p.weight
 
     async def claim_shard(self, worker: str, lease_s: float) -> ShardClaim | None:
         now = self._clock()
@@ -498,6 +509,8 @@ class MemoryStore(MetadataStore):
             expires_at=b.rec.expires_at,
             input_blob_key=self._s.files[b.rec.input_file_id].rec.blob_key,
             db_now=now,
+            owner=b.rec.owner,
+            weight=self._weight(b.rec.owner),
         )
 
     def _fenced(self, claim: ShardClaim) -> _Shard | None:
@@ -660,6 +673,13 @@ class MemoryStore(MetadataStore):
             return None
         if p.archived_at is None:
             p.archived_at = now
+        return replace(p)
+
+    async def set_project_weight(self, project_id: str, weight: float) -> ProjectRecord | None:
+        p = self._s.projects.get(project_id)
+        if p is None:
+            return None
+        p.weight = weight
         return replace(p)
 
     async def insert_api_key(self, rec: ApiKeyRecord) -> None:

@@ -582,14 +582,15 @@ class PostgresStore(MetadataStore):
     # -- shards ---------------------------------------------------------------------------------------------
     async def claim_shard(self, worker: str, lease_s: float) -> ShardClaim | None:
         async with self._tx() as conn:
-            # Cancelling batches first (they only drain), then the batch with the fewest running shards, oldest
-            # first: a small batch is not starved behind a big one. A row another worker is claiming is skipped.
+            # Weighted fair share across owners, then within an owner's batches (sql.claim_order). A row another
+            # worker is claiming is skipped.
             row = await conn.fetchrow(
                 f"SELECT {prefixed('s', SHARD_FIELDS)}, b.status AS bstatus, b.endpoint, b.expires_at, f.blob_key, "
-                "t.db_now FROM shards s JOIN batches b ON b.id = s.batch_id JOIN files f ON f.id = b.input_file_id "
-                f"CROSS JOIN (SELECT {_now('$1')} AS db_now) t "
+                "b.owner AS bowner, COALESCE(p.weight, 1.0) AS weight, t.db_now "
+                f"FROM (SELECT {_now('$1')} AS db_now) t CROSS JOIN shards s "
+                f"{sql.CLAIM_JOINS.format(load=sql.owner_load(_now('$1')))} "  # now() is the transaction's
                 f"WHERE {sql.CLAIMABLE_BATCH} AND {sql.claimable_shard('t.db_now')} "
-                f"ORDER BY {sql.DRAINING_FIRST}, {sql.running_shards('t.db_now')}, b.seq, s.idx "
+                f"ORDER BY {sql.claim_order('t.db_now')} "
                 "LIMIT 1 FOR UPDATE OF s SKIP LOCKED",
                 self._t(),
             )
@@ -746,6 +747,12 @@ class PostgresStore(MetadataStore):
     async def archive_project(self, project_id: str, now: int) -> ProjectRecord | None:
         async with self._tx() as conn:
             await conn.execute(pg(tq.ARCHIVE_PROJECT), now, project_id)
+            row = await conn.fetchrow(pg(tq.GET_PROJECT), project_id)
+        return None if row is None else tq.project_from_row(row)
+
+    async def set_project_weight(self, project_id: str, weight: float) -> ProjectRecord | None:
+        async with self._tx() as conn:
+            await conn.execute(pg(tq.SET_PROJECT_WEIGHT), weight, project_id)
             row = await conn.fetchrow(pg(tq.GET_PROJECT), project_id)
         return None if row is None else tq.project_from_row(row)
 

@@ -127,6 +127,33 @@ def running_shards(now: str) -> str:
     )
 
 
+def owner_load(now: str) -> str:
+    """A derived table `l (owner, n)`: how many shards of each owner's batches run under a live lease."""
+    return (
+        f"(SELECT rb.owner AS owner, COUNT(*) AS n FROM shards r JOIN batches rb ON rb.id = r.batch_id "
+        f"WHERE r.status = {_RUNNING} AND r.lease_until >= {now} GROUP BY rb.owner) l"
+    )
+
+
+# What a claim joins to a shard (alias s) to order it: its batch b, its input file f, the batch owner's project p
+# (its weight; an owner that is no project weighs 1) and the owner's load l (see `owner_load`).
+CLAIM_JOINS = (
+    "JOIN batches b ON b.id = s.batch_id JOIN files f ON f.id = b.input_file_id "
+    "LEFT JOIN projects p ON p.id = b.owner LEFT JOIN {load} ON l.owner = b.owner"
+)
+
+
+def claim_order(now: str) -> str:
+    """The claim's order (domain/fairshare.py): cancelling batches first (they only drain); then the owner with
+    the fewest running shards per unit of weight (weighted fair share across projects, whichever worker claims);
+    within an owner the batch with the fewest running shards (no batch of a project starves behind its own big
+    one), the earliest deadline first among those, then the oldest; then the lowest shard index."""
+    return (
+        f"{DRAINING_FIRST}, COALESCE(l.n, 0) / COALESCE(p.weight, 1.0), {running_shards(now)}, "
+        "b.expires_at, b.seq, s.idx"
+    )
+
+
 TAKE_SHARD = (
     f"UPDATE shards SET status = {_RUNNING}, attempt = ?, lease_owner = ?, lease_until = ?, {NO_PROGRESS} "
     "WHERE batch_id = ? AND idx = ?"

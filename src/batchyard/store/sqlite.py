@@ -575,14 +575,14 @@ class SQLiteStore(MetadataStore):
         def q(db: sqlite3.Connection) -> ShardClaim | None:
             now = self._clock()
             with self._tx(db):
-                # Cancelling batches first (they only drain), then the batch with the fewest running shards,
-                # oldest first: a small batch is not starved behind a big one.
+                # Weighted fair share across owners, then within an owner's batches (sql.claim_order).
                 row = db.execute(
-                    f"SELECT {prefixed('s', SHARD_FIELDS)}, b.status AS bstatus, b.endpoint, b.expires_at, f.blob_key "
-                    "FROM shards s JOIN batches b ON b.id = s.batch_id JOIN files f ON f.id = b.input_file_id "
+                    f"SELECT {prefixed('s', SHARD_FIELDS)}, b.status AS bstatus, b.endpoint, b.expires_at, f.blob_key, "
+                    "b.owner AS bowner, COALESCE(p.weight, 1.0) AS weight "
+                    f"FROM shards s {sql.CLAIM_JOINS.format(load=sql.owner_load('?'))} "
                     f"WHERE {sql.CLAIMABLE_BATCH} AND {sql.claimable_shard('?')} "
-                    f"ORDER BY {sql.DRAINING_FIRST}, {sql.running_shards('?')}, b.seq, s.idx LIMIT 1",
-                    (now, now, now),
+                    f"ORDER BY {sql.claim_order('?')} LIMIT 1",
+                    (now, now, now, now),
                 ).fetchone()
                 if row is None:
                     return None
@@ -767,6 +767,15 @@ class SQLiteStore(MetadataStore):
         def q(db: sqlite3.Connection) -> ProjectRecord | None:
             with self._tx(db):
                 db.execute(tq.ARCHIVE_PROJECT, (now, project_id))
+                row = db.execute(tq.GET_PROJECT, (project_id,)).fetchone()
+                return None if row is None else tq.project_from_row(row)
+
+        return await self._run(q)
+
+    async def set_project_weight(self, project_id: str, weight: float) -> ProjectRecord | None:
+        def q(db: sqlite3.Connection) -> ProjectRecord | None:
+            with self._tx(db):
+                db.execute(tq.SET_PROJECT_WEIGHT, (weight, project_id))
                 row = db.execute(tq.GET_PROJECT, (project_id,)).fetchone()
                 return None if row is None else tq.project_from_row(row)
 
