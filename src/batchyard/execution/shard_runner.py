@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import logging
 import re
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ from batchyard import metrics
 from batchyard.blobs.base import BlobStore, BlobWriter
 from batchyard.config import Settings
 from batchyard.domain import lines, wire
+from batchyard.domain.fairshare import lane_shares
 from batchyard.domain.models import ShardClaim, ShardResult, Usage
 from batchyard.domain.ordering import WAIT, FileOrder, Prefixes, PrefixScheduler, Scheduler, prefix_order
 from batchyard.domain.states import BatchStatus
@@ -259,6 +261,7 @@ class ShardRunner:
             await _abort(out)
             raise
         att = _Attempt(claim, out, err)
+        att.stop.deadline = time.monotonic() + (claim.expires_at - claim.db_now)  # on the database's clock
         code = stop_code(claim.batch_status, claim.expires_at, claim.db_now)
         if code is not None:
             att.stop.set(code)
@@ -334,9 +337,11 @@ class ShardRunner:
         group's prompt to the slot that held this group's (an engine without a RAM prompt cache then prefills it
         again)."""
         total = self.dispatcher.total_limit()
-        n = max(1, len(self._executing))
-        rank = self._executing.index(att) if att in self._executing else n - 1
-        return max(1, total // n + (1 if rank < total % n else 0))
+        if att not in self._executing:
+            return max(1, total // (len(self._executing) + 1))
+        # by owner and weight (domain/fairshare.py): one owner's many shards do not crowd out another's few
+        shares = lane_shares(total, [(a.claim.owner, a.claim.weight) for a in self._executing])
+        return shares[self._executing.index(att)]
 
     async def room_for_shard(self) -> None:
         """Wait until this process runs fewer shards than the concurrency limit (each shard needs a lane)."""
@@ -438,7 +443,10 @@ class ShardRunner:
         task = asyncio.current_task()
         att.executing.add(task)  # type: ignore[arg-type]
         try:
-            return await self.dispatcher.execute(att.claim.endpoint, custom_id, req["body"], att.stop)
+            claim = att.claim
+            return await self.dispatcher.execute(
+                claim.endpoint, custom_id, req["body"], att.stop, key=claim.owner, weight=claim.weight
+            )
         except Exception as e:  # a line fails alone, whatever went wrong while sending or parsing it
             log.exception("line %r of batch %s failed", custom_id[:64], att.claim.shard.batch_id)
             msg = f"batchyard could not process this request ({describe(e, 200)})."

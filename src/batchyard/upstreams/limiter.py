@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from enum import Enum
+
+from batchyard.upstreams.fairqueue import FairQueue
 
 log = logging.getLogger("batchyard.limiter")
 
@@ -44,13 +45,14 @@ class Signal(Enum):
 
 
 class Limiter:
-    """Bounds requests in flight. FIFO among waiters; cancellation-safe."""
+    """Bounds requests in flight; cancellation-safe. Waiters are served FIFO, or in weighted fair order by key
+    when `acquire` is given one (upstreams/fairqueue.py: the owners of batch lines share the slots by weight)."""
 
     def __init__(self, limit: float) -> None:
         self._limit = float(limit)
         self.in_flight = 0
         self._handed = 0  # slots given to waiters that have not resumed yet
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters = FairQueue()
 
     @property
     def pending(self) -> int:
@@ -61,11 +63,12 @@ class Limiter:
     def limit(self) -> int:
         return max(1, int(self._limit))
 
-    async def acquire(self) -> float:
-        """Wait for a slot; returns a start time to pass back to `release`."""
+    async def acquire(self, key: str | None = None, weight: float = 1.0) -> float:
+        """Wait for a slot (behind the waiters of `key`, in turn with other keys by `weight`); returns a start
+        time to pass back to `release`."""
         if self.in_flight + self._handed >= self.limit or self._waiters:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
+            self._waiters.append(fut, key, weight)
             try:
                 await fut
             except BaseException:
