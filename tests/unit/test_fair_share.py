@@ -129,16 +129,24 @@ async def test_a_cancelled_keyed_waiter_passes_its_slot_on() -> None:
 
 def test_lanes_go_to_owners_by_weight_and_add_up_to_the_limit() -> None:
     four_of_a_one_of_b = [("a", 1.0)] * 4 + [("b", 1.0)]
-    shares = lane_shares(16, four_of_a_one_of_b)
-    assert sum(shares) == 16 and sum(shares[:4]) == 9 and shares[4] == 7  # ~8:8, not 4 shards to 1
-    weighted = lane_shares(16, [("a", 1.0), ("a", 1.0), ("b", 3.0)])
-    assert weighted == [3, 2, 11]
-    assert lane_shares(3, [("a", 1.0)] * 5) == [1] * 5  # fewer slots than shards: one lane each
-    assert lane_shares(4, [("a", 100.0), ("b", 1.0), ("b", 1.0), ("b", 1.0)]) == [1, 1, 1, 1]
+    assert lane_shares(16, four_of_a_one_of_b) == [2, 2, 2, 2, 8]  # 8:8, not 4 shards to 1
+    assert lane_shares(16, [("a", 1.0), ("a", 1.0), ("b", 3.0)]) == [2, 2, 12]
+    assert lane_shares(17, [("a", 1.0), ("b", 1.0), ("a", 1.0)]) == [5, 8, 4]  # the remainder: first-started
     assert lane_shares(8, []) == []
     for total, n in itertools.product(range(1, 40), range(1, 9)):
-        got = lane_shares(total, [(f"o{i % 3}", 1.0 + i % 4) for i in range(n)])
-        assert min(got) >= 1 and sum(got) == max(total, n)
+        shards = [(f"o{i % 3}", 1.0 + i % 4) for i in range(n)]
+        got = lane_shares(total, shards)
+        assert min(got) >= 1 and sum(got) >= total
+        if total >= 3 * n * 4:  # every owner's share covers its shards: exactly the limit
+            assert sum(got) == total
+
+
+def test_an_owner_with_more_shards_than_its_share_gets_one_lane_each() -> None:
+    # 8 slots, 7 of a's shards and 1 of b's: b still gets its half (4 lanes); a's 7 lanes and b's 4 share the 8
+    # slots through the limiter's fair queue
+    assert lane_shares(8, [("a", 1.0)] * 7 + [("b", 1.0)]) == [1] * 7 + [4]
+    assert lane_shares(3, [("a", 1.0)] * 5) == [1] * 5  # fewer slots than shards: one lane each
+    assert lane_shares(4, [("a", 100.0), ("b", 1.0), ("b", 1.0), ("b", 1.0)]) == [4, 1, 1, 1]
 
 
 def test_weights_are_bounded() -> None:

@@ -27,24 +27,31 @@ def weight_problem(weight: float) -> str | None:
 
 
 def lane_shares(total: int, shards: Sequence[tuple[str, float]]) -> list[int]:
-    """Lanes for each running shard, given as (owner, weight) in the order they started: every shard gets one,
-    and the rest of `total` goes to owners by weight and, within an owner, equally to its shards (largest
-    remainders first, the earlier shard on a tie). The shares add up to `total` when it is at least the number of
-    shards; otherwise every shard gets one lane."""
-    n = len(shards)
-    if n == 0:
+    """Lanes for each running shard, given as (owner, weight) in the order they started.
+
+    Each owner gets its weighted share of `total` (largest remainders first, the owner that started first on a
+    tie), split equally among its shards (the earlier ones get the remainder); every shard gets at least one lane.
+    The lanes add up to `total` while every owner has at least as many lanes as shards. An owner with more shards
+    here than its share gets one lane per shard, so the lanes then outnumber the slots: the limiter's fair queue
+    (upstreams/fairqueue.py) still serves the owners by weight, and the shards of that owner take turns."""
+    if not shards:
         return []
-    spare = max(0, total - n)
-    owner_weight: dict[str, float] = {}
-    owner_shards: dict[str, int] = {}
+    weights: dict[str, float] = {}
+    count: dict[str, int] = {}
     for owner, weight in shards:
-        owner_weight[owner] = weight if weight > 0 else 1.0
-        owner_shards[owner] = owner_shards.get(owner, 0) + 1
-    total_weight = sum(owner_weight.values())
-    ideal = [spare * owner_weight[o] / total_weight / owner_shards[o] for o, _ in shards]
-    lanes = [1 + int(x) for x in ideal]
-    left = total - sum(lanes)
-    by_remainder = sorted(range(n), key=lambda i: (-(ideal[i] - int(ideal[i])), i))
-    for i in by_remainder[: max(0, left)]:
-        lanes[i] += 1
+        weights[owner] = weight if weight > 0 else 1.0
+        count[owner] = count.get(owner, 0) + 1
+    total_weight = sum(weights.values())
+    ideal = {o: total * w / total_weight for o, w in weights.items()}
+    share = {o: int(x) for o, x in ideal.items()}
+    order = list(weights)  # owners in the order their first shard started
+    left = total - sum(share.values())
+    for o in sorted(order, key=lambda o: (-(ideal[o] - share[o]), order.index(o)))[: max(0, left)]:
+        share[o] += 1
+    lanes: list[int] = []
+    rank: dict[str, int] = {}
+    for owner, _ in shards:
+        mine, k = max(share[owner], count[owner]), count[owner]
+        r = rank[owner] = rank.get(owner, -1) + 1
+        lanes.append(mine // k + (1 if r < mine % k else 0))
     return lanes

@@ -86,6 +86,7 @@ class ProjectRecord:
             "created_at": self.created_at,
             "archived_at": self.archived_at,
             "status": "archived" if self.archived else "active",
+            "weight": self.weight,  # a batchyard extension: its fair share (docs/scheduling.md)
         }
 
 

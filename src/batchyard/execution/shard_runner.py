@@ -328,18 +328,19 @@ class ShardRunner:
             raise
 
     def _fair_lanes(self, att: _Attempt) -> int:
-        """Lanes for one shard: its share of the upstreams' concurrency among the shards running here.
+        """Lanes for one shard: its share of the upstreams' concurrency among the shards running here, by owner
+        and weight (`fairshare.lane_shares`): one owner's many shards do not crowd out another owner's few.
 
         Lanes beyond the concurrency limit would only queue on the limiter, and every line they carry would pay
         for a wake-up; lanes are therefore added and retired as the limit and the number of shards change. The
         shares add up to the limit exactly (the shards that started first get the remainder): a lane that waits on
         the limiter takes the next free engine slot from another lane, which with prefix ordering sends another
         group's prompt to the slot that held this group's (an engine without a RAM prompt cache then prefills it
-        again)."""
+        again). Only an owner with more shards here than its share makes the lanes outnumber the slots; the
+        limiter's fair queue then serves the owners by weight."""
         total = self.dispatcher.total_limit()
         if att not in self._executing:
             return max(1, total // (len(self._executing) + 1))
-        # by owner and weight (domain/fairshare.py): one owner's many shards do not crowd out another's few
         shares = lane_shares(total, [(a.claim.owner, a.claim.weight) for a in self._executing])
         return shares[self._executing.index(att)]
 
