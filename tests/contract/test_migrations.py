@@ -118,6 +118,8 @@ COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
         ("spans", "bytes", NULL, None),
         ("cancelled", "int", NOT_NULL, "zero"),
         ("upstream_failed", "int", NOT_NULL, "zero"),
+        ("started_at", "float", NULL, None),
+        ("done_at", "float", NULL, None),
     ],
     "uploads": [
         ("seq", "serial", NOT_NULL, None),
@@ -212,6 +214,7 @@ INDEXES: dict[str, tuple[str, tuple[str, ...], tuple[str, str] | None]] = {
     "webhook_events_due": ("webhook_events", ("status", "next_at"), None),
     "api_keys_project": ("api_keys", ("project_id", "seq"), None),
     "idempotency_keys_created": ("idempotency_keys", ("created_at",), None),
+    "shards_done": ("shards", ("done_at",), None),
 }
 
 

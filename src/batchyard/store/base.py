@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from batchyard.domain.admission import AdmissionLoad
 from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
@@ -218,6 +219,12 @@ class MetadataStore(ABC):
     @abstractmethod
     async def owner_usage(self, owner: str) -> OwnerUsage:
         """What `owner` holds now (on the store's clock): see `OwnerUsage`."""
+
+    @abstractmethod
+    async def admission_load(self, window_s: float) -> AdmissionLoad:
+        """What admission control weighs (domain/admission.py): the backlog of unanswered lines of unfinished
+        batches, the lines of shards done in the last `window_s` seconds, when the first of those started, and
+        the input bytes and lines of the batches measured."""
 
     @abstractmethod
     async def batch_stats(self) -> BatchStats:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from batchyard.domain.admission import AdmissionLoad
 from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
@@ -84,6 +85,8 @@ class _Shard:
     lease_owner: str | None = None
     lease_until: float | None = None
     retry_at: float | None = None  # a paused shard (its storage was down) is not claimed before this
+    started_at: float | None = None  # when its latest attempt started
+    done_at: float | None = None
 
     def claimable(self, now: float) -> bool:
         if self.rec.status == Sh.PENDING:
@@ -500,6 +503,7 @@ class MemoryStore(MetadataStore):
         shard.status, shard.attempt = Sh.RUNNING, attempt
         sh.rec.attempt = attempt
         _lease(sh, Sh.RUNNING, worker, now + lease_s)
+        sh.started_at = now
         return ShardClaim(
             shard=shard,
             attempt=attempt,
@@ -584,6 +588,7 @@ class MemoryStore(MetadataStore):
         sh.cancelled, sh.upstream_failed = result.cancelled, result.upstream_failed
         sh.rec.usage = replace(result.usage)
         sh.rec.out_key, sh.rec.err_key = result.out_key, result.err_key
+        sh.done_at = self._clock()
         return True
 
     # per-key usage (caps)
@@ -605,6 +610,32 @@ class MemoryStore(MetadataStore):
             active_batches=sum(
                 1 for b in self._s.batches.values() if b.rec.owner == owner and b.rec.status not in TERMINAL
             ),
+        )
+
+    async def admission_load(self, window_s: float) -> AdmissionLoad:
+        now = self._clock()
+        since = now - window_s
+        recent = [
+            (batch_id, sh)
+            for batch_id, shards in self._s.shards.items()
+            for sh in shards.values()
+            if sh.done_at is not None and sh.done_at >= since
+        ]
+        done = sum(sh.rec.completed + sh.rec.failed - sh.expired - sh.cancelled for _, sh in recent)
+        starts = [sh.started_at for _, sh in recent if sh.started_at is not None]
+        measured = {batch_id for batch_id, _ in recent}
+        batches = [
+            b.rec
+            for b in self._s.batches.values()
+            if b.planned and b.rec.total > 0 and (b.rec.status in ACTIVE or b.rec.id in measured)
+        ]
+        return AdmissionLoad(
+            now,
+            (await self.batch_stats()).lines_waiting,
+            done,
+            min(starts) if starts else None,
+            sum(self._s.files[b.input_file_id].rec.bytes for b in batches if b.input_file_id in self._s.files),
+            sum(b.total for b in batches),
         )
 
     async def batch_stats(self) -> BatchStats:

@@ -30,6 +30,7 @@ from typing import Any
 
 import asyncpg
 
+from batchyard.domain.admission import AdmissionLoad
 from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
@@ -599,7 +600,7 @@ class PostgresStore(MetadataStore):
             now = float(row["db_now"])
             attempt = int(row["attempt"]) + 1
             await conn.execute(
-                pg(sql.TAKE_SHARD), attempt, worker, now + lease_s, row["batch_id"], row["idx"]
+                pg(sql.TAKE_SHARD), attempt, worker, now + lease_s, now, row["batch_id"], row["idx"]
             )
         return claim_from_row(row, attempt, worker, now)
 
@@ -652,7 +653,7 @@ class PostgresStore(MetadataStore):
             await conn.execute(pg(sql.RELEASE_JOB), batch_id, worker)
 
     async def complete_shard(self, claim: ShardClaim, result: ShardResult, expired: int) -> bool:
-        async with self._conn() as conn:
+        async with self._tx() as conn:
             values = (result.completed, result.failed, expired, *usage_values(result.usage))
             status = await conn.execute(
                 pg(sql.COMPLETE_SHARD),
@@ -663,7 +664,15 @@ class PostgresStore(MetadataStore):
                 result.upstream_failed,
                 *fence(claim),
             )
-        return _rowcount(status) == 1
+            if _rowcount(status) != 1:
+                return False
+            await conn.execute(
+                f"UPDATE shards SET done_at = {_now('$1')} WHERE batch_id = $2 AND idx = $3",
+                self._t(),
+                claim.shard.batch_id,
+                claim.shard.index,
+            )
+        return True
 
     # per-key usage (caps)
     async def owner_usage(self, owner: str) -> OwnerUsage:
@@ -684,6 +693,16 @@ class PostgresStore(MetadataStore):
             )
         assert row is not None
         return OwnerUsage(int(row["files"]), int(row["stored"]), int(row["uploads"]), int(row["batches"]))
+
+    async def admission_load(self, window_s: float) -> AdmissionLoad:
+        async with self._tx() as conn:
+            now = float(await conn.fetchval(f"SELECT {_now('$1')}", self._t()))
+            backlog = await conn.fetchval(sql.LINES_WAITING)
+            done, first = await conn.fetchrow(pg(sql.RECENT_THROUGHPUT), now - window_s)
+            size, lines = await conn.fetchrow(pg(sql.MEASURED_LINE_BYTES), now - window_s)
+        return AdmissionLoad(
+            now, int(backlog), int(done), None if first is None else float(first), int(size), int(lines)
+        )
 
     async def batch_stats(self) -> BatchStats:
         async with self._conn() as conn:

@@ -155,7 +155,8 @@ def claim_order(now: str) -> str:
 
 
 TAKE_SHARD = (
-    f"UPDATE shards SET status = {_RUNNING}, attempt = ?, lease_owner = ?, lease_until = ?, {NO_PROGRESS} "
+    f"UPDATE shards SET status = {_RUNNING}, attempt = ?, lease_owner = ?, lease_until = ?, started_at = ?, "
+    f"{NO_PROGRESS} "
     "WHERE batch_id = ? AND idx = ?"
 )
 COMPLETE_SHARD = (
@@ -186,6 +187,20 @@ DROP_IDEMPOTENCY_KEY = "DELETE FROM idempotency_keys WHERE owner = ? AND key = ?
 PRUNE_IDEMPOTENCY_KEYS = (
     "DELETE FROM idempotency_keys WHERE (owner, key) IN "
     "(SELECT owner, key FROM idempotency_keys WHERE created_at < ? LIMIT 16)"
+)
+
+# -- admission control (domain/admission.py) ---------------------------------------------------------------------
+SHARD_DONE_AT = "UPDATE shards SET done_at = ? WHERE batch_id = ? AND idx = ?"
+# Lines answered (not cancelled or expired) by the shards done since ?, and when the first of them started.
+RECENT_THROUGHPUT = (
+    "SELECT COALESCE(SUM(completed + failed - expired - cancelled), 0), MIN(started_at) FROM shards "
+    "WHERE done_at >= ?"
+)
+# Input bytes and lines of the batches measured: those in progress and those with a shard done since ?.
+MEASURED_LINE_BYTES = (
+    "SELECT COALESCE(SUM(f.bytes), 0), COALESCE(SUM(b.total), 0) FROM batches b "
+    "JOIN files f ON f.id = b.input_file_id WHERE b.planned AND b.total > 0 AND "
+    f"(b.status IN {in_list(ACTIVE)} OR b.id IN (SELECT batch_id FROM shards WHERE done_at >= ?))"
 )
 
 # -- aggregates (metrics) ----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from batchyard.domain.admission import AdmissionLoad
 from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
@@ -587,7 +588,7 @@ class SQLiteStore(MetadataStore):
                 if row is None:
                     return None
                 attempt = row["attempt"] + 1
-                db.execute(sql.TAKE_SHARD, (attempt, worker, now + lease_s, row["batch_id"], row["idx"]))
+                db.execute(sql.TAKE_SHARD, (attempt, worker, now + lease_s, now, row["batch_id"], row["idx"]))
                 return claim_from_row(row, attempt, worker, now)
 
         return await self._run(q)
@@ -655,7 +656,10 @@ class SQLiteStore(MetadataStore):
             with self._tx(db):
                 values = (result.completed, result.failed, expired, *usage_values(result.usage))
                 cur = db.execute(sql.COMPLETE_SHARD, (*values, *_result_tail(result), *fence(claim)))
-                return cur.rowcount == 1
+                if cur.rowcount != 1:
+                    return False
+                db.execute(sql.SHARD_DONE_AT, (self._clock(), claim.shard.batch_id, claim.shard.index))
+                return True
 
         return await self._run(q)
 
@@ -680,6 +684,17 @@ class SQLiteStore(MetadataStore):
                 (owner, *final),
             ).fetchone()
             return OwnerUsage(files[0], files[1], uploads[0], batches[0])
+
+        return await self._run(q)
+
+    async def admission_load(self, window_s: float) -> AdmissionLoad:
+        def q(db: sqlite3.Connection) -> AdmissionLoad:
+            now = self._clock()
+            with self._tx(db):
+                backlog = db.execute(sql.LINES_WAITING).fetchone()[0]
+                done, first = db.execute(sql.RECENT_THROUGHPUT, (now - window_s,)).fetchone()
+                size, lines = db.execute(sql.MEASURED_LINE_BYTES, (now - window_s,)).fetchone()
+            return AdmissionLoad(now, int(backlog), int(done), first, int(size), int(lines))
 
         return await self._run(q)
 
