@@ -490,7 +490,7 @@ class MemoryStore(MetadataStore):
 
     def _weight(self, owner: str) -> float:
         p = self._s.projects.get(owner)
-        return 1.0 if p is None else p.weight
+        return 1.0 if p is None or p.weight == 0 else p.weight
 
     async def claim_shard(self, worker: str, lease_s: float) -> ShardClaim | None:
         now = self._clock()
@@ -634,7 +634,9 @@ class MemoryStore(MetadataStore):
             (await self.batch_stats()).lines_waiting,
             done,
             min(starts) if starts else None,
-            sum(self._s.files[b.input_file_id].rec.bytes for b in batches if b.input_file_id in self._s.files),
+            sum(
+                self._s.files[b.input_file_id].rec.bytes for b in batches if b.input_file_id in self._s.files
+            ),
             sum(b.total for b in batches),
         )
 

@@ -587,7 +587,7 @@ class PostgresStore(MetadataStore):
             # worker is claiming is skipped.
             row = await conn.fetchrow(
                 f"SELECT {prefixed('s', SHARD_FIELDS)}, b.status AS bstatus, b.endpoint, b.expires_at, f.blob_key, "
-                "b.owner AS bowner, COALESCE(p.weight, 1.0) AS weight, t.db_now "
+                f"b.owner AS bowner, {sql.OWNER_WEIGHT} AS weight, t.db_now "
                 f"FROM (SELECT {_now('$1')} AS db_now) t CROSS JOIN shards s "
                 f"{sql.CLAIM_JOINS.format(load=sql.owner_load(_now('$1')))} "  # now() is the transaction's
                 f"WHERE {sql.CLAIMABLE_BATCH} AND {sql.claimable_shard('t.db_now')} "

@@ -143,13 +143,17 @@ CLAIM_JOINS = (
 )
 
 
+# The batch owner's weight: its project's (one set to 0 by hand counts as 1, never a division by zero), else 1.
+OWNER_WEIGHT = "COALESCE(NULLIF(p.weight, 0), 1.0)"
+
+
 def claim_order(now: str) -> str:
     """The claim's order (domain/fairshare.py): cancelling batches first (they only drain); then the owner with
     the fewest running shards per unit of weight (weighted fair share across projects, whichever worker claims);
     within an owner the batch with the fewest running shards (no batch of a project starves behind its own big
     one), the earliest deadline first among those, then the oldest; then the lowest shard index."""
     return (
-        f"{DRAINING_FIRST}, COALESCE(l.n, 0) / COALESCE(p.weight, 1.0), {running_shards(now)}, "
+        f"{DRAINING_FIRST}, COALESCE(l.n, 0) / {OWNER_WEIGHT}, {running_shards(now)}, "
         "b.expires_at, b.seq, s.idx"
     )
 

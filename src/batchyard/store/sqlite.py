@@ -579,7 +579,7 @@ class SQLiteStore(MetadataStore):
                 # Weighted fair share across owners, then within an owner's batches (sql.claim_order).
                 row = db.execute(
                     f"SELECT {prefixed('s', SHARD_FIELDS)}, b.status AS bstatus, b.endpoint, b.expires_at, f.blob_key, "
-                    "b.owner AS bowner, COALESCE(p.weight, 1.0) AS weight "
+                    f"b.owner AS bowner, {sql.OWNER_WEIGHT} AS weight "
                     f"FROM shards s {sql.CLAIM_JOINS.format(load=sql.owner_load('?'))} "
                     f"WHERE {sql.CLAIMABLE_BATCH} AND {sql.claimable_shard('?')} "
                     f"ORDER BY {sql.claim_order('?')} LIMIT 1",
