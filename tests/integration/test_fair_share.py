@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Server
 from tests.integration.test_tenancy import admin_api, by, new_key
 from tests.support.batches import chat_line, upload, wait_for
@@ -27,12 +29,14 @@ def started_batch(srv: Server, key: str, n: int, tag: str) -> tuple[str, float]:
     return bid, t0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_small_projects_batch_is_not_starved_by_a_big_ones(
-    make_server: Callable[..., Server], upstream: FakeUpstream, tmp_path: Path
+    make_server: Callable[..., Server], upstream: FakeUpstream, tmp_path: Path, workers: int
 ) -> None:
+    # with 2 worker processes (the limits split between them) the claim order in the store is what is shared
     data = tmp_path / "data"
     key_a, key_b = new_key(data, "big"), new_key(data, "small")
-    srv = make_server("--upstream", upstream.base_url, *ARGS, data_dir=data)
+    srv = make_server("--upstream", upstream.base_url, *ARGS, "--workers", str(workers), data_dir=data)
     a_id, a_t0 = started_batch(srv, key_a, 2000, "a")
     wait_for(srv.client(key_a), a_id, {"in_progress"})
     time.sleep(0.5)  # A's shards fill the worker
@@ -44,7 +48,7 @@ def test_a_small_projects_batch_is_not_starved_by_a_big_ones(
     a = wait_for(srv.client(key_a), a_id, timeout=120)
     a_s = time.monotonic() - a_t0
     print(
-        f"\nfair share: B (50 lines) {b_s:.2f} s, A (2,000 lines) {a_s:.2f} s, "
+        f"\nfair share, {workers} worker process(es): B (50 lines) {b_s:.2f} s, A (2,000 lines) {a_s:.2f} s, "
         f"A had {a_done_then} lines done when B completed; ratio A/B {a_s / b_s:.1f}"
     )
     assert b.status == "completed" and b.request_counts is not None and b.request_counts.completed == 50
@@ -52,7 +56,7 @@ def test_a_small_projects_batch_is_not_starved_by_a_big_ones(
     assert a_now.status == "in_progress" and a_done_then < 1500  # B ended long before A
     # 2,000 lines at 8 slots of 20 ms: ~5 s; B waits at most one A shard (50 lines on one lane: ~1 s), then
     # shares the slots half and half: ~0.25 s
-    assert b_s < a_s / 2.5
+    assert b_s < a_s / (2.5 if workers == 1 else 2.0)  # 2 processes: B waits for a runner in one of them
 
 
 def test_set_weight_changes_a_projects_share_and_is_listed(tmp_path: Path) -> None:
