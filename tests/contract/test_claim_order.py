@@ -105,3 +105,13 @@ async def test_a_projects_weight_is_set_and_read_back(store: MetadataStore) -> N
     assert got is not None and got.weight == 2.5
     assert (await store.project_by_name("weighted")) == got
     assert await store.set_project_weight("proj_unknown", 2.0) is None
+
+
+async def test_a_claim_may_skip_owners(store: MetadataStore) -> None:
+    a = await batch(store, A, 3)
+    b = await batch(store, B, 1)
+    got = await store.claim_shard("w1", LEASE, not_owners=[A])
+    assert got is not None and got.shard.batch_id == b.id
+    assert await store.claim_shard("w1", LEASE, not_owners={A, B}) is None
+    assert await store.claim_shard("w1", LEASE, not_owners=[B]) is not None
+    assert (await claim(store, "w2")).shard.batch_id == a.id  # nothing skipped: A's, the only ones left

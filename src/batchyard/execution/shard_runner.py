@@ -149,6 +149,7 @@ class ShardRunner:
         self._beats = Backoff("shard heartbeats", log)  # only for its rate-limited log
         self._nudge = asyncio.Event()  # set by `nudge`: every running shard looks at its batch at once
         self.active = 0  # shards this runner holds (claimed and not yet done), whatever they are doing
+        self._held: Counter[str] = Counter()  # of those, how many of each owner
         self._suspects = 0  # of those, shards that failed before and wait to run alone (`_run_alone`)
         self.solo_done = asyncio.Event()  # clear while a suspect shard waits or runs: claim nothing new
         self.solo_done.set()
@@ -183,6 +184,7 @@ class ShardRunner:
             await self._release(claim, retry_in=1.0)
             return False
         self.active += 1
+        self._held[claim.owner] += 1
         try:
             if claim.shard.failures >= QUARANTINE_AFTER:
                 result = await self._quarantine(claim)
@@ -213,6 +215,9 @@ class ShardRunner:
             return False
         finally:
             self.active -= 1
+            self._held[claim.owner] -= 1
+            if not self._held[claim.owner]:
+                del self._held[claim.owner]
             self._idle.set()
         self.outage.ok()
         return result
@@ -343,6 +348,14 @@ class ShardRunner:
             return max(1, total // (len(self._executing) + 1))
         shares = lane_shares(total, [(a.claim.owner, a.claim.weight) for a in self._executing])
         return shares[self._executing.index(att)]
+
+    def owners(self) -> frozenset[str]:
+        """The owners of the shards this runner holds."""
+        return frozenset(self._held)
+
+    def full(self) -> bool:
+        """Whether the regular shard loops can claim nothing more here (every loop busy, or no lane left)."""
+        return self.active >= min(self.settings.max_shards, self.dispatcher.total_limit())
 
     async def room_for_shard(self) -> None:
         """Wait until this process runs fewer shards than the concurrency limit (each shard needs a lane)."""

@@ -7,7 +7,7 @@ clock of the machine that holds the database file), never a worker's.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,7 +186,12 @@ class MetadataStore(ABC):
 
     # shards
     @abstractmethod
-    async def claim_shard(self, worker: str, lease_s: float) -> ShardClaim | None: ...
+    async def claim_shard(
+        self, worker: str, lease_s: float, *, not_owners: Collection[str] = ()
+    ) -> ShardClaim | None:
+        """Lease the next shard in the fair-share order (domain/fairshare.py), or None; `not_owners`: skip the
+        batches of these owners (a worker full of their shards takes one of another owner's)."""
+
     @abstractmethod
     async def heartbeat_shard(
         self, claim: ShardClaim, lease_s: float, completed: int, failed: int, usage: Usage

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -466,7 +466,7 @@ class MemoryStore(MetadataStore):
         return self._transition(b, status, job_owner=None, job_lease_until=None)
 
     # -- shards ---------------------------------------------------------------------------------------------
-    def _pick_shard(self, now: float) -> tuple[_Batch, _Shard] | None:
+    def _pick_shard(self, now: float, not_owners: Collection[str] = ()) -> tuple[_Batch, _Shard] | None:
         """In `sql.claim_order`'s order: cancelling batches first (they only drain), then the owner with the fewest
         running shards per unit of weight, then the batch with the fewest running shards, the earliest deadline,
         the oldest, then the lowest shard index."""
@@ -477,6 +477,8 @@ class MemoryStore(MetadataStore):
         best: tuple[tuple[bool, float, int, int, int], _Batch, _Shard] | None = None
         for b in self._s.batches.values():
             if b.rec.status not in ACTIVE or b.rec.input_file_id not in self._s.files:
+                continue
+            if b.rec.owner in not_owners:
                 continue
             mine = self._s.shards.get(b.rec.id, {}).values()
             free = [sh for sh in mine if sh.claimable(now)]
@@ -492,9 +494,11 @@ class MemoryStore(MetadataStore):
         p = self._s.projects.get(owner)
         return 1.0 if p is None or p.weight == 0 else p.weight
 
-    async def claim_shard(self, worker: str, lease_s: float) -> ShardClaim | None:
+    async def claim_shard(
+        self, worker: str, lease_s: float, *, not_owners: Collection[str] = ()
+    ) -> ShardClaim | None:
         now = self._clock()
-        picked = self._pick_shard(now)
+        picked = self._pick_shard(now, not_owners)
         if picked is None:
             return None
         b, sh = picked

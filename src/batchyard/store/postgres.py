@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -581,7 +581,9 @@ class PostgresStore(MetadataStore):
             )
 
     # -- shards ---------------------------------------------------------------------------------------------
-    async def claim_shard(self, worker: str, lease_s: float) -> ShardClaim | None:
+    async def claim_shard(
+        self, worker: str, lease_s: float, *, not_owners: Collection[str] = ()
+    ) -> ShardClaim | None:
         async with self._tx() as conn:
             # Weighted fair share across owners, then within an owner's batches (sql.claim_order). A row another
             # worker is claiming is skipped.
@@ -591,9 +593,11 @@ class PostgresStore(MetadataStore):
                 f"FROM (SELECT {_now('$1')} AS db_now) t CROSS JOIN shards s "
                 f"{sql.CLAIM_JOINS.format(load=sql.owner_load(_now('$1')))} "  # now() is the transaction's
                 f"WHERE {sql.CLAIMABLE_BATCH} AND {sql.claimable_shard('t.db_now')} "
+                "AND b.owner <> ALL($2::text[]) "
                 f"ORDER BY {sql.claim_order('t.db_now')} "
                 "LIMIT 1 FOR UPDATE OF s SKIP LOCKED",
                 self._t(),
+                sorted(set(not_owners)),
             )
             if row is None:
                 return None

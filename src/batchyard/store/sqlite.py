@@ -19,7 +19,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -572,7 +572,12 @@ class SQLiteStore(MetadataStore):
         return await self._run(q)
 
     # -- shards ---------------------------------------------------------------------------------------------
-    async def claim_shard(self, worker: str, lease_s: float) -> ShardClaim | None:
+    async def claim_shard(
+        self, worker: str, lease_s: float, *, not_owners: Collection[str] = ()
+    ) -> ShardClaim | None:
+        others = sorted(set(not_owners))
+        skip = f" AND b.owner NOT IN ({sql.marks(len(others))})" if others else ""
+
         def q(db: sqlite3.Connection) -> ShardClaim | None:
             now = self._clock()
             with self._tx(db):
@@ -581,9 +586,9 @@ class SQLiteStore(MetadataStore):
                     f"SELECT {prefixed('s', SHARD_FIELDS)}, b.status AS bstatus, b.endpoint, b.expires_at, f.blob_key, "
                     f"b.owner AS bowner, {sql.OWNER_WEIGHT} AS weight "
                     f"FROM shards s {sql.CLAIM_JOINS.format(load=sql.owner_load('?'))} "
-                    f"WHERE {sql.CLAIMABLE_BATCH} AND {sql.claimable_shard('?')} "
+                    f"WHERE {sql.CLAIMABLE_BATCH} AND {sql.claimable_shard('?')}{skip} "
                     f"ORDER BY {sql.claim_order('?')} LIMIT 1",
-                    (now, now, now, now),
+                    (now, now, now, *others, now),
                 ).fetchone()
                 if row is None:
                     return None
