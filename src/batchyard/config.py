@@ -572,6 +572,22 @@ class Settings(_Model):
             "keeps one project's online traffic from taking every upstream slot from everyone's batches.",
         ),
     ] = 64
+    admission: Annotated[
+        Literal["off", "warn", "reject"],
+        Option(
+            EXECUTION,
+            "Admission control: when the lines queued ahead plus a new batch cannot finish within its completion "
+            "window at the throughput of the last 10 minutes, 'warn' accepts it with an x-batchyard-warning "
+            "header, 'reject' also fails it at validation with token_limit_exceeded (as OpenAI does for a full "
+            "queue), 'off' checks nothing.",
+            doc="admission control (docs/scheduling.md): when the backlog of unanswered lines plus a new batch "
+            "cannot finish within its completion window at the throughput measured over the last 10 minutes: "
+            "`warn` accepts it with an `x-batchyard-warning` header on the create answer; `reject` also fails it "
+            "at validation with `token_limit_exceeded`, as OpenAI fails a batch its queue cannot take; `off` "
+            "checks nothing. No measured throughput yet: every batch is admitted",
+            metavar="off|warn|reject",
+        ),
+    ] = "warn"
 
     @model_validator(mode="after")
     def _secret_with_urls(self) -> Settings:

@@ -36,7 +36,12 @@ TYPES = {
     "bytes": ("BLOB", "bytea"),
 }
 # Logical default -> (SQLite, PostgreSQL), as each reports it.
-DEFAULTS = {"zero": ("0", "0"), "false": ("0", "false"), "pending": ("'pending'", "'pending'::text")}
+DEFAULTS = {
+    "zero": ("0", "0"),
+    "false": ("0", "false"),
+    "pending": ("'pending'", "'pending'::text"),
+    "one": ("1.0", "1.0"),
+}
 
 NULL, NOT_NULL = False, True
 TIMESTAMPS = ["in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at"]
@@ -113,6 +118,8 @@ COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
         ("spans", "bytes", NULL, None),
         ("cancelled", "int", NOT_NULL, "zero"),
         ("upstream_failed", "int", NOT_NULL, "zero"),
+        ("started_at", "float", NULL, None),
+        ("done_at", "float", NULL, None),
     ],
     "uploads": [
         ("seq", "serial", NOT_NULL, None),
@@ -155,6 +162,7 @@ COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
         ("name", "text", NOT_NULL, None),
         ("created_at", "bigint", NOT_NULL, None),
         ("archived_at", "bigint", NULL, None),
+        ("weight", "float", NOT_NULL, "one"),
     ],
     "api_keys": [
         ("seq", "serial", NOT_NULL, None),
@@ -241,6 +249,7 @@ INDEXES: dict[str, tuple[str, tuple[str, ...], tuple[str, str] | None]] = {
     "webhook_endpoints_owner": ("webhook_endpoints", ("owner", "seq"), None),
     "webhook_deliveries_event": ("webhook_deliveries", ("event_id", "seq"), None),
     "webhook_events_owner": ("webhook_events", ("owner", "seq"), None),
+    "shards_done": ("shards", ("done_at",), None),
 }
 
 

@@ -15,7 +15,7 @@ from batchyard.api.auth import Authenticator
 from batchyard.api.deps import bounded_str, json_body, list_body, query_choice, query_int, shown
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
-from batchyard.domain import tenancy
+from batchyard.domain import fairshare, tenancy
 from batchyard.domain.tenancy import ProjectRecord
 from batchyard.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 
@@ -84,6 +84,24 @@ def router(svc: Services, auth: Authenticator) -> APIRouter:
     async def retrieve_project(request: Request, project_id: str) -> JSONResponse:
         admin(request)
         return JSONResponse((await project(project_id)).to_wire())
+
+    @r.post(PREFIX + "/{project_id}")
+    async def modify_project(request: Request, project_id: str) -> JSONResponse:
+        """OpenAI's modify-project route; here it sets the project's fair-share `weight` (an extension)."""
+        admin(request)
+        found = await active_project(project_id)
+        body = await json_body(request)
+        if "name" in body and body["name"] != found.name:
+            raise InvalidRequest("Renaming a project is not supported.", param="name", code="invalid_value")
+        weight = body.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise InvalidRequest("'weight' must be a number.", param="weight", code="invalid_type")
+        problem = fairshare.weight_problem(float(weight))
+        if problem is not None:
+            raise InvalidRequest(f"Invalid 'weight': {problem}.", param="weight", code="invalid_value")
+        changed = await store.set_project_weight(project_id, float(weight))
+        assert changed is not None
+        return JSONResponse(changed.to_wire())
 
     @r.post(PREFIX + "/{project_id}/archive")
     async def archive_project(request: Request, project_id: str) -> JSONResponse:

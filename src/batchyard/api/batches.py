@@ -3,6 +3,7 @@ results, delete, retry, dry run (validate)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,7 @@ from batchyard.api.quotas import Quotas
 from batchyard.api.responses import JSONResponse
 from batchyard.api.results import ResultReader
 from batchyard.api.services import Services
-from batchyard.domain import limits
+from batchyard.domain import admission, limits
 from batchyard.domain.idempotency import fingerprint
 from batchyard.domain.models import BatchRecord
 from batchyard.domain.rerun import MAX_CODE_CHARS, MAX_CODES
@@ -35,6 +36,8 @@ from batchyard.domain.states import TERMINAL, BatchStatus
 from batchyard.errors import Conflict, InvalidRequest, NotFound
 
 OwnerOf = Callable[[Request], str]
+WARNING_HEADER = "x-batchyard-warning"  # admission control's warning on a create answer (docs/scheduling.md)
+log = logging.getLogger("batchyard.admission")
 
 _MAX_CUSTOM_ID_CHARS = 4096  # a `custom_id` filter longer than this names no line worth looking for
 
@@ -96,6 +99,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
                 if b is None:  # deleted since
                     raise no_such_batch(earlier)
                 return JSONResponse(b.to_wire(), headers=REPLAYED)
+        warning = await admission_warning(owner, input_file_id, window_s)
         async with idem.guard(owner, key, batch_id):
             batch = await insert_new(
                 BatchRecord(
@@ -112,7 +116,22 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
                 ),
                 window_s,
             )
-        return JSONResponse(batch.to_wire())
+        headers = None if warning is None else {WARNING_HEADER: warning}
+        return JSONResponse(batch.to_wire(), headers=headers)
+
+    async def admission_warning(owner: str, input_file_id: str, window_s: int) -> str | None:
+        """Why a batch of this input file may not finish within `window_s` (domain/admission.py), or None."""
+        if svc.settings.admission == "off":
+            return None
+        f = await svc.store.get_file(owner, input_file_id)
+        if f is None:  # validation fails it, in OpenAI's words
+            return None
+        load = await svc.store.admission_load(admission.WINDOW_S)
+        found = admission.verdict(load, admission.estimated_lines(f.bytes, load), window_s)
+        if found is None:
+            return None
+        log.info("admission (%s): %s", svc.settings.admission, found.message())
+        return found.message()
 
     async def insert_new(batch: BatchRecord, window_s: int) -> BatchRecord:
         """Insert a new batch, created now and expiring `window_s` later, once its owner has room for it."""

@@ -17,7 +17,7 @@ import click
 
 from batchyard import eventloop
 from batchyard.config import ServeSwitches, Settings
-from batchyard.domain import tenancy
+from batchyard.domain import fairshare, tenancy
 from batchyard.domain.tenancy import ApiKeyRecord, ProjectRecord
 from batchyard.store.base import MetadataStore
 from batchyard.store.factory import open_store
@@ -177,9 +177,31 @@ def register(
     def list_projects(**_: Any) -> None:
         """List projects (archived ones too)."""
         found = on_store(lambda store: _all(store.list_projects, include_archived=True))
-        rows = [["ID", "NAME", "CREATED", "ARCHIVED"]]
-        rows += [[p.id, p.name, _when(p.created_at), _when(p.archived_at)] for p in found]
+        rows = [["ID", "NAME", "CREATED", "ARCHIVED", "WEIGHT"]]
+        rows += [[p.id, p.name, _when(p.created_at), _when(p.archived_at), f"{p.weight:g}"] for p in found]
         _table(rows)
+
+    @projects.command("set-weight")
+    @click.argument("name")
+    @click.argument("weight", type=float)
+    @settings_options(SCOPE)
+    def set_weight(name: str, weight: float, **_: Any) -> None:
+        """Set project NAME's (or id's) fair-share WEIGHT (default 1): while several projects have work, each gets
+        workers and upstream slots in proportion to its weight. Running workers apply it at their next claim."""
+        problem = fairshare.weight_problem(weight)
+        if problem is not None:
+            raise click.BadParameter(problem, param_hint="WEIGHT")
+
+        async def work(store: MetadataStore) -> ProjectRecord | None:
+            found = await store.project_by_name(name)
+            if found is None and tenancy.PROJECT_ID.fullmatch(name):
+                found = await store.get_project(name)
+            return None if found is None else await store.set_project_weight(found.id, weight)
+
+        rec = on_store(work)
+        if rec is None:
+            raise click.UsageError(f"no project {name!r}")
+        click.echo(f"project {rec.name} ({rec.id}) weight {rec.weight:g}")
 
 
 async def _all(page: Callable[..., Awaitable[Any]], **kw: Any) -> list[Any]:

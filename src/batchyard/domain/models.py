@@ -257,6 +257,8 @@ class ShardClaim:
     expires_at: int
     input_blob_key: str
     db_now: float
+    owner: str = ""  # the batch's owner (a project id for stored keys): its key in the fair share
+    weight: float = 1.0  # the owner's weight (a project's `weight`; 1 for owners that are no project)
 
 
 @dataclass(slots=True)

@@ -71,6 +71,7 @@ class ProjectRecord:
     name: str
     created_at: int
     archived_at: int | None = None
+    weight: float = 1.0  # its share of workers and upstream slots (domain/fairshare.py)
 
     @property
     def archived(self) -> bool:
@@ -85,6 +86,7 @@ class ProjectRecord:
             "created_at": self.created_at,
             "archived_at": self.archived_at,
             "status": "archived" if self.archived else "active",
+            "weight": self.weight,  # a batchyard extension: its fair share (docs/scheduling.md)
         }
 
 

@@ -32,10 +32,16 @@ PREEMPTED = object()  # `_attempt`'s answer when an online request cut the attem
 
 
 class StopSignal:
-    """Set when a shard must stop dispatching (batch cancelled or expired); carries the error code."""
+    """Set when a shard must stop dispatching (batch cancelled or expired); carries the error code, and the
+    batch's deadline (`time.monotonic()` seconds), past which no retry is made."""
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float | None = None) -> None:
         self.code: str | None = None
+        self.deadline = deadline
+
+    def too_late(self, delay: float) -> bool:
+        """Whether a retry after `delay` seconds would start past the batch's deadline."""
+        return self.deadline is not None and time.monotonic() + delay >= self.deadline
 
     def set(self, code: str) -> None:
         if self.code is None:
@@ -63,13 +69,16 @@ class Dispatcher:
         body: dict[str, Any],
         payload: bytes,
         stop: StopSignal,
+        key: str | None,
+        weight: float,
     ) -> UpstreamResponse | UpstreamError | object | None:
-        """One try on the best member of the group: its rate limits, concurrency limit and health.
-        None if the batch stopped before the request was sent; PREEMPTED if an online request cut it short."""
+        """One try on the best member of the group: its rate limits, concurrency limit (waiting in turn with
+        other owners' lines: `key`, `weight`) and health. None if the batch stopped before the request was sent;
+        PREEMPTED if an online request cut it short."""
         while True:
             member = pick(group)
             limiter = member.limiter
-            started = await limiter.acquire()
+            started = await limiter.acquire(key, weight)
             if len(group) > 1 and healthier_exists(member, group):
                 limiter.release(started, Signal.ERROR)  # ejected while we waited: choose again
                 continue
@@ -131,7 +140,19 @@ class Dispatcher:
                 meter.answered(sent_at, status)
                 meter.state(limiter.limit, member.health.available(time.monotonic()))
 
-    async def execute(self, endpoint: str, custom_id: str, body: dict[str, Any], stop: StopSignal) -> Outcome:
+    async def execute(
+        self,
+        endpoint: str,
+        custom_id: str,
+        body: dict[str, Any],
+        stop: StopSignal,
+        *,
+        key: str | None = None,
+        weight: float = 1.0,
+    ) -> Outcome:
+        """The line's outcome. `key` and `weight`: its batch's owner and the owner's weight in the fair share of
+        the upstream's slots. A retry whose wait would end past `stop.deadline` is not made: the line fails with
+        its last error."""
         model = body.get("model")
         group = self.router.group(model) if isinstance(model, str) else None
         if group is None:
@@ -143,7 +164,7 @@ class Dispatcher:
         while True:
             if stop.code is not None:
                 return Outcome(False, lines.not_executed_line(custom_id, stop.code), stopped=stop.code)
-            resp = await self._attempt(group, endpoint, body, payload, stop)
+            resp = await self._attempt(group, endpoint, body, payload, stop, key, weight)
             if resp is None:  # stopped while waiting for a slot: never sent
                 return Outcome(False, lines.not_executed_line(custom_id, stop.code or ""), stopped=stop.code)
             if resp is PREEMPTED:  # an online request took its slot: the line goes again (no retry counted)
@@ -151,10 +172,12 @@ class Dispatcher:
             assert isinstance(resp, UpstreamResponse | UpstreamError)
             if isinstance(resp, UpstreamError):
                 if resp.retryable and retries < self._max_retries:
-                    metrics.retried(resp.kind)
-                    await asyncio.sleep(backoff_delay(retries, None))
-                    retries += 1
-                    continue
+                    delay = backoff_delay(retries, None)
+                    if not stop.too_late(delay):
+                        metrics.retried(resp.kind)
+                        await asyncio.sleep(delay)
+                        retries += 1
+                        continue
                 return Outcome(False, lines.error_line(custom_id, _line_code(resp.kind), resp.message))
             if 200 <= resp.status < 300:
                 try:
@@ -167,11 +190,12 @@ class Dispatcher:
                 line = lines.response_line(custom_id, resp.status, resp.request_id or "", parsed, resp.body)
                 return Outcome(True, line, lines.extract_usage(parsed))
             if is_retryable_status(resp.status) and retries < self._max_retries:
-                metrics.retried(resp.status)
                 delay = backoff_delay(retries, parse_retry_after(resp.headers, time.time()))
-                await asyncio.sleep(delay)
-                retries += 1
-                continue
+                if not stop.too_late(delay):
+                    metrics.retried(resp.status)
+                    await asyncio.sleep(delay)
+                    retries += 1
+                    continue
             body_obj, raw = _error_body(resp.body)
             return Outcome(
                 False, lines.response_line(custom_id, resp.status, resp.request_id or "", body_obj, raw)

@@ -12,7 +12,7 @@ from typing import Any
 from batchyard import metrics
 from batchyard.blobs.base import BlobInfo, BlobStore
 from batchyard.config import Settings
-from batchyard.domain import tenancy
+from batchyard.domain import admission, tenancy
 from batchyard.domain.models import BatchRecord, FileRecord, ShardRecord
 from batchyard.domain.rerun import custom_id_of
 from batchyard.domain.states import BatchStatus
@@ -122,8 +122,23 @@ async def _validate(
             limit = [{"code": "token_limit_exceeded", "message": problem, "param": None, "line": None}]
             await store.fail_batch(batch.id, worker, limit)
             return False
+    if settings.admission == "reject" and await _queue_full(job, store, result.total_lines, worker):
+        return False
     await store.plan_batch(batch.id, worker, result.shards, result.total_lines, result.model)
     log.info("batch %s planned: %d lines in %d shards", batch.id, result.total_lines, len(result.shards))
+    return True
+
+
+async def _queue_full(job: BatchJob, store: MetadataStore, lines: int, worker: str) -> bool:
+    """Admission control (domain/admission.py): fail the batch when the backlog and its `lines` cannot finish before
+    its deadline at the measured throughput, with the code OpenAI gives a batch its queue cannot take."""
+    load = await store.admission_load(admission.WINDOW_S)
+    found = admission.verdict(load, lines, max(0, job.batch.expires_at - int(load.now)))
+    if found is None:
+        return False
+    log.info("batch %s refused by admission control: %s", job.batch.id, found.message())
+    full = [{"code": "token_limit_exceeded", "message": found.message(), "param": None, "line": None}]
+    await store.fail_batch(job.batch.id, worker, full)
     return True
 
 

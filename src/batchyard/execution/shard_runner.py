@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import logging
 import re
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ from batchyard import metrics
 from batchyard.blobs.base import BlobStore, BlobWriter
 from batchyard.config import Settings
 from batchyard.domain import lines, wire
+from batchyard.domain.fairshare import lane_shares
 from batchyard.domain.models import ShardClaim, ShardResult, Usage
 from batchyard.domain.ordering import WAIT, FileOrder, Prefixes, PrefixScheduler, Scheduler, prefix_order
 from batchyard.domain.states import BatchStatus
@@ -147,6 +149,7 @@ class ShardRunner:
         self._beats = Backoff("shard heartbeats", log)  # only for its rate-limited log
         self._nudge = asyncio.Event()  # set by `nudge`: every running shard looks at its batch at once
         self.active = 0  # shards this runner holds (claimed and not yet done), whatever they are doing
+        self._held: Counter[str] = Counter()  # of those, how many of each owner
         self._suspects = 0  # of those, shards that failed before and wait to run alone (`_run_alone`)
         self.solo_done = asyncio.Event()  # clear while a suspect shard waits or runs: claim nothing new
         self.solo_done.set()
@@ -181,6 +184,7 @@ class ShardRunner:
             await self._release(claim, retry_in=1.0)
             return False
         self.active += 1
+        self._held[claim.owner] += 1
         try:
             if claim.shard.failures >= QUARANTINE_AFTER:
                 result = await self._quarantine(claim)
@@ -211,6 +215,9 @@ class ShardRunner:
             return False
         finally:
             self.active -= 1
+            self._held[claim.owner] -= 1
+            if not self._held[claim.owner]:
+                del self._held[claim.owner]
             self._idle.set()
         self.outage.ok()
         return result
@@ -259,6 +266,7 @@ class ShardRunner:
             await _abort(out)
             raise
         att = _Attempt(claim, out, err)
+        att.stop.deadline = time.monotonic() + (claim.expires_at - claim.db_now)  # on the database's clock
         code = stop_code(claim.batch_status, claim.expires_at, claim.db_now)
         if code is not None:
             att.stop.set(code)
@@ -325,18 +333,29 @@ class ShardRunner:
             raise
 
     def _fair_lanes(self, att: _Attempt) -> int:
-        """Lanes for one shard: its share of the upstreams' concurrency among the shards running here.
+        """Lanes for one shard: its share of the upstreams' concurrency among the shards running here, by owner
+        and weight (`fairshare.lane_shares`): one owner's many shards do not crowd out another owner's few.
 
         Lanes beyond the concurrency limit would only queue on the limiter, and every line they carry would pay
         for a wake-up; lanes are therefore added and retired as the limit and the number of shards change. The
         shares add up to the limit exactly (the shards that started first get the remainder): a lane that waits on
         the limiter takes the next free engine slot from another lane, which with prefix ordering sends another
         group's prompt to the slot that held this group's (an engine without a RAM prompt cache then prefills it
-        again)."""
+        again). Only an owner with more shards here than its share makes the lanes outnumber the slots; the
+        limiter's fair queue then serves the owners by weight."""
         total = self.dispatcher.total_limit()
-        n = max(1, len(self._executing))
-        rank = self._executing.index(att) if att in self._executing else n - 1
-        return max(1, total // n + (1 if rank < total % n else 0))
+        if att not in self._executing:
+            return max(1, total // (len(self._executing) + 1))
+        shares = lane_shares(total, [(a.claim.owner, a.claim.weight) for a in self._executing])
+        return shares[self._executing.index(att)]
+
+    def owners(self) -> frozenset[str]:
+        """The owners of the shards this runner holds."""
+        return frozenset(self._held)
+
+    def full(self) -> bool:
+        """Whether the regular shard loops can claim nothing more here (every loop busy, or no lane left)."""
+        return self.active >= min(self.settings.max_shards, self.dispatcher.total_limit())
 
     async def room_for_shard(self) -> None:
         """Wait until this process runs fewer shards than the concurrency limit (each shard needs a lane)."""
@@ -438,7 +457,10 @@ class ShardRunner:
         task = asyncio.current_task()
         att.executing.add(task)  # type: ignore[arg-type]
         try:
-            return await self.dispatcher.execute(att.claim.endpoint, custom_id, req["body"], att.stop)
+            claim = att.claim
+            return await self.dispatcher.execute(
+                claim.endpoint, custom_id, req["body"], att.stop, key=claim.owner, weight=claim.weight
+            )
         except Exception as e:  # a line fails alone, whatever went wrong while sending or parsing it
             log.exception("line %r of batch %s failed", custom_id[:64], att.claim.shard.batch_id)
             msg = f"batchyard could not process this request ({describe(e, 200)})."

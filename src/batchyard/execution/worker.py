@@ -164,6 +164,23 @@ class Worker:
         self.wake(nudge=False)
         return True
 
+    async def run_guest_shard_once(self) -> bool:
+        """Fair share without preemption: a worker full of some owners' shards takes, on top, one shard at a time
+        of an owner that has none here, so a project that arrives while others fill the worker starts at once
+        instead of after one of their shards (its lanes then share the slots by weight: domain/fairshare.py)."""
+        await self.runner.solo_done.wait()
+        if not self.runner.full() or self.runner.outage.failures:
+            return False  # the regular loops claim (and probe the storage after an outage)
+        claim = await self.store.claim_shard(
+            self.id, self.settings.lease_seconds, not_owners=self.runner.owners()
+        )
+        if claim is None:
+            return False
+        metrics.shard_claimed()
+        await self.runner.run(claim)
+        self.wake(nudge=False)
+        return True
+
     async def deliver_webhooks_once(self) -> bool:
         if not await self.webhooks.deliver(self.store, self.id):
             await asyncio.sleep(1.0)  # nothing due: look again in a second
@@ -222,3 +239,4 @@ class Worker:
                 tg.create_task(self._watch_online(), name="online-board")
             for i in range(self.settings.max_shards):
                 tg.create_task(self._loop(self.run_shard_once, "running shards"), name=f"shard-runner-{i}")
+            tg.create_task(self._loop(self.run_guest_shard_once, "running shards"), name="guest-shard-runner")

@@ -7,10 +7,11 @@ clock of the machine that holds the database file), never a worker's.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from batchyard.domain.admission import AdmissionLoad
 from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
@@ -240,7 +241,12 @@ class MetadataStore(ABC):
 
     # shards
     @abstractmethod
-    async def claim_shard(self, worker: str, lease_s: float) -> ShardClaim | None: ...
+    async def claim_shard(
+        self, worker: str, lease_s: float, *, not_owners: Collection[str] = ()
+    ) -> ShardClaim | None:
+        """Lease the next shard in the fair-share order (domain/fairshare.py), or None; `not_owners`: skip the
+        batches of these owners (a worker full of their shards takes one of another owner's)."""
+
     @abstractmethod
     async def heartbeat_shard(
         self, claim: ShardClaim, lease_s: float, completed: int, failed: int, usage: Usage
@@ -273,6 +279,12 @@ class MetadataStore(ABC):
     @abstractmethod
     async def owner_usage(self, owner: str) -> OwnerUsage:
         """What `owner` holds now (on the store's clock): see `OwnerUsage`."""
+
+    @abstractmethod
+    async def admission_load(self, window_s: float) -> AdmissionLoad:
+        """What admission control weighs (domain/admission.py): the backlog of unanswered lines of unfinished
+        batches, the lines of shards done in the last `window_s` seconds, when the first of those started, and
+        the input bytes and lines of the batches measured."""
 
     @abstractmethod
     async def batch_stats(self) -> BatchStats:
@@ -315,6 +327,10 @@ class MetadataStore(ABC):
     @abstractmethod
     async def archive_project(self, project_id: str, now: int) -> ProjectRecord | None:
         """Stamp `archived_at` (once: archiving again keeps the first stamp); None if unknown."""
+
+    @abstractmethod
+    async def set_project_weight(self, project_id: str, weight: float) -> ProjectRecord | None:
+        """Set the project's fair-share weight (checked by `fairshare.weight_problem`); None if unknown."""
 
     @abstractmethod
     async def insert_api_key(self, rec: ApiKeyRecord) -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from batchyard.domain.admission import AdmissionLoad
 from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
@@ -93,6 +94,8 @@ class _Shard:
     lease_owner: str | None = None
     lease_until: float | None = None
     retry_at: float | None = None  # a paused shard (its storage was down) is not claimed before this
+    started_at: float | None = None  # when its latest attempt started
+    done_at: float | None = None
 
     def claimable(self, now: float) -> bool:
         if self.rec.status == Sh.PENDING:
@@ -544,24 +547,39 @@ class MemoryStore(MetadataStore):
         return self._transition(b, status, job_owner=None, job_lease_until=None)
 
     # -- shards ---------------------------------------------------------------------------------------------
-    def _pick_shard(self, now: float) -> tuple[_Batch, _Shard] | None:
-        """Cancelling batches first (they only drain), then the batch with the fewest running shards, oldest
-        first, then the lowest shard index: a small batch is not starved behind a big one."""
-        best: tuple[tuple[bool, int, int], _Batch, _Shard] | None = None
+    def _pick_shard(self, now: float, not_owners: Collection[str] = ()) -> tuple[_Batch, _Shard] | None:
+        """In `sql.claim_order`'s order: cancelling batches first (they only drain), then the owner with the fewest
+        running shards per unit of weight, then the batch with the fewest running shards, the earliest deadline,
+        the oldest, then the lowest shard index."""
+        load: dict[str, int] = {}
+        for b in self._s.batches.values():
+            running = sum(sh.leased(now) for sh in self._s.shards.get(b.rec.id, {}).values())
+            load[b.rec.owner] = load.get(b.rec.owner, 0) + running
+        best: tuple[tuple[bool, float, int, int, int], _Batch, _Shard] | None = None
         for b in self._s.batches.values():
             if b.rec.status not in ACTIVE or b.rec.input_file_id not in self._s.files:
+                continue
+            if b.rec.owner in not_owners:
                 continue
             mine = self._s.shards.get(b.rec.id, {}).values()
             free = [sh for sh in mine if sh.claimable(now)]
             if free:
-                key = (b.rec.status != S.CANCELLING, sum(sh.leased(now) for sh in mine), b.seq)
+                share = load[b.rec.owner] / self._weight(b.rec.owner)
+                running = sum(sh.leased(now) for sh in mine)
+                key = (b.rec.status != S.CANCELLING, share, running, b.rec.expires_at, b.seq)
                 if best is None or key < best[0]:
                     best = (key, b, min(free, key=lambda sh: sh.rec.index))
         return None if best is None else (best[1], best[2])
 
-    async def claim_shard(self, worker: str, lease_s: float) -> ShardClaim | None:
+    def _weight(self, owner: str) -> float:
+        p = self._s.projects.get(owner)
+        return 1.0 if p is None or p.weight == 0 else p.weight
+
+    async def claim_shard(
+        self, worker: str, lease_s: float, *, not_owners: Collection[str] = ()
+    ) -> ShardClaim | None:
         now = self._clock()
-        picked = self._pick_shard(now)
+        picked = self._pick_shard(now, not_owners)
         if picked is None:
             return None
         b, sh = picked
@@ -570,6 +588,7 @@ class MemoryStore(MetadataStore):
         shard.status, shard.attempt = Sh.RUNNING, attempt
         sh.rec.attempt = attempt
         _lease(sh, Sh.RUNNING, worker, now + lease_s)
+        sh.started_at = now
         return ShardClaim(
             shard=shard,
             attempt=attempt,
@@ -579,6 +598,8 @@ class MemoryStore(MetadataStore):
             expires_at=b.rec.expires_at,
             input_blob_key=self._s.files[b.rec.input_file_id].rec.blob_key,
             db_now=now,
+            owner=b.rec.owner,
+            weight=self._weight(b.rec.owner),
         )
 
     def _fenced(self, claim: ShardClaim) -> _Shard | None:
@@ -652,6 +673,7 @@ class MemoryStore(MetadataStore):
         sh.cancelled, sh.upstream_failed = result.cancelled, result.upstream_failed
         sh.rec.usage = replace(result.usage)
         sh.rec.out_key, sh.rec.err_key = result.out_key, result.err_key
+        sh.done_at = self._clock()
         return True
 
     # per-key usage (caps)
@@ -673,6 +695,34 @@ class MemoryStore(MetadataStore):
             active_batches=sum(
                 1 for b in self._s.batches.values() if b.rec.owner == owner and b.rec.status not in TERMINAL
             ),
+        )
+
+    async def admission_load(self, window_s: float) -> AdmissionLoad:
+        now = self._clock()
+        since = now - window_s
+        recent = [
+            (batch_id, sh)
+            for batch_id, shards in self._s.shards.items()
+            for sh in shards.values()
+            if sh.done_at is not None and sh.done_at >= since
+        ]
+        done = sum(sh.rec.completed + sh.rec.failed - sh.expired - sh.cancelled for _, sh in recent)
+        starts = [sh.started_at for _, sh in recent if sh.started_at is not None]
+        measured = {batch_id for batch_id, _ in recent}
+        batches = [
+            b.rec
+            for b in self._s.batches.values()
+            if b.planned and b.rec.total > 0 and (b.rec.status in ACTIVE or b.rec.id in measured)
+        ]
+        return AdmissionLoad(
+            now,
+            (await self.batch_stats()).lines_waiting,
+            done,
+            min(starts) if starts else None,
+            sum(
+                self._s.files[b.input_file_id].rec.bytes for b in batches if b.input_file_id in self._s.files
+            ),
+            sum(b.total for b in batches),
         )
 
     async def batch_stats(self) -> BatchStats:
@@ -741,6 +791,13 @@ class MemoryStore(MetadataStore):
             return None
         if p.archived_at is None:
             p.archived_at = now
+        return replace(p)
+
+    async def set_project_weight(self, project_id: str, weight: float) -> ProjectRecord | None:
+        p = self._s.projects.get(project_id)
+        if p is None:
+            return None
+        p.weight = weight
         return replace(p)
 
     async def insert_api_key(self, rec: ApiKeyRecord) -> None:

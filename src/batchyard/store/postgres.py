@@ -24,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import asyncpg
 
+from batchyard.domain.admission import AdmissionLoad
 from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
@@ -652,25 +653,30 @@ class PostgresStore(MetadataStore):
             )
 
     # -- shards ---------------------------------------------------------------------------------------------
-    async def claim_shard(self, worker: str, lease_s: float) -> ShardClaim | None:
+    async def claim_shard(
+        self, worker: str, lease_s: float, *, not_owners: Collection[str] = ()
+    ) -> ShardClaim | None:
         async with self._tx() as conn:
-            # Cancelling batches first (they only drain), then the batch with the fewest running shards, oldest
-            # first: a small batch is not starved behind a big one. A row another worker is claiming is skipped.
+            # Weighted fair share across owners, then within an owner's batches (sql.claim_order). A row another
+            # worker is claiming is skipped.
             row = await conn.fetchrow(
                 f"SELECT {prefixed('s', SHARD_FIELDS)}, b.status AS bstatus, b.endpoint, b.expires_at, f.blob_key, "
-                "t.db_now FROM shards s JOIN batches b ON b.id = s.batch_id JOIN files f ON f.id = b.input_file_id "
-                f"CROSS JOIN (SELECT {_now('$1')} AS db_now) t "
+                f"b.owner AS bowner, {sql.OWNER_WEIGHT} AS weight, t.db_now "
+                f"FROM (SELECT {_now('$1')} AS db_now) t CROSS JOIN shards s "
+                f"{sql.CLAIM_JOINS.format(load=sql.owner_load(_now('$1')))} "  # now() is the transaction's
                 f"WHERE {sql.CLAIMABLE_BATCH} AND {sql.claimable_shard('t.db_now')} "
-                f"ORDER BY {sql.DRAINING_FIRST}, {sql.running_shards('t.db_now')}, b.seq, s.idx "
+                "AND b.owner <> ALL($2::text[]) "
+                f"ORDER BY {sql.claim_order('t.db_now')} "
                 "LIMIT 1 FOR UPDATE OF s SKIP LOCKED",
                 self._t(),
+                sorted(set(not_owners)),
             )
             if row is None:
                 return None
             now = float(row["db_now"])
             attempt = int(row["attempt"]) + 1
             await conn.execute(
-                pg(sql.TAKE_SHARD), attempt, worker, now + lease_s, row["batch_id"], row["idx"]
+                pg(sql.TAKE_SHARD), attempt, worker, now + lease_s, now, row["batch_id"], row["idx"]
             )
         return claim_from_row(row, attempt, worker, now)
 
@@ -723,7 +729,7 @@ class PostgresStore(MetadataStore):
             await conn.execute(pg(sql.RELEASE_JOB), batch_id, worker)
 
     async def complete_shard(self, claim: ShardClaim, result: ShardResult, expired: int) -> bool:
-        async with self._conn() as conn:
+        async with self._tx() as conn:
             values = (result.completed, result.failed, expired, *usage_values(result.usage))
             status = await conn.execute(
                 pg(sql.COMPLETE_SHARD),
@@ -734,7 +740,15 @@ class PostgresStore(MetadataStore):
                 result.upstream_failed,
                 *fence(claim),
             )
-        return _rowcount(status) == 1
+            if _rowcount(status) != 1:
+                return False
+            await conn.execute(
+                f"UPDATE shards SET done_at = {_now('$1')} WHERE batch_id = $2 AND idx = $3",
+                self._t(),
+                claim.shard.batch_id,
+                claim.shard.index,
+            )
+        return True
 
     # per-key usage (caps)
     async def owner_usage(self, owner: str) -> OwnerUsage:
@@ -755,6 +769,16 @@ class PostgresStore(MetadataStore):
             )
         assert row is not None
         return OwnerUsage(int(row["files"]), int(row["stored"]), int(row["uploads"]), int(row["batches"]))
+
+    async def admission_load(self, window_s: float) -> AdmissionLoad:
+        async with self._tx() as conn:
+            now = float(await conn.fetchval(f"SELECT {_now('$1')}", self._t()))
+            backlog = await conn.fetchval(sql.LINES_WAITING)
+            done, first = await conn.fetchrow(pg(sql.RECENT_THROUGHPUT), now - window_s)
+            size, lines = await conn.fetchrow(pg(sql.MEASURED_LINE_BYTES), now - window_s)
+        return AdmissionLoad(
+            now, int(backlog), int(done), None if first is None else float(first), int(size), int(lines)
+        )
 
     async def batch_stats(self) -> BatchStats:
         async with self._conn() as conn:
@@ -818,6 +842,12 @@ class PostgresStore(MetadataStore):
     async def archive_project(self, project_id: str, now: int) -> ProjectRecord | None:
         async with self._tx() as conn:
             await conn.execute(pg(tq.ARCHIVE_PROJECT), now, project_id)
+            row = await conn.fetchrow(pg(tq.GET_PROJECT), project_id)
+        return None if row is None else tq.project_from_row(row)
+
+    async def set_project_weight(self, project_id: str, weight: float) -> ProjectRecord | None:
+        async with self._tx() as conn:
+            await conn.execute(pg(tq.SET_PROJECT_WEIGHT), weight, project_id)
             row = await conn.fetchrow(pg(tq.GET_PROJECT), project_id)
         return None if row is None else tq.project_from_row(row)
 

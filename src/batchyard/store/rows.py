@@ -201,4 +201,6 @@ def claim_from_row(row: Row, attempt: int, worker: str, db_now: float) -> ShardC
         expires_at=row["expires_at"],
         input_blob_key=row["blob_key"],
         db_now=db_now,
+        owner=row["bowner"],
+        weight=float(row["weight"]),
     )

@@ -127,8 +127,40 @@ def running_shards(now: str) -> str:
     )
 
 
+def owner_load(now: str) -> str:
+    """A derived table `l (owner, n)`: how many shards of each owner's batches run under a live lease."""
+    return (
+        f"(SELECT rb.owner AS owner, COUNT(*) AS n FROM shards r JOIN batches rb ON rb.id = r.batch_id "
+        f"WHERE r.status = {_RUNNING} AND r.lease_until >= {now} GROUP BY rb.owner) l"
+    )
+
+
+# What a claim joins to a shard (alias s) to order it: its batch b, its input file f, the batch owner's project p
+# (its weight; an owner that is no project weighs 1) and the owner's load l (see `owner_load`).
+CLAIM_JOINS = (
+    "JOIN batches b ON b.id = s.batch_id JOIN files f ON f.id = b.input_file_id "
+    "LEFT JOIN projects p ON p.id = b.owner LEFT JOIN {load} ON l.owner = b.owner"
+)
+
+
+# The batch owner's weight: its project's (one set to 0 by hand counts as 1, never a division by zero), else 1.
+OWNER_WEIGHT = "COALESCE(NULLIF(p.weight, 0), 1.0)"
+
+
+def claim_order(now: str) -> str:
+    """The claim's order (domain/fairshare.py): cancelling batches first (they only drain); then the owner with
+    the fewest running shards per unit of weight (weighted fair share across projects, whichever worker claims);
+    within an owner the batch with the fewest running shards (no batch of a project starves behind its own big
+    one), the earliest deadline first among those, then the oldest; then the lowest shard index."""
+    return (
+        f"{DRAINING_FIRST}, COALESCE(l.n, 0) / {OWNER_WEIGHT}, {running_shards(now)}, "
+        "b.expires_at, b.seq, s.idx"
+    )
+
+
 TAKE_SHARD = (
-    f"UPDATE shards SET status = {_RUNNING}, attempt = ?, lease_owner = ?, lease_until = ?, {NO_PROGRESS} "
+    f"UPDATE shards SET status = {_RUNNING}, attempt = ?, lease_owner = ?, lease_until = ?, started_at = ?, "
+    f"{NO_PROGRESS} "
     "WHERE batch_id = ? AND idx = ?"
 )
 COMPLETE_SHARD = (
@@ -159,6 +191,20 @@ DROP_IDEMPOTENCY_KEY = "DELETE FROM idempotency_keys WHERE owner = ? AND key = ?
 PRUNE_IDEMPOTENCY_KEYS = (
     "DELETE FROM idempotency_keys WHERE (owner, key) IN "
     "(SELECT owner, key FROM idempotency_keys WHERE created_at < ? LIMIT 16)"
+)
+
+# -- admission control (domain/admission.py) ---------------------------------------------------------------------
+SHARD_DONE_AT = "UPDATE shards SET done_at = ? WHERE batch_id = ? AND idx = ?"
+# Lines answered (not cancelled or expired) by the shards done since ?, and when the first of them started.
+RECENT_THROUGHPUT = (
+    "SELECT COALESCE(SUM(completed + failed - expired - cancelled), 0), MIN(started_at) FROM shards "
+    "WHERE done_at >= ?"
+)
+# Input bytes and lines of the batches measured: those in progress and those with a shard done since ?.
+MEASURED_LINE_BYTES = (
+    "SELECT COALESCE(SUM(f.bytes), 0), COALESCE(SUM(b.total), 0) FROM batches b "
+    "JOIN files f ON f.id = b.input_file_id WHERE b.planned AND b.total > 0 AND "
+    f"(b.status IN {in_list(ACTIVE)} OR b.id IN (SELECT batch_id FROM shards WHERE done_at >= ?))"
 )
 
 # -- aggregates (metrics) ----------------------------------------------------------------------------------------

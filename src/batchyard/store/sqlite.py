@@ -19,12 +19,13 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from batchyard.domain.admission import AdmissionLoad
 from batchyard.domain.idempotency import IdempotencyKey
 from batchyard.domain.models import (
     BatchRecord,
@@ -661,23 +662,28 @@ class SQLiteStore(MetadataStore):
         return await self._run(q)
 
     # -- shards ---------------------------------------------------------------------------------------------
-    async def claim_shard(self, worker: str, lease_s: float) -> ShardClaim | None:
+    async def claim_shard(
+        self, worker: str, lease_s: float, *, not_owners: Collection[str] = ()
+    ) -> ShardClaim | None:
+        others = sorted(set(not_owners))
+        skip = f" AND b.owner NOT IN ({sql.marks(len(others))})" if others else ""
+
         def q(db: sqlite3.Connection) -> ShardClaim | None:
             now = self._clock()
             with self._tx(db):
-                # Cancelling batches first (they only drain), then the batch with the fewest running shards,
-                # oldest first: a small batch is not starved behind a big one.
+                # Weighted fair share across owners, then within an owner's batches (sql.claim_order).
                 row = db.execute(
-                    f"SELECT {prefixed('s', SHARD_FIELDS)}, b.status AS bstatus, b.endpoint, b.expires_at, f.blob_key "
-                    "FROM shards s JOIN batches b ON b.id = s.batch_id JOIN files f ON f.id = b.input_file_id "
-                    f"WHERE {sql.CLAIMABLE_BATCH} AND {sql.claimable_shard('?')} "
-                    f"ORDER BY {sql.DRAINING_FIRST}, {sql.running_shards('?')}, b.seq, s.idx LIMIT 1",
-                    (now, now, now),
+                    f"SELECT {prefixed('s', SHARD_FIELDS)}, b.status AS bstatus, b.endpoint, b.expires_at, f.blob_key, "
+                    f"b.owner AS bowner, {sql.OWNER_WEIGHT} AS weight "
+                    f"FROM shards s {sql.CLAIM_JOINS.format(load=sql.owner_load('?'))} "
+                    f"WHERE {sql.CLAIMABLE_BATCH} AND {sql.claimable_shard('?')}{skip} "
+                    f"ORDER BY {sql.claim_order('?')} LIMIT 1",
+                    (now, now, now, *others, now),
                 ).fetchone()
                 if row is None:
                     return None
                 attempt = row["attempt"] + 1
-                db.execute(sql.TAKE_SHARD, (attempt, worker, now + lease_s, row["batch_id"], row["idx"]))
+                db.execute(sql.TAKE_SHARD, (attempt, worker, now + lease_s, now, row["batch_id"], row["idx"]))
                 return claim_from_row(row, attempt, worker, now)
 
         return await self._run(q)
@@ -745,7 +751,10 @@ class SQLiteStore(MetadataStore):
             with self._tx(db):
                 values = (result.completed, result.failed, expired, *usage_values(result.usage))
                 cur = db.execute(sql.COMPLETE_SHARD, (*values, *_result_tail(result), *fence(claim)))
-                return cur.rowcount == 1
+                if cur.rowcount != 1:
+                    return False
+                db.execute(sql.SHARD_DONE_AT, (self._clock(), claim.shard.batch_id, claim.shard.index))
+                return True
 
         return await self._run(q)
 
@@ -770,6 +779,17 @@ class SQLiteStore(MetadataStore):
                 (owner, *final),
             ).fetchone()
             return OwnerUsage(files[0], files[1], uploads[0], batches[0])
+
+        return await self._run(q)
+
+    async def admission_load(self, window_s: float) -> AdmissionLoad:
+        def q(db: sqlite3.Connection) -> AdmissionLoad:
+            now = self._clock()
+            with self._tx(db):
+                backlog = db.execute(sql.LINES_WAITING).fetchone()[0]
+                done, first = db.execute(sql.RECENT_THROUGHPUT, (now - window_s,)).fetchone()
+                size, lines = db.execute(sql.MEASURED_LINE_BYTES, (now - window_s,)).fetchone()
+            return AdmissionLoad(now, int(backlog), int(done), first, int(size), int(lines))
 
         return await self._run(q)
 
@@ -857,6 +877,15 @@ class SQLiteStore(MetadataStore):
         def q(db: sqlite3.Connection) -> ProjectRecord | None:
             with self._tx(db):
                 db.execute(tq.ARCHIVE_PROJECT, (now, project_id))
+                row = db.execute(tq.GET_PROJECT, (project_id,)).fetchone()
+                return None if row is None else tq.project_from_row(row)
+
+        return await self._run(q)
+
+    async def set_project_weight(self, project_id: str, weight: float) -> ProjectRecord | None:
+        def q(db: sqlite3.Connection) -> ProjectRecord | None:
+            with self._tx(db):
+                db.execute(tq.SET_PROJECT_WEIGHT, (weight, project_id))
                 row = db.execute(tq.GET_PROJECT, (project_id,)).fetchone()
                 return None if row is None else tq.project_from_row(row)
 

@@ -11,16 +11,17 @@ from batchyard.store.sql import in_list
 
 Row = Any  # sqlite3.Row or asyncpg.Record
 
-PROJECT_FIELDS = ("id", "name", "created_at", "archived_at")
+PROJECT_FIELDS = ("id", "name", "created_at", "archived_at", "weight")
 KEY_FIELDS = ("id", "project_id", "name", "key_hash", "prefix", "admin", "created_at", "revoked_at")
 PROJECT_COLS = ", ".join(PROJECT_FIELDS)
 KEY_COLS = ", ".join(KEY_FIELDS)
 
 # A project whose name is taken is not inserted (the caller reads the one there).
-INSERT_PROJECT = f"INSERT INTO projects ({PROJECT_COLS}) VALUES (?, ?, ?, ?) ON CONFLICT (name) DO NOTHING"
+INSERT_PROJECT = f"INSERT INTO projects ({PROJECT_COLS}) VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING"
 GET_PROJECT = f"SELECT {PROJECT_COLS} FROM projects WHERE id = ?"
 PROJECT_BY_NAME = f"SELECT {PROJECT_COLS} FROM projects WHERE name = ?"
 ARCHIVE_PROJECT = "UPDATE projects SET archived_at = COALESCE(archived_at, ?) WHERE id = ?"
+SET_PROJECT_WEIGHT = "UPDATE projects SET weight = ? WHERE id = ?"
 INSERT_KEY = f"INSERT INTO api_keys ({KEY_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 GET_KEY = f"SELECT {KEY_COLS} FROM api_keys WHERE id = ?"
 REVOKE_KEY = "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?"
@@ -60,7 +61,7 @@ def list_keys(project: bool, after: bool) -> str:
 
 
 def project_values(p: ProjectRecord) -> tuple[Any, ...]:
-    return (p.id, p.name, p.created_at, p.archived_at)
+    return (p.id, p.name, p.created_at, p.archived_at, p.weight)
 
 
 def key_values(k: ApiKeyRecord) -> tuple[Any, ...]:
@@ -68,7 +69,9 @@ def key_values(k: ApiKeyRecord) -> tuple[Any, ...]:
 
 
 def project_from_row(row: Row) -> ProjectRecord:
-    return ProjectRecord(row["id"], row["name"], int(row["created_at"]), _opt_int(row["archived_at"]))
+    return ProjectRecord(
+        row["id"], row["name"], int(row["created_at"]), _opt_int(row["archived_at"]), float(row["weight"])
+    )
 
 
 def key_from_row(row: Row) -> ApiKeyRecord:

@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from enum import Enum
+
+from batchyard.upstreams.fairqueue import FairQueue
 
 log = logging.getLogger("batchyard.limiter")
 
@@ -63,7 +64,8 @@ class Preemptible:
 
 
 class Limiter:
-    """Bounds requests in flight. FIFO among waiters; cancellation-safe.
+    """Bounds requests in flight; cancellation-safe. Waiters are served FIFO, or in weighted fair order by key
+    when `acquire` is given one (upstreams/fairqueue.py: the owners of batch lines share the slots by weight).
 
     A *reservation* (`reserve`, from the online requests in flight on the same upstream: upstreams/online.py) takes
     slots off the limit for batch lines; `preempt` cuts the youngest requests in flight beyond what is left."""
@@ -76,7 +78,7 @@ class Limiter:
             None  # this process's share of the limit with other processes (None: all of it)
         )
         self._handed = 0  # slots given to waiters that have not resumed yet
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters = FairQueue()
         self._running: list[Preemptible] = []  # requests in flight that may be cut short, oldest first
 
     @property
@@ -88,11 +90,12 @@ class Limiter:
     def limit(self) -> int:
         return max(1, int(self._limit))
 
-    async def acquire(self) -> float:
-        """Wait for a slot; returns a start time to pass back to `release`."""
+    async def acquire(self, key: str | None = None, weight: float = 1.0) -> float:
+        """Wait for a slot (behind the waiters of `key`, in turn with other keys by `weight`); returns a start
+        time to pass back to `release`."""
         if self.in_flight + self._handed >= self._cap() or self._waiters:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
+            self._waiters.append(fut, key, weight)
             try:
                 await fut
             except BaseException:
