@@ -32,6 +32,12 @@ DEFAULT_MAX_BODY = 64 * 1024 * 1024
 MAX_HEAD_BYTES = 256 * 1024  # status line and headers of one answer (including interim 1xx answers)
 # The only response headers batchyard reads.
 _KEPT_HEADERS = frozenset((b"x-request-id", b"retry-after", b"retry-after-ms"))
+# Headers every answer carries and batchyard never reads, in the spellings servers use (skipped at once).
+_IGNORED_HEADERS = frozenset(
+    spelling
+    for name in ("server", "date", "content-type", "connection", "keep-alive", "vary", "cache-control")
+    for spelling in (name.encode(), name.title().encode())
+)
 
 
 class _Stale(Exception):
@@ -104,6 +110,8 @@ class _Connection(asyncio.Protocol):
         self._begin()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if name in _IGNORED_HEADERS:  # the usual ones, as servers spell them: no lower-casing
+            return
         key = name.lower()
         if key in _KEPT_HEADERS:
             self._headers[key.decode()] = value.decode("latin-1")
@@ -220,6 +228,7 @@ class HTTPUpstream(Upstream):
         self._fixed_headers = ("\r\n".join(fixed) + "\r\n").encode("latin-1")
         self._ssl = ssl_context
         self._idle: list[_Connection] = []
+        self._starts: dict[tuple[str, str], bytes] = {}
 
     async def start(self) -> None:
         if self._tls and self._ssl is None:
@@ -313,12 +322,16 @@ class HTTPUpstream(Upstream):
         return await self._request(method, self._path(endpoint), body, timeout)
 
     async def _request(self, method: str, path: str, body: bytes, timeout: float) -> UpstreamResponse:
-        head = b"%s %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n" % (
-            method.encode("ascii"),
-            path.encode("latin-1"),
-            self._fixed_headers,
-            len(body),
-        )
+        start = self._starts.get((method, path))
+        if start is None:  # the request line and fixed headers, built once per method and path
+            start = b"%s %s HTTP/1.1\r\n%s" % (
+                method.encode("ascii"),
+                path.encode("latin-1"),
+                self._fixed_headers,
+            )
+            if len(self._starts) < 64:
+                self._starts[(method, path)] = start
+        head = b"%sContent-Length: %d\r\n\r\n" % (start, len(body))
         try:
             return await self._exchange(head, body, asyncio.get_running_loop().time() + timeout)
         except TimeoutError as e:
