@@ -342,7 +342,7 @@ class UpstreamMeter:
         self._last_healthy: bool | None = None
         # a meter may be used from two event loops' threads (--worker-in-process)
         self._lock = threading.Lock()
-        self._scheduled = False
+        self._flush_loop: asyncio.AbstractEventLoop | None = None  # where a flush is scheduled
         self._flying = 0  # requests in flight now
         self._flying_written = 0
         self._counts: dict[str, int] = {}  # requests by status since the last flush
@@ -379,20 +379,22 @@ class UpstreamMeter:
         self._dirty()
 
     def _dirty(self) -> None:
-        if self._scheduled:
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop (a synchronous caller): write now
             self.flush()
             return
-        self._scheduled = True
+        # A flush already waits on this loop. (One scheduled on a loop that has ended since never runs: the next
+        # request, on another loop, schedules its own.)
+        if self._flush_loop is loop:
+            return
+        self._flush_loop = loop
         loop.call_later(FLUSH_SECONDS, self.flush)
 
     def flush(self) -> None:
         """Write what was counted since the last flush to the metric values."""
         with self._lock:
-            self._scheduled = False
+            self._flush_loop = None
             if self._flying != self._flying_written:
                 self._flying_written = self._flying
                 self._in_flight.set(self._flying)

@@ -111,3 +111,22 @@ async def test_a_meter_on_an_event_loop_writes_within_its_flush_interval() -> No
     metrics.flush_upstreams()  # a shard commit or a scrape writes at once
     assert _sample("batchyard_upstream_in_flight", **label) == 0
     assert _sample("batchyard_upstream_requests_total", status="200", **label) == 2
+
+
+def test_a_flush_scheduled_on_a_loop_that_ended_does_not_stop_later_ones() -> None:
+    meter = metrics.upstream("http://loops.test/v1")
+    label = {"upstream": "http://loops.test/v1"}
+
+    async def one_request(status: str) -> None:
+        meter.answered(meter.sent(), status)  # a flush is scheduled on this loop, which ends before it runs
+
+    asyncio.run(one_request("200"))
+    assert _sample("batchyard_upstream_requests_total", status="200", **label) == 0
+
+    async def another_and_wait() -> None:
+        await one_request("500")
+        await asyncio.sleep(metrics.FLUSH_SECONDS * 2)
+
+    asyncio.run(another_and_wait())  # the next loop's flush writes both
+    assert _sample("batchyard_upstream_requests_total", status="200", **label) == 1
+    assert _sample("batchyard_upstream_requests_total", status="500", **label) == 1

@@ -176,9 +176,9 @@ class _Connection(asyncio.Protocol):
             self._waiter.set_exception(TimeoutError())
 
     async def send(self, head: bytes, body: bytes, deadline: float) -> UpstreamResponse:
-        """One exchange; TimeoutError at `deadline` (loop time). A timer on the loop rather than
-        `asyncio.timeout`, which costs ~4 us of CPU a request (a context manager, the current task, a reschedule
-        and the cancellation bookkeeping) where this one costs a timer handle."""
+        """One exchange; TimeoutError at `deadline` (loop time): a timer handle on the loop, cheaper than an
+        `asyncio.timeout` around the whole call (a context manager, the current task, a reschedule and the
+        cancellation bookkeeping; ~0.5 us a request in `bench/http_client.py`)."""
         assert self.transport is not None
         if self.closed or self.transport.is_closing():
             raise _Stale()
