@@ -408,11 +408,11 @@ class UpstreamMeter:
                 observed, self._observed = self._observed, [0] * len(self._observed)
                 # Histogram.observe adds the value to `_sum` and 1 to the bucket it falls in: the same, n at once
                 # (tests/unit/test_metrics.py checks it against observe).
-                buckets = self._duration._buckets  # type: ignore[attr-defined]
+                buckets = self._duration._buckets
                 for i, n in enumerate(observed):
                     if n:
                         buckets[i].inc(n)
-                self._duration._sum.inc(self._seconds)  # type: ignore[attr-defined]
+                self._duration._sum.inc(self._seconds)
                 self._seconds = 0.0
 
 

@@ -184,7 +184,8 @@ class _Connection(asyncio.Protocol):
             raise _Stale()
         self._received = False
         loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
+        waiter: asyncio.Future[UpstreamResponse | None] = loop.create_future()
+        self._waiter = waiter
         timer = loop.call_at(deadline, self._deadline_passed)
         self.transport.writelines((head, body))
         try:
