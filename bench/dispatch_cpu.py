@@ -8,6 +8,7 @@ read to the last one written for the raw client.
 
     python bench/dispatch_cpu.py [--lines 50000] [--line-bytes 4000] [--concurrency auto] [--runs 1]
     python bench/dispatch_cpu.py --side batchyard   # one side alone (e.g. under `py-spy record -- ...`)
+    python bench/dispatch_cpu.py --zero             # the worker alone: an in-process upstream, no sockets
 
 Needs Debian's nginx (`apt-get install -y nginx-light`).
 """
@@ -24,12 +25,32 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Nginx, make_input, workdir
+from common import COMPLETION, Nginx, make_input, workdir
 
 OWNER = "bench"
+
+
+def _zero_router() -> Any:
+    """A router to an in-process upstream that answers every request at once (after one trip through the event
+    loop), with a fixed limit of 64: the worker's own cost, without sockets or nginx."""
+    from batchyard.upstreams.base import Upstream, UpstreamResponse
+    from batchyard.upstreams.limiter import Limiter
+    from batchyard.upstreams.router import Router
+
+    answer = json.dumps(COMPLETION).encode()
+
+    class Zero(Upstream):
+        name = "zero"
+
+        async def call(self, endpoint: str, body: bytes, *, timeout: float) -> UpstreamResponse:
+            await asyncio.sleep(0)
+            return UpstreamResponse(200, {}, answer, None)
+
+    return Router([(None, Zero())], limiter=lambda: Limiter(64))
 
 
 async def run_batchyard(inp: Path, base_url: str, concurrency: str, data: Path) -> dict[str, float]:
@@ -48,7 +69,8 @@ async def run_batchyard(inp: Path, base_url: str, concurrency: str, data: Path) 
         concurrency=None if concurrency == "auto" else int(concurrency),
         embedded=False,
     )
-    store, blobs, router = open_store(settings), open_blobs(settings), build_router(settings)
+    router = build_router(settings) if base_url != "zero" else _zero_router()
+    store, blobs = open_store(settings), open_blobs(settings)
     await store.open()
     await router.start()
     w = await blobs.open_writer("files/file-in")
@@ -210,6 +232,9 @@ def main() -> None:
     ap.add_argument("--input", type=Path)
     ap.add_argument("--base-url")
     ap.add_argument("--workdir", type=Path)
+    ap.add_argument(
+        "--zero", action="store_true", help="batchyard side only, against an in-process upstream (no sockets)"
+    )
     a = ap.parse_args()
     if a.side is not None and a.input is not None:  # a child of main(), or a direct call with an input
         import uvloop
@@ -231,7 +256,10 @@ def main() -> None:
     with Nginx(wd) as ng:
         sides = [a.side] if a.side else ["raw", "batchyard"]
         for _ in range(a.runs):
-            got = {name: side(name, inp, ng.base_url, a.concurrency, wd) for name in sides}
+            url = "zero" if a.zero else ng.base_url
+            got = {
+                name: side(name, inp, url, a.concurrency, wd) for name in (["batchyard"] if a.zero else sides)
+            }
             for name, r in got.items():
                 extra = ", ".join(f"{k[3:]} {v:.2f}" for k, v in r.items() if k.startswith("at_"))
                 print(
