@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
+from batchyard.domain import wire
 from batchyard.domain.lines import (
     NOT_EXECUTED_MESSAGES,
     error_line,
@@ -201,3 +202,19 @@ def test_usage_adds_up() -> None:
     total.add(extract_usage({"usage": {"input_tokens": 10, "output_tokens": 20}}))
     assert total == Usage(input_tokens=11, output_tokens=22)
     assert total.to_wire()["total_tokens"] == 33
+
+
+@pytest.mark.parametrize(
+    ("raw", "run"),
+    [
+        (b'{"seed": 123456789012345678901}', True),
+        (b'{"seed": -99999999999999999999, "n": 1}', True),
+        (b'{"a": "12345678901234567890"}', True),  # in a string: a run all the same (read exactly: harmless)
+        (b'{"a": 1234567890, "b": 1234567890, "c": 1234567890}', False),  # 30 digits, no run of 20
+        (b'{"a": 1234567890123456789}', False),  # 19 digits: orjson reads it exactly
+        (b'{"a": 1}', False),
+    ],
+)
+def test_a_run_of_20_digits_is_found_whatever_else_the_line_holds(raw: bytes, run: bool) -> None:
+    assert wire.has_long_digit_run(raw) is run
+    assert wire.loads(raw) == json.loads(raw)  # exact either way

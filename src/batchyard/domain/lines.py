@@ -13,6 +13,11 @@ from batchyard.ids import request_line_id
 MAX_REQUEST_ID = 256  # an upstream's x-request-id is copied into every line: keep it bounded
 MAX_TOKENS = 1 << 40  # a token count above this in one answer is not believed (sums must fit in 64 bits)
 
+# id, custom_id, status, request_id, body
+_RESPONSE_LINE = (
+    b'{"id":"%s","custom_id":%s,"response":{"status_code":%d,"request_id":%s,"body":%s},"error":null}\n'
+)
+
 NOT_EXECUTED_MESSAGES = {
     "batch_expired": "This request could not be executed before the completion window expired.",
     "batch_cancelled": "This request was not executed because the batch was cancelled.",
@@ -28,19 +33,14 @@ def response_line(
     verbatim, which keeps the upstream body byte-exact, saves re-serializing it, and never re-serializes a value
     nested deeper than a JSON writer allows; only its line breaks (whitespace in valid JSON) become spaces.
     """
-    head = orjson.dumps({"id": request_line_id(), "custom_id": custom_id})[:-1]
     raw = wire.dumps(body) if raw_body is None else wire.compact_raw(raw_body)
-    return b"".join(
-        (
-            head,
-            b',"response":{"status_code":',
-            str(status_code).encode(),
-            b',"request_id":',
-            orjson.dumps(request_id[:MAX_REQUEST_ID]),
-            b',"body":',
-            raw,
-            b'},"error":null}\n',
-        )
+    # one formatting operation (the line id is ASCII letters and digits: no escaping needed)
+    return _RESPONSE_LINE % (
+        request_line_id().encode(),
+        orjson.dumps(custom_id),
+        status_code,
+        orjson.dumps(request_id[:MAX_REQUEST_ID]),
+        raw,
     )
 
 

@@ -24,10 +24,13 @@ MAX_DEPTH = 128  # nesting levels of a request line (the line's own object is le
 # [0-9]{20} takes ~25 us (more than everything else the worker does with a line).
 _DIGITS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
 _RUN = b"0" * 20
+_NOT_DIGITS = bytes(i for i in range(256) if not 0x30 <= i <= 0x39)
 
 
 def has_long_digit_run(raw: bytes) -> bool:
-    return _RUN in raw.translate(_DIGITS)
+    # Most lines hold fewer than 20 digits in all: counted by deleting every other byte (~1.3 us for 4 KB, where
+    # mapping and searching take ~2.3 us), they need no search.
+    return len(raw.translate(None, _NOT_DIGITS)) >= 20 and _RUN in raw.translate(_DIGITS)
 
 
 def loads(raw: bytes) -> Any:

@@ -417,6 +417,8 @@ class ShardRunner:
 
     async def _lane(self, att: _Attempt, sched: Scheduler, spawn: Callable[[], None]) -> None:
         lane = next(self._lane_ids)
+        task = asyncio.current_task()  # once a lane, not once a line
+        assert task is not None
         done = 0
         try:
             while not att.lost:
@@ -431,7 +433,7 @@ class ShardRunner:
                         await asyncio.wait_for(att.changed(), 1.0)
                     continue
                 att.untaken -= 1
-                await att.record(await self._outcome(att, req))
+                await att.record(await self._outcome(att, req, task))
                 if sched.done(lane, req):
                     self._wake_all()  # a group's prefix is cached now: lanes waiting for it go on
                 done += 1
@@ -445,17 +447,16 @@ class ShardRunner:
         finally:
             sched.leave(lane)
 
-    async def _outcome(self, att: _Attempt, req: dict[str, Any]) -> Outcome:
+    async def _outcome(self, att: _Attempt, req: dict[str, Any], task: asyncio.Task[Any]) -> Outcome:
         """One line's outcome: executed, or not (the batch stopped, the line could not be read); never raises but
-        for a cancellation that is not a hard stop."""
+        for a cancellation that is not a hard stop. `task`: the lane's own."""
         custom_id: str = req["custom_id"]
         if att.stop.code is not None:
             return Outcome(False, lines.not_executed_line(custom_id, att.stop.code), stopped=att.stop.code)
         problem = req.get("problem")
         if problem is not None:  # the line could not be read back (validation read it: not expected)
             return Outcome(False, lines.error_line(custom_id, "invalid_request", problem))
-        task = asyncio.current_task()
-        att.executing.add(task)  # type: ignore[arg-type]
+        att.executing.add(task)
         try:
             claim = att.claim
             return await self.dispatcher.execute(
@@ -470,8 +471,7 @@ class ShardRunner:
             # lines of a cancelled/expired batch ran out (the line is recorded as not executed).
             if att.lost or not att.hard_stop or att.stop.code is None:
                 raise
-            if task is not None:
-                task.uncancel()
+            task.uncancel()
             return Outcome(False, lines.not_executed_line(custom_id, att.stop.code), stopped=att.stop.code)
         finally:
             att.executing.discard(task)
