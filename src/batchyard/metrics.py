@@ -124,10 +124,10 @@ class _Metrics:
         )
         self.concurrency_limit = Gauge(
             "batchyard_upstream_concurrency_limit",
-            "Current concurrency limit of an upstream (fixed or adaptive; summed over processes: each has its "
-            "share).",
+            "Current concurrency limit of an upstream (fixed or adaptive; the largest of the processes': the "
+            "processes of a machine share one limit, docs/priority.md).",
             ["upstream"],
-            multiprocess_mode="livesum",
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.healthy = Gauge(
