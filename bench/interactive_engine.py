@@ -134,13 +134,17 @@ class BatchRun:
 
 
 def idle_users(eng: Engine, args: argparse.Namespace, work: Path) -> list[float]:
-    """The users' latencies on an idle engine: straight to it, or through a batchyard that runs no batch."""
+    """The users' latencies on an idle engine: straight to it, or through a batchyard that runs no batch. Each
+    user's first two requests warm the path up (the engine's first prompts, batchyard's first connections) and are
+    not counted, as they are not in the measurement with the batch (the path is warm by then)."""
     if args.users_via == "engine":
+        asyncio.run(users(eng.base_url, args.users, 2))
         return asyncio.run(users(eng.base_url, args.users, args.requests, args.think))
     with (
         tempfile.TemporaryDirectory(dir=work) as d,
         BatchyardServer(Path(d), "--upstream", eng.base_url) as srv,
     ):
+        asyncio.run(users(srv.base_url, args.users, 2))
         return asyncio.run(users(srv.base_url, args.users, args.requests, args.think))
 
 
@@ -173,7 +177,8 @@ def main() -> None:
             idle = idle_users(eng, args, work)
         p50_idle, p99_idle = statistics.median(idle), pct(idle, 0.99)
         print(
-            f"idle{via}: users p50 {p50_idle * 1000:.0f} ms, p99 {p99_idle * 1000:.0f} ms (n={len(idle)})",
+            f"idle{via}: users p50 {p50_idle * 1000:.0f} ms, p99 {p99_idle * 1000:.0f} ms (n={len(idle)}; "
+            f"slowest {', '.join(f'{x * 1000:.0f}' for x in sorted(idle)[-3:])} ms)",
             flush=True,
         )
         for setting in args.settings.split(","):

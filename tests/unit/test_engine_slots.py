@@ -72,3 +72,20 @@ async def test_an_engine_that_does_not_say_changes_nothing(props: Any) -> None:
 async def test_an_engine_that_is_down_changes_nothing() -> None:
     lim = await start("http://127.0.0.1:9/v1", AdaptiveLimiter(initial=16, max_limit=1024))
     assert isinstance(lim, AdaptiveLimiter) and lim.max_limit == 1024
+
+
+async def test_llamacpp_batch_requests_are_not_cut_for_online_ones(llamacpp: str) -> None:
+    """llama.cpp's server finishes a non-streaming request whose client went away (docs/priority.md): cutting one
+    would free no engine slot, so an upstream that answers /props is not preemptible; one that does not stays so."""
+    up = HTTPUpstream(llamacpp)
+    assert up.preemptible
+    router = Router([(None, up)], limiter=lambda: Limiter(8))
+    await router.start()
+    await router.aclose()
+    assert not up.preemptible
+    async for other in serve(None):
+        plain = HTTPUpstream(other)
+        router = Router([(None, plain)], limiter=lambda: Limiter(8))
+        await router.start()
+        await router.aclose()
+        assert plain.preemptible

@@ -314,3 +314,23 @@ async def test_two_machines_share_one_limit_through_the_store(tmp_path: Path) ->
     assert shares[0].caps(rows, shares[0].watcher.board.rows()) == [None]
     for sh in shares:
         sh.watcher.board.close()
+
+
+def test_an_adaptive_limit_keeps_what_the_engine_runs_at_once_while_online_requests_run() -> None:
+    """Latency twice its baseline with 64 in flight: the engine runs about 32 at once and queues the rest, so while
+    an online request is in flight batch lines keep 31 (the online one is not queued behind the others)."""
+    from batchyard.upstreams.limiter import AdaptiveLimiter
+
+    lim = AdaptiveLimiter(initial=64)
+    lim._short, lim._long = 0.1, 0.05
+    lim.in_flight = 64
+    assert lim.capacity() == 32
+    lim.reserve(1)
+    assert lim._cap() == 31
+    lim.reserve(2)
+    assert lim._cap() == 30  # from the estimate made when the online requests started
+    lim.reserve(0)
+    assert lim._cap() == 64
+    lim._short = 0.055  # near the baseline: no queue, the limit is what it runs
+    assert lim.capacity() == 64
+    lim.in_flight = 0

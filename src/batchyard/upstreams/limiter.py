@@ -74,9 +74,9 @@ class Limiter:
         self._limit = float(limit)
         self.in_flight = 0
         self.reserved = 0  # slots online requests hold (upstreams/online.py): batch lines get the rest
-        self.room: int | None = (
-            None  # this process's share of the limit with other processes (None: all of it)
-        )
+        self.room: int | None = None  # this process's share of the limit with other processes (None: all)
+        self._keep: int | None = None  # while online requests are in flight: batch requests kept (`reserve`)
+        self._seen: int | None = None  # the upstream's capacity as estimated when they started
         self._handed = 0  # slots given to waiters that have not resumed yet
         self._waiters = FairQueue()
         self._running: list[Preemptible] = []  # requests in flight that may be cut short, oldest first
@@ -120,6 +120,8 @@ class Limiter:
     def _cap(self) -> int:
         """Requests this process may have in flight now: the limit, less the online reservation, within its share."""
         cap = max(0, self.limit - self.reserved)
+        if self._keep is not None and self._keep < cap:
+            cap = self._keep
         room = self.room
         return cap if room is None or room >= cap else room
 
@@ -139,10 +141,24 @@ class Limiter:
         if slots == self.reserved:
             return
         grew, self.reserved = slots > self.reserved, slots
+        # An engine that queues what it cannot run yet serves an online request after every batch request sent
+        # before it: what is kept is what the engine runs at once (`capacity`), less the online requests.
+        if not slots:
+            self._keep = self._seen = None
+        else:
+            if self._seen is None:  # estimated when online requests start, before any batch request is cut
+                self._seen = self.capacity()
+            self._keep = max(0, self._seen - slots)
         if grew:
-            self.preempt(self.in_flight - max(0, self.limit - slots))  # a share is not preempted
+            self.preempt(
+                self.in_flight - self._cap()
+            )  # a share is not preempted (`room` only holds new ones)
         else:
             self._wake()
+
+    def capacity(self) -> int:
+        """How many requests the upstream runs at once, as far as this limiter can tell: its limit."""
+        return self.limit
 
     def track(self) -> Preemptible:
         """The current task's request is in flight and may be cut short; `untrack` it when it ends."""
@@ -230,6 +246,15 @@ class AdaptiveLimiter(Limiter):
         self._cpu_stamp = clock()
         self._cpu_last = cpu_clock()
         self._cpu_busy = False
+
+    def capacity(self) -> int:
+        """How many requests the upstream runs at once without queueing: the limit while the recent latency is near
+        its baseline; once it is well above, the requests in flight scaled by baseline/recent (Little's law: at the
+        same rate, requests that did not wait would take the baseline)."""
+        short, long = self._short, self._long
+        if short is None or long is None or short <= 1.2 * long or not self.in_flight:
+            return self.limit
+        return max(1, min(self.limit, int(self.in_flight * long / short)))
 
     def hold_at_most(self, slots: int) -> None:
         """The engine runs at most `slots` requests at once (it said so): more in flight only queue inside it,

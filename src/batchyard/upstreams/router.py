@@ -87,15 +87,20 @@ class Router:
         return list(seen.values())
 
     async def start(self) -> None:
-        """Start every upstream (inside the event loop that will call them), and hold each adaptive limit at or
-        below the slots its engine reports (`Upstream.engine_slots`; asked once, 2 s at most)."""
+        """Start every upstream (inside the event loop that will call them), and ask each engine how many requests
+        it runs at once (`Upstream.engine_slots`; once, 2 s at most). An engine that says so is llama.cpp's server:
+        its adaptive limit is held at or below its slots, and its batch requests are not cut short for online ones
+        (it finishes a non-streaming request whose client went away: cutting it frees no engine slot and wastes
+        its work; measured in docs/priority.md)."""
         for up in self.upstreams:
             await up.start()
-        adaptive = [m for m in self.members if isinstance(m.limiter, AdaptiveLimiter)]
-        found = await asyncio.gather(*(m.upstream.engine_slots(timeout=2.0) for m in adaptive))
-        for member, slots in zip(adaptive, found, strict=True):
-            if slots is not None:
-                assert isinstance(member.limiter, AdaptiveLimiter)
+        members = self.members
+        found = await asyncio.gather(*(m.upstream.engine_slots(timeout=2.0) for m in members))
+        for member, slots in zip(members, found, strict=True):
+            if slots is None:
+                continue
+            member.upstream.preemptible = False
+            if isinstance(member.limiter, AdaptiveLimiter):
                 member.limiter.hold_at_most(slots)
                 log.info(
                     "upstream %s runs %d requests at once (its /props): concurrency limit held at %d or below",
