@@ -334,3 +334,20 @@ def test_an_adaptive_limit_keeps_what_the_engine_runs_at_once_while_online_reque
     lim._short = 0.055  # near the baseline: no queue, the limit is what it runs
     assert lim.capacity() == 64
     lim.in_flight = 0
+
+
+def test_a_full_board_counts_nothing_more_and_fails_nothing(tmp_path: Path) -> None:
+    from batchyard.upstreams.online import ENTRIES
+
+    path = tmp_path / "board"
+    boards = [Board(path) for _ in range(ENTRIES + 1)]
+    for b in boards[:ENTRIES]:
+        b.add("up", 1)
+    boards[-1].add("up", 1)  # no entry left: not counted, no error
+    boards[-1].publish({cell("up"): (5, 5)})
+    assert boards[0].counts()[cell("up")] == ENTRIES
+    boards[0].close()  # an entry frees up; the last board tries again only after 10 s
+    boards[-1].add("up", 1)
+    assert boards[1].counts()[cell("up")] == ENTRIES - 1
+    for b in boards[1:]:
+        b.close()

@@ -18,8 +18,37 @@ from batchyard.api.services import Services
 from batchyard.domain import fairshare, tenancy
 from batchyard.domain.tenancy import ProjectRecord
 from batchyard.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
+from batchyard.store.base import MetadataStore
 
 PREFIX = "/v1/organization/projects"
+
+
+def require_admin(auth: Authenticator, request: Request) -> None:
+    """403 unless the request's key is an admin key."""
+    if not auth.principal(request).admin:
+        raise PermissionDenied(
+            "You have insufficient permissions for this operation: the admin API needs an admin key "
+            "(batchyard keys create --admin, or --admin-api-key).",
+            code="insufficient_permissions",
+        )
+
+
+async def find_project(store: MetadataStore, project_id: str, *, active: bool = False) -> ProjectRecord:
+    """The project `project_id` (404 when unknown); with `active`, 400 when it is archived (it cannot change)."""
+    found = await store.get_project(project_id) if tenancy.PROJECT_ID.fullmatch(project_id) else None
+    if found is None:
+        raise NotFound(
+            f"No project found with id '{shown(project_id)}'.",
+            param="project_id",
+            code="project_not_found",
+        )
+    if active and found.archived:
+        raise InvalidRequest(
+            f"Project {found.id} is archived: it cannot be changed.",
+            param="project_id",
+            code="project_archived",
+        )
+    return found
 
 
 def router(svc: Services, auth: Authenticator) -> APIRouter:
@@ -27,32 +56,13 @@ def router(svc: Services, auth: Authenticator) -> APIRouter:
     store = svc.store
 
     def admin(request: Request) -> None:
-        if not auth.principal(request).admin:
-            raise PermissionDenied(
-                "You have insufficient permissions for this operation: the admin API needs an admin key "
-                "(batchyard keys create --admin, or --admin-api-key).",
-                code="insufficient_permissions",
-            )
+        require_admin(auth, request)
 
     async def project(project_id: str) -> ProjectRecord:
-        found = await store.get_project(project_id) if tenancy.PROJECT_ID.fullmatch(project_id) else None
-        if found is None:
-            raise NotFound(
-                f"No project found with id '{shown(project_id)}'.",
-                param="project_id",
-                code="project_not_found",
-            )
-        return found
+        return await find_project(store, project_id)
 
     async def active_project(project_id: str) -> ProjectRecord:
-        found = await project(project_id)
-        if found.archived:
-            raise InvalidRequest(
-                f"Project {found.id} is archived: it cannot be changed.",
-                param="project_id",
-                code="project_archived",
-            )
-        return found
+        return await find_project(store, project_id, active=True)
 
     def name_of(body: dict[str, Any]) -> str:
         name = bounded_str(body, "name", tenancy.MAX_PROJECT_NAME)

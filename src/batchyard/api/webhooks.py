@@ -13,16 +13,15 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from batchyard.api.admin import PREFIX
+from batchyard.api.admin import PREFIX, find_project, require_admin
 from batchyard.api.auth import Authenticator
 from batchyard.api.deps import json_body, list_body, query_choice, query_int, required_str, shown
 from batchyard.api.responses import JSONResponse
 from batchyard.api.services import Services
-from batchyard.domain import tenancy
 from batchyard.domain import webhooks as wh
 from batchyard.domain.tenancy import ProjectRecord
 from batchyard.domain.webhooks import WebhookEndpoint
-from batchyard.errors import InvalidRequest, NotFound, PermissionDenied
+from batchyard.errors import InvalidRequest, NotFound
 
 OwnerOf = Callable[[Request], str]
 
@@ -72,28 +71,10 @@ def admin_router(svc: Services, auth: Authenticator) -> APIRouter:
     settings = svc.settings
 
     def admin(request: Request) -> None:
-        if not auth.principal(request).admin:
-            raise PermissionDenied(
-                "You have insufficient permissions for this operation: the admin API needs an admin key "
-                "(batchyard keys create --admin, or --admin-api-key).",
-                code="insufficient_permissions",
-            )
+        require_admin(auth, request)
 
     async def project(project_id: str, *, active: bool = False) -> ProjectRecord:
-        found = await store.get_project(project_id) if tenancy.PROJECT_ID.fullmatch(project_id) else None
-        if found is None:
-            raise NotFound(
-                f"No project found with id '{shown(project_id)}'.",
-                param="project_id",
-                code="project_not_found",
-            )
-        if active and found.archived:
-            raise InvalidRequest(
-                f"Project {found.id} is archived: it cannot be changed.",
-                param="project_id",
-                code="project_archived",
-            )
-        return found
+        return await find_project(store, project_id, active=active)
 
     def no_endpoint(endpoint_id: str) -> NotFound:
         return NotFound(

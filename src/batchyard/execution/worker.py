@@ -201,13 +201,27 @@ class Worker:
         return await self.sweeper.sweep()
 
     async def _watch_online(self) -> None:
-        """Batch lines yield to the online requests of this machine's API processes (upstreams/online.py)."""
+        """Batch lines yield to the online requests of this machine's API processes, and share each upstream's
+        limit with the other workers (upstreams/online.py). A failure here is logged and the watch starts again:
+        meanwhile each limit is this worker's alone."""
+        while True:
+            try:
+                await self._watch_board()
+            except Exception:
+                log.exception("watching the online board failed; again in 5 s")
+            for m in self.router.members:  # as if alone until the board is read again
+                m.limiter.reserve(0)
+                m.limiter.share(None)
+            await asyncio.sleep(5.0)
+
+    async def _watch_board(self) -> None:
         try:
             board = Board(self.settings.online_board)
         except OSError as e:  # no shared memory here: batch lines do not see online requests
             log.warning(
                 "online priority is off: the board %s cannot be opened (%s)", self.settings.online_board, e
             )
+            await asyncio.Event().wait()  # for ever (until the worker stops)
             return
         watcher = BoardWatcher(board, self.router.members, self.settings.online_priority)
 

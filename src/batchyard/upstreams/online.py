@@ -109,6 +109,7 @@ class Board:
             os.close(fd)
         self._ints = memoryview(self._map).cast("i")  # native int32 view: [magic, version, gen, entries...]
         self._entry: int | None = None
+        self._full_until = 0.0  # every entry was taken: not tried again before then
 
     def close(self) -> None:
         """Clear this object's entry and unmap."""
@@ -133,10 +134,13 @@ class Board:
     def _bump(self) -> None:
         self._ints[2] = (self._ints[2] + 1) & 0x7FFF_FFFF  # two writers may race: it changes either way
 
-    def _own(self) -> int:
-        """This object's entry base: claimed once, from a free entry or one whose process is gone."""
+    def _own(self) -> int | None:
+        """This object's entry base: claimed once, from a free entry or one whose process is gone. None while every
+        entry is taken (tried again every 10 s): this process's load is then not on the board, and it goes on."""
         if self._entry is not None:
             return self._base(self._entry)
+        if time.monotonic() < self._full_until:
+            return None
         fd = os.open(self.path, os.O_RDWR)
         try:
             with _locked(fd):
@@ -149,17 +153,26 @@ class Board:
                         return self._base(entry)
         finally:
             os.close(fd)
-        raise RuntimeError(f"the online board {self.path} has no free entry ({ENTRIES} processes use it)")
+        self._full_until = time.monotonic() + 10.0
+        log.warning(
+            "the online board %s is full (%d processes use it): this one is not counted", self.path, ENTRIES
+        )
+        return None
 
     def add(self, name: str, n: int) -> None:
         """Count `n` (1 or -1) online requests in flight on the upstream `name`, in this object's entry."""
-        i = self._own() + ONLINE + cell(name)
+        base = self._own()
+        if base is None:
+            return
+        i = base + ONLINE + cell(name)
         self._ints[i] = max(0, self._ints[i] + n)
         self._bump()
 
     def publish(self, batch: dict[int, tuple[int, int]]) -> None:
         """This object's batch load per cell: (demand, in flight); bumps the generation when it changed."""
         base, ints, changed = self._own(), self._ints, False
+        if base is None:
+            return
         for c, (demand, flight) in batch.items():
             if ints[base + DEMAND + c] != demand or ints[base + FLIGHT + c] != flight:
                 ints[base + DEMAND + c], ints[base + FLIGHT + c] = demand, flight
