@@ -164,6 +164,9 @@ class Settings(_Model):
         ),
     ] = Field(default_factory=list, validation_alias="BATCHYARD_API_KEY")
     run_worker: bool = True  # set by serve's --no-worker
+    # false in a worker process whose concurrency limits are its share of the command's (`share`): it must not
+    # share them again with the other processes on the board
+    limits_shared: bool = True
     # "thread": a worker in this process on its own loop; "process": a child process (what `serve` uses)
     worker_mode: Literal["thread", "process"] = "thread"
     # -- where state lives (serve, worker) --
@@ -639,6 +642,13 @@ class Settings(_Model):
         """A copy with `changes`, checked like the original."""
         return type(self).model_validate({**self.model_dump(), **changes})
 
+    @property
+    def fixed_limits(self) -> bool:
+        """A concurrency limit is a number the operator set (`--concurrency N` or an upstream's max_concurrency):
+        it is kept exactly, so several processes split it rather than share it (sharing finds capacity within a
+        few milliseconds of lag, and may exceed it for that long)."""
+        return self.concurrency is not None or any(s.max_concurrency is not None for s in self.upstream_specs)
+
     def share(self, n: int, *, concurrency: bool = True) -> Settings:
         """The settings of one of `n` worker processes that together honour this process's limits: the limits
         that are per upstream (concurrency, where the automatic one starts and its ceiling, max_concurrency, rpm, tpm)
@@ -674,6 +684,7 @@ class Settings(_Model):
         return self.model_copy(
             update={
                 "workers": 1,
+                "limits_shared": False,
                 "concurrency": split(self.concurrency),
                 "max_concurrency": split(self.max_concurrency) or 1,
                 "initial_concurrency": split(self.initial_concurrency) or 1,

@@ -223,7 +223,8 @@ class Worker:
             )
             await asyncio.Event().wait()  # for ever (until the worker stops)
             return
-        watcher = BoardWatcher(board, self.router.members, self.settings.online_priority)
+        shared = self.settings.limits_shared and not self.settings.fixed_limits
+        watcher = BoardWatcher(board, self.router.members, self.settings.online_priority, share=shared)
 
         async def exchange(loads: list[tuple[str, int, int]]) -> list[UpstreamLoad] | None:
             try:
@@ -235,7 +236,8 @@ class Worker:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(watcher.run())
-                tg.create_task(MachineShares(watcher, machine, exchange).run())
+                if shared:
+                    tg.create_task(MachineShares(watcher, machine, exchange).run())
         finally:
             board.close()
 

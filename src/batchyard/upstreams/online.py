@@ -270,8 +270,12 @@ class BoardWatcher:
     requests in flight on its upstream, and a share of the limit with the other batch processes of this machine:
     its max-min fair part of the demand, and never more than the others leave free."""
 
-    def __init__(self, board: Board, members: Sequence[Member], mode: Mode, hold_s: float = 0.1) -> None:
+    def __init__(
+        self, board: Board, members: Sequence[Member], mode: Mode, hold_s: float = 0.1, *, share: bool = True
+    ) -> None:
+        """`share`: share each limit with the other processes (false when it is already this process's part)."""
         self.board, self.members, self.mode, self.hold_s = board, list(members), mode, hold_s
+        self.share = share
         self._cells = [cell(m.name) for m in self.members]
         self._last_online = [0.0] * len(self.members)  # when each member last had an online request
         # what this machine may have in flight per member, from the other machines' load (MachineShares; None: all)
@@ -296,6 +300,8 @@ class BoardWatcher:
             else:
                 reserve = online
             limiter.reserve(reserve)
+            if not self.share:
+                continue
             machine_cap = self.machine_caps[i]
             others = [(row[DEMAND + c], row[FLIGHT + c]) for own, row in rows if not own and row[DEMAND + c]]
             if not others:
