@@ -164,9 +164,9 @@ class Settings(_Model):
         ),
     ] = Field(default_factory=list, validation_alias="BATCHYARD_API_KEY")
     run_worker: bool = True  # set by serve's --no-worker
-    # false in a worker process whose concurrency limits are its share of the command's (`share`): it must not
-    # share them again with the other processes on the board
-    limits_shared: bool = True
+    # n in each of n worker processes whose concurrency limits are their 1/n of the command's (`share`): they must
+    # not share them again with the other processes on the board, and their metrics show the command's limit
+    limit_split: int = Field(default=1, ge=1)
     # "thread": a worker in this process on its own loop; "process": a child process (what `serve` uses)
     worker_mode: Literal["thread", "process"] = "thread"
     # -- where state lives (serve, worker) --
@@ -684,7 +684,7 @@ class Settings(_Model):
         return self.model_copy(
             update={
                 "workers": 1,
-                "limits_shared": False,
+                "limit_split": n,
                 "concurrency": split(self.concurrency),
                 "max_concurrency": split(self.max_concurrency) or 1,
                 "initial_concurrency": split(self.initial_concurrency) or 1,

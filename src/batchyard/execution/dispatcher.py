@@ -51,12 +51,16 @@ class StopSignal:
 class Dispatcher:
     """Sends each line through its upstream's limiter (made with the router's members) and applies the retry policy."""
 
-    def __init__(self, router: Router, *, attempt_timeout: float, max_retries: int) -> None:
+    def __init__(
+        self, router: Router, *, attempt_timeout: float, max_retries: int, limit_split: int = 1
+    ) -> None:
+        """`limit_split`: this process has 1/n of each limit (`Settings.share`); its gauge shows the whole."""
         self.router = router
         self._attempt_timeout = attempt_timeout
         self._max_retries = max_retries
+        self._split = limit_split
         for m in router.members:  # every upstream's gauges exist before its first request
-            metrics.upstream(m.name).state(m.limiter.limit, True)
+            metrics.upstream(m.name).state(m.limiter.limit * limit_split, True)
 
     def total_limit(self) -> int:
         """The sum of the current concurrency limits of every upstream this dispatcher routes to."""
@@ -138,7 +142,7 @@ class Dispatcher:
                 member.health.on_result(signal is Signal.OK, time.monotonic())
             if sent_at is not None:
                 meter.answered(sent_at, status)
-                meter.state(limiter.limit, member.health.available(time.monotonic()))
+                meter.state(limiter.limit * self._split, member.health.available(time.monotonic()))
 
     async def execute(
         self,

@@ -45,7 +45,10 @@ class Worker:
         self.settings = settings
         self.id = name or worker_id()
         self.dispatcher = Dispatcher(
-            router, attempt_timeout=settings.attempt_timeout, max_retries=settings.max_retries
+            router,
+            attempt_timeout=settings.attempt_timeout,
+            max_retries=settings.max_retries,
+            limit_split=settings.limit_split,
         )
         self.runner = ShardRunner(store, blobs, self.dispatcher, settings)
         self.sweeper = Sweeper(store, blobs)
@@ -223,7 +226,7 @@ class Worker:
             )
             await asyncio.Event().wait()  # for ever (until the worker stops)
             return
-        shared = self.settings.limits_shared and not self.settings.fixed_limits
+        shared = self.settings.limit_split == 1 and not self.settings.fixed_limits
         watcher = BoardWatcher(board, self.router.members, self.settings.online_priority, share=shared)
 
         async def exchange(loads: list[tuple[str, int, int]]) -> list[UpstreamLoad] | None:
