@@ -1,13 +1,12 @@
 """Online requests first, end to end: `batchyard serve` (its worker in a child process) in front of an upstream that
 works on 2 requests at a time (0.8 s each; the rest wait in its queue), a batch keeping both slots busy, and online
 requests through the front door. With `--online-priority slots` an online request cuts the youngest batch request
-and is answered in about one request's time; with `off` it waits in the upstream's queue behind the batch. Either
-way every batch line ends completed, once."""
+(the upstream sees it go, and it is sent once more); with `off` nothing is cut and it waits in the upstream's queue
+behind the batch (`pytest -s` prints the latencies). Either way every batch line ends completed, once."""
 
 from __future__ import annotations
 
 import re
-import statistics
 import time
 from collections.abc import Callable, Iterator
 
@@ -99,16 +98,20 @@ def test_online_requests_cut_ahead_of_batch_lines(
         mode.removesuffix("-in-process"),
         *(["--worker-in-process"] if mode.endswith("-in-process") else []),
     )
+    slow.reset()
     lat, counts, metrics = _run(srv)
     assert counts == {"completed": LINES, "failed": 0}
-    median = statistics.median(lat)
+    print(f"{mode}: online latencies {[round(x, 2) for x in lat]} s (one request takes {DELAY} s)")
     preempted = re.search(r'batchyard_upstream_requests_total\{[^}]*status="preempted"[^}]*\} (\d+)', metrics)
+    stats = slow.stats()
+    # no wall time is asserted (a shared machine is noisy): what happened at the upstream is
     if mode.startswith("slots"):
-        assert median < DELAY * 1.4, lat  # one request's time: a slot was made free at once
         assert preempted is not None and int(preempted.group(1)) >= 1
+        assert stats["streams_cut"] >= 1  # the engine saw the batch request go: its slot was free at once
+        assert stats["total"] == LINES + len(lat) + stats["streams_cut"]  # each cut line was sent once more
     else:
-        assert median > DELAY * 1.4, lat  # queued behind the batch request in the upstream
         assert preempted is None
+        assert stats["streams_cut"] == 0 and stats["total"] == LINES + len(lat)
 
 
 def test_a_projects_online_requests_in_flight_are_capped(

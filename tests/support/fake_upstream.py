@@ -45,7 +45,8 @@ answered with server-sent events (text/event-stream): the expected text in three
 ``stream_gap`` (float s) sleep between events
 ``hold`` (bool)          after the first event, wait (30 s at most) until :meth:`FakeUpstream.release` /
                          ``POST /_release``; ``/_stats`` counts ``streams_open``, ``streams_done`` and
-                         ``streams_cancelled`` (the client went away mid-stream)
+                         ``streams_cancelled`` (the client went away mid-stream); ``streams_cut``: any
+                         request whose client went away before its answer (its handler cancelled)
 
 ``GET /_received`` / :meth:`FakeUpstream.received` give the raw request bodies, in arrival order (the last
 ``RECEIVED_KEEP``), so a test can check the exact bytes that reached the upstream (e.g. an integer beyond 64 bits).
@@ -436,7 +437,7 @@ class _State:
         self.max_in_flight = 0
         self.seen: dict[str, int] = {}
         self.received: list[bytes] = []
-        self.streams = {"open": 0, "done": 0, "cancelled": 0}
+        self.streams = {"open": 0, "done": 0, "cancelled": 0, "cut": 0}  # cut: a request whose client left
         self.released = asyncio.Event()  # `hold` streams go on once set (on the server's loop)
 
     def record(self, raw: bytes) -> None:
@@ -486,7 +487,7 @@ class _State:
             self.by_path.clear()
             self.seen.clear()
             self.received.clear()
-            self.streams.update(done=0, cancelled=0)
+            self.streams.update(done=0, cancelled=0, cut=0)
             self.released.clear()
             # in_flight reflects live requests and is kept; the peak restarts from it
             self.max_in_flight = self.in_flight
@@ -629,6 +630,9 @@ async def _inference(request: web.Request) -> web.StreamResponse:
         return web.Response(
             status=200, body=data, content_type="application/json", headers=_odd_headers(fake)
         )
+    except asyncio.CancelledError:  # the client went away before the answer (its handler is cancelled)
+        state.stream_event("cut", 1)
+        raise
     finally:
         state.leave()
 

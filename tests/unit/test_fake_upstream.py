@@ -295,6 +295,7 @@ async def test_stats(upstream: FakeUpstream, session: aiohttp.ClientSession) -> 
             "streams_open": 0,
             "streams_done": 0,
             "streams_cancelled": 0,
+            "streams_cut": 0,
         }
 
 
