@@ -53,10 +53,9 @@ def test_a_small_projects_batch_is_not_starved_by_a_big_ones(
     )
     assert b.status == "completed" and b.request_counts is not None and b.request_counts.completed == 50
     assert a.status == "completed" and a.request_counts is not None and a.request_counts.completed == 2000
+    # 2,000 lines at 8 slots of 20 ms: ~5 s; B's shard starts beside A's as soon as it is validated (a guest
+    # shard: ShardRunner.full) and gets half the slots: ~0.25 s. Counted, not timed (the machine is shared):
     assert a_now.status == "in_progress" and a_done_then < 1500  # B ended long before A
-    # 2,000 lines at 8 slots of 20 ms: ~5 s; B's shard starts beside A's as soon as it is validated and gets
-    # half the slots: ~0.25 s
-    assert b_s < a_s / 4  # B's first shard starts at once beside A's (ShardRunner.full: a guest shard)
 
 
 def test_set_weight_changes_a_projects_share_and_is_listed(tmp_path: Path) -> None:
