@@ -339,13 +339,13 @@ def test_the_online_rate_is_per_project(tmp_path: Path, up: FakeUpstream) -> Non
         )  # its own rate
 
 
-# -- the embedded engine does not stream -----------------------------------------------------------------------
+# -- the embedded engine: a stream generated whole, then sent as events ----------------------------------------
 
 
-async def test_the_embedded_engine_answers_400_to_a_stream() -> None:
-    engine = EmbeddedUpstream(embeddings=False)  # nothing is loaded to answer this
-    body = b'{"model":"smollm2-135m-instruct","messages":[],"stream":true}'
-    answer = await engine.stream("/v1/chat/completions", body, timeout=5)
+async def test_the_embedded_engine_answers_400_to_a_stream_of_embeddings() -> None:
+    engine = EmbeddedUpstream(chat=False)  # nothing is loaded to answer this
+    body = b'{"model":"multilingual-e5-small","input":"x","stream":true}'
+    answer = await engine.stream("/v1/embeddings", body, timeout=5)
     raw = b"".join([c async for c in answer.chunks])
     assert answer.status == 400
     assert json.loads(raw)["error"]["code"] == "streaming_unsupported"
@@ -353,13 +353,38 @@ async def test_the_embedded_engine_answers_400_to_a_stream() -> None:
 
 
 @pytest.mark.slow
-def test_the_embedded_engine_answers_online_and_refuses_a_stream(tmp_path: Path) -> None:
+def test_the_embedded_engine_answers_online_and_streams(tmp_path: Path) -> None:
+    """The default server (no --upstream): chat online, and the SDK's stream=True gets the same text in OpenAI's
+    chunk shapes (generated whole, then sent as events), the usage last when asked; completions too."""
     with Server(tmp_path / "data", ["--embedded-slots", "2"]) as srv:  # no --upstream: the embedded engine
         client = srv.client()
         chat = client.chat.completions.create(
-            model="smollm2-135m-instruct", messages=MESSAGES, max_tokens=4, temperature=0
+            model="smollm2-135m-instruct", messages=MESSAGES, max_tokens=6, temperature=0
         )
         assert chat.choices[0].message.content and chat.model == "smollm2-135m-instruct"
-        with pytest.raises(openai.BadRequestError) as info:
-            client.chat.completions.create(model="smollm2-135m-instruct", messages=MESSAGES, stream=True)
-        assert info.value.code == "streaming_unsupported"
+        chunks = list(
+            client.chat.completions.create(
+                model="smollm2-135m-instruct",
+                messages=MESSAGES,
+                max_tokens=6,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == chat.choices[0].message.content
+        assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == chat.choices[0].finish_reason
+        usage = chunks[-1].usage
+        assert usage is not None and chat.usage is not None
+        assert usage.completion_tokens == chat.usage.completion_tokens
+        pieces = list(
+            client.completions.create(
+                model="smollm2-135m-instruct", prompt="One, two,", max_tokens=4, temperature=0, stream=True
+            )
+        )
+        whole = client.completions.create(
+            model="smollm2-135m-instruct", prompt="One, two,", max_tokens=4, temperature=0
+        )
+        assert "".join(p.choices[0].text for p in pieces) == whole.choices[0].text

@@ -103,18 +103,28 @@ class EmbeddedUpstream(Upstream):
             raise
 
     async def stream(self, endpoint: str, body: bytes, *, timeout: float) -> UpstreamStream:
-        """Online requests: answered whole (`call`); one asking for a stream gets a 400."""
-        if _asks_stream(body):
+        """Online requests. One asking for a stream of a chat or text completion is generated whole, then handed
+        over as server-sent events in OpenAI's chunk shapes (the text in one chunk, the finish reason in the next,
+        the usage last when `stream_options.include_usage` asks, then `[DONE]`): the SDK's streaming works, the
+        text just arrives at once (xllamacpp streams only through its own HTTP listener, which stays closed)."""
+        asked = _stream_request(body)
+        if asked is None:
+            return await super().stream(endpoint, body, timeout=timeout)
+        plain, include_usage = asked
+        if endpoint not in CHAT_ENDPOINTS:
             error = InvalidRequest(
-                "Streaming is not supported by the embedded engine: send the request without 'stream', or "
-                "route this model to an HTTP upstream (--upstream MODEL=URL) that streams.",
+                f"Streaming is not supported for {endpoint}: send the request without 'stream'.",
                 param="stream",
                 code="streaming_unsupported",
             )
             rid = f"req_{secrets.token_hex(12)}"
-            resp = _response(error.status_code, orjson.dumps(error.to_dict()), rid)
+            return await _whole(_response(error.status_code, orjson.dumps(error.to_dict()), rid))
+        resp = await self.call(endpoint, plain, timeout=timeout)
+        if resp.status != 200:
             return await _whole(resp)
-        return await super().stream(endpoint, body, timeout=timeout)
+        events = _as_events(orjson.loads(resp.body), include_usage)
+        headers = {**resp.headers, "content-type": "text/event-stream"}
+        return UpstreamStream(200, headers, _sse(events))
 
     async def _answer(self, endpoint: str, raw: bytes) -> Json:
         body = _parse(raw)
@@ -181,12 +191,55 @@ def embedded_routes(upstream: EmbeddedUpstream | None = None) -> list[tuple[str,
     return [(name, up) for name in up.model_names]
 
 
-def _asks_stream(raw: bytes) -> bool:
+def _stream_request(raw: bytes) -> tuple[bytes, bool] | None:
+    """For a request asking for a stream: the same request without `stream` and `stream_options`, and whether the
+    usage is asked for at the end; None for any other."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return False
-    return isinstance(body, dict) and body.get("stream") is True
+        return None
+    if not isinstance(body, dict) or body.get("stream") is not True:
+        return None
+    options = body.pop("stream_options", None)
+    del body["stream"]
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    return orjson.dumps(body), include_usage
+
+
+def _as_events(done: Json, include_usage: bool) -> list[Json]:
+    """A whole chat.completion or text_completion as the chunks a stream of it would have carried."""
+    chat = done.get("object") == "chat.completion"
+    head = {
+        "id": done.get("id"),
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": done.get("created"),
+        "model": done.get("model"),
+    }
+    if "system_fingerprint" in done:
+        head["system_fingerprint"] = done["system_fingerprint"]
+    choices = [c for c in done.get("choices") or [] if isinstance(c, dict)]
+    events: list[Json] = []
+    for c in choices:
+        index = c.get("index", 0)
+        if chat:
+            message = c.get("message") or {}
+            delta = {"role": message.get("role", "assistant"), "content": message.get("content") or ""}
+            events.append({**head, "choices": [{"index": index, "delta": delta, "finish_reason": None}]})
+            last = {"index": index, "delta": {}, "finish_reason": c.get("finish_reason")}
+        else:
+            first = {"index": index, "text": c.get("text") or "", "logprobs": None, "finish_reason": None}
+            events.append({**head, "choices": [first]})
+            last = {"index": index, "text": "", "logprobs": None, "finish_reason": c.get("finish_reason")}
+        events.append({**head, "choices": [last]})
+    if include_usage and "usage" in done:
+        events.append({**head, "choices": [], "usage": done["usage"]})
+    return events
+
+
+async def _sse(events: list[Json]) -> AsyncIterator[bytes]:
+    for event in events:
+        yield b"data: " + orjson.dumps(event) + b"\n\n"
+    yield b"data: [DONE]\n\n"
 
 
 async def _whole(resp: UpstreamResponse) -> UpstreamStream:
