@@ -28,7 +28,11 @@ class Outcome:
     stopped: str | None = None  # batch_cancelled / batch_expired: the line was not executed to the end
 
 
-PREEMPTED = object()  # `_attempt`'s answer when an online request cut the attempt short: send the line again
+class Preempted:
+    """`_attempt`'s answer when an online request cut the attempt short: the line is sent again."""
+
+
+PREEMPTED = Preempted()
 
 
 class StopSignal:
@@ -75,7 +79,7 @@ class Dispatcher:
         stop: StopSignal,
         key: str | None,
         weight: float,
-    ) -> UpstreamResponse | UpstreamError | object | None:
+    ) -> UpstreamResponse | UpstreamError | Preempted | None:
         """One try on the best member of the group: its rate limits, concurrency limit (waiting in turn with
         other owners' lines: `key`, `weight`) and health. None if the batch stopped before the request was sent;
         PREEMPTED if an online request cut it short."""
@@ -99,7 +103,7 @@ class Dispatcher:
         body: dict[str, Any],
         payload: bytes,
         stop: StopSignal,
-    ) -> UpstreamResponse | UpstreamError | object | None:
+    ) -> UpstreamResponse | UpstreamError | Preempted | None:
         signal = Signal.ERROR
         meter, sent_at, status = metrics.upstream(member.name), None, None  # status: None while unanswered
         handle = None
@@ -171,9 +175,10 @@ class Dispatcher:
             resp = await self._attempt(group, endpoint, body, payload, stop, key, weight)
             if resp is None:  # stopped while waiting for a slot: never sent
                 return Outcome(False, lines.not_executed_line(custom_id, stop.code or ""), stopped=stop.code)
-            if resp is PREEMPTED:  # an online request took its slot: the line goes again (no retry counted)
+            if isinstance(
+                resp, Preempted
+            ):  # an online request took its slot: the line goes again (no retry counted)
                 continue
-            assert isinstance(resp, UpstreamResponse | UpstreamError)
             if isinstance(resp, UpstreamError):
                 if resp.retryable and retries < self._max_retries:
                     delay = backoff_delay(retries, None)

@@ -9,7 +9,6 @@ Shrinking happens at most once per round trip, so one burst of 429s counts as on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -79,7 +78,8 @@ class Limiter:
         self._seen: int | None = None  # the upstream's capacity as estimated when they started
         self._handed = 0  # slots given to waiters that have not resumed yet
         self._waiters = FairQueue()
-        self._running: list[Preemptible] = []  # requests in flight that may be cut short, oldest first
+        # requests in flight that may be cut short, oldest first (a dict: O(1) removal in any order)
+        self._running: dict[Preemptible, None] = {}
 
     @property
     def pending(self) -> int:
@@ -165,16 +165,11 @@ class Limiter:
         task = asyncio.current_task()
         assert task is not None
         handle = Preemptible(task)
-        self._running.append(handle)
+        self._running[handle] = None
         return handle
 
     def untrack(self, handle: Preemptible) -> None:
-        running = self._running
-        if running and running[-1] is handle:  # the youngest ends first often enough to check
-            running.pop()
-        else:
-            with contextlib.suppress(ValueError):
-                running.remove(handle)
+        self._running.pop(handle, None)
 
     def preempt(self, n: int) -> int:
         """Cut the `n` youngest requests in flight short (their tasks are cancelled: see `Preemptible`); returns
