@@ -98,8 +98,9 @@ class Board:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             with _locked(fd):
-                if os.fstat(fd).st_size < SIZE:
-                    os.ftruncate(fd, SIZE)
+                # blocks allocated now: a write through the map to a hole on a full disk would be SIGBUS, not an
+                # error (ENOSPC here is an OSError the callers contain)
+                os.posix_fallocate(fd, 0, SIZE)
                 self._map = mmap.mmap(fd, SIZE)
                 magic, version, _ = HEADER.unpack_from(self._map, 0)
                 if (magic, version) != (MAGIC, VERSION):  # a new board (or of another version): start clean
