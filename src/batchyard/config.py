@@ -649,48 +649,43 @@ class Settings(_Model):
         few milliseconds of lag, and may exceed it for that long)."""
         return self.concurrency is not None or any(s.max_concurrency is not None for s in self.upstream_specs)
 
-    def share(self, n: int, *, concurrency: bool = True) -> Settings:
-        """The settings of one of `n` worker processes that together honour this process's limits: the limits
-        that are per upstream (concurrency, where the automatic one starts and its ceiling, max_concurrency, rpm, tpm)
-        are split n ways. With `concurrency` false the concurrency limits stay whole: the processes share them on
-        this machine's board instead (upstreams/online.py), each taking its fair part of what is in use."""
+    @property
+    def shares_limits(self) -> bool:
+        """The worker processes share each concurrency limit on the board (upstreams/online.py) rather than split
+        it: the limits are adaptive and the workers watch the board."""
+        return self.online_priority != "off" and not self.fixed_limits
+
+    def share(self, n: int) -> Settings:
+        """The settings of one of `n` worker processes that together honour this process's limits: rpm and tpm are
+        split n ways, and so are the concurrency limits (where the automatic one starts and its ceiling,
+        max_concurrency) unless the processes share them on the board (`shares_limits`)."""
         if n <= 1:
             return self
-        if not concurrency:
-            rates = [
-                s.model_copy(
-                    update={
-                        "rpm": None if s.rpm is None else s.rpm / n,
-                        "tpm": None if s.tpm is None else s.tpm / n,
-                    }
-                )
-                for s in self.upstream_specs
-            ]
-            return self.model_copy(update={"workers": 1, "upstream_specs": rates})
 
         def split(v: int | None) -> int | None:
             return None if v is None else max(1, math.ceil(v / n))
 
+        concurrency = not self.shares_limits
+
         specs = [
             s.model_copy(
                 update={
-                    "max_concurrency": split(s.max_concurrency),
                     "rpm": None if s.rpm is None else s.rpm / n,
                     "tpm": None if s.tpm is None else s.tpm / n,
+                    **({"max_concurrency": split(s.max_concurrency)} if concurrency else {}),
                 }
             )
             for s in self.upstream_specs
         ]
-        return self.model_copy(
-            update={
-                "workers": 1,
+        update: dict[str, Any] = {"workers": 1, "upstream_specs": specs}
+        if concurrency:
+            update |= {
                 "limit_split": n,
                 "concurrency": split(self.concurrency),
                 "max_concurrency": split(self.max_concurrency) or 1,
                 "initial_concurrency": split(self.initial_concurrency) or 1,
-                "upstream_specs": specs,
             }
-        )
+        return self.model_copy(update=update)
 
 
 class ServeSwitches(_Model):

@@ -236,9 +236,7 @@ class WorkerPool:
         on_death: Callable[[], None],
         release: Release | None = None,
     ) -> None:
-        # adaptive limits are shared on the board when the workers watch it; fixed ones (exact) are split n ways
-        split = settings.online_priority == "off" or settings.fixed_limits
-        share = settings.share(n, concurrency=split)
+        share = settings.share(n)
         self.workers = [WorkerProcess(share, entry, on_death, release=release) for _ in range(n)]
 
     def start(self) -> None:

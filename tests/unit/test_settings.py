@@ -55,9 +55,22 @@ def test_share_splits_every_per_upstream_limit() -> None:
 
 
 def test_share_keeps_auto_and_never_goes_below_one() -> None:
-    part = Settings(concurrency=None, max_concurrency=2, initial_concurrency=1).share(4)
+    # with online priority off the workers do not watch the board: an automatic limit is split too
+    part = Settings(concurrency=None, max_concurrency=2, initial_concurrency=1, online_priority="off").share(
+        4
+    )
     assert part.concurrency is None  # still automatic
     assert (part.max_concurrency, part.initial_concurrency) == (1, 1)
+
+
+def test_share_leaves_an_automatic_limit_whole_for_the_board() -> None:
+    s = Settings(concurrency=None, max_concurrency=64, initial_concurrency=16)
+    assert s.shares_limits
+    part = s.share(4)
+    assert (part.concurrency, part.max_concurrency, part.initial_concurrency) == (None, 64, 16)
+    assert part.limit_split == 1 and part.workers == 1
+    assert not Settings(concurrency=8).shares_limits  # an operator's number is split exactly
+    assert Settings(concurrency=8).share(4).limit_split == 4
 
 
 def test_restart_budget_allows_a_few_restarts_per_window() -> None:

@@ -226,7 +226,7 @@ class Worker:
             )
             await asyncio.Event().wait()  # for ever (until the worker stops)
             return
-        shared = self.settings.limit_split == 1 and not self.settings.fixed_limits
+        shared = self.settings.limit_split == 1 and self.settings.shares_limits
         watcher = BoardWatcher(board, self.router.members, self.settings.online_priority, share=shared)
 
         async def exchange(loads: list[tuple[str, int, int]]) -> list[UpstreamLoad] | None:
