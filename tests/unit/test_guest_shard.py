@@ -35,7 +35,9 @@ class Held(Echo):
 @pytest.fixture
 async def parts() -> AsyncIterator[tuple[MemoryStore, MemoryBlobStore, Held, Worker]]:
     store, blobs, up = MemoryStore(), MemoryBlobStore(), Held()
-    settings = Settings(shard_lines=2, lease_seconds=30.0, poll_interval=0.05, max_shards=2)
+    settings = Settings(  # priority off: no board (it lives beside a data directory this rig has not)
+        shard_lines=2, lease_seconds=30.0, poll_interval=0.05, max_shards=2, online_priority="off"
+    )
     await store.open()
     yield store, blobs, up, Worker(store, blobs, Router([(None, up)]), settings, name="w1")
     up.release.set()

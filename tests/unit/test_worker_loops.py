@@ -64,8 +64,14 @@ class Rig:
         self.store = MemoryStore()
         self.blobs = MemoryBlobStore()
         self.upstream = upstream
-        self.settings = Settings(
-            shard_lines=shard_lines, lease_seconds=30.0, poll_interval=0.05, max_shards=2
+        self.settings = (
+            Settings(  # priority off: no board (it lives beside a data directory this rig has not)
+                shard_lines=shard_lines,
+                lease_seconds=30.0,
+                poll_interval=0.05,
+                max_shards=2,
+                online_priority="off",
+            )
         )
         router = Router([(r, upstream) for r in (routes or [None])])
         self.worker = Worker(self.store, self.blobs, router, self.settings, name="w1")
