@@ -266,6 +266,14 @@ def fair_level(demands: Sequence[int], capacity: float) -> float:
     return float("inf")  # every demand is met
 
 
+def fair_room(mine: int, others: Sequence[tuple[int, int]], capacity: int) -> int:
+    """What one holder of a limit may have in flight: its max-min fair part of `capacity` given the others'
+    (demand, in flight), and never more than the others leave free of it."""
+    level = fair_level([mine, *(d for d, _ in others)], capacity)
+    fair = mine if level == float("inf") else max(1, int(level))
+    return max(0, min(fair, capacity - sum(f for _, f in others)))
+
+
 class BoardWatcher:
     """A worker's side of the board (see the module's doc): each member's limiter gets a reservation for the online
     requests in flight on its upstream, and a share of the limit with the other batch processes of this machine:
@@ -311,9 +319,7 @@ class BoardWatcher:
             capacity = max(0, limiter.limit - min(reserve, limiter.limit))
             if machine_cap is not None:
                 capacity = min(capacity, machine_cap)
-            level = fair_level([limiter.pending, *(d for d, _ in others)], capacity)
-            fair = limiter.pending if level == float("inf") else max(1, int(level))
-            limiter.share(max(0, min(fair, capacity - sum(f for _, f in others))))
+            limiter.share(fair_room(limiter.pending, others, capacity))
 
     async def run(self) -> None:
         """Follow the board until cancelled."""
@@ -354,21 +360,18 @@ class MachineShares:
         w = self.watcher
         out: list[int | None] = []
         for c, member in zip(w._cells, w.members, strict=True):
-            demand: dict[str, int] = {}
-            flight = 0
+            machines: dict[str, tuple[int, int]] = {}  # other machine -> its (demand, in flight)
             for r in rows:
                 if r.upstream == member.name and r.machine != self.machine:
-                    demand[r.machine] = demand.get(r.machine, 0) + r.demand
-                    flight += r.in_flight
-            if not any(demand.values()):
+                    demand, flight = machines.get(r.machine, (0, 0))
+                    machines[r.machine] = (demand + r.demand, flight + r.in_flight)
+            if not any(d for d, _ in machines.values()):
                 out.append(None)
                 continue
             limiter = member.limiter
             mine = sum(row[DEMAND + c] for _, row in board_rows)
             capacity = max(0, limiter.limit - min(limiter.reserved, limiter.limit))
-            level = fair_level([mine, *demand.values()], capacity)
-            fair = mine if level == float("inf") else max(1, int(level))
-            out.append(max(0, min(fair, capacity - flight)))
+            out.append(fair_room(mine, list(machines.values()), capacity))
         return out
 
     async def run(self) -> None:
