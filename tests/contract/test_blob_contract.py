@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from batchyard.blobs import local, memory
+from batchyard.blobs import local
 from batchyard.blobs import s3 as s3_module
-from batchyard.blobs.base import BlobInfo, BlobStore
+from batchyard.blobs.base import BlobInfo, BlobStore, SizeExceeded
 from batchyard.blobs.local import LocalBlobStore
 from batchyard.blobs.memory import MemoryBlobStore
 from batchyard.blobs.s3 import MIN_PART
@@ -64,7 +64,7 @@ def _local(tmp_path: Path) -> Backend:
     async def raw(key: str) -> bytes:
         return (root / key).read_bytes()
 
-    return Backend("local", store, local.SizeExceeded, residue, raw)
+    return Backend("local", store, SizeExceeded, residue, raw)
 
 
 def _memory() -> Backend:
@@ -76,7 +76,7 @@ def _memory() -> Backend:
     async def raw(key: str) -> bytes:
         return store._blobs[key][0]
 
-    return Backend("memory", store, memory.SizeExceeded, residue, raw)
+    return Backend("memory", store, SizeExceeded, residue, raw)
 
 
 def _s3(store: s3_module.S3BlobStore) -> Backend:
@@ -89,7 +89,7 @@ def _s3(store: s3_module.S3BlobStore) -> Backend:
         async with got["Body"] as body:
             return bytes(await body.read())
 
-    return Backend("s3", store, s3_module.SizeExceeded, residue, raw)
+    return Backend("s3", store, SizeExceeded, residue, raw)
 
 
 @pytest.fixture(params=["local", "s3", "memory"])

@@ -24,8 +24,35 @@ class BlobInfo:
     sha256: str
 
 
+class SizeExceeded(BlobError):
+    """A writer was given more than its `max_bytes`."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"blob exceeds {limit} bytes")
+        self.limit = limit
+
+
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./")
+
+
+def check_key(key: str) -> str:
+    """`key`, or BlobError when it is not one batchyard makes: segments of [A-Za-z0-9-_.] joined by `/`, none empty,
+    `.` or `..` (so that a key never names a path outside a store's root)."""
+    if not key or not set(key) <= _SAFE or any(p in ("", ".", "..") for p in key.split("/")):
+        raise BlobError(f"invalid blob key {key!r}")
+    return key
+
+
 class BlobWriter(ABC):
-    """A blob being written. Nothing is visible under the key until `commit`; `abort` leaves nothing behind."""
+    """A blob being written. Nothing is visible under the key until `commit`; `abort` leaves nothing behind.
+
+    The state every writer keeps is here: its size under its cap (`_admit`), and open -> committed or aborted."""
+
+    def __init__(self, key: str, max_bytes: int | None) -> None:
+        self._key = key
+        self._max = max_bytes
+        self._size = 0
+        self._state = "open"
 
     @abstractmethod
     async def write(self, data: bytes) -> None: ...
@@ -35,8 +62,20 @@ class BlobWriter(ABC):
     async def abort(self) -> None: ...
 
     @property
-    @abstractmethod
-    def size(self) -> int: ...
+    def size(self) -> int:
+        return self._size
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise BlobError(f"writer for {self._key} is already {self._state}")
+
+    def _admit(self, n: int) -> SizeExceeded | None:
+        """Check that `n` more bytes may be written (the writer is open, its cap not passed); the error when they
+        may not be (the caller cleans up, then raises it)."""
+        self._check_open()
+        if self._max is not None and self._size + n > self._max:
+            return SizeExceeded(self._max)
+        return None
 
 
 class BlobStore(ABC):

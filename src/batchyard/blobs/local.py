@@ -23,18 +23,11 @@ from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from batchyard.blobs.base import BlobInfo, BlobStore, BlobWriter
+from batchyard.blobs.base import BlobInfo, BlobStore, BlobWriter, check_key
 from batchyard.errors import BlobError, BlobNotFound, BlobStorageFull
 
 _FLUSH_AT = 1 << 20
-_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./")
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-
-class SizeExceeded(BlobError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"blob exceeds {limit} bytes")
-        self.limit = limit
 
 
 def _is_tmp(name: str) -> bool:
@@ -68,29 +61,17 @@ def fsync_dir(path: Path) -> None:
 
 class _LocalWriter(BlobWriter):
     def __init__(self, key: str, final: Path, tmp: Path, fh: BinaryIO, max_bytes: int | None) -> None:
-        self._key = key
+        super().__init__(key, max_bytes)
         self._final = final
         self._tmp = tmp
         self._fh = fh
-        self._max = max_bytes
         self._buf: list[bytes] = []
         self._buffered = 0
-        self._size = 0
         self._sha = hashlib.sha256()
-        self._state = "open"
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise BlobError(f"writer for {self._key} is already {self._state}")
 
     async def write(self, data: bytes) -> None:
-        self._check_open()
-        if self._max is not None and self._size + len(data) > self._max:
-            raise SizeExceeded(self._max)
+        if (error := self._admit(len(data))) is not None:
+            raise error
         self._size += len(data)
         self._buf.append(data)
         self._buffered += len(data)
@@ -168,10 +149,7 @@ class LocalBlobStore(BlobStore):
 
     def _path(self, key: str) -> Path:
         # Keys are ours, but check anyway: a path never escapes the root.
-        parts = key.split("/")
-        if not key or not set(key) <= _SAFE or any(p in ("", ".", "..") for p in parts):
-            raise BlobError(f"invalid blob key {key!r}")
-        path = self.root / key
+        path = self.root / check_key(key)
         if self.root not in path.parents:
             raise BlobError(f"invalid blob key {key!r}")
         return path

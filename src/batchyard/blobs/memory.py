@@ -13,47 +13,21 @@ import hashlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from batchyard.blobs.base import BlobInfo, BlobStore, BlobWriter
-from batchyard.errors import BlobError, BlobNotFound
-
-_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./")
-
-
-class SizeExceeded(BlobError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"blob exceeds {limit} bytes")
-        self.limit = limit
-
-
-def check_key(key: str) -> str:
-    if not key or not set(key) <= _SAFE or any(p in ("", ".", "..") for p in key.split("/")):
-        raise BlobError(f"invalid blob key {key!r}")
-    return key
+from batchyard.blobs.base import BlobInfo, BlobStore, BlobWriter, check_key
+from batchyard.errors import BlobNotFound
 
 
 class _MemoryWriter(BlobWriter):
     def __init__(self, store: MemoryBlobStore, key: str, max_bytes: int | None) -> None:
+        super().__init__(key, max_bytes)
         self._store = store
-        self._key = key
-        self._max = max_bytes
         self._chunks: list[bytes] = []
-        self._size = 0
         self._sha = hashlib.sha256()
-        self._state = "open"
         self.last_write = store.clock()
 
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise BlobError(f"writer for {self._key} is already {self._state}")
-
     async def write(self, data: bytes) -> None:
-        self._check_open()
-        if self._max is not None and self._size + len(data) > self._max:
-            raise SizeExceeded(self._max)
+        if (error := self._admit(len(data))) is not None:
+            raise error
         self._chunks.append(bytes(data))
         self._size += len(data)
         self._sha.update(data)

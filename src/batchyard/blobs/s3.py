@@ -38,8 +38,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from batchyard.blobs.base import BlobInfo, BlobStore, BlobWriter
-from batchyard.blobs.local import SizeExceeded
+from batchyard.blobs.base import BlobInfo, BlobStore, BlobWriter, SizeExceeded, check_key
 from batchyard.errors import BlobError, BlobNotFound, BlobStorageFull, BlobUnavailable
 
 __all__ = ["CHECKSUM_ALGORITHMS", "S3BlobStore", "SizeExceeded", "parse_checksums"]
@@ -50,7 +49,6 @@ MAX_PARTS = 10_000
 DEFAULT_PART = 8 * 1024 * 1024
 CHECKSUM_ALGORITHMS = frozenset({"CRC32", "CRC32C", "CRC64NVME", "SHA1", "SHA256"})
 _NEEDS_CRT = frozenset({"CRC32C", "CRC64NVME"})  # botocore computes these only with awscrt (botocore[crt])
-_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./")
 _NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchUpload"})
 _FULL = frozenset({"XMinioStorageFull", "InsufficientStorage", "507"})
 _UNAVAILABLE = frozenset(
@@ -69,13 +67,6 @@ MAX_ATTEMPTS = 3
 LIST_PAGE = 1000  # keys per ListObjectsV2 page (S3's maximum)
 _CONCURRENCY = 8
 _T = TypeVar("_T")
-
-
-def check_key(key: str) -> str:
-    """The rule local.py applies: keys are ours, but a key never climbs out of the prefix (no "", ".", "..")."""
-    if not key or not set(key) <= _SAFE or any(p in ("", ".", "..") for p in key.split("/")):
-        raise BlobError(f"invalid blob key {key!r}")
-    return key
 
 
 def parse_checksums(value: str | None) -> bool | str:
@@ -179,34 +170,21 @@ def copy_plan(sizes: Sequence[int]) -> list[tuple[int, tuple[int, int] | None]] 
 
 class _S3Writer(BlobWriter):
     def __init__(self, store: S3BlobStore, key: str, max_bytes: int | None) -> None:
+        super().__init__(key, max_bytes)
         self._store = store
-        self._key = key
         self._obj = store.object_key(key)
-        self._max = max_bytes
         self._buf: list[bytes] = []
         self._buffered = 0
-        self._size = 0
         self._sha = hashlib.sha256()
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
-        self._state = "open"
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise BlobError(f"writer for {self._key} is already {self._state}")
 
     def _part_threshold(self) -> int:
         # Parts double in size every 2,000 parts, so 10,000 parts hold ~31x 2,000 base parts (~480 GiB at 8 MiB).
         return self._store.part_size << (len(self._parts) // 2000)
 
     async def write(self, data: bytes) -> None:
-        self._check_open()
-        if self._max is not None and self._size + len(data) > self._max:
-            error = SizeExceeded(self._max)
+        if (error := self._admit(len(data))) is not None:
             await self._abort_noting(error)
             raise error
         self._size += len(data)
