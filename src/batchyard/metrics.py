@@ -191,7 +191,7 @@ class _Metrics:
         self.online_requests = Counter(
             "batchyard_online_requests",
             "Online requests (the front door), by endpoint and status: the upstream's HTTP status, or "
-            "batchyard's own answer (401, 400, 404, 413, 429, 502, 504).",
+            "batchyard's own answer (401, 400, 404, 413, 429, 502, 504; 499: the client left first).",
             ["endpoint", "status"],
             registry=r,
         )

@@ -3,28 +3,34 @@ passed through to the upstreams that serve batch lines (the same router, groups 
 
 A request is authenticated like every route, counted against its owner's online rate (`--project-online-rpm`),
 read with the request-line cap (`domain/validation.MAX_LINE_BYTES`) and checked for a JSON object with a routable
-`model`; then its bytes go to one member of the model's group as they came (never re-serialized: no `priority` hint
-is added, an integer past 64 bits stays exact), and the upstream's status, body, content type and `x-request-id`
-come back as they were. `"stream": true` answered with server-sent events is relayed chunk by chunk as the
-upstream sends them; a client that goes away closes the upstream request. Every upstream call is held in
-`Services.online.hold(member)` for its whole duration (a stream to its end): that is how batch lines yield to it.
+`model` (only `model` is read); then its bytes go to one member of the model's group as they came (never
+re-serialized: no `priority` hint is added, an integer past 64 bits stays exact), and the upstream's status, body,
+content type and `x-request-id` come back as they were. An answer of server-sent events (`"stream": true`) is
+relayed event by event as the upstream sends them; a client that goes away closes the upstream request. Every
+upstream call is held in `Services.online.hold(member)` for its whole duration (a stream to its end): that is how
+batch lines yield to it.
 
 No answer from the upstream: a connection failure is tried once more on another member of the group when there is
 one (ejected members come last, as for batch lines); then 502 `upstream_connect`, 504 `request_timeout` (no head,
-or no chunk, within the member's timeout or `--attempt-timeout`), 502 `upstream_too_large`. A stream that breaks
-off after its head ends with an `error` event (the openai SDK raises it).
+or no chunk, within the member's timeout or `--attempt-timeout`), 502 `upstream_too_large`. An answer that is not
+one: 502 `upstream_bad_status` (a 1xx, or a status HTTP has not); an error status whose body is no OpenAI error
+object (an HTML page) keeps its status, its body becomes one (`upstream_error`). A stream that breaks off after
+its head, or ends in the middle of an event, ends with an `error` event (the openai SDK raises it); half an event
+is never passed on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -32,7 +38,6 @@ from batchyard import metrics
 from batchyard.api.deps import required_str, shown
 from batchyard.api.quotas import CreateRates
 from batchyard.api.services import Services
-from batchyard.domain import wire
 from batchyard.domain.validation import MAX_LINE_BYTES
 from batchyard.errors import (
     APIError,
@@ -151,8 +156,12 @@ class FrontDoor:
     async def _handle(self, endpoint: str, request: Request, started: float) -> Response:
         status = 500
         try:
-            raw = await read_body(request)
-            model, stream = inspect(raw)
+            try:
+                raw = await read_body(request)
+            except ClientDisconnect:  # it left while sending its body: nobody reads an answer
+                status = CLIENT_GONE
+                return Response(status_code=CLIENT_GONE)
+            model = inspect(raw)
             group = self._svc.router.group(model)
             if group is None:
                 raise NotFound(
@@ -160,7 +169,7 @@ class FrontDoor:
                     param="model",
                     code="model_not_found",
                 )
-            response = await _unless_gone(request, self._forward(endpoint, group, raw, stream, started))
+            response = await _unless_gone(request, self._forward(endpoint, group, raw, started))
             status = _RELAYED if isinstance(response, _Relay) else response.status_code
             return response
         except APIError as e:
@@ -173,24 +182,20 @@ class FrontDoor:
             if status != _RELAYED:
                 metrics.online_request(endpoint, status, time.perf_counter() - started)
 
-    async def _forward(
-        self, endpoint: str, group: list[Member], raw: bytes, stream: bool, started: float
-    ) -> Response:
+    async def _forward(self, endpoint: str, group: list[Member], raw: bytes, started: float) -> Response:
         member = pick(group)
         try:
-            return await self._attempt(member, endpoint, raw, stream, started)
+            return await self._attempt(member, endpoint, raw, started)
         except UpstreamError as e:
             others = [m for m in group if m is not member]
             if e.kind != "connect" or not others:
                 raise _api_error(e) from None
         try:
-            return await self._attempt(pick(others), endpoint, raw, stream, started)
+            return await self._attempt(pick(others), endpoint, raw, started)
         except UpstreamError as e:
             raise _api_error(e) from None
 
-    async def _attempt(
-        self, member: Member, endpoint: str, raw: bytes, stream: bool, started: float
-    ) -> Response:
+    async def _attempt(self, member: Member, endpoint: str, raw: bytes, started: float) -> Response:
         call = await _Call.open(self._svc, member)
         try:
             up = await member.upstream.stream(endpoint, raw, timeout=call.timeout)
@@ -200,9 +205,20 @@ class FrontDoor:
         except BaseException:
             await call.finish(None, True)
             raise
+        if (
+            not 200 <= up.status <= 599
+        ):  # a 1xx as the answer (101), or a number HTTP has not: nothing to pass on
+            await up.aclose()
+            await call.finish(str(up.status), False)
+            raise BadGateway(
+                f"The upstream serving this model answered with status {up.status}, which is not a final HTTP "
+                "status.",
+                code="upstream_bad_status",
+            )
         content_type = _header(up.headers.get("content-type")) or "application/json"
         headers = {k: v for k in PASSED_HEADERS if (v := _header(up.headers.get(k))) is not None}
-        if stream and 200 <= up.status < 300 and content_type.startswith("text/event-stream"):
+        # an event stream is relayed whatever the request's `stream` said (`"true"`, which engines coerce)
+        if 200 <= up.status < 300 and content_type.startswith("text/event-stream"):
             headers["cache-control"] = "no-cache"
             return _Relay(up, call, endpoint, started, headers, content_type)
         try:
@@ -218,6 +234,8 @@ class FrontDoor:
         await up.aclose()
         if up.status >= 400:
             failure_log.answered(member, UpstreamResponse(up.status, up.headers, body, None))
+            if not _is_error_object(body):  # an HTML page, a plain text: every error is OpenAI-shaped
+                body, content_type = _wrapped_error(up.status, content_type, body), "application/json"
         await call.finish(str(up.status), _healthy(up.status))
         metrics.online_first_byte(endpoint, time.perf_counter() - started)
         return Response(body, status_code=up.status, headers=headers, media_type=content_type)
@@ -325,33 +343,70 @@ class _Relay(StreamingResponse):
                 end()
             await self._up.aclose()
             await self._call.finish(status, healthy)
-            if status is not None:
-                metrics.online_request(self._endpoint, self._up.status, time.perf_counter() - self._started)
+            counted = self._up.status if status is not None else CLIENT_GONE  # the client left mid-stream
+            metrics.online_request(self._endpoint, counted, time.perf_counter() - self._started)
         if failure is not None and not isinstance(failure, OSError):  # OSError: the client left as we wrote
             raise failure
 
     async def _relay(self, send: Send) -> tuple[str, bool | None]:
+        """Pass on each whole event as it arrives; the bytes of an event not ended yet wait for its end, so that a
+        stream that breaks off mid-event ends with the error event alone, never with half an event (which the
+        SDK would fail to parse instead of raising the error)."""
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        first, last = True, b"\n\n"
+        first, pending = True, b""  # pending: the start of an event not ended yet
         try:
             async for chunk in self._up.chunks:
+                data = pending + chunk if pending else chunk
+                cut = _events_end(data)
+                pending = data[cut:]
+                if not cut:
+                    continue
                 if first:
                     metrics.online_first_byte(self._endpoint, time.perf_counter() - self._started)
                     first = False
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                last = chunk
+                await send({"type": "http.response.body", "body": data[:cut], "more_body": True})
+            if pending.strip(b"\r\n"):  # the connection's end framed the stream, in the middle of an event
+                raise UpstreamError("connect", "upstream stream ended in the middle of an event")
         except UpstreamError as e:
             failure_log.failed(self._call.member, e)
-            end = b"" if last.endswith(b"\n\n") else b"\n\n"  # close an event the upstream left half-written
-            await send({"type": "http.response.body", "body": end + _error_event(e), "more_body": False})
+            await send({"type": "http.response.body", "body": _error_event(e), "more_body": False})
             return metrics.upstream_error_status(e.kind), None if e.kind == "timeout" else False
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return str(self.status_code), True
 
 
+def _events_end(data: bytes) -> int:
+    """Where the last whole event of `data` ends (after its blank line: LF LF, CRLF CRLF or CR CR); 0: none."""
+    ends = (data.rfind(sep) for sep in _BLANK_LINES)
+    return max((at + len(sep) for at, sep in zip(ends, _BLANK_LINES, strict=True) if at >= 0), default=0)
+
+
+_BLANK_LINES = (b"\n\n", b"\r\n\r\n", b"\r\r")
+
+
 def _error_event(e: UpstreamError) -> bytes:
     err = _api_error(e)
     return b"event: error\ndata: " + orjson.dumps(err.to_dict()) + b"\n\n"
+
+
+def _is_error_object(body: bytes) -> bool:
+    """Whether an upstream's error body is OpenAI's envelope: a JSON object with an `error` object."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)
+
+
+def _wrapped_error(status: int, content_type: str, body: bytes) -> bytes:
+    """An upstream's error answer that is no OpenAI error object, as one (its status is kept)."""
+    kind = content_type.split(";")[0].strip()[:100] or "no content type"
+    err = (BadGateway if status >= 500 else InvalidRequest)(
+        f"The upstream serving this model answered {status} without an OpenAI error object ({kind}, "
+        f"{len(body)} bytes).",
+        code="upstream_error",
+    )
+    return orjson.dumps(err.to_dict())
 
 
 def _header(value: str | None) -> str | None:
@@ -401,15 +456,35 @@ async def read_body(request: Request) -> bytes:
     return bytes(raw)
 
 
-def inspect(raw: bytes) -> tuple[str, bool]:
-    """The request's `model`, and whether it asks for a stream; 400 unless it is a JSON object with a model."""
+def inspect(raw: bytes) -> str:
+    """The request's `model`; 400 unless the body is a JSON object with a model. Only `model` is read (the bytes
+    go on as they came), so numbers are not kept: orjson reads integers past 64 bits as floats and no number past
+    a double's range, which the standard library then reads (a valid body is the upstream's to judge)."""
     try:
-        body: Any = wire.loads(raw)
-    except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
+        body: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = _loads_any_number(raw)
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    model = required_str(body, "model")
+    try:
+        model.encode()
+    except UnicodeEncodeError:  # a lone surrogate escape: valid JSON, no Unicode (and no model)
+        raise InvalidRequest(
+            "Invalid 'model': the string is not valid Unicode.", param="model", code="invalid_value"
+        ) from None
+    return model
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads_any_number(raw: bytes) -> Any:
+    try:
+        return json.loads(raw, parse_int=len, parse_float=len, parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # invalid UTF-8 is a UnicodeDecodeError, a ValueError
         raise InvalidRequest(
             "We could not parse the JSON body of your request. The body must be a JSON object.",
             code="invalid_json",
         ) from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    return required_str(body, "model"), body.get("stream") is True

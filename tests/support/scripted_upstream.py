@@ -1,0 +1,242 @@
+"""A misbehaving upstream for the front door's tests: raw HTTP/1.1 bytes, chosen by the request body's `script`.
+
+`tests/support/fake_upstream.py` answers like a well-behaved OpenAI server (aiohttp writes its heads); this one
+writes whatever a broken or hostile upstream could: a status HTTP has not, a 101, an HTML 500, an event stream
+framed by the connection's close and cut mid-event, a reset after the head. Each request's head and body are kept
+(`heads`, `bodies`) so a test can check what reached it (whose Authorization, which bytes).
+
+    with ScriptedUpstream() as up:
+        ... --upstream raw={up.base_url} ...   # then POST {"model": "raw", "script": "html_500"}
+
+`script` names one of SCRIPTS below (`ok` when absent). `sse_hold` sends one event, then waits until `release()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import struct
+import threading
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+Script = Callable[["ScriptedUpstream", asyncio.StreamWriter], Awaitable[bool]]  # True: keep the connection
+
+OK_BODY = b'{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"raw","choices":[]}'
+EVENT = (
+    b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"raw",'
+    b'"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
+)
+DONE = b"data: [DONE]\n\n"
+
+
+def _answer(status: bytes, headers: list[bytes], body: bytes) -> bytes:
+    head = [b"HTTP/1.1 " + status, *headers, b"content-length: %d" % len(body)]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _reset(w: asyncio.StreamWriter) -> None:
+    """Close with an RST (SO_LINGER 0) instead of a FIN."""
+    sock = w.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+async def _ok(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    w.write(_answer(b"200 OK", [b"content-type: application/json"], OK_BODY))
+    return True
+
+
+async def _headers(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    """A 200 with every header a front door must not pass on, beside the three it passes."""
+    extra = [
+        b"content-type: application/json",
+        b"set-cookie: session=upstream-secret",
+        b"connection: keep-alive",
+        b"keep-alive: timeout=5",
+        b"proxy-authenticate: Basic",
+        b"www-authenticate: Bearer",
+        b"authorization: Bearer sk-upstream-echo",
+        b"x-api-key: sk-upstream-echo",
+        b"upgrade: h2c",
+        b"location: http://169.254.169.254/",
+        b"x-request-id: req_upstream1",
+        b"retry-after: 3",
+    ]
+    w.write(_answer(b"200 OK", extra, OK_BODY))
+    return True
+
+
+async def _status_999(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    w.write(_answer(b"999 Whatever", [b"content-type: application/json"], OK_BODY))
+    return True
+
+
+async def _status_101(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    w.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
+    await w.drain()
+    await asyncio.sleep(0.2)
+    return False
+
+
+async def _html_500(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    w.write(
+        _answer(b"500 Internal Server Error", [b"content-type: text/html"], b"<html>Internal Error</html>")
+    )
+    return True
+
+
+async def _text_400(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    w.write(_answer(b"400 Bad Request", [b"content-type: text/plain"], b"bad request, says the engine"))
+    return True
+
+
+async def _json_503(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    body = b'{"error":{"message":"overloaded","type":"server_error","param":null,"code":"busy"}}'
+    w.write(_answer(b"503 Service Unavailable", [b"content-type: application/json", b"retry-after: 2"], body))
+    return True
+
+
+async def _sse_eof_mid_event(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    """An event stream framed by the connection's end (no chunked encoding), closed in the middle of an event."""
+    w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+    w.write(EVENT + b'data: {"id":"c1","obj')
+    await w.drain()
+    return False
+
+
+async def _sse_eof_whole(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    """The same framing, ended after a whole event with CRLF line ends (a proper end)."""
+    w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+    w.write(EVENT.replace(b"\n", b"\r\n") + DONE.replace(b"\n", b"\r\n"))
+    await w.drain()
+    return False
+
+
+async def _sse_reset(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+    w.write(_chunk(EVENT))
+    await w.drain()
+    await asyncio.sleep(0.05)
+    _reset(w)
+    return False
+
+
+async def _sse_hold(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    """One event, then nothing until `release()` (10 s at most), then the rest."""
+    w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+    w.write(_chunk(EVENT))
+    await w.drain()
+    released = up._released
+    assert released is not None
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(released.wait(), 10)
+    w.write(_chunk(DONE) + b"0\r\n\r\n")
+    return True
+
+
+async def _reset_at_once(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    _reset(w)
+    return False
+
+
+SCRIPTS: dict[str, Script] = {
+    "ok": _ok,
+    "headers": _headers,
+    "status_999": _status_999,
+    "status_101": _status_101,
+    "html_500": _html_500,
+    "text_400": _text_400,
+    "json_503": _json_503,
+    "sse_eof_mid_event": _sse_eof_mid_event,
+    "sse_eof_whole": _sse_eof_whole,
+    "sse_reset": _sse_reset,
+    "sse_hold": _sse_hold,
+    "reset_at_once": _reset_at_once,
+}
+
+
+def _script_of(body: bytes) -> str:
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return "ok"
+    name = parsed.get("script", "ok") if isinstance(parsed, dict) else "ok"
+    return name if isinstance(name, str) and name in SCRIPTS else "ok"
+
+
+class ScriptedUpstream:
+    """Served from a background thread on 127.0.0.1 (`base_url`)."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self.bodies: list[bytes] = []
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scripted-upstream", daemon=True)
+        self._server: asyncio.Server | None = None
+        self._released: asyncio.Event | None = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def release(self) -> None:
+        """Let every `sse_hold` stream end (and the ones after it pass at once)."""
+        released = self._released
+        assert released is not None
+        self._loop.call_soon_threadsafe(released.set)
+
+    def __enter__(self) -> ScriptedUpstream:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the scripted upstream did not start")
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def start() -> None:
+            self._released = asyncio.Event()
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            self.port = self._server.sockets[0].getsockname()[1]
+
+        self._loop.run_until_complete(start())
+        self._ready.set()
+        self._loop.run_forever()
+        assert self._server is not None
+        self._server.close()
+        self._loop.close()
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            keep = True
+            while keep:
+                head = await r.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value.strip())
+                body = await r.readexactly(length)
+                self.heads.append(head)
+                self.bodies.append(body)
+                keep = await SCRIPTS[_script_of(body)](self, w)
+                await w.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            w.close()
