@@ -148,20 +148,26 @@ def url_problem(url: str, allowed_hosts: list[str] | None) -> str | None:
     admin API's case: the URL comes from a request body) its host must match one of those globs."""
     if len(url) > MAX_URL_CHARS:
         return f"the URL is longer than {MAX_URL_CHARS} characters"
+    if "\\" in url:  # urlsplit keeps it in the host part, a browser reads it as "/": two parsers, two hosts
+        return "the URL contains a backslash"
     try:
         parts = urlsplit(url)
         host = parts.hostname
-        parts.port  # noqa: B018  # raises ValueError for a port that is not a number in range
+        port = parts.port  # raises ValueError for a port that is not a number in range
     except ValueError:
         return "the URL cannot be parsed"
     if parts.scheme not in ("http", "https") or not host:
         return "the URL must be http:// or https:// with a host"
     if any(c.isspace() or ord(c) < 32 for c in url):
         return "the URL contains spaces or control characters"
+    if "@" in parts.netloc:  # every list of endpoints would show them; the secret signs each delivery instead
+        return "the URL must not hold a user name or password"
+    if port == 0:
+        return "the URL's port 0 cannot be sent to"
     try:
-        host.encode(
-            "idna"
-        )  # what the HTTP client does with it: an empty label, or one of 64+ characters, fails
+        # what the HTTP client does with it: an empty label, or one of 64+ characters, fails; so does an xn-- label
+        # that is no punycode
+        host.encode("idna").decode("idna")
     except UnicodeError:
         return f"the host '{host}' is not a valid host name"
     if allowed_hosts is None:
