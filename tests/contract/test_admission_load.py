@@ -8,7 +8,7 @@ import pytest
 from batchyard.domain.admission import AdmissionLoad
 from batchyard.store.base import MetadataStore
 from tests.contract.conftest import BACKENDS, T0, Clock
-from tests.contract.test_claim_order import A, B, batch
+from tests.contract.test_claim_order import A, B, batch, project
 from tests.contract.test_store_contract import claim, result
 
 WINDOW = 600.0
@@ -55,3 +55,18 @@ async def test_a_reclaimed_shard_counts_from_its_last_start(store: MetadataStore
     assert await store.complete_shard(again, result(10, 0), 0)
     load = await store.admission_load(WINDOW)
     assert (load.done_lines, load.first_started, load.backlog_lines) == (10, T0 + 30, 0)
+
+
+async def test_the_backlog_by_owner_with_its_weight(store: MetadataStore) -> None:
+    """Review 14: what admission control needs to count only the share of another owner's backlog that fair share
+    serves before a new batch (domain/admission.py: `ahead`)."""
+    await project(store, A, 2.5)
+    await batch(store, A, 3)
+    await batch(store, B, 1)  # an owner that is no project weighs 1
+    load = await store.admission_load(WINDOW)
+    assert load.waiting == ((A, 30, 2.5), (B, 10, 1.0)) and load.backlog_lines == 40
+    done = await claim(store, "w1")
+    assert await store.complete_shard(done, result(8, 2), 0)
+    after = await store.admission_load(WINDOW)
+    assert after.backlog_lines == 30 and sum(n for _, n, _ in after.waiting) == 30
+    assert {o for o, _, _ in after.waiting} <= {A, B} and all(n > 0 for _, n, _ in after.waiting)

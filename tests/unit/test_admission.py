@@ -50,3 +50,27 @@ def test_new_lines_are_estimated_from_the_bytes_per_line_measured() -> None:
     assert estimated_lines(50_000, load(size=1_000_000, lines=2_000)) == 100  # 500 bytes a line
     assert estimated_lines(int(DEFAULT_LINE_BYTES) * 7, load()) == 7  # nothing measured: 1 KB a line
     assert estimated_lines(1, load(size=10, lines=1)) == 1
+
+
+# -- review 14: the queue ahead of a batch is what fair share serves before it, not every owner's backlog ---------
+
+
+def test_under_fair_share_another_owners_backlog_counts_only_up_to_its_share() -> None:
+    """One project's 10**6 queued lines refused every other project's batch under `--admission reject`, although
+    fair share serves a newcomer's lines beside them (at its weight), not after them."""
+    waiting = (("proj_a", 1_000_000, 1.0), ("proj_b", 500, 1.0))
+    busy = AdmissionLoad(NOW, 1_000_500, 6000, NOW - WINDOW_S, 0, 0, waiting)  # 10 lines/s
+    # proj_b's 500 queued + 1,000 new: A is served as much meanwhile, so 3,000 lines in 300 s
+    assert verdict(busy, 1_000, 600, owner="proj_b") is None
+    late = verdict(busy, 1_000, 200, owner="proj_b")
+    assert late is not None and late.eta_s == 300 and late.backlog_lines == 2_000
+    # a newcomer with weight 3 gets three lines for each of A's
+    assert verdict(busy, 3_000, 450, owner="proj_c", weight=3.0) is None  # 3,000 + A's 1,000 + B's 500: 450 s
+    # the big owner itself still waits for its own backlog
+    assert verdict(busy, 1_000, 600, owner="proj_a") is not None
+    # another owner's backlog smaller than its share counts whole
+    small = AdmissionLoad(NOW, 100, 6000, NOW - WINDOW_S, 0, 0, (("proj_a", 100, 1.0),))
+    found = verdict(small, 5_000, 100, owner="proj_b")
+    assert found is not None and found.backlog_lines == 100 and found.eta_s == 510
+    # without an owner (and for a store that gives no split), the whole backlog is ahead, as before
+    assert verdict(busy, 1_000, 600) is not None

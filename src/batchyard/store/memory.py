@@ -714,6 +714,17 @@ class MemoryStore(MetadataStore):
             for b in self._s.batches.values()
             if b.planned and b.rec.total > 0 and (b.rec.status in ACTIVE or b.rec.id in measured)
         ]
+        by_owner: dict[str, int] = {}
+        for batch_id, shards in self._s.shards.items():
+            b = self._s.batches[batch_id].rec
+            if b.status in UNFINISHED:
+                left = sum(
+                    sh.rec.line_count - sh.rec.completed - sh.rec.failed
+                    for sh in shards.values()
+                    if sh.rec.status != Sh.DONE
+                )
+                by_owner[b.owner] = by_owner.get(b.owner, 0) + left
+        waiting = tuple((o, n, self._weight(o)) for o, n in sorted(by_owner.items()) if n)
         return AdmissionLoad(
             now,
             (await self.batch_stats()).lines_waiting,
@@ -723,6 +734,7 @@ class MemoryStore(MetadataStore):
                 self._s.files[b.input_file_id].rec.bytes for b in batches if b.input_file_id in self._s.files
             ),
             sum(b.total for b in batches),
+            waiting,
         )
 
     async def batch_stats(self) -> BatchStats:

@@ -773,12 +773,13 @@ class PostgresStore(MetadataStore):
     async def admission_load(self, window_s: float) -> AdmissionLoad:
         async with self._tx() as conn:
             now = float(await conn.fetchval(f"SELECT {_now('$1')}", self._t()))
-            backlog = await conn.fetchval(sql.LINES_WAITING)
+            rows = await conn.fetch(sql.LINES_WAITING_BY_OWNER)
             done, first = await conn.fetchrow(pg(sql.RECENT_THROUGHPUT), now - window_s)
             size, lines = await conn.fetchrow(pg(sql.MEASURED_LINE_BYTES), now - window_s)
-        return AdmissionLoad(
-            now, int(backlog), int(done), None if first is None else float(first), int(size), int(lines)
-        )
+        waiting = tuple((str(o), int(n), float(w)) for o, n, w in rows if n)
+        backlog = sum(n for _, n, _ in waiting)
+        first_at = None if first is None else float(first)
+        return AdmissionLoad(now, backlog, int(done), first_at, int(size), int(lines), waiting)
 
     async def batch_stats(self) -> BatchStats:
         async with self._conn() as conn:

@@ -215,6 +215,13 @@ LINES_WAITING = (
     f"JOIN batches b ON b.id = s.batch_id WHERE s.status <> {_DONE} AND b.status IN {in_list(UNFINISHED)}"
 )
 
+# The same by owner, with the owner's weight (admission control under fair share, domain/admission.py: `ahead`).
+LINES_WAITING_BY_OWNER = (
+    f"SELECT b.owner, COALESCE(SUM(s.line_count - s.completed - s.failed), 0), {OWNER_WEIGHT} FROM shards s "
+    "JOIN batches b ON b.id = s.batch_id LEFT JOIN projects p ON p.id = b.owner "
+    f"WHERE s.status <> {_DONE} AND b.status IN {in_list(UNFINISHED)} GROUP BY b.owner, p.weight ORDER BY b.owner"
+)
+
 # upstream load across machines (migration 0011): expired rows go, this holder's rows are upserted, the others read
 PRUNE_LOAD = "DELETE FROM upstream_load WHERE expires_at < ?"
 PUT_LOAD = (

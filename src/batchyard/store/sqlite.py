@@ -786,10 +786,13 @@ class SQLiteStore(MetadataStore):
         def q(db: sqlite3.Connection) -> AdmissionLoad:
             now = self._clock()
             with self._tx(db):
-                backlog = db.execute(sql.LINES_WAITING).fetchone()[0]
+                waiting = tuple(
+                    (str(o), int(n), float(w)) for o, n, w in db.execute(sql.LINES_WAITING_BY_OWNER) if n
+                )
                 done, first = db.execute(sql.RECENT_THROUGHPUT, (now - window_s,)).fetchone()
                 size, lines = db.execute(sql.MEASURED_LINE_BYTES, (now - window_s,)).fetchone()
-            return AdmissionLoad(now, int(backlog), int(done), first, int(size), int(lines))
+            backlog = sum(n for _, n, _ in waiting)
+            return AdmissionLoad(now, backlog, int(done), first, int(size), int(lines), waiting)
 
         return await self._run(q)
 
