@@ -204,6 +204,34 @@ def test_an_event_stream_is_relayed_as_it_comes_whatever_stream_says(
     assert (first + rest).endswith(b"data: [DONE]\n\n")
 
 
+def test_one_huge_event_is_relayed_whole_and_the_server_stays_responsive(
+    srv: Server, key: str, http: httpx.Client
+) -> None:
+    """An event of 24 MiB in 1 KiB pieces: its bytes wait for the event's end, then go on whole (held: checked so
+    that the wait stays linear and the loop free)."""
+    body = {"model": "raw", "script": "sse_one_huge_event", "stream": True, "messages": MESSAGES}
+    headers = {"Authorization": f"Bearer {key}"}
+    with (
+        httpx.Client(timeout=60) as c,
+        c.stream("POST", srv.base_url + "/chat/completions", json=body, headers=headers) as r,
+    ):
+        assert r.status_code == 200
+        size, tail = 0, b""
+        for chunk in r.iter_raw():
+            size += len(chunk)
+            tail = (tail + chunk)[-200:]
+    assert size > 24 * 1024 * 1024 and tail.endswith(b"data: [DONE]\n\n")
+    assert http.get(srv.root_url + "/health").status_code == 200
+
+
+def test_a_non_streamed_answer_that_drips_ends_at_the_attempt_timeout(http: httpx.Client) -> None:
+    """A JSON answer sent one byte every 50 ms (~15 s in all) came back whole, as slowly: the timeout bounded each
+    chunk, not the answer, so an upstream that drips held the request (and its slot) for as long as it liked. Now
+    the answer must be whole within --attempt-timeout (3 s here), as a batch line's."""
+    body = {"model": "fake-model", "messages": MESSAGES, "x_fake": {"drip": 0.05}}
+    envelope(http.post("/chat/completions", json=body), 504, "request_timeout")
+
+
 # -- the client goes away --------------------------------------------------------------------------------------
 
 

@@ -141,6 +141,19 @@ async def _sse_hold(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
     return True
 
 
+async def _sse_one_huge_event(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    """One event of 24 MiB (no blank line until its end) in 1 KiB chunks, then a small one."""
+    w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+    w.write(_chunk(b'data: {"x":"'))
+    piece = _chunk(b"x" * 1024)
+    for _ in range(24 * 1024):
+        w.write(piece)
+        if w.transport.get_write_buffer_size() > 1 << 20:
+            await w.drain()
+    w.write(_chunk(b'"}\n\n') + _chunk(EVENT) + _chunk(DONE) + b"0\r\n\r\n")
+    return True
+
+
 async def _reset_at_once(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
     _reset(w)
     return False
@@ -159,6 +172,7 @@ SCRIPTS: dict[str, Script] = {
     "sse_reset": _sse_reset,
     "sse_hold": _sse_hold,
     "reset_at_once": _reset_at_once,
+    "sse_one_huge_event": _sse_one_huge_event,
 }
 
 

@@ -11,8 +11,9 @@ upstream call is held in `Services.online.hold(member)` for its whole duration (
 batch lines yield to it.
 
 No answer from the upstream: a connection failure is tried once more on another member of the group when there is
-one (ejected members come last, as for batch lines); then 502 `upstream_connect`, 504 `request_timeout` (no head,
-or no chunk, within the member's timeout or `--attempt-timeout`), 502 `upstream_too_large`. An answer that is not
+one (ejected members come last, as for batch lines); then 502 `upstream_connect`, 504 `request_timeout` (no head
+within the member's timeout or `--attempt-timeout`, no whole answer within it unless relayed, no chunk of a relayed
+stream within it of the one before), 502 `upstream_too_large`. An answer that is not
 one: 502 `upstream_bad_status` (a 1xx, or a status HTTP has not); an error status whose body is no OpenAI error
 object (an HTML page) keeps its status, its body becomes one (`upstream_error`). A stream that breaks off after
 its head, or ends in the middle of an event, ends with an `error` event (the openai SDK raises it); half an event
@@ -222,7 +223,7 @@ class FrontDoor:
             headers["cache-control"] = "no-cache"
             return _Relay(up, call, endpoint, started, headers, content_type)
         try:
-            body = b"".join([chunk async for chunk in up.chunks])
+            body = await _whole(up, call.deadline)
         except UpstreamError as e:
             await up.aclose()
             await call.failed(e)
@@ -273,6 +274,7 @@ class _Call:
     def __init__(self, member: Member, stack: contextlib.AsyncExitStack, timeout: float) -> None:
         self.member = member
         self.timeout = timeout
+        self.deadline = asyncio.get_running_loop().time() + timeout  # for an answer that is not relayed
         self._stack = stack
         self._meter = metrics.upstream(member.name)
         self._sent_at = self._meter.sent()
@@ -387,6 +389,16 @@ _BLANK_LINES = (b"\n\n", b"\r\n\r\n", b"\r\r")
 def _error_event(e: UpstreamError) -> bytes:
     err = _api_error(e)
     return b"event: error\ndata: " + orjson.dumps(err.to_dict()) + b"\n\n"
+
+
+async def _whole(up: UpstreamStream, deadline: float) -> bytes:
+    """An answer that is not relayed, read whole by `deadline` (the loop's clock): the call's timeout bounds the
+    whole answer, as a batch line's, not each chunk (an upstream that drips would hold the request for ever)."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return b"".join([chunk async for chunk in up.chunks])
+    except TimeoutError:
+        raise UpstreamError("timeout", "upstream did not send its whole answer in time") from None
 
 
 def _is_error_object(body: bytes) -> bool:
