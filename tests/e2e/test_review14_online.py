@@ -143,6 +143,20 @@ def test_an_upstream_error_that_is_not_an_openai_error_object_is_wrapped_in_one(
     assert r.status_code == 503 and r.json()["error"]["code"] == "busy" and r.headers["retry-after"] == "2"
 
 
+def test_the_upstreams_refusal_of_batchyards_key_is_no_401_for_the_client(
+    http: httpx.Client, oai: openai.OpenAI
+) -> None:
+    """An upstream's 401 (batchyard's --upstream-api-key is wrong or revoked) reached the client as 401
+    `invalid_api_key` "Incorrect API key provided: sk-upstr***-key.": the SDK raised AuthenticationError for a key
+    that is fine, and the message named part of batchyard's own key. It is the operator's fault: a 502."""
+    r = http.post("/chat/completions", json={"model": "raw", "script": "auth_401", "messages": MESSAGES})
+    err = envelope(r, 502, "upstream_auth")
+    assert "sk-upstr" not in r.text and "www-authenticate" not in r.headers
+    with pytest.raises(openai.InternalServerError) as info:
+        oai.chat.completions.create(model="raw", messages=MESSAGES, extra_body={"script": "auth_401"})
+    assert info.value.code == "upstream_auth" and err["type"] == "server_error"
+
+
 # -- broken event streams -------------------------------------------------------------------------------------
 
 

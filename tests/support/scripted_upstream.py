@@ -97,6 +97,18 @@ async def _text_400(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
     return True
 
 
+async def _auth_401(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    """OpenAI's answer to a wrong key, naming part of it: here, batchyard's key for this upstream."""
+    body = (
+        b'{"error":{"message":"Incorrect API key provided: sk-upstr***-key.","type":"invalid_request_error",'
+        b'"param":null,"code":"invalid_api_key"}}'
+    )
+    w.write(
+        _answer(b"401 Unauthorized", [b"content-type: application/json", b"www-authenticate: Bearer"], body)
+    )
+    return True
+
+
 async def _json_503(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
     body = b'{"error":{"message":"overloaded","type":"server_error","param":null,"code":"busy"}}'
     w.write(_answer(b"503 Service Unavailable", [b"content-type: application/json", b"retry-after: 2"], body))
@@ -167,6 +179,7 @@ SCRIPTS: dict[str, Script] = {
     "html_500": _html_500,
     "text_400": _text_400,
     "json_503": _json_503,
+    "auth_401": _auth_401,
     "sse_eof_mid_event": _sse_eof_mid_event,
     "sse_eof_whole": _sse_eof_whole,
     "sse_reset": _sse_reset,

@@ -14,7 +14,8 @@ No answer from the upstream: a connection failure is tried once more on another 
 one (ejected members come last, as for batch lines); then 502 `upstream_connect`, 504 `request_timeout` (no head
 within the member's timeout or `--attempt-timeout`, no whole answer within it unless relayed, no chunk of a relayed
 stream within it of the one before), 502 `upstream_too_large`. An answer that is not
-one: 502 `upstream_bad_status` (a 1xx, or a status HTTP has not); an error status whose body is no OpenAI error
+one: 502 `upstream_bad_status` (a 1xx, or a status HTTP has not); 502 `upstream_auth` for its 401 or 407 (it
+refused batchyard's key, not the client's: the SDK must not take it for its own); an error status whose body is no OpenAI error
 object (an HTML page) keeps its status, its body becomes one (`upstream_error`). A stream that breaks off after
 its head, or ends in the middle of an event, ends with an `error` event (the openai SDK raises it); half an event
 is never passed on.
@@ -235,6 +236,12 @@ class FrontDoor:
         await up.aclose()
         if up.status >= 400:
             failure_log.answered(member, UpstreamResponse(up.status, up.headers, body, None))
+            if up.status in (401, 407):  # batchyard's key for it, not the client's: the operator's to fix
+                await call.finish(str(up.status), _healthy(up.status))
+                raise BadGateway(
+                    f"The upstream serving this model refused batchyard's credentials for it (HTTP {up.status}).",
+                    code="upstream_auth",
+                )
             if not _is_error_object(body):  # an HTML page, a plain text: every error is OpenAI-shaped
                 body, content_type = _wrapped_error(up.status, content_type, body), "application/json"
         await call.finish(str(up.status), _healthy(up.status))
