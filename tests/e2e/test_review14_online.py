@@ -198,18 +198,20 @@ def test_a_stream_reset_after_its_head_ends_with_an_error_event(oai: openai.Open
     assert info.value.code == "upstream_connect"
 
 
+@pytest.mark.parametrize(("script", "stream"), [("sse_hold", "true"), ("sse_hold_odd_case", True)])
 def test_an_event_stream_is_relayed_as_it_comes_whatever_stream_says(
-    srv: Server, key: str, raw: ScriptedUpstream
+    srv: Server, key: str, raw: ScriptedUpstream, script: str, stream: object
 ) -> None:
     """`"stream": "true"` (a string: vLLM and others coerce it) was answered with an event stream that batchyard
-    held until the upstream's end, then sent whole: the client saw nothing while it was generated."""
-    body = {"model": "raw", "script": "sse_hold", "stream": "true", "messages": MESSAGES}
+    held until the upstream's end, then sent whole: the client saw nothing while it was generated (now a 504, as
+    a non-stream answer has an overall deadline). So was `Text/Event-Stream` (media types ignore case)."""
+    body = {"model": "raw", "script": script, "stream": stream, "messages": MESSAGES}
     headers = {"Authorization": f"Bearer {key}"}
     with (
         httpx.Client(timeout=30) as c,
         c.stream("POST", srv.base_url + "/chat/completions", json=body, headers=headers) as r,
     ):
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.status_code == 200 and r.headers["content-type"].lower().startswith("text/event-stream")
         chunks = r.iter_raw()
         first = next(chunks)  # the upstream holds the rest until released
         assert first.startswith(b"data: ")

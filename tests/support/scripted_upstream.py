@@ -8,7 +8,8 @@ framed by the connection's close and cut mid-event, a reset after the head. Each
     with ScriptedUpstream() as up:
         ... --upstream raw={up.base_url} ...   # then POST {"model": "raw", "script": "html_500"}
 
-`script` names one of SCRIPTS below (`ok` when absent). `sse_hold` sends one event, then waits until `release()`.
+`script` names one of SCRIPTS below (`ok` when absent). `sse_hold` sends one event, then waits until `release()`
+(one release per held stream).
 """
 
 from __future__ import annotations
@@ -140,17 +141,25 @@ async def _sse_reset(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
     return False
 
 
-async def _sse_hold(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+async def _sse_hold(
+    up: ScriptedUpstream, w: asyncio.StreamWriter, content_type: bytes = b"text/event-stream"
+) -> bool:
     """One event, then nothing until `release()` (10 s at most), then the rest."""
-    w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+    w.write(b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n\r\n" % content_type)
     w.write(_chunk(EVENT))
     await w.drain()
     released = up._released
     assert released is not None
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(released.wait(), 10)
+    released.clear()  # the next one waits for its own release
     w.write(_chunk(DONE) + b"0\r\n\r\n")
     return True
+
+
+async def _sse_hold_odd_case(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    """The same, its media type written in another case (media types compare without case)."""
+    return await _sse_hold(up, w, b"Text/Event-Stream; charset=UTF-8")
 
 
 async def _sse_one_huge_event(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
@@ -184,6 +193,7 @@ SCRIPTS: dict[str, Script] = {
     "sse_eof_whole": _sse_eof_whole,
     "sse_reset": _sse_reset,
     "sse_hold": _sse_hold,
+    "sse_hold_odd_case": _sse_hold_odd_case,
     "reset_at_once": _reset_at_once,
     "sse_one_huge_event": _sse_one_huge_event,
 }
@@ -246,6 +256,10 @@ class ScriptedUpstream:
         self._loop.run_forever()
         assert self._server is not None
         self._server.close()
+        left = asyncio.all_tasks(self._loop)  # connections still being answered (a test that failed mid-way)
+        for task in left:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
         self._loop.close()
 
     async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:

@@ -207,9 +207,7 @@ class FrontDoor:
         except BaseException:
             await call.finish(None, True)
             raise
-        if (
-            not 200 <= up.status <= 599
-        ):  # a 1xx as the answer (101), or a number HTTP has not: nothing to pass on
+        if not 200 <= up.status <= 599:  # a 1xx as the answer (101), or a number HTTP has not
             await up.aclose()
             await call.finish(str(up.status), False)
             raise BadGateway(
@@ -220,7 +218,7 @@ class FrontDoor:
         content_type = _header(up.headers.get("content-type")) or "application/json"
         headers = {k: v for k in PASSED_HEADERS if (v := _header(up.headers.get(k))) is not None}
         # an event stream is relayed whatever the request's `stream` said (`"true"`, which engines coerce)
-        if 200 <= up.status < 300 and content_type.startswith("text/event-stream"):
+        if 200 <= up.status < 300 and content_type.lower().startswith("text/event-stream"):
             headers["cache-control"] = "no-cache"
             return _Relay(up, call, endpoint, started, headers, content_type)
         try:
