@@ -248,6 +248,26 @@ def test_a_non_streamed_answer_that_drips_ends_at_the_attempt_timeout(http: http
     envelope(http.post("/chat/completions", json=body), 504, "request_timeout")
 
 
+def test_a_stream_that_never_ends_ends_at_the_attempt_timeout(srv: Server, key: str) -> None:
+    """An upstream that sends a keep-alive comment every 10 ms for ever held the stream (and the project's slot,
+    and the upstream's) until the client left: the timeout bounded each chunk only. The whole stream must end
+    within --attempt-timeout (3 s here: ~300 keep-alives), with a `request_timeout` error event."""
+    body = {"model": "raw", "script": "sse_never_ends", "stream": True, "messages": MESSAGES}
+    headers = {"Authorization": f"Bearer {key}"}
+    seen, tail = 0, b""
+    with (
+        httpx.Client(timeout=30) as c,
+        c.stream("POST", srv.base_url + "/chat/completions", json=body, headers=headers) as r,
+    ):
+        for chunk in r.iter_raw():
+            tail = (tail + chunk)[-1000:]
+            seen += chunk.count(b": keep-alive")
+            if seen > 2000:  # 20 s of them: it would never have ended
+                break
+    assert seen < 2000 and b"event: error" in tail
+    assert json.loads(tail.rsplit(b"data: ", 1)[1])["error"]["code"] == "request_timeout"
+
+
 # -- the client goes away --------------------------------------------------------------------------------------
 
 

@@ -175,6 +175,16 @@ async def _sse_one_huge_event(up: ScriptedUpstream, w: asyncio.StreamWriter) -> 
     return True
 
 
+async def _sse_never_ends(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    """One event, then a keep-alive comment every 10 ms, for ever."""
+    w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+    w.write(_chunk(EVENT))
+    while True:
+        w.write(_chunk(b": keep-alive\n\n"))
+        await w.drain()
+        await asyncio.sleep(0.01)
+
+
 async def _reset_at_once(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
     _reset(w)
     return False
@@ -196,6 +206,7 @@ SCRIPTS: dict[str, Script] = {
     "sse_hold_odd_case": _sse_hold_odd_case,
     "reset_at_once": _reset_at_once,
     "sse_one_huge_event": _sse_one_huge_event,
+    "sse_never_ends": _sse_never_ends,
 }
 
 

@@ -11,9 +11,9 @@ upstream call is held in `Services.online.hold(member)` for its whole duration (
 batch lines yield to it.
 
 No answer from the upstream: a connection failure is tried once more on another member of the group when there is
-one (ejected members come last, as for batch lines); then 502 `upstream_connect`, 504 `request_timeout` (no head
-within the member's timeout or `--attempt-timeout`, no whole answer within it unless relayed, no chunk of a relayed
-stream within it of the one before), 502 `upstream_too_large`. An answer that is not
+one (ejected members come last, as for batch lines); then 502 `upstream_connect`, 504 `request_timeout` (no head,
+or no whole answer, within the member's timeout or `--attempt-timeout`: a stream's too, and no chunk of a stream
+within it of the one before), 502 `upstream_too_large`. An answer that is not
 one: 502 `upstream_bad_status` (a 1xx, or a status HTTP has not); 502 `upstream_auth` for its 401 or 407 (it
 refused batchyard's key, not the client's: the SDK must not take it for its own); an error status whose body is no OpenAI error
 object (an HTML page) keeps its status, its body becomes one (`upstream_error`). A stream that breaks off after
@@ -279,7 +279,7 @@ class _Call:
     def __init__(self, member: Member, stack: contextlib.AsyncExitStack, timeout: float) -> None:
         self.member = member
         self.timeout = timeout
-        self.deadline = asyncio.get_running_loop().time() + timeout  # for an answer that is not relayed
+        self.deadline = asyncio.get_running_loop().time() + timeout  # the whole answer's, a stream's too
         self._stack = stack
         self._meter = metrics.upstream(member.name)
         self._sent_at = self._meter.sent()
@@ -362,18 +362,24 @@ class _Relay(StreamingResponse):
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         first, pending = True, b""  # pending: the start of an event not ended yet
         try:
-            async for chunk in self._up.chunks:
-                data = pending + chunk if pending else chunk
-                cut = _events_end(data)
-                pending = data[cut:]
-                if not cut:
-                    continue
-                if first:
-                    metrics.online_first_byte(self._endpoint, time.perf_counter() - self._started)
-                    first = False
-                await send({"type": "http.response.body", "body": data[:cut], "more_body": True})
+            async with asyncio.timeout_at(self._call.deadline):  # the whole stream, as a batch line's answer
+                async for chunk in self._up.chunks:
+                    data = pending + chunk if pending else chunk
+                    cut = _events_end(data)
+                    pending = data[cut:]
+                    if not cut:
+                        continue
+                    if first:
+                        metrics.online_first_byte(self._endpoint, time.perf_counter() - self._started)
+                        first = False
+                    await send({"type": "http.response.body", "body": data[:cut], "more_body": True})
             if pending.strip(b"\r\n"):  # the connection's end framed the stream, in the middle of an event
                 raise UpstreamError("connect", "upstream stream ended in the middle of an event")
+        except TimeoutError:
+            e = UpstreamError("timeout", f"upstream stream did not end within {self._call.timeout:g}s")
+            failure_log.failed(self._call.member, e)
+            await send({"type": "http.response.body", "body": _error_event(e), "more_body": False})
+            return metrics.upstream_error_status(e.kind), None
         except UpstreamError as e:
             failure_log.failed(self._call.member, e)
             await send({"type": "http.response.body", "body": _error_event(e), "more_body": False})
