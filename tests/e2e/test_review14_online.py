@@ -187,6 +187,20 @@ def test_a_stream_that_ends_whole_with_crlf_line_ends_gets_no_error_event(http: 
     assert r.content.endswith(b"data: [DONE]\r\n\r\n")
 
 
+def test_a_stream_whose_last_event_lacks_its_blank_line_ends_cleanly(
+    http: httpx.Client, oai: openai.OpenAI
+) -> None:
+    """`data: [DONE]\n` then the connection's end: its lines are whole, so it is no cut (the SDK sees [DONE])."""
+    body = {"model": "raw", "script": "sse_eof_no_blank_line", "stream": True, "messages": MESSAGES}
+    r = http.post("/chat/completions", json=body)
+    assert r.status_code == 200 and b"event: error" not in r.content
+    assert r.content.endswith(b"data: [DONE]\n\n")
+    stream = oai.chat.completions.create(
+        model="raw", messages=MESSAGES, stream=True, extra_body={"script": "sse_eof_no_blank_line"}
+    )
+    assert [c.choices[0].delta.content for c in stream] == ["hi"]
+
+
 def test_a_stream_reset_after_its_head_ends_with_an_error_event(oai: openai.OpenAI) -> None:
     stream = oai.chat.completions.create(
         model="raw", messages=MESSAGES, stream=True, extra_body={"script": "sse_reset"}

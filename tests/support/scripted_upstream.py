@@ -132,6 +132,14 @@ async def _sse_eof_whole(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
     return False
 
 
+async def _sse_eof_no_blank_line(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    """Framed by the connection's end, whole, but its last event (`data: [DONE]`) lacks the blank line after it."""
+    w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+    w.write(EVENT + b"data: [DONE]\n")
+    await w.drain()
+    return False
+
+
 async def _sse_reset(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
     w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
     w.write(_chunk(EVENT))
@@ -201,6 +209,7 @@ SCRIPTS: dict[str, Script] = {
     "auth_401": _auth_401,
     "sse_eof_mid_event": _sse_eof_mid_event,
     "sse_eof_whole": _sse_eof_whole,
+    "sse_eof_no_blank_line": _sse_eof_no_blank_line,
     "sse_reset": _sse_reset,
     "sse_hold": _sse_hold,
     "sse_hold_odd_case": _sse_hold_odd_case,

@@ -373,8 +373,11 @@ class _Relay(StreamingResponse):
                         metrics.online_first_byte(self._endpoint, time.perf_counter() - self._started)
                         first = False
                     await send({"type": "http.response.body", "body": data[:cut], "more_body": True})
-            if pending.strip(b"\r\n"):  # the connection's end framed the stream, in the middle of an event
-                raise UpstreamError("connect", "upstream stream ended in the middle of an event")
+            if pending.strip(b"\r\n"):  # the stream ended without the blank line after its last event
+                if not pending.endswith((b"\n", b"\r")):  # in the middle of a line: cut short
+                    raise UpstreamError("connect", "upstream stream ended in the middle of an event")
+                # its lines are whole (`data: [DONE]\n`, as some engines end): the blank line makes it an event
+                await send({"type": "http.response.body", "body": pending + pending[-1:], "more_body": True})
         except TimeoutError:
             e = UpstreamError("timeout", f"upstream stream did not end within {self._call.timeout:g}s")
             failure_log.failed(self._call.member, e)
