@@ -22,6 +22,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from batchyard.upstreams.online import Board
 from tests.conftest import Server
 from tests.e2e.test_online import envelope, new_key
 from tests.support.fake_upstream import FakeUpstream
@@ -298,10 +299,12 @@ def test_a_client_that_leaves_while_sending_its_body_is_a_499_not_a_500(srv: Ser
 
 
 def test_streams_the_client_left_are_counted_and_give_their_slots_back(
-    srv: Server, key: str, fake: FakeUpstream, http: httpx.Client
+    srv: Server, key: str, fake: FakeUpstream, http: httpx.Client, data: Path
 ) -> None:
     """200 streams cut by their client (FIN or RST) at the project's concurrency limit of 2: every one is counted
-    (499: it was not, before), every upstream request is cancelled, and a new request still goes through."""
+    (499: it was not, before), every upstream request is cancelled, its count on the online board (which batch lines
+    yield to) goes back to 0, and a new request still goes through."""
+    board = Board(data / "online-board")
     gone = online_count(srv, "499")
     fake.reset()
     body = json.dumps(
@@ -324,10 +327,14 @@ def test_streams_the_client_left_are_counted_and_give_their_slots_back(
             ):
                 assert r.status_code == 200, r.read()
                 next(r.iter_raw())
+                if i == 0:  # while it is open, the board counts it
+                    assert sum(board.counts()) == 1
         assert wait_for(lambda: fake.stats()["streams_open"] == 0)  # else the next one would meet the limit
     assert wait_for(lambda: fake.stats()["streams_cancelled"] >= 200)
     assert fake.stats()["streams_done"] == 0
     assert wait_for(lambda: online_count(srv, "499") >= gone + 200)
+    assert sum(board.counts()) == 0
+    board.close()
     ok = http.post("/chat/completions", json={"model": "fake-model", "messages": MESSAGES})
     assert ok.status_code == 200
 
