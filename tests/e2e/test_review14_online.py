@@ -139,6 +139,15 @@ def test_an_upstream_error_that_is_not_an_openai_error_object_is_wrapped_in_one(
     with pytest.raises(openai.BadRequestError) as info:
         oai.chat.completions.create(model="raw", messages=MESSAGES, extra_body={"script": "text_400"})
     assert info.value.code == "upstream_error"
+    # other engines' error shapes keep their words
+    r = http.post("/chat/completions", json={"model": "raw", "script": "vllm_400", "messages": MESSAGES})
+    err = envelope(r, 400, "upstream_error")
+    assert (
+        err["message"]
+        == "The upstream serving this model answered 400: This model's maximum context length is 4096 tokens."
+    )
+    r = http.post("/chat/completions", json={"model": "raw", "script": "tgi_422", "messages": MESSAGES})
+    assert "must have less than 1024 tokens" in envelope(r, 422, "upstream_error")["message"]
     # an error object of the upstream's own is passed on as it was, byte for byte
     r = http.post("/chat/completions", json={"model": "raw", "script": "json_503", "messages": MESSAGES})
     assert r.status_code == 503 and r.json()["error"]["code"] == "busy" and r.headers["retry-after"] == "2"

@@ -110,6 +110,23 @@ async def _auth_401(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
     return True
 
 
+async def _vllm_400(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    """Older vLLM's error: OpenAI's fields at the top level, not in an `error` object."""
+    body = (
+        b'{"object":"error","message":"This model\'s maximum context length is 4096 tokens.",'
+        b'"type":"BadRequestError","param":null,"code":400}'
+    )
+    w.write(_answer(b"400 Bad Request", [b"content-type: application/json"], body))
+    return True
+
+
+async def _tgi_422(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    """TGI's (and Ollama's) error: a string in `error`."""
+    body = b'{"error":"Input validation error: `inputs` must have less than 1024 tokens","error_type":"validation"}'
+    w.write(_answer(b"422 Unprocessable Entity", [b"content-type: application/json"], body))
+    return True
+
+
 async def _json_503(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
     body = b'{"error":{"message":"overloaded","type":"server_error","param":null,"code":"busy"}}'
     w.write(_answer(b"503 Service Unavailable", [b"content-type: application/json", b"retry-after: 2"], body))
@@ -206,6 +223,8 @@ SCRIPTS: dict[str, Script] = {
     "html_500": _html_500,
     "text_400": _text_400,
     "json_503": _json_503,
+    "vllm_400": _vllm_400,
+    "tgi_422": _tgi_422,
     "auth_401": _auth_401,
     "sse_eof_mid_event": _sse_eof_mid_event,
     "sse_eof_whole": _sse_eof_whole,

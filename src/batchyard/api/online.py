@@ -425,14 +425,33 @@ def _is_error_object(body: bytes) -> bool:
 
 
 def _wrapped_error(status: int, content_type: str, body: bytes) -> bytes:
-    """An upstream's error answer that is no OpenAI error object, as one (its status is kept)."""
+    """An upstream's error answer that is no OpenAI error object, as one (its status is kept), with the upstream's
+    own words when it has some (vLLM's `{"object": "error", "message": ...}`, TGI's and Ollama's `{"error": "..."}`,
+    FastAPI's `{"detail": "..."}`)."""
+    words = _upstream_words(body)
     kind = content_type.split(";")[0].strip()[:100] or "no content type"
-    err = (BadGateway if status >= 500 else InvalidRequest)(
-        f"The upstream serving this model answered {status} without an OpenAI error object ({kind}, "
-        f"{len(body)} bytes).",
-        code="upstream_error",
+    message = (
+        f"The upstream serving this model answered {status}: {shown(words, 2000)}"
+        if words
+        else f"The upstream serving this model answered {status} without an OpenAI error object ({kind}, "
+        f"{len(body)} bytes)."
     )
+    err = (BadGateway if status >= 500 else InvalidRequest)(message, code="upstream_error")
     return orjson.dumps(err.to_dict())
+
+
+def _upstream_words(body: bytes) -> str | None:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    for name in ("message", "error", "detail"):
+        value = parsed.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return None
 
 
 def _header(value: str | None) -> str | None:
