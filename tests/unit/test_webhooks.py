@@ -398,3 +398,21 @@ async def test_a_url_the_client_cannot_send_to_fails_alone(store: MemoryStore) -
     found = await store.get_webhook_event("k", ev.id)
     assert found is not None and ev.status == "pending"
     assert sorted(str(a.error) for a in found[1]) == ["None", "cannot send to this URL: UnicodeError"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="execution/webhooks.py (the lead's) builds URL(e.url) outside the try in _targets: a stored URL that yarl "
+    "refuses (a backslash, one added before review 14's url_problem refused it) raises out of the delivery "
+    "(the loop backs off for every project, the event never settles); it should fail that target alone",
+)
+async def test_a_stored_url_the_client_cannot_even_parse_fails_alone(store: MemoryStore) -> None:
+    async with Receiver() as rx:
+        await store.insert_webhook_endpoint(
+            endpoint_of("k", "http://evil.net\\@hooks.example.com/", new_secret())
+        )
+        await store.insert_webhook_endpoint(endpoint_of("k", rx.url + "/hook", new_secret()))
+        await failed_batch(store)
+        async with WebhookSender([], "").open() as sender:
+            assert await sender.deliver(store, "w1") == 1
+    assert [p for p, _, _ in rx.posts] == ["/hook"]
