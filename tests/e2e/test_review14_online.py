@@ -308,12 +308,23 @@ def test_a_client_that_leaves_while_sending_its_body_is_a_499_not_a_500(srv: Ser
 
 
 def test_streams_the_client_left_are_counted_and_give_their_slots_back(
-    srv: Server, key: str, fake: FakeUpstream, http: httpx.Client, data: Path
+    srv: Server, key: str, fake: FakeUpstream, raw: ScriptedUpstream, http: httpx.Client, data: Path
 ) -> None:
     """200 streams cut by their client (FIN or RST) at the project's concurrency limit of 2: every one is counted
     (499: it was not, before), every upstream request is cancelled, its count on the online board (which batch lines
     yield to) goes back to 0, and a new request still goes through."""
     board = Board(data / "online-board")
+    held = {"model": "raw", "script": "sse_hold", "stream": True, "messages": MESSAGES}
+    with (
+        httpx.Client(timeout=30) as c,
+        c.stream(
+            "POST", srv.base_url + "/chat/completions", json=held, headers={"Authorization": f"Bearer {key}"}
+        ) as r,
+    ):
+        next(r.iter_raw())
+        assert sum(board.counts()) == 1  # an open stream is on the board
+        raw.release()
+    assert wait_for(lambda: sum(board.counts()) == 0)
     gone = online_count(srv, "499")
     fake.reset()
     body = json.dumps(
@@ -336,8 +347,6 @@ def test_streams_the_client_left_are_counted_and_give_their_slots_back(
             ):
                 assert r.status_code == 200, r.read()
                 next(r.iter_raw())
-                if i == 0:  # while it is open, the board counts it
-                    assert sum(board.counts()) == 1
         assert wait_for(lambda: fake.stats()["streams_open"] == 0)  # else the next one would meet the limit
     assert wait_for(lambda: fake.stats()["streams_cancelled"] >= 200)
     assert fake.stats()["streams_done"] == 0
