@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -752,15 +753,27 @@ async def test_claim_shard_gives_each_pending_shard_once(store: MetadataStore) -
         assert c.db_now == T0
 
 
+@contextlib.asynccontextmanager
+async def several_stores(
+    make_store: StoreFactory, clock: Clock, n: int
+) -> AsyncIterator[list[MetadataStore]]:
+    """`n` stores on one database, each with its own connections, as worker processes have."""
+    stores = [make_store(clock) for _ in range(n)]
+    for s in stores:
+        await s.open()
+    try:
+        yield stores
+    finally:
+        for s in stores:
+            await s.close()
+
+
 async def test_concurrent_claims_never_share_a_shard(
     backend: str, make_store: StoreFactory, clock: Clock
 ) -> None:
     needs_a_database(backend, "several stores sharing one database; each MemoryStore has its own state")
     # Six stores, each with its own connections as worker processes have, claim from one batch at once.
-    stores = [make_store(clock) for _ in range(6)]
-    for s in stores:
-        await s.open()
-    try:
+    async with several_stores(make_store, clock, 6) as stores:
         await planned_batch(stores[0], shards=24)
 
         async def drain(s: MetadataStore, worker: str) -> list[tuple[int, int]]:
@@ -771,9 +784,6 @@ async def test_concurrent_claims_never_share_a_shard(
 
         per_worker = await asyncio.gather(*(drain(s, f"w{i}") for i, s in enumerate(stores)))
         assert sorted(x for got in per_worker for x in got) == [(i, 1) for i in range(24)]
-    finally:
-        for s in stores:
-            await s.close()
 
 
 async def test_a_shard_planned_from_spans_is_claimed_with_its_spans(store: MetadataStore) -> None:
@@ -1568,10 +1578,7 @@ async def test_batches_planned_at_once_are_admitted_in_turn(
     backend: str, make_store: StoreFactory, clock: Clock
 ) -> None:
     needs_a_database(backend, "several stores sharing one database; each MemoryStore has its own state")
-    stores = [make_store(clock) for _ in range(6)]
-    for s in stores:
-        await s.open()
-    try:
+    async with several_stores(make_store, clock, 6) as stores:
         batches = []
         for i, s in enumerate(stores):
             f, b = await new_batch(s)
@@ -1595,9 +1602,6 @@ async def test_batches_planned_at_once_are_admitted_in_turn(
         assert sorted(got) == [False] * 4 + [True] * 2
         planned = [n for (*_, n), ok in zip(batches, got, strict=True) if ok]
         assert await stores[0].enqueued_input_bytes(ALICE, "test-model") == sum(planned)
-    finally:
-        for s in stores:
-            await s.close()
 
 
 # -- idempotency keys -----------------------------------------------------------------------------------------
@@ -1642,10 +1646,7 @@ async def test_racing_claims_of_one_key_have_one_winner(
     backend: str, make_store: StoreFactory, clock: Clock
 ) -> None:
     needs_a_database(backend, "several stores sharing one database; each MemoryStore has its own state")
-    stores = [make_store(clock) for _ in range(6)]
-    for s in stores:
-        await s.open()
-    try:
+    async with several_stores(make_store, clock, 6) as stores:
         live = int(T0) - TTL_S
         got = await asyncio.gather(
             *(s.claim_idempotency_key(idem(f"batch_{i}"), live) for i, s in enumerate(stores))
@@ -1654,9 +1655,6 @@ async def test_racing_claims_of_one_key_have_one_winner(
         winner = got[0].object_id
         assert sum(1 for i, g in enumerate(got) if g.object_id == f"batch_{i}") == 1
         assert winner.startswith("batch_")
-    finally:
-        for s in stores:
-            await s.close()
 
 
 # -- deleting an ended batch ----------------------------------------------------------------------------------
