@@ -70,6 +70,7 @@ class _Attempt:
         self.hard_stop = False
         self.lost = False
         self.lanes = 0  # live lanes
+        self.spawn: Callable[[], None] | None = None  # adds a lane (set while its lines execute)
         self.executing: set[asyncio.Task[Any]] = set()  # lanes inside an upstream call
         self.untaken = 0  # lines no lane has taken yet
         self.unrecorded = 0  # lines without an output or error line yet
@@ -190,7 +191,7 @@ class ShardRunner:
         self.active += 1
         self._held[claim.owner] += 1
         self._claims.append(claim)
-        self._shares_epoch += 1
+        self._shares_changed()
         try:
             if claim.shard.failures >= QUARANTINE_AFTER:
                 result = await self._quarantine(claim)
@@ -222,7 +223,7 @@ class ShardRunner:
         finally:
             self.active -= 1
             self._claims.remove(claim)
-            self._shares_epoch += 1
+            self._shares_changed()
             self._held[claim.owner] -= 1
             if not self._held[claim.owner]:
                 del self._held[claim.owner]
@@ -341,8 +342,20 @@ class ShardRunner:
             raise
 
     def claimed_nothing(self) -> None:
-        """A claim found no shard: lanes that left room for it may grow into it."""
+        """A claim found no shard: the shards that left a lane for it take it now."""
+        self._shares_changed()
+
+    def _shares_changed(self) -> None:
+        """A shard was claimed, started or ended here, or a claim found nothing: each lane over its new share
+        retires after its line (`_lane`), and each shard under its share gets its lanes now (waiting for a line
+        to finish would leave them idle for as long as the engine takes to answer one)."""
         self._shares_epoch += 1
+        for a in self._executing:
+            if a.spawn is None or a.lost:
+                continue
+            fair = self._fair_lanes(a)
+            while a.lanes < fair and a.untaken > a.lanes:
+                a.spawn()
 
     def _fair_lanes(self, att: _Attempt, starting: bool = False) -> int:
         """Lanes for one shard: its share of the upstreams' concurrency among the shards running here, by owner
@@ -418,15 +431,17 @@ class ShardRunner:
             task.add_done_callback(lanes.discard)
 
         self._executing.append(att)
-        self._shares_epoch += 1
+        self._shares_epoch += 1  # the others' lanes over their share retire after their line
         beat = asyncio.create_task(self._heartbeat(att, lanes), name="shard-heartbeat")
         try:
             for _ in range(max(1, min(self._fair_lanes(att, starting=True), att.untaken))):
                 spawn()
+            att.spawn = spawn
             await finished.wait()
         finally:
+            att.spawn = None
             self._executing.remove(att)  # the ranks after it close up
-            self._shares_epoch += 1
+            self._shares_changed()
             for t in list(lanes):
                 t.cancel()
             if lanes:
