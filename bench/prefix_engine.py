@@ -283,7 +283,7 @@ def main() -> None:
         work = Path(tmp)
         shared = work / "shared.jsonl"
         make_file(shared, args.lines, args.groups, args.prompt_words)
-        for cache in args.cache.split(","):
+        for cache in args.cache.split(",") if args.lines else []:  # --lines 0: the random file alone
             runs = []
             if "direct" in which:
                 runs.append(direct(model, cache, shared))
@@ -301,7 +301,10 @@ def main() -> None:
         if args.random:
             rand = work / "random.jsonl"
             make_file(rand, args.random, args.random, args.prompt_words // 3)
-            runs = [direct(model, "on", rand), through_batchyard(model, "on", rand, True, work, sl)]
+            runs = [direct(model, "on", rand)]
+            if args.baseline_src:
+                runs.append(through_batchyard(model, "on", rand, True, work, sl, args.baseline_src))
+            runs.append(through_batchyard(model, "on", rand, True, work, sl))
             show(f"{args.random} lines, no shared prefix, RAM prompt cache on", runs)
 
 

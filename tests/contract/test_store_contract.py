@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from batchyard.domain.planning import ShardPlan, Span
 from batchyard.domain.states import VALIDATABLE, BatchStatus, IllegalTransition, ShardStatus, UploadStatus
 from batchyard.domain.tenancy import ProjectRecord
 from batchyard.errors import StoreError
-from batchyard.store.base import BatchJob, MetadataStore
+from batchyard.store.base import BatchJob, MetadataStore, OverEnqueued
 from batchyard.store.sqlite import SQLiteStore, migrations
 from tests.contract.conftest import BACKENDS, T0, Clock, StoreFactory
 
@@ -752,15 +753,27 @@ async def test_claim_shard_gives_each_pending_shard_once(store: MetadataStore) -
         assert c.db_now == T0
 
 
+@contextlib.asynccontextmanager
+async def several_stores(
+    make_store: StoreFactory, clock: Clock, n: int
+) -> AsyncIterator[list[MetadataStore]]:
+    """`n` stores on one database, each with its own connections, as worker processes have."""
+    stores = [make_store(clock) for _ in range(n)]
+    for s in stores:
+        await s.open()
+    try:
+        yield stores
+    finally:
+        for s in stores:
+            await s.close()
+
+
 async def test_concurrent_claims_never_share_a_shard(
     backend: str, make_store: StoreFactory, clock: Clock
 ) -> None:
     needs_a_database(backend, "several stores sharing one database; each MemoryStore has its own state")
     # Six stores, each with its own connections as worker processes have, claim from one batch at once.
-    stores = [make_store(clock) for _ in range(6)]
-    for s in stores:
-        await s.open()
-    try:
+    async with several_stores(make_store, clock, 6) as stores:
         await planned_batch(stores[0], shards=24)
 
         async def drain(s: MetadataStore, worker: str) -> list[tuple[int, int]]:
@@ -771,9 +784,6 @@ async def test_concurrent_claims_never_share_a_shard(
 
         per_worker = await asyncio.gather(*(drain(s, f"w{i}") for i, s in enumerate(stores)))
         assert sorted(x for got in per_worker for x in got) == [(i, 1) for i in range(24)]
-    finally:
-        for s in stores:
-            await s.close()
 
 
 async def test_a_shard_planned_from_spans_is_claimed_with_its_spans(store: MetadataStore) -> None:
@@ -1538,6 +1548,62 @@ async def test_enqueued_input_bytes_count_an_owners_running_batches_of_one_model
     assert await store.enqueued_input_bytes(ALICE, "test-model") == sizes[two.id]
 
 
+async def test_plan_batch_admits_against_what_is_enqueued_in_its_own_transaction(
+    store: MetadataStore,
+) -> None:
+    one = await planned_batch(store, shards=1)
+    f1 = await store.get_file(None, one.input_file_id)
+    assert f1 is not None
+    _, b = await new_batch(store)
+    assert await store.claim_validation("v", LEASE) is not None
+    seen: list[int] = []
+
+    def refuse(enqueued: int) -> bool:
+        seen.append(enqueued)
+        return False
+
+    with pytest.raises(OverEnqueued) as over:
+        await store.plan_batch(b.id, "v", plans(2), 20, "test-model", admit=refuse)
+    assert seen == [f1.bytes] and over.value.enqueued == f1.bytes  # the other planned batch, not this one
+    got = await store.get_batch(ALICE, b.id)
+    assert got is not None and got.status == S.VALIDATING and not await store.done_shards(b.id)
+    assert await store.claim_shard("r", LEASE) is not None  # only the first batch's shard is there
+    assert await store.claim_shard("r", LEASE) is None
+    # no model: nothing to count, admit is not asked
+    assert await store.plan_batch(b.id, "v", plans(2), 20, None, admit=refuse)
+    assert seen == [f1.bytes]
+
+
+async def test_batches_planned_at_once_are_admitted_in_turn(
+    backend: str, make_store: StoreFactory, clock: Clock
+) -> None:
+    needs_a_database(backend, "several stores sharing one database; each MemoryStore has its own state")
+    async with several_stores(make_store, clock, 6) as stores:
+        batches = []
+        for i, s in enumerate(stores):
+            f, b = await new_batch(s)
+            job = await s.claim_validation(f"v{i}", LEASE)
+            assert job is not None and job.batch.id == b.id
+            batches.append((s, f"v{i}", b, f.bytes))
+        sizes = [n for *_, n in batches]
+        most = max(sizes)
+        assert 2 * min(sizes) > most  # so "at most one other batch enqueued" is "enqueued <= most"
+
+        async def plan(s: MetadataStore, worker: str, b: BatchRecord) -> bool:
+            try:
+                # room for two: each admitted while at most one other is enqueued, whatever the interleaving
+                return await s.plan_batch(
+                    b.id, worker, plans(1), 10, "test-model", admit=lambda enqueued: enqueued <= most
+                )
+            except OverEnqueued:
+                return False
+
+        got = await asyncio.gather(*(plan(s, w, b) for s, w, b, _ in batches))
+        assert sorted(got) == [False] * 4 + [True] * 2
+        planned = [n for (*_, n), ok in zip(batches, got, strict=True) if ok]
+        assert await stores[0].enqueued_input_bytes(ALICE, "test-model") == sum(planned)
+
+
 # -- idempotency keys -----------------------------------------------------------------------------------------
 
 
@@ -1580,10 +1646,7 @@ async def test_racing_claims_of_one_key_have_one_winner(
     backend: str, make_store: StoreFactory, clock: Clock
 ) -> None:
     needs_a_database(backend, "several stores sharing one database; each MemoryStore has its own state")
-    stores = [make_store(clock) for _ in range(6)]
-    for s in stores:
-        await s.open()
-    try:
+    async with several_stores(make_store, clock, 6) as stores:
         live = int(T0) - TTL_S
         got = await asyncio.gather(
             *(s.claim_idempotency_key(idem(f"batch_{i}"), live) for i, s in enumerate(stores))
@@ -1592,9 +1655,6 @@ async def test_racing_claims_of_one_key_have_one_winner(
         winner = got[0].object_id
         assert sum(1 for i, g in enumerate(got) if g.object_id == f"batch_{i}") == 1
         assert winner.startswith("batch_")
-    finally:
-        for s in stores:
-            await s.close()
 
 
 # -- deleting an ended batch ----------------------------------------------------------------------------------

@@ -340,6 +340,65 @@ def test_pending_uploads_and_batches_in_progress_are_capped(tmp_path: Path, upst
         assert_quota(c.post("/v1/batches", json=batch), "batches in progress")
 
 
+def test_requests_racing_past_a_cap_get_only_what_fits(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """Twenty uploads sent at once by a key that may hold 3 files: every one passes the first check before any is
+    stored (each body waits until all twenty have begun), so only what the requests in flight hold keeps the
+    cap: 3 are stored, 17 get 429. The same for ten batch creates at once under a cap of 2."""
+    caps = ["--max-files-per-key", "3", "--max-active-batches-per-key", "2"]
+    n = 20
+    boundary = "racecap"
+    started = 0
+    go = asyncio.Event()
+
+    async def body(i: int) -> Any:
+        nonlocal started
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="f{i}.jsonl"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        started += 1
+        if started == n:
+            go.set()
+        await go.wait()
+        await asyncio.sleep(0.2)  # the server has read every request's head and checked its cap by now
+        yield jsonl([chat_line(i)]) + f"\r\n--{boundary}--\r\n".encode()
+
+    async def race(base_url: str) -> tuple[list[int], list[int]]:
+        headers = {"Authorization": "Bearer sk-test"}
+        async with httpx.AsyncClient(base_url=base_url, timeout=30, headers=headers) as c:
+            files = await asyncio.gather(
+                *(
+                    c.post(
+                        "/v1/files",
+                        content=body(i),
+                        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+                    )
+                    for i in range(n)
+                )
+            )
+            ok = [r for r in files if r.status_code == 200]
+            for r in files:
+                if r.status_code != 200:
+                    assert_quota(r, "files")
+            batch = {"input_file_id": ok[0].json()["id"], "endpoint": "/v1/chat/completions",
+                     "completion_window": "24h"}  # fmt: skip
+            batches = await asyncio.gather(*(c.post("/v1/batches", json=batch) for _ in range(10)))
+            for r in batches:
+                if r.status_code != 200:
+                    assert_quota(r, "batches in progress")
+            return [r.status_code for r in files], [r.status_code for r in batches]
+
+    with serve(tmp_path / "data", *caps, upstream=upstream) as s:
+        files, batches = asyncio.run(race(s.root_url))
+        assert sorted(files) == [200] * 3 + [429] * 17
+        assert sorted(batches) == [200] * 2 + [429] * 8
+        with client_for(s, "sk-test") as c:
+            assert len(c.get("/v1/files").json()["data"]) == 3
+            assert len(c.get("/v1/batches").json()["data"]) == 2
+        assert len(blobs_under(s.data_dir / "blobs" / "files")) == 3  # the refused ones left nothing
+
+
 # --------------------------------------------------------------------------- a full disk
 
 

@@ -7,6 +7,7 @@ Every test talks raw HTTP/1.1 over real sockets to a real `batchyard serve` subp
 from __future__ import annotations
 
 import json
+import re
 import select
 import socket
 import threading
@@ -119,11 +120,19 @@ def test_an_oversized_head_gets_431_and_is_closed_without_growing_memory(edge: S
 
 
 def test_too_many_headers_get_431(edge: Server) -> None:
-    with connect(edge) as s:
-        s.sendall(HEAD + b"".join(b"X-%d: v\r\n" % i for i in range(200)) + b"\r\n")  # 2 KiB: only the count
-        got, closed = read_until_closed(s, 5)
-    assert got.startswith(b"HTTP/1.1 431 "), got[:100]
-    assert closed is not None
+    rids = []
+    for _ in range(2):
+        with connect(edge) as s:
+            s.sendall(
+                HEAD + b"".join(b"X-%d: v\r\n" % i for i in range(200)) + b"\r\n"
+            )  # 2 KiB: only the count
+            got, closed = read_until_closed(s, 5)
+        assert got.startswith(b"HTTP/1.1 431 "), got[:100]
+        assert closed is not None
+        m = re.search(rb"\r\nx-request-id: (req_[0-9a-f]{32})\r\n", got.partition(b"\r\n\r\n")[0])
+        assert m is not None, got[:300]  # the edge's own answers carry an id, as every API answer does
+        rids.append(m.group(1))
+    assert rids[0] != rids[1]
     with connect(edge) as s:  # 100 headers, the limit: served
         s.sendall(HEAD + b"".join(b"X-%d: v\r\n" % i for i in range(98)) + b"Connection: close\r\n\r\n")
         got, _ = read_until_closed(s, 5)

@@ -114,8 +114,34 @@ def test_the_last_line_without_a_newline_and_a_byte_order_mark() -> None:
     got = sorted(p for s in planned for p in shard_lines(data, s))
     assert got == list(iter_lines(data[3:], 1))
     ids = [[orjson.loads(raw)["custom_id"] for _, raw in shard_lines(data, s)] for s in planned]
-    # groups follow each other through the shards (a group does not start a shard of its own)
-    assert ids == [["r0", "r2", "r4"], ["r6", "r8", "r1"], ["r3", "r5", "r7"]]
+    # a group larger than a shard is cut into near-equal parts, each a shard of its own: no shard holds the end
+    # of one group and the start of another (each side of such a cut prefills both prompts)
+    assert ids == [["r0", "r2", "r4"], ["r6", "r8"], ["r1", "r3"], ["r5", "r7"]]
+
+
+def test_a_group_that_fits_a_shard_is_never_cut_and_small_groups_share_shards() -> None:
+    rng = random.Random(3)
+    sizes = {"A": 17, "B": 23, "C": 20, "D": 3, "E": 2, "F": 41}
+    rows = [s for s, n in sizes.items() for _ in range(n)]
+    rng.shuffle(rows)
+    data = b"".join(chat_line(f"r{i}", f"prompt {s} " * 20, f"q{i}") + b"\n" for i, s in enumerate(rows))
+    planned = plan(data, 20)
+    assert sorted(p for s in planned for p in shard_lines(data, s)) == all_lines(data)
+    shards_of: dict[str, list[int]] = {}
+    per_shard: list[Counter[str]] = []
+    for s in planned:
+        got = Counter(rows[int(orjson.loads(raw)["custom_id"][1:])] for _, raw in shard_lines(data, s))
+        per_shard.append(got)
+        for group in got:
+            shards_of.setdefault(group, []).append(s.index)
+        assert s.line_count <= 20
+    for group in ("A", "C", "D", "E"):  # each fits a shard: one shard each
+        assert len(shards_of[group]) == 1, (group, shards_of)
+    assert sorted(per_shard[i]["B"] for i in shards_of["B"]) == [11, 12]  # 23 lines: two near-equal parts
+    assert sorted(per_shard[i]["F"] for i in shards_of["F"]) == [13, 14, 14]
+    for group in ("B", "F"):  # the parts of a cut group hold nothing else
+        assert all(set(per_shard[i]) == {group} for i in shards_of[group])
+    assert shards_of["D"] == shards_of["E"] or len(per_shard[shards_of["D"][0]]) > 1  # small ones fill in
 
 
 def test_spans_pack_and_unpack() -> None:

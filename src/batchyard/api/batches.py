@@ -51,7 +51,7 @@ _VALIDATE_FIELDS = frozenset({"input_file_id", "endpoint"})
 
 def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     r = APIRouter()
-    quotas = Quotas(svc.store, svc.settings, svc.rates)
+    quotas = Quotas(svc.store, svc.settings, svc.rates, svc.holds)
     idem = Idempotency(svc.store)
     reader = ResultReader(svc.store, svc.blobs)
 
@@ -138,10 +138,11 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
 
     async def insert_new(batch: BatchRecord, window_s: int) -> BatchRecord:
         """Insert a new batch, created now and expiring `window_s` later, once its owner has room for it."""
-        await quotas.room_for_batch(batch.owner)
-        now = int(await svc.store.now())
-        batch.created_at, batch.expires_at = now, now + window_s
-        await svc.store.insert_batch(batch)
+        with quotas.holding(batch.owner) as hold:
+            await quotas.room_for_batch(hold)
+            now = int(await svc.store.now())
+            batch.created_at, batch.expires_at = now, now + window_s
+            await svc.store.insert_batch(batch)
         svc.notify()
         return batch
 
@@ -276,7 +277,8 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
                 param="input_file_id",
                 code="input_file_deleted",
             )
-        await quotas.room_for_batch(b.owner)
+        with quotas.holding(b.owner) as hold:  # a first look, before the input is written (checked again)
+            await quotas.room_for_batch(hold)
         new_input = await rerun.write_input(svc.blobs, b, source, wanted, int(await svc.store.now()))
         if new_input is None:
             raise InvalidRequest(

@@ -110,7 +110,7 @@ def _disposition(filename: str) -> str:
 def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     r = APIRouter()
     settings = svc.settings
-    quotas = Quotas(svc.store, settings, svc.rates)
+    quotas = Quotas(svc.store, settings, svc.rates, svc.holds)
     idem = Idempotency(svc.store)
 
     async def file_exists(file_id: str) -> bool:
@@ -124,71 +124,73 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
         length = _content_length(request)
         if length is not None and length > cap + FORM_OVERHEAD:
             raise _too_large(cap)
-        usage = await quotas.usage(owner)
-        quotas.check_file(usage, max(0, (length or 0) - FORM_OVERHEAD), owner)
-        quotas.admit(owner)
+        with quotas.holding(owner) as hold:  # the file, from the first check until it is stored
+            usage = await quotas.usage(owner, hold)
+            quotas.check_file(usage, max(0, (length or 0) - FORM_OVERHEAD), owner, hold)
+            quotas.admit(owner)
 
-        async def on_file(fields: dict[str, str]) -> int | None:
-            # The purpose is known before the file when the client sends it first (the openai SDK does): the
-            # purpose's cap then applies at once, to the Content-Length and to the stream. Otherwise the overall
-            # cap streams and the purpose's is checked at the end.
-            if fields.get("purpose") != "batch":
-                return None
-            batch_cap = settings.max_batch_file_bytes
-            if length is not None and length > batch_cap + FORM_OVERHEAD:
-                raise _too_large(batch_cap, "batch")
-            return batch_cap
+            async def on_file(fields: dict[str, str]) -> int | None:
+                # The purpose is known before the file when the client sends it first (the openai SDK does): the
+                # purpose's cap then applies at once, to the Content-Length and to the stream. Otherwise the overall
+                # cap streams and the purpose's is checked at the end.
+                if fields.get("purpose") != "batch":
+                    return None
+                batch_cap = settings.max_batch_file_bytes
+                if length is not None and length > batch_cap + FORM_OVERHEAD:
+                    raise _too_large(batch_cap, "batch")
+                return batch_cap
 
-        fid = ids.file_id()
-        async with receiving(
-            svc.blobs, f"files/{fid}", field="file", cap=cap, too_large_code="file_too_large"
-        ) as sink:
-            form = await parse_upload(
-                request.headers.get("content-type"),
-                request.stream(),
-                sink.open,
-                max_file_bytes=cap,
-                on_file=on_file,
-            )
-            purpose = _purpose(form)
-            if form.filename is None or sink.writer is None:
-                raise InvalidRequest(
-                    "Missing required parameter: 'file'.", param="file", code="missing_required_parameter"
+            fid = ids.file_id()
+            async with receiving(
+                svc.blobs, f"files/{fid}", field="file", cap=cap, too_large_code="file_too_large"
+            ) as sink:
+                form = await parse_upload(
+                    request.headers.get("content-type"),
+                    request.stream(),
+                    sink.open,
+                    max_file_bytes=cap,
+                    on_file=on_file,
                 )
-            if purpose == "batch" and form.file_bytes > settings.max_batch_file_bytes:
-                raise _too_large(settings.max_batch_file_bytes, "batch")
-            quotas.check_file(usage, form.file_bytes, owner)
-            created = int(await svc.store.now())
-            expires_at = _expiry(form, purpose, created)
-            info = await sink.writer.commit()
-        rec = FileRecord(
-            id=fid,
-            owner=owner,
-            bytes=info.size,
-            created_at=created,
-            expires_at=expires_at,
-            filename=limits.clean_filename(form.filename or "file"),
-            purpose=purpose,
-            blob_key=info.key,
-            sha256=info.sha256,
-        )
-        if key is not None:
-            # the file is streamed: its parameters are known once it is stored; a duplicate's blob goes
-            params = {"purpose": purpose, "filename": rec.filename, "sha256": rec.sha256}
-            try:
-                earlier = await idem.claim(owner, key, "files", fingerprint(params), fid, file_exists)
-            except BaseException:
-                await svc.blobs.delete(info.key)
-                raise
-            if earlier is not None:
-                await svc.blobs.delete(info.key)
-                held = await svc.store.get_file(owner, earlier)
-                if held is None:  # deleted since
-                    raise _no_such_file(earlier)
-                return JSONResponse(held.to_wire(), headers=REPLAYED)
-        async with idem.guard(owner, key, fid):
-            await svc.store.insert_file(rec)
-        return JSONResponse(rec.to_wire())
+                purpose = _purpose(form)
+                if form.filename is None or sink.writer is None:
+                    raise InvalidRequest(
+                        "Missing required parameter: 'file'.", param="file", code="missing_required_parameter"
+                    )
+                if purpose == "batch" and form.file_bytes > settings.max_batch_file_bytes:
+                    raise _too_large(settings.max_batch_file_bytes, "batch")
+                # again with its real size, and what the owner's other requests hold now (they ran meanwhile)
+                quotas.check_file(await quotas.usage(owner, hold), form.file_bytes, owner, hold)
+                created = int(await svc.store.now())
+                expires_at = _expiry(form, purpose, created)
+                info = await sink.writer.commit()
+            rec = FileRecord(
+                id=fid,
+                owner=owner,
+                bytes=info.size,
+                created_at=created,
+                expires_at=expires_at,
+                filename=limits.clean_filename(form.filename or "file"),
+                purpose=purpose,
+                blob_key=info.key,
+                sha256=info.sha256,
+            )
+            if key is not None:
+                # the file is streamed: its parameters are known once it is stored; a duplicate's blob goes
+                params = {"purpose": purpose, "filename": rec.filename, "sha256": rec.sha256}
+                try:
+                    earlier = await idem.claim(owner, key, "files", fingerprint(params), fid, file_exists)
+                except BaseException:
+                    await svc.blobs.delete(info.key)
+                    raise
+                if earlier is not None:
+                    await svc.blobs.delete(info.key)
+                    held = await svc.store.get_file(owner, earlier)
+                    if held is None:  # deleted since
+                        raise _no_such_file(earlier)
+                    return JSONResponse(held.to_wire(), headers=REPLAYED)
+            async with idem.guard(owner, key, fid):
+                await svc.store.insert_file(rec)
+            return JSONResponse(rec.to_wire())
 
     @r.get("/v1/files")
     async def list_files(request: Request) -> JSONResponse:

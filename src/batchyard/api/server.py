@@ -52,6 +52,7 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from batchyard import ids
 from batchyard.api.access import AccessLog
 from batchyard.config import Settings
 
@@ -80,12 +81,22 @@ class EdgeLimits:
 
 
 def _response(status: int, reason: str, message: str, *, type_: str, code: str) -> bytes:
+    """The whole answer, with `_RID` where each one's own `x-request-id` goes (`_with_id`)."""
     body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        f"content-length: {len(body)}\r\nx-request-id: {_RID.decode()}\r\nconnection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
+
+
+_RID = b"req_" + b"0" * 32  # as long as an id: replaced by the answer's own
+
+
+def _with_id(response: bytes) -> tuple[bytes, str]:
+    """An edge answer with an `x-request-id` of its own, as every API answer has (api/access.py)."""
+    rid = ids.http_request_id()
+    return response.replace(_RID, rid.encode("ascii"), 1), rid
 
 
 HEAD_TOO_LARGE = _response(
@@ -252,7 +263,9 @@ class EdgeProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         self.edge.forget(self)
         if not self.transport.is_closing():
-            self.transport.write(response)
+            answer, rid = _with_id(response)
+            log.debug("edge answered %s (request id %s)", answer[9:12].decode(), rid)
+            self.transport.write(answer)
             self.transport.close()
 
     def _arm_head_timer(self) -> None:

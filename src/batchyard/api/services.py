@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from batchyard.api.quotas import CreateRates
+from batchyard.api.quotas import CreateRates, Holds
 from batchyard.blobs.base import BlobStore
 from batchyard.config import Settings
 from batchyard.store.base import MetadataStore
@@ -21,4 +21,7 @@ class Services:
     settings: Settings
     notify: Callable[[], None] = field(default=lambda: None)  # wakes an in-process worker
     rates: CreateRates = field(default_factory=CreateRates)  # creates per owner per minute (api/quotas.py)
+    holds: Holds = field(
+        default_factory=Holds
+    )  # what requests in flight will store, per owner (api/quotas.py)
     online: OnlineGate = field(default_factory=OnlineGate)  # online requests first (upstreams/online.py)

@@ -41,7 +41,7 @@ def _not_pending(upload_id: str, doing: str, why: str) -> Conflict:
 def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
     r = APIRouter()
     settings = svc.settings
-    quotas = Quotas(svc.store, settings, svc.rates)
+    quotas = Quotas(svc.store, settings, svc.rates, svc.holds)
     idem = Idempotency(svc.store)
 
     async def upload_exists(upload_id: str) -> bool:
@@ -100,23 +100,24 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
                 held = await svc.store.get_upload(owner, earlier)
                 assert held is not None  # uploads are never removed
                 return JSONResponse(held.to_wire(await svc.store.now()), headers=REPLAYED)
-        async with idem.guard(owner, key, upload_id):
-            await quotas.room_for_upload(owner, size)
-            if file_ttl is None and purpose == "batch":
-                file_ttl = limits.BATCH_FILE_DEFAULT_EXPIRY
-            now = int(await svc.store.now())
-            upload = UploadRecord(
-                id=upload_id,
-                owner=owner,
-                filename=filename,
-                purpose=purpose,
-                bytes=size,
-                mime_type=mime_type,
-                created_at=now,
-                expires_at=now + UPLOAD_TTL,
-                file_expires_after=file_ttl,
-            )
-            await svc.store.insert_upload(upload)
+        with quotas.holding(owner) as hold:
+            async with idem.guard(owner, key, upload_id):
+                await quotas.room_for_upload(hold, size)
+                if file_ttl is None and purpose == "batch":
+                    file_ttl = limits.BATCH_FILE_DEFAULT_EXPIRY
+                now = int(await svc.store.now())
+                upload = UploadRecord(
+                    id=upload_id,
+                    owner=owner,
+                    filename=filename,
+                    purpose=purpose,
+                    bytes=size,
+                    mime_type=mime_type,
+                    created_at=now,
+                    expires_at=now + UPLOAD_TTL,
+                    file_expires_after=file_ttl,
+                )
+                await svc.store.insert_upload(upload)
         return JSONResponse(upload.to_wire(now))
 
     @r.post("/v1/uploads/{upload_id}/parts")
@@ -168,74 +169,79 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
         owner = owner_of(request)
         body = await json_body(request)
         upload, now = await pending(request, upload_id, "complete")
-        await quotas.room_for_file(owner, upload.bytes)
-        part_ids = body.get("part_ids")
-        if part_ids is None:
-            raise InvalidRequest(
-                "Missing required parameter: 'part_ids'.", param="part_ids", code="missing_required_parameter"
-            )
-        if not isinstance(part_ids, list) or not all(isinstance(p, str) for p in part_ids):
-            raise InvalidRequest(
-                "'part_ids' must be a list of part ids.", param="part_ids", code="invalid_type"
-            )
-        if len(set(part_ids)) != len(part_ids) or len(part_ids) > MAX_PARTS:
-            raise InvalidRequest(
-                f"'part_ids' must list distinct parts (at most {MAX_PARTS}).",
-                param="part_ids",
-                code="invalid_value",
-            )
-        md5 = body.get("md5")
-        if md5 is not None and not isinstance(md5, str):
-            raise InvalidRequest("'md5' must be a string.", param="md5", code="invalid_type")
-        parts = {p.id: p for p in await svc.store.get_upload_parts(upload.id)}
-        unknown = [p for p in part_ids if p not in parts]
-        if unknown:
-            raise InvalidRequest(
-                f"Part '{shown(unknown[0])}' does not belong to upload '{upload.id}'.",
-                param="part_ids",
-                code="invalid_value",
-            )
-        chosen = [parts[p] for p in part_ids]
-        total = sum(p.bytes for p in chosen)
-        if total != upload.bytes:
-            raise InvalidRequest(
-                f"The parts hold {total} bytes, but the upload was created for {upload.bytes} bytes.",
-                param="part_ids",
-                code="invalid_value",
-            )
-        sources = [p.blob_key for p in chosen]
-        if md5:
-            digest = hashlib.md5(usedforsecurity=False)
-            for key in sources:
-                async for chunk in svc.blobs.stream(key):
-                    digest.update(chunk)
-            if digest.hexdigest() != md5.lower():
+        with quotas.holding(owner) as hold:  # the file, until it is stored
+            await quotas.room_for_file(hold, upload.bytes)
+            part_ids = body.get("part_ids")
+            if part_ids is None:
                 raise InvalidRequest(
-                    "The md5 checksum does not match the uploaded bytes.", param="md5", code="invalid_value"
+                    "Missing required parameter: 'part_ids'.",
+                    param="part_ids",
+                    code="missing_required_parameter",
                 )
-        fid = ids.file_id()
-        file_key = f"files/{fid}"
-        if sources:
-            info = await svc.blobs.compose(file_key, sources)
-        else:  # an empty file: no part at all
-            writer = await svc.blobs.open_writer(file_key)
-            info = await writer.commit()
-        created = int(now)
-        file = FileRecord(
-            id=fid,
-            owner=owner,
-            bytes=info.size,
-            created_at=created,
-            expires_at=None if upload.file_expires_after is None else created + upload.file_expires_after,
-            filename=upload.filename,
-            purpose=upload.purpose,
-            blob_key=info.key,
-            sha256=info.sha256,
-        )
-        if not await svc.store.finish_upload(owner, upload.id, "completed", file):
-            await svc.blobs.delete(file_key)  # another request completed or cancelled it meanwhile
-            raise _not_pending(upload.id, "complete", "it is no longer pending")
-        await svc.blobs.delete_quietly(p.blob_key for p in parts.values())  # composed: no longer needed
+            if not isinstance(part_ids, list) or not all(isinstance(p, str) for p in part_ids):
+                raise InvalidRequest(
+                    "'part_ids' must be a list of part ids.", param="part_ids", code="invalid_type"
+                )
+            if len(set(part_ids)) != len(part_ids) or len(part_ids) > MAX_PARTS:
+                raise InvalidRequest(
+                    f"'part_ids' must list distinct parts (at most {MAX_PARTS}).",
+                    param="part_ids",
+                    code="invalid_value",
+                )
+            md5 = body.get("md5")
+            if md5 is not None and not isinstance(md5, str):
+                raise InvalidRequest("'md5' must be a string.", param="md5", code="invalid_type")
+            parts = {p.id: p for p in await svc.store.get_upload_parts(upload.id)}
+            unknown = [p for p in part_ids if p not in parts]
+            if unknown:
+                raise InvalidRequest(
+                    f"Part '{shown(unknown[0])}' does not belong to upload '{upload.id}'.",
+                    param="part_ids",
+                    code="invalid_value",
+                )
+            chosen = [parts[p] for p in part_ids]
+            total = sum(p.bytes for p in chosen)
+            if total != upload.bytes:
+                raise InvalidRequest(
+                    f"The parts hold {total} bytes, but the upload was created for {upload.bytes} bytes.",
+                    param="part_ids",
+                    code="invalid_value",
+                )
+            sources = [p.blob_key for p in chosen]
+            if md5:
+                digest = hashlib.md5(usedforsecurity=False)
+                for key in sources:
+                    async for chunk in svc.blobs.stream(key):
+                        digest.update(chunk)
+                if digest.hexdigest() != md5.lower():
+                    raise InvalidRequest(
+                        "The md5 checksum does not match the uploaded bytes.",
+                        param="md5",
+                        code="invalid_value",
+                    )
+            fid = ids.file_id()
+            file_key = f"files/{fid}"
+            if sources:
+                info = await svc.blobs.compose(file_key, sources)
+            else:  # an empty file: no part at all
+                writer = await svc.blobs.open_writer(file_key)
+                info = await writer.commit()
+            created = int(now)
+            file = FileRecord(
+                id=fid,
+                owner=owner,
+                bytes=info.size,
+                created_at=created,
+                expires_at=None if upload.file_expires_after is None else created + upload.file_expires_after,
+                filename=upload.filename,
+                purpose=upload.purpose,
+                blob_key=info.key,
+                sha256=info.sha256,
+            )
+            if not await svc.store.finish_upload(owner, upload.id, "completed", file):
+                await svc.blobs.delete(file_key)  # another request completed or cancelled it meanwhile
+                raise _not_pending(upload.id, "complete", "it is no longer pending")
+            await svc.blobs.delete_quietly(p.blob_key for p in parts.values())  # composed: no longer needed
         upload.status, upload.file_id = "completed", fid
         return JSONResponse(upload.to_wire(now, file))
 

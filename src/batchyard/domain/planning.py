@@ -32,6 +32,9 @@ __all__ = [
 
 MAX_RUNS = 2_000_000
 MAX_GROUPS = 500_000
+_OPEN_SHARDS = (
+    16  # small groups are fitted into the last this many planned shards (first fit, bounded: O(groups))
+)
 
 
 class Span(NamedTuple):
@@ -171,22 +174,69 @@ class PrefixPlanner:
 
     def _pack_groups(self, chosen: list[int], out: list[ShardPlan]) -> None:
         """Runs packed into shards of at most `shard_lines` lines and `shard_bytes` bytes (a run is never split:
-        it already fits one contiguous shard)."""
-        spans: list[Span] = []
-        count = size = 0
-        for i in chosen:
-            start, end, n = self.start[i], self.end[i], self.count[i]
-            if count and (count + n > self._shard_lines or size + end - start > self._shard_bytes):
-                out.append(_shard(len(out), spans, count))
-                spans, count, size = [], 0, 0
-            if spans and spans[-1].end == start:  # the next lines of the file: extend the span
-                last = spans[-1]
-                spans[-1] = Span(last.start, end, last.first_line)
-            else:
-                spans.append(Span(start, end, self.first[i]))
-            count += n
-            size += end - start
-        if count:
+        it already fits one contiguous shard), with no group split across shards where it fits in one. A group
+        cut at a shard boundary costs a prefill of its prompt on each side: the lanes of the two shards run at
+        once, on two of the engine's slots, neither of which has the prompt yet (`bench/prefix_engine.py
+        --shard-lines 20` measured it: each cut group ends a lane's run on its slot). So a group that fits goes
+        whole into the first of the last few open shards with room for it (first fit, in order of appearance),
+        and a larger one is cut into as few near-equal parts as the bounds allow, each a shard of its own."""
+        lines, room = self._shard_lines, self._shard_bytes
+        shards: list[list[int]] = []  # the runs of each planned shard, in order
+        open_: list[
+            tuple[int, int, int]
+        ] = []  # (shard, lines, bytes) of the last few shards that take small groups
+        i = 0
+        while i < len(chosen):
+            g = self.group[chosen[i]]
+            j = i
+            n = b = 0
+            while j < len(chosen) and self.group[chosen[j]] == g:
+                n += self.count[chosen[j]]
+                b += self.end[chosen[j]] - self.start[chosen[j]]
+                j += 1
+            runs = chosen[i:j]
+            i = j
+            if n <= lines and b <= room:
+                for k, (index, used, size) in enumerate(open_):
+                    if used + n <= lines and size + b <= room:
+                        shards[index].extend(runs)
+                        open_[k] = (index, used + n, size + b)
+                        break
+                else:
+                    shards.append(list(runs))
+                    open_.append((len(shards) - 1, n, b))
+                    if len(open_) > _OPEN_SHARDS:
+                        del open_[0]
+                continue
+            parts = max(-(-n // lines), -(-b // room))
+            target = -(-n // parts)
+            part: list[int] = []
+            count = size = 0
+            for r in runs:
+                c, s = self.count[r], self.end[r] - self.start[r]
+                if part and (count + c > lines or size + s > room):
+                    shards.append(part)
+                    part, count, size = [], 0, 0
+                part.append(r)
+                count += c
+                size += s
+                if count >= target:
+                    shards.append(part)
+                    part, count, size = [], 0, 0
+            if part:
+                shards.append(part)
+        for runs in shards:
+            runs.sort(key=self.start.__getitem__)  # file order within a shard: adjacent runs make one span
+            spans: list[Span] = []
+            count = 0
+            for r in runs:
+                start, end = self.start[r], self.end[r]
+                if spans and spans[-1].end == start:  # the next lines of the file: extend the span
+                    last = spans[-1]
+                    spans[-1] = Span(last.start, end, last.first_line)
+                else:
+                    spans.append(Span(start, end, self.first[r]))
+                count += self.count[r]
             out.append(_shard(len(out), spans, count))
 
     def _pack_rest(self, shards: list[ShardPlan], chosen: set[int], out: list[ShardPlan]) -> None:

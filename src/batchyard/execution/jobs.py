@@ -19,7 +19,7 @@ from batchyard.domain.states import BatchStatus
 from batchyard.domain.validation import BatchValidator, iter_lines
 from batchyard.errors import BlobNotFound
 from batchyard.execution.containment import describe
-from batchyard.store.base import BatchJob, MetadataStore
+from batchyard.store.base import BatchJob, MetadataStore, OverEnqueued
 from batchyard.upstreams.router import Router
 
 log = logging.getLogger("batchyard.jobs")
@@ -109,22 +109,33 @@ async def _validate(
         await store.fail_batch(batch.id, worker, errors)
         log.info("batch %s failed validation with %d errors", batch.id, result.error_count)
         return False
-    if result.model is not None and settings.project_max_enqueued_tokens > 0:
-        enqueued = tenancy.estimated_tokens(await store.enqueued_input_bytes(batch.owner, result.model))
-        problem = tenancy.enqueued_token_problem(
-            result.model,
-            batch.owner,
-            enqueued,
-            tenancy.estimated_tokens(f.bytes),
-            settings.project_max_enqueued_tokens,
+    limit, model = settings.project_max_enqueued_tokens, result.model
+    more = tenancy.estimated_tokens(f.bytes)
+
+    def problem(enqueued_bytes: int) -> str | None:
+        assert model is not None
+        return tenancy.enqueued_token_problem(
+            model, batch.owner, tenancy.estimated_tokens(enqueued_bytes), more, limit
         )
-        if problem is not None:
-            limit = [{"code": "token_limit_exceeded", "message": problem, "param": None, "line": None}]
-            await store.fail_batch(batch.id, worker, limit)
-            return False
+
     if settings.admission == "reject" and await _queue_full(job, store, result.total_lines, worker):
         return False
-    await store.plan_batch(batch.id, worker, result.shards, result.total_lines, result.model)
+    try:
+        # the limit is checked in the planning's own transaction: batches planned at once are counted in turn
+        await store.plan_batch(
+            batch.id,
+            worker,
+            result.shards,
+            result.total_lines,
+            model,
+            admit=(lambda enqueued: problem(enqueued) is None) if model is not None and limit > 0 else None,
+        )
+    except OverEnqueued as over:
+        refused = [
+            {"code": "token_limit_exceeded", "message": problem(over.enqueued), "param": None, "line": None}
+        ]
+        await store.fail_batch(batch.id, worker, refused)
+        return False
     log.info("batch %s planned: %d lines in %d shards", batch.id, result.total_lines, len(result.shards))
     return True
 

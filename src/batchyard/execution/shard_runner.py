@@ -70,6 +70,7 @@ class _Attempt:
         self.hard_stop = False
         self.lost = False
         self.lanes = 0  # live lanes
+        self.spawn: Callable[[], None] | None = None  # adds a lane (set while its lines execute)
         self.executing: set[asyncio.Task[Any]] = set()  # lanes inside an upstream call
         self.untaken = 0  # lines no lane has taken yet
         self.unrecorded = 0  # lines without an output or error line yet
@@ -159,6 +160,10 @@ class ShardRunner:
         self.prefixes = Prefixes()
         # attempts executing lines, in the order they started (lane shares; woken when a group opens in any)
         self._executing: list[_Attempt] = []
+        self._claims: list[ShardClaim] = []  # the shards held, in the order they were claimed
+        self.claiming = 0  # the worker's shard loops waiting on a claim now
+        # counts the changes of `_claims` and `_executing`: a lane looks at its share again after one
+        self._shares_epoch = 0
 
     @property
     def running(self) -> int:
@@ -185,6 +190,8 @@ class ShardRunner:
             return False
         self.active += 1
         self._held[claim.owner] += 1
+        self._claims.append(claim)
+        self._shares_changed()
         try:
             if claim.shard.failures >= QUARANTINE_AFTER:
                 result = await self._quarantine(claim)
@@ -215,6 +222,8 @@ class ShardRunner:
             return False
         finally:
             self.active -= 1
+            self._claims.remove(claim)
+            self._shares_changed()
             self._held[claim.owner] -= 1
             if not self._held[claim.owner]:
                 del self._held[claim.owner]
@@ -332,7 +341,23 @@ class ShardRunner:
             await att.abort()
             raise
 
-    def _fair_lanes(self, att: _Attempt) -> int:
+    def claimed_nothing(self) -> None:
+        """A claim found no shard: the shards that left a lane for it take it now."""
+        self._shares_changed()
+
+    def _shares_changed(self) -> None:
+        """A shard was claimed, started or ended here, or a claim found nothing: each lane over its new share
+        retires after its line (`_lane`), and each shard under its share gets its lanes now (waiting for a line
+        to finish would leave them idle for as long as the engine takes to answer one)."""
+        self._shares_epoch += 1
+        for a in self._executing:
+            if a.spawn is None or a.lost:
+                continue
+            fair = self._fair_lanes(a)
+            while a.lanes < fair and a.untaken > a.lanes:
+                a.spawn()
+
+    def _fair_lanes(self, att: _Attempt, starting: bool = False) -> int:
         """Lanes for one shard: its share of the upstreams' concurrency among the shards running here, by owner
         and weight (`fairshare.lane_shares`): one owner's many shards do not crowd out another owner's few.
 
@@ -344,10 +369,22 @@ class ShardRunner:
         again). Only an owner with more shards here than its share makes the lanes outnumber the slots; the
         limiter's fair queue then serves the owners by weight."""
         total = self.dispatcher.total_limit()
+        running = [(a.claim.owner, a.claim.weight) for a in self._executing]
+        # The shards claimed here and not yet running (their input is being read) count too, after the running
+        # ones: a worker claims its shards one after another, and had the first to start taken every lane, they
+        # would all serve its first prefix group while the next shards start theirs; on an engine without a RAM
+        # prompt cache each of those slots prefills that group's prompt, then another one's
+        # (`bench/slot_engine.py --shard-lines 20`: 45 prefills for 8 prompt groups, 8 with this: the least).
+        # A shard that starts also leaves room for the claims in flight (`starting`): they are likely of its batch.
+        # It grows into that room one lane per finished line once they are done (`_lane`), or at once when they
+        # found nothing (`claimed_nothing`).
+        started = {id(a.claim) for a in self._executing}
+        opening = [(c.owner, c.weight) for c in self._claims if id(c) not in started and c is not att.claim]
+        if starting:
+            opening += [(att.claim.owner, att.claim.weight)] * self.claiming
         if att not in self._executing:
-            return max(1, total // (len(self._executing) + 1))
-        shares = lane_shares(total, [(a.claim.owner, a.claim.weight) for a in self._executing])
-        return shares[self._executing.index(att)]
+            return lane_shares(total, [*running, (att.claim.owner, att.claim.weight), *opening])[len(running)]
+        return lane_shares(total, running + opening)[self._executing.index(att)]
 
     def owners(self) -> frozenset[str]:
         """The owners of the shards this runner holds."""
@@ -394,13 +431,17 @@ class ShardRunner:
             task.add_done_callback(lanes.discard)
 
         self._executing.append(att)
+        self._shares_epoch += 1  # the others' lanes over their share retire after their line
         beat = asyncio.create_task(self._heartbeat(att, lanes), name="shard-heartbeat")
         try:
-            for _ in range(max(1, min(self._fair_lanes(att), att.untaken))):
+            for _ in range(max(1, min(self._fair_lanes(att, starting=True), att.untaken))):
                 spawn()
+            att.spawn = spawn
             await finished.wait()
         finally:
+            att.spawn = None
             self._executing.remove(att)  # the ranks after it close up
+            self._shares_changed()
             for t in list(lanes):
                 t.cancel()
             if lanes:
@@ -420,6 +461,7 @@ class ShardRunner:
         task = asyncio.current_task()  # once a lane, not once a line
         assert task is not None
         done = 0
+        epoch = self._shares_epoch
         try:
             while not att.lost:
                 if att.stop.code is not None:
@@ -437,8 +479,11 @@ class ShardRunner:
                 if sched.done(lane, req):
                     self._wake_all()  # a group's prefix is cached now: lanes waiting for it go on
                 done += 1
-                if done % 8 and att.lanes > 1:
-                    continue  # the fair share changes slowly: look at it every 8 lines (at once for a lone lane)
+                if done % 8 and att.lanes > 1 and epoch == self._shares_epoch:
+                    # the fair share changes slowly: look at it every 8 lines (at once for a lone lane, and at
+                    # once when a shard started or ended here: a lane over its share retires after its line)
+                    continue
+                epoch = self._shares_epoch
                 fair = self._fair_lanes(att)
                 if att.lanes > fair:
                     return  # retire: the shard has more lanes than its share

@@ -159,8 +159,13 @@ class Worker:
         # A shard that failed before runs alone (ShardRunner._run_alone): nothing new is claimed meanwhile.
         await self.runner.solo_done.wait()
         await self.runner.room_for_shard()  # no more shards than lanes the concurrency limit allows
-        claim = await self.store.claim_shard(self.id, self.settings.lease_seconds)
+        self.runner.claiming += 1  # a shard that starts meanwhile leaves it a lane (ShardRunner._fair_lanes)
+        try:
+            claim = await self.store.claim_shard(self.id, self.settings.lease_seconds)
+        finally:
+            self.runner.claiming -= 1
         if claim is None:
+            self.runner.claimed_nothing()
             return False
         metrics.shard_claimed()
         await self.runner.run(claim)

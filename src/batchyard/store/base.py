@@ -56,6 +56,14 @@ class OwnerUsage:
     active_batches: int = 0
 
 
+class OverEnqueued(Exception):
+    """`plan_batch`'s `admit` refused the batch: `enqueued` is what the owner had enqueued of its model."""
+
+    def __init__(self, enqueued: int) -> None:
+        super().__init__(f"{enqueued} input bytes enqueued")
+        self.enqueued = enqueued
+
+
 @dataclass(frozen=True, slots=True)
 class BatchStats:
     """Aggregates over every batch, for the metrics a scrape shows (`batch_stats`)."""
@@ -215,9 +223,20 @@ class MetadataStore(ABC):
     async def extend_job(self, batch_id: str, worker: str, lease_s: float) -> bool: ...
     @abstractmethod
     async def plan_batch(
-        self, batch_id: str, worker: str, shards: Sequence[ShardPlan], total: int, model: str | None
+        self,
+        batch_id: str,
+        worker: str,
+        shards: Sequence[ShardPlan],
+        total: int,
+        model: str | None,
+        admit: Callable[[int], bool] | None = None,
     ) -> bool:
-        """Insert the shards and move validating -> in_progress (a cancelling batch stays cancelling). Fenced."""
+        """Insert the shards and move validating -> in_progress (a cancelling batch stays cancelling). Fenced.
+
+        `admit` (with a `model`): called in the same transaction with the input bytes of the owner's other planned
+        batches of that model still enqueued (`enqueued_input_bytes`); when it answers False nothing changes and
+        `OverEnqueued` is raised. Two batches of one owner planned at the same moment (two workers) are admitted
+        one after the other, so they cannot both pass a limit that only one of them fits."""
 
     @abstractmethod
     async def fail_batch(self, batch_id: str, worker: str, errors: list[dict[str, Any]]) -> bool: ...

@@ -57,6 +57,7 @@ from batchyard.store.base import (
     BatchStats,
     Heartbeat,
     MetadataStore,
+    OverEnqueued,
     OwnerUsage,
     Page,
     UpstreamLoad,
@@ -479,12 +480,22 @@ class MemoryStore(MetadataStore):
         return True
 
     async def plan_batch(
-        self, batch_id: str, worker: str, shards: Sequence[ShardPlan], total: int, model: str | None
+        self,
+        batch_id: str,
+        worker: str,
+        shards: Sequence[ShardPlan],
+        total: int,
+        model: str | None,
+        admit: Callable[[int], bool] | None = None,
     ) -> bool:
         b = self._holds_job(batch_id, worker)
         dst = None if b is None else on(Step.PLANNED, b.rec.status)
         if b is None or dst is None:
             return False
+        if admit is not None and model is not None:  # no await from here on: nothing else runs meanwhile
+            enqueued = self._enqueued(b.rec.owner, model)
+            if not admit(enqueued):
+                raise OverEnqueued(enqueued)
         mine = self._s.shards.get(batch_id, {})
         indexes = [p.index for p in shards]
         if len(set(indexes)) != len(indexes) or any(i in mine for i in indexes):
@@ -842,6 +853,9 @@ class MemoryStore(MetadataStore):
         return bool(self._s.api_keys)
 
     async def enqueued_input_bytes(self, owner: str, model: str) -> int:
+        return self._enqueued(owner, model)
+
+    def _enqueued(self, owner: str, model: str) -> int:
         return sum(
             self._s.files[b.rec.input_file_id].rec.bytes
             for b in self._s.batches.values()

@@ -71,6 +71,7 @@ from batchyard.store.base import (
     BatchStats,
     Heartbeat,
     MetadataStore,
+    OverEnqueued,
     OwnerUsage,
     Page,
     UpstreamLoad,
@@ -564,13 +565,28 @@ class PostgresStore(MetadataStore):
         return _rowcount(status) == 1
 
     async def plan_batch(
-        self, batch_id: str, worker: str, shards: Sequence[ShardPlan], total: int, model: str | None
+        self,
+        batch_id: str,
+        worker: str,
+        shards: Sequence[ShardPlan],
+        total: int,
+        model: str | None,
+        admit: Callable[[int], bool] | None = None,
     ) -> bool:
         async with self._tx() as conn:
             b = await self._holds_job(conn, batch_id, worker)
             dst = None if b is None else on(Step.PLANNED, b.status)
             if b is None or dst is None:
                 return False
+            if admit is not None and model is not None:
+                # The owner's planners one at a time (until this transaction ends): each sums what the ones before
+                # it committed (READ COMMITTED: the sum is read after the lock is held).
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended($1, 7))", f"enqueued:{b.owner}"
+                )
+                enqueued = int(await conn.fetchval(pg(tq.ENQUEUED_BYTES), b.owner, model))
+                if not admit(enqueued):
+                    raise OverEnqueued(enqueued)
             # One statement whatever the number of shards (a 100M-line batch has ~100k).
             await conn.execute(
                 "INSERT INTO shards (batch_id, idx, start_off, end_off, first_line, line_count, spans) "

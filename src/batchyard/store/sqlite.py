@@ -66,6 +66,7 @@ from batchyard.store.base import (
     BatchStats,
     Heartbeat,
     MetadataStore,
+    OverEnqueued,
     OwnerUsage,
     Page,
     UpstreamLoad,
@@ -565,14 +566,26 @@ class SQLiteStore(MetadataStore):
         return await self._run(q)
 
     async def plan_batch(
-        self, batch_id: str, worker: str, shards: Sequence[ShardPlan], total: int, model: str | None
+        self,
+        batch_id: str,
+        worker: str,
+        shards: Sequence[ShardPlan],
+        total: int,
+        model: str | None,
+        admit: Callable[[int], bool] | None = None,
     ) -> bool:
         def q(db: sqlite3.Connection) -> bool:
-            with self._tx(db):
+            with self._tx(
+                db
+            ):  # BEGIN IMMEDIATE: one writer at a time, so the sum below stays true until COMMIT
                 b = self._holds_job(db, batch_id, worker)
                 dst = None if b is None else on(Step.PLANNED, b.status)
                 if b is None or dst is None:
                     return False
+                if admit is not None and model is not None:
+                    enqueued = int(db.execute(tq.ENQUEUED_BYTES, (b.owner, model)).fetchone()[0])
+                    if not admit(enqueued):
+                        raise OverEnqueued(enqueued)
                 db.executemany(
                     "INSERT INTO shards (batch_id, idx, start_off, end_off, first_line, line_count, spans) "
                     "VALUES (?,?,?,?,?,?,?)",
