@@ -76,11 +76,6 @@ def test_another_projects_backlog_does_not_warn_at_create(busy: Busy) -> None:
     assert wait_for(busy.alpha, mine, {"in_progress", "failed"}).status == "failed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="execution/jobs.py's _queue_full (the lead's) still weighs the whole backlog at validation: it needs "
-    "admission.verdict(..., owner=job.batch.owner) (docs/roadmap.md, Known gaps)",
-)
 def test_another_projects_backlog_does_not_fail_the_batch_at_validation(busy: Busy) -> None:
     small, _ = create(busy.beta, [chat_line(i, x_fake=SLOW) for i in range(10)], "90s")
     assert wait_for(busy.beta, small, {"in_progress", "completed", "failed"}).status != "failed"

@@ -400,12 +400,6 @@ async def test_a_url_the_client_cannot_send_to_fails_alone(store: MemoryStore) -
     assert sorted(str(a.error) for a in found[1]) == ["None", "cannot send to this URL: UnicodeError"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="execution/webhooks.py (the lead's) builds URL(e.url) outside the try in _targets: a stored URL that yarl "
-    "refuses (a backslash, one added before review 14's url_problem refused it) raises out of the delivery "
-    "(the loop backs off for every project, the event never settles); it should fail that target alone",
-)
 async def test_a_stored_url_the_client_cannot_even_parse_fails_alone(store: MemoryStore) -> None:
     async with Receiver() as rx:
         await store.insert_webhook_endpoint(

@@ -53,8 +53,17 @@ class _Target:
 
     id: str
     name: str
-    url: URL
+    url: URL | str
     keys: tuple[bytes, ...]
+
+
+def _url(raw: str) -> URL | str:
+    """An endpoint's URL as the client sends it; its text when yarl refuses it (a stored URL from before a rule that
+    refuses it now), whose POST then fails alone: an attempt that says so, as for a URL the client cannot send to."""
+    try:
+        return URL(raw, encoded=True)
+    except ValueError:
+        return raw
 
 
 class WebhookSender:
@@ -125,7 +134,7 @@ class WebhookSender:
             except ValueError:
                 log.error("webhook endpoint %s has a secret that is not whsec_<base64>: skipped", e.id)
                 continue
-            targets.append(_Target(e.id, e.id, URL(e.url, encoded=True), keys))
+            targets.append(_Target(e.id, e.id, _url(e.url), keys))
         return targets, took
 
     async def deliver(self, store: MetadataStore, worker: str) -> int:
