@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -33,33 +32,7 @@ from openai import OpenAI
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import BatchyardServer
-from tests.support.slot_engine import PROMPT_TOKENS, SYSTEM_TOKENS, RunningSlotEngine
-
-
-def make_lines(lines: int, groups: int, seed: int = 7) -> list[dict[str, Any]]:
-    rng = random.Random(seed)
-    systems = [
-        f"System prompt {g}: " + " ".join(f"w{rng.randrange(10**6)}" for _ in range(60))
-        for g in range(groups)
-    ]
-    reqs = [
-        {
-            "custom_id": f"r{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {
-                "model": "m",
-                "max_tokens": 16,
-                "messages": [
-                    {"role": "system", "content": systems[i % groups]},
-                    {"role": "user", "content": f"question {i}"},
-                ],
-            },
-        }
-        for i in range(lines)
-    ]
-    rng.shuffle(reqs)
-    return reqs
+from tests.support.slot_engine import PROMPT_TOKENS, SYSTEM_TOKENS, RunningSlotEngine, shared_prompt_lines
 
 
 async def direct(port: int, reqs: list[dict[str, Any]], slots: int) -> None:
@@ -124,7 +97,7 @@ def main() -> None:
     ap.add_argument("--baseline-src", default=None)
     ap.add_argument("--runs", type=int, default=1)
     args = ap.parse_args()
-    reqs = make_lines(args.lines, args.groups)
+    reqs = shared_prompt_lines(args.lines, args.groups)
     print(
         f"{args.lines} lines over {args.groups} system prompts, shards of {args.shard_lines} lines, {args.slots} slots, "
         f"prefill {args.prefill_ms:.0f} ms, decode {args.decode_ms:.0f} ms (fewest prefills: {args.groups})"

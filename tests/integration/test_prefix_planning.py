@@ -17,7 +17,7 @@ from batchyard.domain.validation import iter_lines
 from tests.conftest import Server
 from tests.support.batches import jsonl, read_lines, run_batch
 from tests.support.fake_upstream import FakeUpstream, build_response
-from tests.support.slot_engine import RunningSlotEngine
+from tests.support.slot_engine import RunningSlotEngine, shared_prompt_lines
 
 SYSTEMS = [f"You are assistant {k}. " + "Answer briefly. " * 30 for k in range(4)]
 
@@ -94,29 +94,6 @@ def test_a_prompts_lines_run_together_across_the_file(
         assert min(per_shard) >= 3  # file order: every shard of 10 lines mixes three or four prompts
 
 
-def even_groups(lines: int, groups: int, seed: int = 7) -> list[dict[str, Any]]:
-    """`lines` chat lines over `groups` system prompts, as many lines each, shuffled (as bench/slot_engine.py)."""
-    rng = random.Random(seed)
-    systems = [f"System prompt {g}: " + "Answer in one word. " * 20 for g in range(groups)]
-    out = [
-        {
-            "custom_id": f"r{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {
-                "model": "test-model",
-                "messages": [
-                    {"role": "system", "content": systems[i % groups]},
-                    {"role": "user", "content": f"q{i}"},
-                ],
-            },
-        }
-        for i in range(lines)
-    ]
-    rng.shuffle(out)
-    return out
-
-
 @pytest.mark.parametrize("shard_lines", [20, 1000])
 def test_an_engine_without_a_prompt_cache_prefills_each_prompt_about_once(
     make_server: Callable[..., Server], shard_lines: int
@@ -138,7 +115,7 @@ def test_an_engine_without_a_prompt_cache_prefills_each_prompt_about_once(
             "--online-priority",
             "off",
         )
-        b = run_batch(srv.client(), even_groups(160, 8))
+        b = run_batch(srv.client(), shared_prompt_lines(160, 8))
         assert b.status == "completed", b.errors
         assert b.request_counts is not None and b.request_counts.completed == 160
         assert eng.engine.requests == 160

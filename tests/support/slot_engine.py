@@ -13,9 +13,11 @@ against the real engine: batchyard at d0563a7 on the bench's file had the same c
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from collections import deque
+from typing import Any
 
 from aiohttp import web
 
@@ -126,3 +128,30 @@ class RunningSlotEngine:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+
+def shared_prompt_lines(lines: int, groups: int, seed: int = 7) -> list[dict[str, Any]]:
+    """`lines` chat request lines over `groups` system prompts, as many lines each, shuffled."""
+    rng = random.Random(seed)
+    systems = [
+        f"System prompt {g}: " + " ".join(f"w{rng.randrange(10**6)}" for _ in range(60))
+        for g in range(groups)
+    ]
+    reqs = [
+        {
+            "custom_id": f"r{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "m",
+                "max_tokens": 16,
+                "messages": [
+                    {"role": "system", "content": systems[i % groups]},
+                    {"role": "user", "content": f"question {i}"},
+                ],
+            },
+        }
+        for i in range(lines)
+    ]
+    rng.shuffle(reqs)
+    return reqs
