@@ -354,8 +354,10 @@ class ShardRunner:
             if a.spawn is None or a.lost:
                 continue
             fair = self._fair_lanes(a)
-            while a.lanes < fair and a.untaken > a.lanes:
+            added = 0  # its lanes are busy with the lines they took: each new one takes a line no lane has
+            while a.lanes < fair and a.untaken > added:
                 a.spawn()
+                added += 1
 
     def _fair_lanes(self, att: _Attempt, starting: bool = False) -> int:
         """Lanes for one shard: its share of the upstreams' concurrency among the shards running here, by owner
