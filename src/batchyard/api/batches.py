@@ -27,7 +27,7 @@ from batchyard.api.quotas import Quotas
 from batchyard.api.responses import JSONResponse
 from batchyard.api.results import ResultReader
 from batchyard.api.services import Services
-from batchyard.domain import admission, limits, tenancy
+from batchyard.domain import admission, limits
 from batchyard.domain.idempotency import fingerprint
 from batchyard.domain.models import BatchRecord
 from batchyard.domain.rerun import MAX_CODE_CHARS, MAX_CODES
@@ -127,8 +127,7 @@ def router(svc: Services, owner_of: OwnerOf) -> APIRouter:
         if f is None:  # validation fails it, in OpenAI's words
             return None
         load = await svc.store.admission_load(admission.WINDOW_S)
-        project = await svc.store.get_project(owner) if tenancy.PROJECT_ID.fullmatch(owner) else None
-        weight = project.weight if project is not None else 1.0
+        weight = await svc.store.owner_weight(owner)
         new_lines = admission.estimated_lines(f.bytes, load)
         found = admission.verdict(load, new_lines, window_s, owner=owner, weight=weight)
         if found is None:

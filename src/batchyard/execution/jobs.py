@@ -145,8 +145,7 @@ async def _queue_full(job: BatchJob, store: MetadataStore, lines: int, worker: s
     its deadline at the measured throughput, with the code OpenAI gives a batch its queue cannot take."""
     load = await store.admission_load(admission.WINDOW_S)
     owner = job.batch.owner
-    project = await store.get_project(owner) if tenancy.PROJECT_ID.fullmatch(owner) else None
-    weight = project.weight if project is not None else 1.0
+    weight = await store.owner_weight(owner)
     # what fair share serves before this batch's last line: its project's backlog, and of each other's, what that
     # project's weight is served meanwhile (as the create check counts it: api/batches.py)
     window = max(0, job.batch.expires_at - int(load.now))

@@ -149,8 +149,6 @@ class ShardRunner:
         self.outage = Backoff("running shards", log, cap=5.0)
         self._beats = Backoff("shard heartbeats", log)  # only for its rate-limited log
         self._nudge = asyncio.Event()  # set by `nudge`: every running shard looks at its batch at once
-        self.active = 0  # shards this runner holds (claimed and not yet done), whatever they are doing
-        self._held: Counter[str] = Counter()  # of those, how many of each owner
         self._suspects = 0  # of those, shards that failed before and wait to run alone (`_run_alone`)
         self.solo_done = asyncio.Event()  # clear while a suspect shard waits or runs: claim nothing new
         self.solo_done.set()
@@ -160,10 +158,16 @@ class ShardRunner:
         self.prefixes = Prefixes()
         # attempts executing lines, in the order they started (lane shares; woken when a group opens in any)
         self._executing: list[_Attempt] = []
-        self._claims: list[ShardClaim] = []  # the shards held, in the order they were claimed
+        # the shards this runner holds (claimed and not yet done, whatever they are doing), in the order claimed
+        self._claims: list[ShardClaim] = []
         self.claiming = 0  # the worker's shard loops waiting on a claim now
         # counts the changes of `_claims` and `_executing`: a lane looks at its share again after one
         self._shares_epoch = 0
+
+    @property
+    def active(self) -> int:
+        """How many shards this runner holds."""
+        return len(self._claims)
 
     @property
     def running(self) -> int:
@@ -188,8 +192,6 @@ class ShardRunner:
         if suspect and self._suspects:  # one suspect at a time here: this one is taken up later, or elsewhere
             await self._release(claim, retry_in=1.0)
             return False
-        self.active += 1
-        self._held[claim.owner] += 1
         self._claims.append(claim)
         self._shares_changed()
         try:
@@ -221,13 +223,9 @@ class ShardRunner:
             await self._release(claim, retry_in=failure_delay(claim.shard.failures), failure=describe(e))
             return False
         finally:
-            self.active -= 1
             self._claims.remove(claim)
-            self._shares_changed()
-            self._held[claim.owner] -= 1
-            if not self._held[claim.owner]:
-                del self._held[claim.owner]
             self._idle.set()
+            self._shares_changed()
         self.outage.ok()
         return result
 
@@ -378,8 +376,7 @@ class ShardRunner:
         # prompt cache each of those slots prefills that group's prompt, then another one's
         # (`bench/slot_engine.py --shard-lines 20`: 45 prefills for 8 prompt groups, 8 with this: the least).
         # A shard that starts also leaves room for the claims in flight (`starting`): they are likely of its batch.
-        # It grows into that room one lane per finished line once they are done (`_lane`), or at once when they
-        # found nothing (`claimed_nothing`).
+        # It takes that room back as soon as they found nothing (`claimed_nothing` -> `_shares_changed`).
         started = {id(a.claim) for a in self._executing}
         opening = [(c.owner, c.weight) for c in self._claims if id(c) not in started and c is not att.claim]
         if starting:
@@ -390,7 +387,7 @@ class ShardRunner:
 
     def owners(self) -> frozenset[str]:
         """The owners of the shards this runner holds."""
-        return frozenset(self._held)
+        return frozenset(c.owner for c in self._claims)
 
     def full(self) -> bool:
         """Whether the regular shard loops can claim nothing more here (every loop busy, or no lane left)."""
@@ -443,7 +440,6 @@ class ShardRunner:
         finally:
             att.spawn = None
             self._executing.remove(att)  # the ranks after it close up
-            self._shares_changed()
             for t in list(lanes):
                 t.cancel()
             if lanes:
@@ -451,6 +447,7 @@ class ShardRunner:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
+            self._shares_changed()  # the others grow into its lanes, once its own are gone
         if att.lost:
             return
         if failures:

@@ -25,7 +25,7 @@ from batchyard.domain.models import (
     WebhookEvent,
 )
 from batchyard.domain.states import BatchStatus
-from batchyard.domain.tenancy import ApiKeyRecord, KeyHolder, ProjectRecord
+from batchyard.domain.tenancy import PROJECT_ID, ApiKeyRecord, KeyHolder, ProjectRecord
 from batchyard.domain.validation import ShardPlan
 from batchyard.domain.webhooks import DeliveryAttempt, WebhookEndpoint
 
@@ -337,6 +337,12 @@ class MetadataStore(ABC):
 
     @abstractmethod
     async def get_project(self, project_id: str) -> ProjectRecord | None: ...
+
+    async def owner_weight(self, owner: str) -> float:
+        """`owner`'s weight in the fair share: its project's, 1 for a static key or a project gone."""
+        project = await self.get_project(owner) if PROJECT_ID.fullmatch(owner) else None
+        return project.weight if project is not None else 1.0
+
     @abstractmethod
     async def project_by_name(self, name: str) -> ProjectRecord | None: ...
     @abstractmethod
