@@ -136,6 +136,13 @@ def parse_line(raw: bytes, line_no: int) -> dict[str, Any]:
     return {"custom_id": custom_id, "body": None, "problem": problem}
 
 
+class ShardLoop:
+    """One of the worker's loops that claim and run shards one at a time (`Worker.run_shard_once`)."""
+
+    def __init__(self) -> None:
+        self.ended: ShardClaim | None = None  # its last shard, while it claims the next (ShardRunner._ended)
+
+
 class ShardRunner:
     def __init__(
         self, store: MetadataStore, blobs: BlobStore, dispatcher: Dispatcher, settings: Settings
@@ -160,7 +167,10 @@ class ShardRunner:
         self._executing: list[_Attempt] = []
         # the shards this runner holds (claimed and not yet done, whatever they are doing), in the order claimed
         self._claims: list[ShardClaim] = []
-        self.claiming = 0  # the worker's shard loops waiting on a claim now
+        self.claiming = 0  # the worker's shard loops waiting on a claim now (but those in `_ended`)
+        # shards that ended here and whose loop claims its next shard at once (`ShardLoop`): each keeps its share
+        # until that claim is answered, so the others do not grow into lanes the next shard takes back at once
+        self._ended: list[ShardClaim] = []
         # counts the changes of `_claims` and `_executing`: a lane looks at its share again after one
         self._shares_epoch = 0
 
@@ -182,8 +192,9 @@ class ShardRunner:
         """Make every running shard heartbeat now (a batch was cancelled here: stop its lines at once)."""
         self._nudge.set()
 
-    async def run(self, claim: ShardClaim) -> bool:
-        """Run the shard to the end; True when this attempt's results were committed.
+    async def run(self, claim: ShardClaim, loop: ShardLoop | None = None) -> bool:
+        """Run the shard to the end; True when this attempt's results were committed. `loop`: the worker's loop
+        that claimed it, when it claims its next shard at once after this one (its share waits for that claim).
 
         Whatever happens, the worker goes on: a dependency that is down hands the shard back to be retried later
         (`Paused` is raised for the caller to back off), any other failure hands it back counted (and logged), and a
@@ -194,6 +205,7 @@ class ShardRunner:
             return False
         self._claims.append(claim)
         self._shares_changed()
+        goes_on = False  # the shard ends without raising: its loop claims the next
         try:
             if claim.shard.failures >= QUARANTINE_AFTER:
                 result = await self._quarantine(claim)
@@ -221,13 +233,26 @@ class ShardRunner:
             )
             # Not claimable again at once: a shard that fails every time (even in quarantine) never spins.
             await self._release(claim, retry_in=failure_delay(claim.shard.failures), failure=describe(e))
+            goes_on = True
             return False
+        else:
+            goes_on = True
         finally:
             self._claims.remove(claim)
+            if loop is not None and goes_on:  # its loop claims the next shard now
+                loop.ended = claim
+                self._ended.append(claim)
             self._idle.set()
             self._shares_changed()
         self.outage.ok()
         return result
+
+    def handed_on(self, loop: ShardLoop) -> None:
+        """The claim that follows the loop's last shard was answered, or is not made now: that shard's share goes
+        to the next one, or (`claimed_nothing`) to the others."""
+        if loop.ended is not None:
+            self._ended.remove(loop.ended)
+            loop.ended = None
 
     async def _run_alone(self, claim: ShardClaim) -> bool:
         """Run a shard that failed before with nothing else running in this process.
@@ -379,6 +404,10 @@ class ShardRunner:
         # It takes that room back as soon as they found nothing (`claimed_nothing` -> `_shares_changed`).
         started = {id(a.claim) for a in self._executing}
         opening = [(c.owner, c.weight) for c in self._claims if id(c) not in started and c is not att.claim]
+        # A shard that ended here keeps its share while its loop claims the next (`_ended`): on a loaded machine
+        # the shards do not end together, and the others' new lanes would each prefill their group on the slot it
+        # left (15 prefills for 8 groups once in CI), to retire when the next shard starts a moment later.
+        opening += [(c.owner, c.weight) for c in self._ended]
         if starting:
             opening += [(att.claim.owner, att.claim.weight)] * self.claiming
         if att not in self._executing:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ from batchyard.config import Settings
 from batchyard.execution import jobs
 from batchyard.execution.containment import DEPENDENCY_ERRORS, Backoff, Paused
 from batchyard.execution.dispatcher import Dispatcher
-from batchyard.execution.shard_runner import ShardRunner
+from batchyard.execution.shard_runner import ShardLoop, ShardRunner
 from batchyard.execution.sweeper import Sweeper, SweepReport
 from batchyard.execution.webhooks import WebhookSender
 from batchyard.ids import worker_id
@@ -149,26 +150,48 @@ class Worker:
             raise
         return True
 
-    async def run_shard_once(self) -> bool:
-        if self.runner.outage.failures:  # storage was down: claim (and send lines) only once it takes a write
-            try:
-                await self.blobs.probe()
-            except DEPENDENCY_ERRORS as e:
-                raise Paused(self.runner.outage.failed(e), e) from e
-            self.runner.outage.ok()  # it is back (with nothing left to run, no probe every poll for ever)
-        # A shard that failed before runs alone (ShardRunner._run_alone): nothing new is claimed meanwhile.
-        await self.runner.solo_done.wait()
-        await self.runner.room_for_shard()  # no more shards than lanes the concurrency limit allows
-        self.runner.claiming += 1  # a shard that starts meanwhile leaves it a lane (ShardRunner._fair_lanes)
+    async def run_shard_once(self, loop: ShardLoop | None = None) -> bool:
+        """Claim a shard and run it; False when none was found. `loop`: the calling loop, which claims again at
+        once after a shard (the shard's share of the lanes waits for that claim: ShardRunner._ended)."""
+        loop = loop or ShardLoop()
+        follows = loop.ended is not None
+        claim = None
         try:
-            claim = await self.store.claim_shard(self.id, self.settings.lease_seconds)
+            # Before a wait, the share kept for this claim goes back to the running shards.
+            if follows and (
+                self.runner.outage.failures
+                or not self.runner.solo_done.is_set()
+                or self.runner.active >= self.dispatcher.total_limit()
+            ):
+                self.runner.handed_on(loop)
+                self.runner.claimed_nothing()
+                follows = False
+            if (
+                self.runner.outage.failures
+            ):  # storage was down: claim (and send lines) only once it takes a write
+                try:
+                    await self.blobs.probe()
+                except DEPENDENCY_ERRORS as e:
+                    raise Paused(self.runner.outage.failed(e), e) from e
+                self.runner.outage.ok()  # it is back (with nothing left to run, no probe every poll for ever)
+            # A shard that failed before runs alone (ShardRunner._run_alone): nothing new is claimed meanwhile.
+            await self.runner.solo_done.wait()
+            await self.runner.room_for_shard()  # no more shards than lanes the concurrency limit allows
+            if not follows:  # a shard that starts meanwhile leaves it a lane (ShardRunner._fair_lanes)
+                self.runner.claiming += 1
+            try:
+                claim = await self.store.claim_shard(self.id, self.settings.lease_seconds)
+            finally:
+                if not follows:
+                    self.runner.claiming -= 1
         finally:
-            self.runner.claiming -= 1
+            self.runner.handed_on(loop)
+            if claim is None:  # nothing, or the claim failed: the others take the lanes left for it
+                self.runner.claimed_nothing()
         if claim is None:
-            self.runner.claimed_nothing()
             return False
         metrics.shard_claimed()
-        await self.runner.run(claim)
+        await self.runner.run(claim, loop)
         self.wake(nudge=False)
         return True
 
@@ -262,5 +285,6 @@ class Worker:
             if self.settings.online_priority != "off":
                 tg.create_task(self._watch_online(), name="online-board")
             for i in range(self.settings.max_shards):
-                tg.create_task(self._loop(self.run_shard_once, "running shards"), name=f"shard-runner-{i}")
+                step = functools.partial(self.run_shard_once, ShardLoop())
+                tg.create_task(self._loop(step, "running shards"), name=f"shard-runner-{i}")
             tg.create_task(self._loop(self.run_guest_shard_once, "running shards"), name="guest-shard-runner")
