@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,28 +36,12 @@ import httpx
 from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BatchyardServer, free_port
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import BatchyardServer
+from tests.support.llama_server import SLOTS
+from tests.support.llama_server import LlamaServer as Engine
 
 from batchyard.embedded.models import ensure_smollm2
-
-SLOTS = 4
-ENGINE = f"""
-import sys, time, xllamacpp
-p = xllamacpp.CommonParams()
-p.model.path = sys.argv[1]
-p.n_parallel = {SLOTS}
-p.n_ctx = {SLOTS} * 2048
-if sys.argv[3] == "off":
-    p.cache_ram_mib = 0
-p.cpuparams.n_threads = 2
-p.cpuparams_batch.n_threads = 2
-p.hostnames = ["127.0.0.1"]
-p.port = int(sys.argv[2])
-p.verbosity = 0
-server = xllamacpp.Server(p)
-print("ready", flush=True)
-time.sleep(1e9)
-"""
 
 WORDS = [
     "river",
@@ -142,39 +125,6 @@ def make_file(path: Path, lines: int, groups: int, words: int, seed: int = 7) ->
         reqs.append({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
     rng.shuffle(reqs)
     path.write_text("".join(json.dumps(r) + "\n" for r in reqs))
-
-
-class Engine:
-    def __init__(self, model: Path, cache: str) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", ENGINE, str(model), str(self.port), cache],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        assert self.proc.stdout is not None
-        if self.proc.stdout.readline().strip() != b"ready":
-            raise RuntimeError("the engine did not start")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("the engine is not healthy")
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __enter__(self) -> Engine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
 
 
 def usage_of(body: dict[str, Any]) -> tuple[int, int]:

@@ -90,9 +90,11 @@ class Dispatcher:
             if len(group) > 1 and healthier_exists(member, group):
                 limiter.release(started, Signal.ERROR)  # ejected while we waited: choose again
                 continue
+            sent, sent_body = payload, body
             if member.priority is not None and "priority" not in body:  # the request's own priority wins
-                payload = wire.dumps({**body, "priority": member.priority})
-            return await self._send(member, limiter, started, endpoint, body, payload, stop)
+                sent_body = {**body, "priority": member.priority}
+                sent = wire.dumps(sent_body)
+            return await self._send(member, limiter, started, endpoint, sent_body, sent, stop)
 
     async def _send(
         self,
@@ -116,12 +118,15 @@ class Dispatcher:
                 return None
             member.health.on_attempt(time.monotonic())
             sent_at = meter.sent()
-            if member.upstream.preemptible:
+            upstream, timeout = member.upstream, member.timeout or self._attempt_timeout
+            streams = upstream.streams(endpoint, body)  # then a cut stops the engine (upstreams/streamed.py)
+            if upstream.preemptible or streams:
                 handle = limiter.track()
             try:
-                resp = await member.upstream.call(
-                    endpoint, payload, timeout=member.timeout or self._attempt_timeout
-                )
+                if streams:
+                    resp = await upstream.call_streamed(endpoint, body, timeout=timeout)
+                else:
+                    resp = await upstream.call(endpoint, payload, timeout=timeout)
             except asyncio.CancelledError:
                 if handle is None or not handle.taken_back():
                     raise

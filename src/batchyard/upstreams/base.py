@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -66,6 +67,15 @@ class Upstream(ABC):
     @abstractmethod
     async def call(self, endpoint: str, body: bytes, *, timeout: float) -> UpstreamResponse:
         """POST body to endpoint (e.g. "/v1/chat/completions"); the whole attempt finishes within timeout."""
+
+    def streams(self, endpoint: str, body: dict[str, Any]) -> bool:
+        """Whether this batch request goes as a stream (`call_streamed`): an engine that stops a stream whose
+        client left, and not a plain request, can then have it cut short (upstreams/streamed.py)."""
+        return False
+
+    async def call_streamed(self, endpoint: str, body: dict[str, Any], *, timeout: float) -> UpstreamResponse:
+        """`call` with the request sent as a stream, and the answer assembled as a plain request gets it."""
+        raise NotImplementedError
 
     async def stream(self, endpoint: str, body: bytes, *, timeout: float) -> UpstreamStream:
         """POST body to endpoint and hand back the answer as it arrives (online requests: the front door).

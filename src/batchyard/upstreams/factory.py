@@ -36,7 +36,10 @@ def build_router(settings: Settings) -> Router:
         http = by_url.get(url)
         if http is None:
             http = by_url[url] = HTTPUpstream(
-                url, api_key=settings.upstream_api_key, max_body=settings.max_response_bytes
+                url,
+                api_key=settings.upstream_api_key,
+                max_body=settings.max_response_bytes,
+                stream_lines=settings.stream_batch_lines,
             )
         routes.append((pattern, http))
     return Router(routes, limiter=limiter)
@@ -45,7 +48,13 @@ def build_router(settings: Settings) -> Router:
 def _spec_member(spec: UpstreamSpec, settings: Settings, limiter: Callable[[], Limiter]) -> Member:
     key = os.environ.get(spec.api_key_env) if spec.api_key_env else settings.upstream_api_key
     return Member(
-        HTTPUpstream(spec.base_url, api_key=key, name=spec.name, max_body=settings.max_response_bytes),
+        HTTPUpstream(
+            spec.base_url,
+            api_key=key,
+            name=spec.name,
+            max_body=settings.max_response_bytes,
+            stream_lines=settings.stream_batch_lines,
+        ),
         Limiter(spec.max_concurrency) if spec.max_concurrency is not None else limiter(),
         weight=spec.weight,
         timeout=spec.timeout,

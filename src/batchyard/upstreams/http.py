@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -32,8 +33,10 @@ import httptools
 import orjson
 
 from batchyard.ids import request_id
+from batchyard.upstreams import streamed
 from batchyard.upstreams.base import Upstream, UpstreamError, UpstreamResponse, UpstreamStream
 
+StreamLines = Literal["auto", "on", "off"]
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 MAX_HEAD_BYTES = 256 * 1024  # status line and headers of one answer (including interim 1xx answers)
 # The only response headers batchyard reads.
@@ -216,8 +219,11 @@ class HTTPUpstream(Upstream):
         name: str | None = None,
         max_body: int = DEFAULT_MAX_BODY,
         ssl_context: ssl.SSLContext | None = None,
+        stream_lines: StreamLines = "auto",
     ) -> None:
-        """`ssl_context`: how https:// upstreams are verified (default: the system's trust store)."""
+        """`ssl_context`: how https:// upstreams are verified (default: the system's trust store). `stream_lines`:
+        which batch requests go as streams (upstreams/streamed.py): `auto` to a llama.cpp server (it answers
+        `GET /props`: `engine_slots`), `on` to any, `off` none."""
         self.base_url = base_url.rstrip("/")
         self.name = name or self.base_url
         self._max_body = max_body
@@ -245,6 +251,8 @@ class HTTPUpstream(Upstream):
             self._stream_headers["Authorization"] = f"Bearer {api_key}"
         self._session: aiohttp.ClientSession | None = None
         self._starts: dict[tuple[str, str], bytes] = {}
+        self._stream_lines = stream_lines == "on"  # "auto": once /props answered
+        self._auto_streams = stream_lines == "auto"
 
     async def start(self) -> None:
         if self._tls and self._ssl is None:
@@ -327,7 +335,27 @@ class HTTPUpstream(Upstream):
             slots = orjson.loads(resp.body).get("total_slots")
         except (UpstreamError, orjson.JSONDecodeError, AttributeError):
             return None
-        return slots if type(slots) is int and 0 < slots <= 65536 else None
+        if type(slots) is not int or not 0 < slots <= 65536:
+            return None
+        # llama.cpp's server: it finishes a plain request whose client left, and stops a stream at once
+        self._stream_lines = self._stream_lines or self._auto_streams
+        return slots
+
+    def streams(self, endpoint: str, body: dict[str, Any]) -> bool:
+        return self._stream_lines and streamed.streamable(endpoint, body)
+
+    async def call_streamed(self, endpoint: str, body: dict[str, Any], *, timeout: float) -> UpstreamResponse:
+        """The request as a stream; its events assembled into the answer it would have had whole (a cancel
+        closes the connection mid-stream, which stops the engine). The body cap applies to the events."""
+        resp = await self._request("POST", self._path(endpoint), streamed.stream_payload(body), timeout)
+        if not 200 <= resp.status < 300 or not streamed.is_event_stream(resp.body):
+            return resp  # an error, or the engine answered whole
+        try:
+            answer, error = streamed.assemble(endpoint, resp.body)
+        except streamed.BrokenStream as e:
+            raise UpstreamError("connect", f"upstream stream broken: {e}") from None
+        # an error event after the head (llama.cpp: the generation failed): a server error, as a whole answer has
+        return UpstreamResponse(500 if error else resp.status, resp.headers, answer, resp.request_id)
 
     async def call(
         self,

@@ -89,9 +89,10 @@ class Router:
     async def start(self) -> None:
         """Start every upstream (inside the event loop that will call them), and ask each engine how many requests
         it runs at once (`Upstream.engine_slots`; once, 2 s at most). An engine that says so is llama.cpp's server:
-        its adaptive limit is held at or below its slots, and its batch requests are not cut short for online ones
-        (it finishes a non-streaming request whose client went away: cutting it frees no engine slot and wastes
-        its work; measured in docs/priority.md)."""
+        its adaptive limit is held at or below its slots, and its plain batch requests are not cut short for
+        online ones (it finishes a non-streaming request whose client went away: cutting it frees no engine slot
+        and wastes its work; measured in docs/priority.md). Those it is sent as streams (`--stream-batch-lines`,
+        upstreams/streamed.py) are: it stops a stream at once."""
         for up in self.upstreams:
             await up.start()
         members = self.members

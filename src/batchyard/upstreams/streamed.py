@@ -1,0 +1,177 @@
+"""Batch lines sent as streams, for an engine that stops a stream whose client left but not a plain request.
+
+llama.cpp's server finishes a non-streaming request after its client went away (its slot stays busy to the end:
+3.3 s for a 400-token answer cut after 0.5 s), and stops a stream 29 ms after (`python bench/engine_abort.py`). To
+cut a batch line short there (an online request needs the engine, the batch was cancelled), the line is sent with
+`"stream": true` and `stream_options.include_usage`, the events are gathered whole (no line is written before its
+answer ended, as for any line), and they are assembled into the body the same request without streaming gets: one
+`chat.completion` (or `text_completion`) with each choice's message, its log-probabilities and finish reason, and
+the usage and llama.cpp's `timings` of the last event.
+
+Only the requests whose stream is one answer in the same shape are sent so (`streamable`): `/v1/chat/completions`
+and `/v1/completions` with no `stream` of their own, one choice (`n` 1), no JSON constraint (`response_format`,
+llama.cpp's `grammar` and `json_schema`) and, for completions, one prompt string. Others go as they are (llama.cpp
+streams several choices with a usage event each, several prompts in turn, and holds back a partial JSON answer).
+Checked against llama.cpp's own answers, field by field but for `id`, `created` and `timings`:
+tests/integration/test_streamed_lines.py.
+An answer that is not an event stream (an error status, an engine that ignored `stream`) is passed on as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchyard.domain import wire
+
+STREAMABLE = frozenset(("/v1/chat/completions", "/v1/completions"))
+_OBJECT = {"/v1/chat/completions": "chat.completion", "/v1/completions": "text_completion"}
+
+
+class BrokenStream(ValueError):
+    """The events do not make one answer (an event that is not JSON, none at all, or one the stream ended in)."""
+
+
+def streamable(endpoint: str, body: dict[str, Any]) -> bool:
+    """Whether this request, sent as a stream, comes back as one answer that `assemble` rebuilds whole."""
+    if (
+        endpoint not in STREAMABLE
+        or body.get("stream") not in (None, False)
+        or body.get("n") not in (None, 1)
+        or _constrained(body)
+    ):
+        return False
+    return endpoint == "/v1/chat/completions" or isinstance(body.get("prompt"), str)
+
+
+def _constrained(body: dict[str, Any]) -> bool:
+    """A JSON-constrained answer: when `max_tokens` cuts it short, llama.cpp's stream holds back the partial JSON
+    (the whole answer is the three tokens of a code fence, its stream has no content at all): these go whole."""
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        return True
+    return "grammar" in body or "json_schema" in body
+
+
+def stream_payload(body: dict[str, Any]) -> bytes:
+    """The request as a stream that ends with its usage."""
+    return wire.dumps({**body, "stream": True, "stream_options": {"include_usage": True}})
+
+
+def _events(raw: bytes) -> list[Any]:
+    """The `data:` payloads of a server-sent event stream, up to `[DONE]` (comments and other fields skipped)."""
+    found: list[Any] = []
+    for block in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
+        data = [line[5:].removeprefix(b" ") for line in block.split(b"\n") if line.startswith(b"data:")]
+        if not data:
+            continue
+        payload = b"\n".join(data)
+        if payload.strip() == b"[DONE]":
+            break
+        try:
+            found.append(wire.loads(payload))  # exact, as a whole answer is read
+        except ValueError as e:
+            raise BrokenStream(f"an event of the stream is not JSON: {e}") from None
+    return found
+
+
+def is_event_stream(raw: bytes) -> bool:
+    head = raw.lstrip()[:6]
+    return head.startswith((b"data:", b":", b"event:", b"id:"))
+
+
+def assemble(endpoint: str, raw: bytes) -> tuple[bytes, bool]:
+    """The answer the request would have had without streaming, and whether it is an error: (the error event's
+    own object, True) when the engine ended the stream with `{"error": ...}`."""
+    top: dict[str, Any] = {}
+    choices: dict[int, dict[str, Any]] = {}
+    events = [e for e in _events(raw) if e is not None]  # llama.cpp may open with `data: null`
+    if not events:
+        raise BrokenStream("the stream ended before any event")
+    for event in events:
+        if not isinstance(event, dict):
+            raise BrokenStream("an event of the stream is not a JSON object")
+        if "error" in event:
+            return wire.dumps(event), True
+        for key, value in event.items():
+            if key != "choices" and (value is not None or key not in top):
+                top[key] = value
+        for delta in event.get("choices") or ():
+            if isinstance(delta, dict):
+                index = delta.get("index", 0)
+                _merge_choice(choices.setdefault(index if isinstance(index, int) else 0, {}), delta, endpoint)
+    top["object"] = _OBJECT[endpoint]
+    answer = {"choices": [_finish_choice(choices[i], endpoint, i) for i in sorted(choices)], **top}
+    return wire.dumps(answer), False
+
+
+def _merge_choice(into: dict[str, Any], delta: dict[str, Any], endpoint: str) -> None:
+    for key, value in delta.items():
+        if key == "delta" and isinstance(value, dict):
+            _merge_message(into.setdefault("message", {}), value)
+        elif key == "logprobs":
+            if isinstance(value, dict):
+                _merge_lists(into.setdefault("logprobs", {}), value)
+        elif key == "text" and isinstance(value, str):
+            into["text"] = into.get("text", "") + value
+        elif value is not None or key not in into:
+            into[key] = value
+
+
+def _merge_message(message: dict[str, Any], delta: dict[str, Any]) -> None:
+    for key, value in delta.items():
+        if key == "tool_calls" and isinstance(value, list):
+            calls = message.setdefault("tool_calls", [])
+            for part in value:
+                if isinstance(part, dict):
+                    _merge_call(calls, part)
+        elif isinstance(value, str) and isinstance(message.get(key), str):
+            message[key] += value  # content, reasoning_content, refusal: the text arrives in pieces
+        elif value is not None or key not in message:
+            message[key] = value
+
+
+def _merge_call(calls: list[dict[str, Any]], part: dict[str, Any]) -> None:
+    """A tool call arrives as its id, type and name, then its arguments in pieces, under one `index`."""
+    index = part.get("index")
+    call = next((c for c in calls if c.get("index") == index), None) if index is not None else None
+    if call is None:
+        call = {"index": index}
+        calls.append(call)
+    for key, value in part.items():
+        if key == "function" and isinstance(value, dict):
+            function = call.setdefault("function", {})
+            for k, v in value.items():
+                if isinstance(v, str) and isinstance(function.get(k), str):
+                    function[k] += v
+                elif v is not None or k not in function:
+                    function[k] = v
+        elif value is not None or key not in call:
+            call[key] = value
+
+
+def _merge_lists(into: dict[str, Any], part: dict[str, Any]) -> None:
+    for key, value in part.items():
+        if isinstance(value, list):
+            into.setdefault(key, []).extend(value)
+        elif value is not None or key not in into:
+            into[key] = value
+
+
+def _finish_choice(choice: dict[str, Any], endpoint: str, index: int) -> dict[str, Any]:
+    logprobs = choice.get("logprobs")
+    if endpoint == "/v1/completions":
+        return {
+            "text": choice.get("text", ""),
+            "index": index,
+            "logprobs": logprobs,
+            "finish_reason": choice.get("finish_reason"),
+        }
+    message = choice.get("message", {})
+    for call in message.get("tool_calls") or ():
+        call.pop("index", None)  # a stream's bookkeeping: a whole answer's tool calls have none
+    if message.get("content") is None and not message.get("tool_calls"):
+        message["content"] = ""
+    out = {"finish_reason": choice.get("finish_reason"), "index": index, "message": message}
+    if logprobs is not None:
+        out["logprobs"] = logprobs
+    return out
