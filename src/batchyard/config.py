@@ -602,7 +602,8 @@ class Settings(_Model):
             "(docs/priority.md): an engine that finishes a plain request whose client went away but stops a "
             "stream, such as llama.cpp's server, then stops at once when a line is cut short for an online "
             "request or a cancel. `auto`: to an upstream that answers llama.cpp's `GET /props`; `on`: to every "
-            "HTTP upstream; `off`. Only chat and text completions with one choice (and one prompt) go so",
+            "HTTP upstream; `off`. Only chat and text completions with one choice, one prompt and no JSON constraint "
+            "go so",
             metavar="auto|on|off",
         ),
     ] = "auto"
