@@ -169,12 +169,15 @@ async def _sse_reset(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
 async def _sse_hold(
     up: ScriptedUpstream, w: asyncio.StreamWriter, content_type: bytes = b"text/event-stream"
 ) -> bool:
-    """One event, then nothing until `release()` (10 s at most), then the rest."""
+    """One event, then nothing until `release()` (10 s at most), then the rest. A release from before this request
+    (one that found no stream held, or came after a stream's 10 s) does not count: it would let this one end before
+    its client looked at it."""
+    released = up._released
+    assert released is not None
+    released.clear()
     w.write(b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n\r\n" % content_type)
     w.write(_chunk(EVENT))
     await w.drain()
-    released = up._released
-    assert released is not None
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(released.wait(), 10)
     released.clear()  # the next one waits for its own release
@@ -265,7 +268,7 @@ class ScriptedUpstream:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def release(self) -> None:
-        """Let every `sse_hold` stream end (and the ones after it pass at once)."""
+        """Let every `sse_hold` stream held now end."""
         released = self._released
         assert released is not None
         self._loop.call_soon_threadsafe(released.set)
