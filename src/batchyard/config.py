@@ -596,12 +596,13 @@ class Settings(_Model):
         Option(
             EXECUTION,
             "Send batch requests to an upstream as streams and assemble each answer, so that a request cut short "
-            "(an online request needs the engine, the batch was cancelled) stops the engine at once: 'auto' to a "
+            "(the batch was cancelled; an online request needs the engine, under 'pause') stops the engine at "
+            "once: 'auto' to a "
             "llama.cpp server (it finishes a plain request whose client left), 'on' to every upstream, 'off'.",
             doc="batch requests sent as streams, their events assembled into the answer a plain request gets "
             "(docs/priority.md): an engine that finishes a plain request whose client went away but stops a "
-            "stream, such as llama.cpp's server, then stops at once when a line is cut short for an online "
-            "request or a cancel. `auto`: to an upstream that answers llama.cpp's `GET /props`; `on`: to every "
+            "stream, such as llama.cpp's server, then stops at once when a line is cut short by a cancel, or for "
+            "an online request under `--online-priority pause`. `auto`: to an upstream that answers llama.cpp's `GET /props`; `on`: to every "
             "HTTP upstream; `off`. Only chat and text completions with one choice, one prompt and no JSON constraint "
             "go so",
             metavar="auto|on|off",

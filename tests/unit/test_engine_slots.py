@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from batchyard.config import Settings
+from batchyard.upstreams.factory import build_router
 from batchyard.upstreams.http import HTTPUpstream
 from batchyard.upstreams.limiter import AdaptiveLimiter, Limiter, Signal
 from batchyard.upstreams.router import Router
@@ -89,3 +91,41 @@ async def test_llamacpp_batch_requests_are_not_cut_for_online_ones(llamacpp: str
         await router.start()
         await router.aclose()
         assert plain.preemptible
+
+
+CHAT_LINE = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("mode", "llama", "streams"),
+    [
+        ("auto", True, True),
+        ("auto", False, False),
+        ("off", True, False),
+        ("on", False, True),
+        ("on", True, True),
+    ],
+)
+async def test_batch_lines_go_as_streams_to_llamacpp_by_default(
+    mode: Any, llama: bool, streams: bool
+) -> None:
+    """`--stream-batch-lines auto`: to an upstream that answers /props (llama.cpp stops a stream whose client left,
+    not a plain request); `on`: to every upstream; `off`: to none."""
+    async for url in serve({"total_slots": 4} if llama else None):
+        up = HTTPUpstream(url, stream_lines=mode)
+        router = Router([(None, up)], limiter=lambda: Limiter(8))
+        await router.start()
+        await router.aclose()
+        assert up.streams("/v1/chat/completions", CHAT_LINE) is streams
+        assert not up.streams("/v1/embeddings", {"model": "m", "input": "Hi"})
+
+
+@pytest.mark.parametrize(("priority", "cut"), [("pause", True), ("slots", False), ("off", False)])
+def test_online_requests_cut_streamed_lines_under_pause_only(priority: Any, cut: bool) -> None:
+    """Under `slots` a cut on a CPU engine wastes the line's work and the online request still shares the cores
+    with the other lines (docs/priority.md, measured); a cancel cuts them in any mode."""
+    router = build_router(
+        Settings(upstreams=[(None, "http://127.0.0.1:9/v1")], online_priority=priority, embedded=False)
+    )
+    (member,) = router.members
+    assert member.upstream.preemptible_streams is cut

@@ -120,7 +120,7 @@ class Dispatcher:
             sent_at = meter.sent()
             upstream, timeout = member.upstream, member.timeout or self._attempt_timeout
             streams = upstream.streams(endpoint, body)  # then a cut stops the engine (upstreams/streamed.py)
-            if upstream.preemptible or streams:
+            if upstream.preemptible or (streams and upstream.preemptible_streams):
                 handle = limiter.track()
             try:
                 if streams:

@@ -152,23 +152,26 @@ class Worker:
 
     async def run_shard_once(self, loop: ShardLoop | None = None) -> bool:
         """Claim a shard and run it; False when none was found. `loop`: the calling loop, which claims again at
-        once after a shard (the shard's share of the lanes waits for that claim: ShardRunner._ended)."""
-        loop = loop or ShardLoop()
-        follows = loop.ended is not None
+        once after a shard (the shard's share of the lanes waits for that claim: ShardRunner._ended); None for a
+        single call."""
+        follows = loop is not None and loop.ended is not None
         claim = None
         try:
             # Before a wait, the share kept for this claim goes back to the running shards.
-            if follows and (
-                self.runner.outage.failures
-                or not self.runner.solo_done.is_set()
-                or self.runner.active >= self.dispatcher.total_limit()
+            if (
+                loop is not None
+                and follows
+                and (
+                    self.runner.outage.failures
+                    or not self.runner.solo_done.is_set()
+                    or self.runner.active >= self.dispatcher.total_limit()
+                )
             ):
                 self.runner.handed_on(loop)
                 self.runner.claimed_nothing()
                 follows = False
-            if (
-                self.runner.outage.failures
-            ):  # storage was down: claim (and send lines) only once it takes a write
+            # storage was down: claim (and send lines) only once it takes a write
+            if self.runner.outage.failures:
                 try:
                     await self.blobs.probe()
                 except DEPENDENCY_ERRORS as e:
@@ -185,7 +188,8 @@ class Worker:
                 if not follows:
                     self.runner.claiming -= 1
         finally:
-            self.runner.handed_on(loop)
+            if loop is not None:
+                self.runner.handed_on(loop)
             if claim is None:  # nothing, or the claim failed: the others take the lanes left for it
                 self.runner.claimed_nothing()
         if claim is None:

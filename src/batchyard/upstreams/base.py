@@ -63,6 +63,10 @@ class Upstream(ABC):
     # A request cut short (its task cancelled) frees its engine slot: true of an HTTP upstream (the connection is
     # closed, the engine stops), not of an engine in this process that finishes the request in the background.
     preemptible: bool = False
+    # Of the requests sent as streams (`streams`), whether an online request may cut them short: `pause` only, on an
+    # engine whose slots share a few CPU cores (docs/priority.md: under `slots` a cut there wastes the line's work
+    # and the online request still shares the cores with the others). A cancel cuts them in any mode.
+    preemptible_streams: bool = False
 
     @abstractmethod
     async def call(self, endpoint: str, body: bytes, *, timeout: float) -> UpstreamResponse:

@@ -40,6 +40,7 @@ def build_router(settings: Settings) -> Router:
                 api_key=settings.upstream_api_key,
                 max_body=settings.max_response_bytes,
                 stream_lines=settings.stream_batch_lines,
+                preemptible_streams=settings.online_priority == "pause",
             )
         routes.append((pattern, http))
     return Router(routes, limiter=limiter)
@@ -54,6 +55,7 @@ def _spec_member(spec: UpstreamSpec, settings: Settings, limiter: Callable[[], L
             name=spec.name,
             max_body=settings.max_response_bytes,
             stream_lines=settings.stream_batch_lines,
+            preemptible_streams=settings.online_priority == "pause",
         ),
         Limiter(spec.max_concurrency) if spec.max_concurrency is not None else limiter(),
         weight=spec.weight,

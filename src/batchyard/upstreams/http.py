@@ -220,10 +220,12 @@ class HTTPUpstream(Upstream):
         max_body: int = DEFAULT_MAX_BODY,
         ssl_context: ssl.SSLContext | None = None,
         stream_lines: StreamLines = "auto",
+        preemptible_streams: bool = False,
     ) -> None:
         """`ssl_context`: how https:// upstreams are verified (default: the system's trust store). `stream_lines`:
         which batch requests go as streams (upstreams/streamed.py): `auto` to a llama.cpp server (it answers
-        `GET /props`: `engine_slots`), `on` to any, `off` none."""
+        `GET /props`: `engine_slots`), `on` to any, `off` none; `preemptible_streams`: online requests may cut
+        those short (`Upstream.preemptible_streams`)."""
         self.base_url = base_url.rstrip("/")
         self.name = name or self.base_url
         self._max_body = max_body
@@ -253,6 +255,7 @@ class HTTPUpstream(Upstream):
         self._starts: dict[tuple[str, str], bytes] = {}
         self._stream_lines = stream_lines == "on"  # "auto": once /props answered
         self._auto_streams = stream_lines == "auto"
+        self.preemptible_streams = preemptible_streams
 
     async def start(self) -> None:
         if self._tls and self._ssl is None:
