@@ -19,7 +19,7 @@ from batchyard.domain.validation import BatchValidator
 from batchyard.errors import BlobError, BlobNotFound
 from batchyard.execution.containment import QUARANTINE_AFTER, Paused
 from batchyard.execution.dispatcher import Dispatcher
-from batchyard.execution.shard_runner import MIN_BEAT_GAP, ShardRunner
+from batchyard.execution.shard_runner import MIN_BEAT_GAP, ShardLoop, ShardRunner
 from batchyard.execution.worker import Worker
 from batchyard.store.memory import MemoryStore
 from batchyard.upstreams.base import Upstream, UpstreamResponse
@@ -324,3 +324,39 @@ async def test_after_an_outage_the_probe_stops_once_storage_takes_a_write(tmp_pa
     assert not await worker.run_shard_once()  # no probe any more
     assert probes == 1 and worker.runner.outage.failures == 0
     assert not [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]  # the probe left nothing
+
+
+class HoldSome(Echo):
+    """Answers lines 0-9 at once and holds the others until `gate` is set."""
+
+    async def call(self, endpoint: str, body: bytes, *, timeout: float) -> UpstreamResponse:
+        req = json.loads(body)
+        if int(req["messages"][0]["content"].split()[1]) >= 10:
+            assert self.gate is not None
+            await self.gate.wait()
+        return UpstreamResponse(200, {}, json.dumps({"echo": req}).encode(), "req_1")
+
+
+async def test_a_shard_that_ended_keeps_its_share_of_lanes_while_its_loop_claims_the_next(
+    tmp_path: Path,
+) -> None:
+    """Two shards split 4 slots 2 and 2. When one ends, its loop claims its next shard at once: the other keeps its
+    2 lanes until that claim is answered (had it grown to 4, the new shard would take 2 back a moment later, and on
+    an engine without a prompt cache each lane it grew would prefill its group on the slot the first one left);
+    a claim that found nothing gives them to it at once."""
+    up = HoldSome()
+    up.gate = asyncio.Event()
+    rig = Rig(tmp_path, up, n=20, shard_lines=10)
+    await rig.batch()
+    first, second = await rig.claim(), await rig.claim()
+    loop = ShardLoop()
+    ends = asyncio.create_task(rig.runner.run(first, loop))
+    held = asyncio.create_task(rig.runner.run(second))
+    assert await ends  # lines 0-9: answered at once
+    (other,) = rig.runner._executing
+    assert loop.ended is first and other.lanes == 2  # its share waits for the loop's next claim
+    rig.runner.handed_on(loop)
+    rig.runner.claimed_nothing()
+    assert other.lanes == 4  # nothing came: the lanes are its own now
+    up.gate.set()
+    assert await held
