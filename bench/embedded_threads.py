@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -27,28 +26,11 @@ from typing import Any
 import httpx
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.llama_server import LlamaServer
 
 from batchyard.embedded.models import ensure_smollm2
 from batchyard.upstreams.embedded import CHAT_MODEL, EmbeddedUpstream
-
-REFERENCE = """
-import sys, time, xllamacpp
-p = xllamacpp.CommonParams()
-p.model.path = sys.argv[1]
-p.n_parallel = int(sys.argv[3])
-p.n_ctx = int(sys.argv[3]) * 2048
-if sys.argv[4] != "auto":
-    p.cpuparams.n_threads = int(sys.argv[4])
-    p.cpuparams_batch.n_threads = int(sys.argv[4])
-p.hostnames = ["127.0.0.1"]
-p.port = int(sys.argv[2])
-p.verbosity = 0
-server = xllamacpp.Server(p)
-print("ready", flush=True)
-time.sleep(1e9)
-"""
 
 TOPICS = ["rivers", "mountains", "bees", "winter", "markets", "music", "forests", "oceans"]
 
@@ -108,31 +90,12 @@ async def through_batchyard(
 
 
 def reference(model: Path, threads: int | None, reqs: list[dict[str, Any]], slots: int) -> float:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", REFERENCE, str(model), str(port), str(slots), str(threads or "auto")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        assert proc.stdout is not None
-        if proc.stdout.readline().strip() != b"ready":
-            raise RuntimeError("llama.cpp's server did not start")
-        return asyncio.run(_drive_reference(f"http://127.0.0.1:{port}", reqs, slots))
-    finally:
-        proc.kill()
-        proc.wait(10)
+    with LlamaServer(model, slots=slots, threads=threads) as server:
+        return asyncio.run(_drive_reference(server.root, reqs, slots))
 
 
 async def _drive_reference(url: str, reqs: list[dict[str, Any]], slots: int) -> float:
     async with httpx.AsyncClient(timeout=600) as client:
-        for _ in range(300):
-            try:
-                if (await client.get(url + "/health")).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.1)
 
         async def call(body: dict[str, Any]) -> int:
             r = await client.post(url + "/v1/chat/completions", content=orjson.dumps(body))

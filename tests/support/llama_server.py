@@ -13,18 +13,20 @@ import httpx
 from tests.support.processes import free_port
 
 SLOTS = 4
-_SCRIPT = f"""
+_SCRIPT = """
 import sys, time, xllamacpp
+model, port, cache, slots, threads = sys.argv[1:6]
 p = xllamacpp.CommonParams()
-p.model.path = sys.argv[1]
-p.n_parallel = {SLOTS}
-p.n_ctx = {SLOTS} * 2048
-if sys.argv[3] == "off":
+p.model.path = model
+p.n_parallel = int(slots)
+p.n_ctx = int(slots) * 2048
+if cache == "off":
     p.cache_ram_mib = 0
-p.cpuparams.n_threads = 2
-p.cpuparams_batch.n_threads = 2
+if threads != "auto":
+    p.cpuparams.n_threads = int(threads)
+    p.cpuparams_batch.n_threads = int(threads)
 p.hostnames = ["127.0.0.1"]
-p.port = int(sys.argv[2])
+p.port = int(port)
 p.verbosity = 0
 server = xllamacpp.Server(p)
 print("ready", flush=True)
@@ -33,12 +35,24 @@ time.sleep(1e9)
 
 
 class LlamaServer:
-    """`cache`: its RAM prompt cache "on" (llama.cpp's default) or "off" (`cache_ram_mib` 0). 4 slots, 2 threads."""
+    """`cache`: its RAM prompt cache "on" (llama.cpp's default) or "off" (`cache_ram_mib` 0); `threads` None:
+    llama.cpp's own default."""
 
-    def __init__(self, model: Path, cache: str = "on") -> None:
+    def __init__(
+        self, model: Path, cache: str = "on", *, slots: int = SLOTS, threads: int | None = 2
+    ) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SCRIPT, str(model), str(self.port), cache],
+            [
+                sys.executable,
+                "-c",
+                _SCRIPT,
+                str(model),
+                str(self.port),
+                cache,
+                str(slots),
+                str(threads or "auto"),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
