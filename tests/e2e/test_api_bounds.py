@@ -428,3 +428,23 @@ def test_a_full_disk_answers_507_and_leaves_nothing_behind(
         small = post_file(c, b"still works", purpose="vision")
         assert small.status_code == 200, small.text
         assert c.get(f"/v1/files/{small.json()['id']}/content").content == b"still works"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/chat/completions/"),  # a trailing slash: was a 307 to follow (FastAPI's redirect)
+        ("GET", "/v1/batches/"),
+        ("POST", "/v1/chat/completion"),
+        ("GET", "/v2/batches"),
+        ("GET", "/v1/" + "x" * 5000),
+    ],
+)
+def test_a_path_that_is_not_served_gets_openais_unknown_url(
+    http: httpx.Client, method: str, path: str
+) -> None:
+    resp = http.request(method, path, json={})
+    err = assert_envelope(resp, 404, param=None, code="unknown_url")
+    assert err["type"] == "invalid_request_error"
+    assert err["message"].startswith(f"Unknown request URL: {method} {path[:100]}")
+    assert len(err["message"]) < 300  # a long path is cut, not echoed whole

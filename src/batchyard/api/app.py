@@ -37,6 +37,7 @@ def create_app(svc: Services) -> FastAPI:
         default_response_class=JSONResponse,
         docs_url=None,  # served from vendored files by ui_routes
         redoc_url=None,
+        redirect_slashes=False,  # a trailing slash is an unknown URL, as at OpenAI (not a 307 to follow)
     )
     errors.install(app)
     app.include_router(files.router(svc, auth.owner))

@@ -98,9 +98,15 @@ def install(app: FastAPI) -> None:
         return envelope(400, msg, type_="invalid_request_error", param=param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 404:
-            return envelope(404, "Not found.", type_="invalid_request_error", code="not_found")
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:  # no route: OpenAI's answer to a path it does not serve
+            path = request.url.path
+            shown = path if len(path) <= 100 else path[:100] + "..."
+            message = (
+                f"Unknown request URL: {request.method} {shown}. Please check the URL for typos, or see the docs "
+                "at https://platform.openai.com/docs/api-reference/."
+            )
+            return envelope(404, message, type_="invalid_request_error", code="unknown_url")
         if exc.status_code == 405:
             return envelope(
                 405, "Method not allowed.", type_="invalid_request_error", code="method_not_allowed"
