@@ -601,7 +601,7 @@ class Settings(_Model):
             "llama.cpp server (it finishes a plain request whose client left), 'on' to every upstream, 'off'.",
             doc="batch requests sent as streams, their events assembled into the answer a plain request gets "
             "(docs/priority.md): an engine that finishes a plain request whose client went away but stops a "
-            "stream, such as llama.cpp's server, then stops at once when a line is cut short by a cancel, or for "
+            "stream, such as llama.cpp's server, then stops at once when a line is cut short by a cancel (after `--cancel-grace`), or for "
             "an online request under `--online-priority pause`. `auto`: to an upstream that answers llama.cpp's `GET /props`; `on`: to every "
             "HTTP upstream; `off`. Only chat and text completions with one choice, one prompt and no JSON constraint "
             "go so",

@@ -250,6 +250,39 @@ async def test_a_cancel_is_seen_at_once_when_the_worker_is_nudged(tmp_path: Path
     assert {x["error"]["code"] for x in err} == {"batch_cancelled"}
 
 
+async def test_with_no_grace_the_lines_in_flight_are_cut_by_the_beat_that_sees_the_cancel(
+    tmp_path: Path,
+) -> None:
+    """`--cancel-grace 0`: the heartbeat that sees the cancel cuts the lines in flight (it waited for the next one, a
+    second later, before), and with a grace the cut comes when it ends, not at the next whole beat after it."""
+    up = Echo()
+    up.gate = asyncio.Event()  # never set: the lines in flight end only by being cut
+    rig = Rig(tmp_path, up, n=8)
+    rig.runner.settings = rig.runner.settings.replace(cancel_grace=0.0)
+    await rig.batch()
+    beats = 0
+    beat = rig.store.heartbeat_shard
+
+    async def counted(*a: Any, **kw: Any) -> Any:
+        nonlocal beats
+        beats += 1
+        return await beat(*a, **kw)
+
+    rig.store.heartbeat_shard = counted  # type: ignore[method-assign]
+    task = asyncio.create_task(rig.runner.run(await rig.claim()))
+    for _ in range(500):
+        if len(up.sent) >= 4:
+            break
+        await asyncio.sleep(0.01)
+    assert await rig.store.request_cancel(OWNER, "batch_1") is not None
+    seen = beats
+    rig.runner.nudge()
+    assert await asyncio.wait_for(task, 5)
+    assert beats == seen + 1  # one beat: it saw the cancel and cut the four lines
+    out, err = await rig.result_lines()
+    assert out == [] and len(err) == 8 and {x["error"]["code"] for x in err} == {"batch_cancelled"}
+
+
 async def test_a_shard_that_failed_before_runs_alone(tmp_path: Path) -> None:
     """After a worker death every shard it ran is counted failed; run alone next, an innocent one succeeds and
     is never blamed for another shard's next crash."""

@@ -557,8 +557,9 @@ class ShardRunner:
         last = loop.time()
         while True:
             # Every second (or when nudged): publish progress, extend the lease, see a cancel or an expiry.
+            wake = last + period if grace_deadline is None else min(last + period, grace_deadline)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, last + period - loop.time())):
+                async with asyncio.timeout(max(0.0, wake - loop.time())):  # the grace's end comes on time
                     await self._nudge.wait()
             self._nudge.clear()
             # Nudges come from API requests (every cancel call wakes the workers): at most MIN_BEAT_GAP apart,
@@ -594,7 +595,7 @@ class ShardRunner:
                 att.notify()  # lanes holding back for a prefix group go on: they only record lines now
                 if grace_deadline is None:
                     grace_deadline = loop.time() + s.cancel_grace
-                elif loop.time() >= grace_deadline and not att.hard_stop:
+                if loop.time() >= grace_deadline and not att.hard_stop:  # a grace of 0: at once
                     att.hard_stop = True
                     for t in list(att.executing):  # only lanes waiting on an upstream, never one writing
                         t.cancel()

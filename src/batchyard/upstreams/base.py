@@ -65,7 +65,7 @@ class Upstream(ABC):
     preemptible: bool = False
     # Of the requests sent as streams (`streams`), whether an online request may cut them short: `pause` only, on an
     # engine whose slots share a few CPU cores (docs/priority.md: under `slots` a cut there wastes the line's work
-    # and the online request still shares the cores with the others). A cancel cuts them in any mode.
+    # and the online request still shares the cores with the others). A cancel cuts them in any mode (after `cancel_grace`).
     preemptible_streams: bool = False
 
     @abstractmethod

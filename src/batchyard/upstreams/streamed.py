@@ -2,7 +2,7 @@
 
 llama.cpp's server finishes a non-streaming request after its client went away (its slot stays busy to the end:
 3.3 s for a 400-token answer cut after 0.5 s), and stops a stream 29 ms after (`python bench/engine_abort.py`). To
-cut a batch line short there (an online request needs the engine, the batch was cancelled), the line is sent with
+cut a batch line short there (an online request needs the engine, a cancelled batch's grace ran out), the line is sent with
 `"stream": true` and `stream_options.include_usage`, the events are gathered whole (no line is written before its
 answer ended, as for any line), and they are assembled into the body the same request without streaming gets: one
 `chat.completion` (or `text_completion`) with each choice's message, its log-probabilities and finish reason, and
