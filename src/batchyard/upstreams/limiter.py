@@ -22,6 +22,7 @@ SHORT_S = 1.0  # horizon of the recent-latency average, seconds
 LONG_S = 30.0  # horizon of the baseline-latency average, seconds
 PROBE_EVERY_S = 10.0  # at least this long between latency probes (and at least 20 round trips)
 CPU_WINDOW_S = 0.025  # how often this process's own CPU use is sampled
+KEEP_HOLD_S = 0.25  # after the last online request, batch lines keep to what the engine runs this long
 BUSY_TOLERANCE = 1.25  # latency over its baseline that shrinks the limit while this process is saturated
 CPU_BUSY = 0.9  # share of the time this thread runs or waits to run, at or above which it is the bottleneck
 
@@ -75,6 +76,7 @@ class Limiter:
         self.reserved = 0  # slots online requests hold (upstreams/online.py): batch lines get the rest
         self.room: int | None = None  # this process's share of the limit with other processes (None: all)
         self._keep: int | None = None  # while online requests are in flight: batch requests kept (`reserve`)
+        self._keep_until = 0.0  # and after the last one ended, until then
         self._seen: int | None = None  # the upstream's capacity as estimated when they started
         self._handed = 0  # slots given to waiters that have not resumed yet
         self._waiters = FairQueue()
@@ -120,8 +122,11 @@ class Limiter:
     def _cap(self) -> int:
         """Requests this process may have in flight now: the limit, less the online reservation, within its share."""
         cap = max(0, self.limit - self.reserved)
-        if self._keep is not None and self._keep < cap:
-            cap = self._keep
+        keep = self._keep
+        if keep is not None and not self.reserved and time.monotonic() >= self._keep_until:
+            keep = self._keep = self._seen = None  # online traffic stopped a while ago: the whole limit again
+        if keep is not None and keep < cap:
+            cap = keep
         room = self.room
         return cap if room is None or room >= cap else room
 
@@ -144,7 +149,10 @@ class Limiter:
         # An engine that queues what it cannot run yet serves an online request after every batch request sent
         # before it: what is kept is what the engine runs at once (`capacity`), less the online requests.
         if not slots:
-            self._keep = self._seen = None
+            # between one online request and the next, batch lines do not fill the engine's queue again (the
+            # next one would wait behind it): they keep to what it runs for KEEP_HOLD_S more
+            if self._seen is not None:
+                self._keep, self._keep_until = self._seen, time.monotonic() + KEEP_HOLD_S
         else:
             if self._seen is None:  # estimated when online requests start, before any batch request is cut
                 self._seen = self.capacity()
