@@ -138,12 +138,14 @@ def main() -> None:
         base = statistics.median(idle)
         print(
             f"no batch (users via {a.users_via}): users p50 {base * 1e3:6.0f} ms  p95 {p(idle, 0.95) * 1e3:6.0f} ms"
+            f"  p99 {p(idle, 0.99) * 1e3:6.0f} ms (n={len(idle)})"
         )
         for conc in a.settings.split(","):
             rate, lat = with_batch(conc, a.lines, port, a.users, a.users_via)
             print(
                 f"batch {conc:>10s} : users p50 {statistics.median(lat) * 1e3:6.0f} ms  p95 {p(lat, 0.95) * 1e3:6.0f} ms "
-                f"({statistics.median(lat) / base:4.1f}x idle); batch {rate:6.0f} lines/s "
+                f"({statistics.median(lat) / base:4.1f}x idle)  p99 {p(lat, 0.99) * 1e3:6.0f} ms "
+                f"({p(lat, 0.99) / p(idle, 0.99):4.1f}x idle's, n={len(lat)}); batch {rate:6.0f} lines/s "
                 f"({rate / (a.slots / a.delay):.2f} of capacity)"
             )
     finally:
