@@ -162,6 +162,19 @@ class Rig:
         return [json.loads(x) for x in out.splitlines()], [json.loads(x) for x in err.splitlines()]
 
 
+def count_beats(rig: Rig) -> list[int]:
+    """Counts the store's shard heartbeats from now on, in the list's one item."""
+    beats = [0]
+    real = rig.store.heartbeat_shard
+
+    async def counted(*args: Any, **kw: Any) -> Any:
+        beats[0] += 1
+        return await real(*args, **kw)
+
+    rig.store.heartbeat_shard = counted  # type: ignore[method-assign]
+    return beats
+
+
 async def test_a_line_that_raises_fails_alone_and_the_shard_commits(tmp_path: Path) -> None:
     rig = Rig(tmp_path, Echo(poison="line 3"))
     await rig.batch()
@@ -260,25 +273,17 @@ async def test_with_no_grace_the_lines_in_flight_are_cut_by_the_beat_that_sees_t
     rig = Rig(tmp_path, up, n=8)
     rig.runner.settings = rig.runner.settings.replace(cancel_grace=0.0)
     await rig.batch()
-    beats = 0
-    beat = rig.store.heartbeat_shard
-
-    async def counted(*a: Any, **kw: Any) -> Any:
-        nonlocal beats
-        beats += 1
-        return await beat(*a, **kw)
-
-    rig.store.heartbeat_shard = counted  # type: ignore[method-assign]
+    beats = count_beats(rig)
     task = asyncio.create_task(rig.runner.run(await rig.claim()))
     for _ in range(500):
         if len(up.sent) >= 4:
             break
         await asyncio.sleep(0.01)
     assert await rig.store.request_cancel(OWNER, "batch_1") is not None
-    seen = beats
+    seen = beats[0]
     rig.runner.nudge()
     assert await asyncio.wait_for(task, 5)
-    assert beats == seen + 1  # one beat: it saw the cancel and cut the four lines
+    assert beats[0] == seen + 1  # one beat: it saw the cancel and cut the four lines
     out, err = await rig.result_lines()
     assert out == [] and len(err) == 8 and {x["error"]["code"] for x in err} == {"batch_cancelled"}
 
@@ -316,15 +321,7 @@ async def test_a_storm_of_nudges_does_not_become_a_storm_of_heartbeats(tmp_path:
     up.gate = asyncio.Event()
     rig = Rig(tmp_path, up)
     await rig.batch()
-    beats = 0
-    real = rig.store.heartbeat_shard
-
-    async def counted(*args: Any, **kw: Any) -> Any:
-        nonlocal beats
-        beats += 1
-        return await real(*args, **kw)
-
-    rig.store.heartbeat_shard = counted  # type: ignore[method-assign]
+    beats = count_beats(rig)
     task = asyncio.create_task(rig.runner.run(await rig.claim()))
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -332,7 +329,7 @@ async def test_a_storm_of_nudges_does_not_become_a_storm_of_heartbeats(tmp_path:
         rig.runner.nudge()
         await asyncio.sleep(0.001)
     elapsed = loop.time() - started
-    assert 1 <= beats <= elapsed / MIN_BEAT_GAP + 2, (beats, elapsed)  # at most one per MIN_BEAT_GAP
+    assert 1 <= beats[0] <= elapsed / MIN_BEAT_GAP + 2, (beats, elapsed)  # at most one per MIN_BEAT_GAP
     up.gate.set()
     assert await asyncio.wait_for(task, 5)
 
