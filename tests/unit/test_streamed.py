@@ -225,3 +225,47 @@ def test_events_after_done_are_ignored() -> None:
 )
 def test_an_answer_is_an_event_stream_when_it_starts_like_one(raw: bytes, expected: bool) -> None:
     assert streamed.is_event_stream(raw) is expected
+
+
+def test_a_null_first_then_a_value_and_a_repeated_role_or_finish_reason_are_not_joined() -> None:
+    raw = sse(
+        chunk(
+            [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": None, "tool_calls": None},
+                    "logprobs": None,
+                }
+            ]
+        ),
+        chunk([{"index": 0, "delta": {"role": "assistant", "content": "a"}, "logprobs": {"content": None}}]),
+        chunk([{"index": 0, "delta": {"content": "b"}, "logprobs": {"content": [{"token": "b"}]}}]),
+        chunk([{"finish_reason": "stop", "index": 0, "delta": {}}]),
+        chunk([{"finish_reason": "stop", "index": 0, "delta": {}}]),
+    )
+    choice = orjson.loads(streamed.assemble(CHAT, raw)[0])["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert choice["message"] == {"role": "assistant", "content": "ab", "tool_calls": None}
+    assert choice["logprobs"] == {"content": [{"token": "b"}]}
+
+
+@pytest.mark.parametrize(
+    "piece",
+    [
+        {"index": 0, "delta": "text"},
+        {"index": 0, "message": "text", "delta": {"content": 3}},
+        {"index": 0, "delta": {"tool_calls": [1, "x", {"index": None}, {"function": "f"}]}},
+        {"index": 0, "delta": {"tool_calls": {"index": 0}}},
+        {"index": "0", "logprobs": [1, 2], "text": 5},
+        {"index": 0, "delta": {"content": ["a"]}, "logprobs": "x"},
+    ],
+)
+@pytest.mark.parametrize("endpoint", [CHAT, TEXT])
+def test_an_odd_piece_from_the_engine_makes_an_answer_not_an_exception(
+    piece: dict[str, Any], endpoint: str
+) -> None:
+    """Whatever JSON an engine streams, the line gets an answer (or a broken-stream error), never a crash in the
+    worker's assembly: `_merge` is total over JSON."""
+    raw = sse(chunk([{"index": 0, "delta": {"content": "a"}}]), chunk([piece]), chunk([piece]))
+    answer = orjson.loads(streamed.assemble(endpoint, raw)[0])
+    assert answer["object"] in ("chat.completion", "text_completion") and answer["choices"]

@@ -95,80 +95,71 @@ def assemble(endpoint: str, raw: bytes) -> tuple[bytes, bool]:
         for key, value in event.items():
             if key != "choices" and (value is not None or key not in top):
                 top[key] = value
-        for delta in event.get("choices") or ():
-            if isinstance(delta, dict):
-                index = delta.get("index", 0)
-                _merge_choice(choices.setdefault(index if isinstance(index, int) else 0, {}), delta, endpoint)
+        for piece in event.get("choices") or ():
+            if isinstance(piece, dict):
+                index = piece.get("index", 0)
+                choice = choices.setdefault(index if isinstance(index, int) else 0, {})
+                _merge(choice, {("message" if k == "delta" else k): v for k, v in piece.items()})
     top["object"] = _OBJECT[endpoint]
     answer = {"choices": [_finish_choice(choices[i], endpoint, i) for i in sorted(choices)], **top}
     return wire.dumps(answer), False
 
 
-def _merge_choice(into: dict[str, Any], delta: dict[str, Any], endpoint: str) -> None:
-    for key, value in delta.items():
-        if key == "delta" and isinstance(value, dict):
-            _merge_message(into.setdefault("message", {}), value)
-        elif key == "logprobs":
-            if isinstance(value, dict):
-                _merge_lists(into.setdefault("logprobs", {}), value)
-        elif key == "text" and isinstance(value, str):
-            into["text"] = into.get("text", "") + value
-        elif value is not None or key not in into:
-            into[key] = value
+# Kept from the last piece, never joined: what a stream repeats rather than splits.
+_REPLACED = frozenset(("index", "type", "id", "role", "finish_reason"))
 
 
-def _merge_message(message: dict[str, Any], delta: dict[str, Any]) -> None:
-    for key, value in delta.items():
-        if key == "tool_calls" and isinstance(value, list):
-            calls = message.setdefault("tool_calls", [])
-            for part in value:
-                if isinstance(part, dict):
-                    _merge_call(calls, part)
-        elif isinstance(value, str) and isinstance(message.get(key), str):
-            message[key] += value  # content, reasoning_content, refusal: the text arrives in pieces
-        elif value is not None or key not in message:
-            message[key] = value
-
-
-def _merge_call(calls: list[dict[str, Any]], part: dict[str, Any]) -> None:
-    """A tool call arrives as its id, type and name, then its arguments in pieces, under one `index`."""
-    index = part.get("index")
-    call = next((c for c in calls if c.get("index") == index), None) if index is not None else None
-    if call is None:
-        call = {"index": index}
-        calls.append(call)
+def _merge(into: dict[str, Any], part: dict[str, Any]) -> None:
+    """Fold one piece of a streamed choice into what came before, by the rules of the openai SDK's own
+    `accumulate_delta` (openai/lib/streaming/_deltas.py, private there, and it adds numbers): text is joined
+    (content, reasoning, refusal, a tool call's name and arguments), objects are merged, the entries of a list that
+    carry an `index` (tool calls) are merged by it and other lists (log probabilities) extended; a null never
+    replaces a value. Total over any JSON: an engine's odd piece cannot make it raise."""
     for key, value in part.items():
-        if key == "function" and isinstance(value, dict):
-            function = call.setdefault("function", {})
-            for k, v in value.items():
-                if isinstance(v, str) and isinstance(function.get(k), str):
-                    function[k] += v
-                elif v is not None or k not in function:
-                    function[k] = v
-        elif value is not None or key not in call:
-            call[key] = value
-
-
-def _merge_lists(into: dict[str, Any], part: dict[str, Any]) -> None:
-    for key, value in part.items():
-        if isinstance(value, list):
-            into.setdefault(key, []).extend(value)
-        elif value is not None or key not in into:
+        old = into.get(key)
+        if value is None:
+            into.setdefault(key, None)
+        elif isinstance(value, dict):
+            if not isinstance(old, dict):
+                old = into[key] = {}
+            _merge(old, value)
+        elif isinstance(value, list):
+            if not isinstance(old, list):
+                old = into[key] = []
+            for entry in value:
+                if isinstance(entry, dict) and "index" in entry:
+                    same = next(
+                        (e for e in old if isinstance(e, dict) and e.get("index") == entry["index"]), None
+                    )
+                    if same is None:
+                        same = {}
+                        old.append(same)
+                    _merge(same, entry)
+                else:
+                    old.append(entry)
+        elif isinstance(value, str) and isinstance(old, str) and key not in _REPLACED:
+            into[key] = old + value
+        else:
             into[key] = value
 
 
 def _finish_choice(choice: dict[str, Any], endpoint: str, index: int) -> dict[str, Any]:
     logprobs = choice.get("logprobs")
     if endpoint == "/v1/completions":
+        text = choice.get("text")
         return {
-            "text": choice.get("text", ""),
+            "text": text if isinstance(text, str) else "",
             "index": index,
             "logprobs": logprobs,
             "finish_reason": choice.get("finish_reason"),
         }
-    message = choice.get("message", {})
-    for call in message.get("tool_calls") or ():
-        call.pop("index", None)  # a stream's bookkeeping: a whole answer's tool calls have none
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        message = {}
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        if isinstance(call, dict):
+            call.pop("index", None)  # a stream's bookkeeping: a whole answer's tool calls have none
     if message.get("content") is None and not message.get("tool_calls"):
         message["content"] = ""
     out = {"finish_reason": choice.get("finish_reason"), "index": index, "message": message}
