@@ -340,7 +340,10 @@ class HTTPUpstream(Upstream):
             return None
         if type(slots) is not int or not 0 < slots <= 65536:
             return None
-        # llama.cpp's server: it finishes a plain request whose client left, and stops a stream at once
+        # llama.cpp's server finishes a plain request whose client went away (cutting one frees no slot and wastes
+        # its work: docs/priority.md), and stops a stream at once: its lines go as streams (`auto`), and only
+        # those may be cut short
+        self.preemptible = False
         self._stream_lines = self._stream_lines or self._auto_streams
         return slots
 

@@ -89,10 +89,8 @@ class Router:
     async def start(self) -> None:
         """Start every upstream (inside the event loop that will call them), and ask each engine how many requests
         it runs at once (`Upstream.engine_slots`; once, 2 s at most). An engine that says so is llama.cpp's server:
-        its adaptive limit is held at or below its slots, and its plain batch requests are not cut short for
-        online ones (it finishes a non-streaming request whose client went away: cutting it frees no engine slot
-        and wastes its work; measured in docs/priority.md). Those it is sent as streams (`--stream-batch-lines`,
-        upstreams/streamed.py) are: it stops a stream at once."""
+        its adaptive limit is held at or below its slots (what else that means, the upstream decides itself:
+        HTTPUpstream.engine_slots)."""
         for up in self.upstreams:
             await up.start()
         members = self.members
@@ -100,7 +98,6 @@ class Router:
         for member, slots in zip(members, found, strict=True):
             if slots is None:
                 continue
-            member.upstream.preemptible = False
             if isinstance(member.limiter, AdaptiveLimiter):
                 member.limiter.hold_at_most(slots)
                 log.info(
