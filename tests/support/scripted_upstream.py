@@ -133,28 +133,26 @@ async def _json_503(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
     return True
 
 
-async def _sse_eof_mid_event(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
-    """An event stream framed by the connection's end (no chunked encoding), closed in the middle of an event."""
-    w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
-    w.write(EVENT + b'data: {"id":"c1","obj')
+async def _sse_to_eof(w: asyncio.StreamWriter, body: bytes) -> bool:
+    """An event stream framed by the connection's end (no chunked encoding): `body`, then the connection closes."""
+    w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n" + body)
     await w.drain()
     return False
+
+
+async def _sse_eof_mid_event(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
+    """Closed in the middle of an event."""
+    return await _sse_to_eof(w, EVENT + b'data: {"id":"c1","obj')
 
 
 async def _sse_eof_whole(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
-    """The same framing, ended after a whole event with CRLF line ends (a proper end)."""
-    w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
-    w.write(EVENT.replace(b"\n", b"\r\n") + DONE.replace(b"\n", b"\r\n"))
-    await w.drain()
-    return False
+    """Ended after a whole event with CRLF line ends (a proper end)."""
+    return await _sse_to_eof(w, EVENT.replace(b"\n", b"\r\n") + DONE.replace(b"\n", b"\r\n"))
 
 
 async def _sse_eof_no_blank_line(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
-    """Framed by the connection's end, whole, but its last event (`data: [DONE]`) lacks the blank line after it."""
-    w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
-    w.write(EVENT + b"data: [DONE]\n")
-    await w.drain()
-    return False
+    """Whole, but its last event (`data: [DONE]`) lacks the blank line after it."""
+    return await _sse_to_eof(w, EVENT + b"data: [DONE]\n")
 
 
 async def _sse_reset(up: ScriptedUpstream, w: asyncio.StreamWriter) -> bool:
