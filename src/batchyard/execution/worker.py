@@ -158,15 +158,12 @@ class Worker:
         claim = None
         try:
             # Before a wait, the share kept for this claim goes back to the running shards.
-            if (
-                loop is not None
-                and follows
-                and (
-                    self.runner.outage.failures
-                    or not self.runner.solo_done.is_set()
-                    or self.runner.active >= self.dispatcher.total_limit()
-                )
+            if follows and (
+                self.runner.outage.failures
+                or not self.runner.solo_done.is_set()
+                or self.runner.active >= self.dispatcher.total_limit()
             ):
+                assert loop is not None
                 self.runner.handed_on(loop)
                 self.runner.claimed_nothing()
                 follows = False
