@@ -496,3 +496,28 @@ async def test_many_processes_opening_a_new_database_at_once(
     assert [repr(r) for r in opened if r is not None] == []
     assert_same_schema(await snapshot(backend, db_path, pg_dsn), expected(backend))
     assert await versions(backend, db_path, pg_dsn) == all_versions(backend)
+
+
+async def test_a_sqlite_database_at_the_current_schema_opens_and_reads_while_another_process_holds_the_write_lock(
+    db_path: Path,
+) -> None:
+    # A worker stopped (SIGSTOP) inside a commit keeps SQLite's write lock; an API replica started meanwhile must
+    # still open the store and serve reads, rather than wait for the lock its migrations do not need.
+    first = sqlite_store.SQLiteStore(db_path, clock=Clock())
+    await first.open()
+    f = FileRecord(
+        id="file-1", owner="key_a", bytes=3, created_at=1, filename="a.jsonl", purpose="batch", blob_key="k"
+    )
+    await first.insert_file(f)
+    await first.close()
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("PRAGMA busy_timeout=0")
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        again = sqlite_store.SQLiteStore(db_path, clock=Clock())
+        await asyncio.wait_for(again.open(), timeout=10)  # before: waited the 30 s busy timeout, then failed
+        assert await again.get_file(None, f.id) == f
+        await again.close()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

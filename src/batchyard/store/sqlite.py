@@ -179,14 +179,31 @@ class SQLiteStore(MetadataStore):
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA busy_timeout=30000")
         self._db = db
-        with self._tx(db):
-            db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
-            done = {r[0] for r in db.execute("SELECT version FROM schema_migrations")}
-            for version, sql in migrations():
-                if version not in done:
+        # A database already at the current schema is opened with reads alone: a write transaction would wait
+        # for any other process holding the write lock (say, a worker stopped by SIGSTOP mid-commit), and an API
+        # replica could not start, or serve reads, until it let go.
+        if self._pending_migrations(db):
+            with self._tx(db):
+                db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
+                pending = self._pending_migrations(
+                    db
+                )  # again, under the lock: another process may have run them
+                for version, sql in pending:
                     for stmt in _statements(sql):
                         db.execute(stmt)
                     db.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
+
+    @staticmethod
+    def _pending_migrations(db: sqlite3.Connection) -> list[tuple[int, str]]:
+        if (
+            db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_migrations'"
+            ).fetchone()
+            is None
+        ):
+            return list(migrations())
+        done = {r[0] for r in db.execute("SELECT version FROM schema_migrations")}
+        return [(version, sql) for version, sql in migrations() if version not in done]
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
