@@ -179,8 +179,9 @@ def test_json_format_from_the_api_and_the_worker_processes(
     assert access["status"] == 200 and access["duration_ms"] > 0
     api_pid = access["pid"]
     assert any(r["msg"].startswith("batchyard ") and "listening on" in r["msg"] for r in records)
-    started = [r for r in records if re.fullmatch(r"worker worker_[0-9a-f]+ started", r["msg"])]
+    started = [r for r in records if re.fullmatch(r"worker worker_[0-9a-f]+ started \(pid \d+\)", r["msg"])]
     assert len({r["pid"] for r in started}) == 2 and api_pid not in {r["pid"] for r in started}
+    assert all(r["msg"].endswith(f"(pid {r['pid']})") for r in started)
     assert all(r["level"] != "ERROR" for r in records)
 
 

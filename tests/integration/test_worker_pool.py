@@ -3,6 +3,7 @@ dead one is replaced while the API keeps serving (up to a point), and SIGTERM st
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sqlite3
@@ -75,6 +76,31 @@ class OwnerWatch:
             time.sleep(0.02)
 
 
+def stopped_while_holding_a_lease(srv: Server, pids: list[int], timeout: float = 30) -> int:
+    """One of the worker processes `pids`, stopped (SIGSTOP) at a moment it holds a running shard's lease: read
+    from the database while it is stopped, so it cannot have ended the shard since."""
+    db = srv.data_dir / "batchyard.sqlite3"
+    deadline = time.monotonic() + timeout
+    while True:
+        assert time.monotonic() < deadline, srv.log()
+        names = dict(re.findall(r"worker (worker_[0-9a-f]+) started \(pid (\d+)\)", srv.log()))
+        for name, pid in names.items():
+            if int(pid) not in pids:
+                continue
+            os.kill(int(pid), signal.SIGSTOP)
+            con = sqlite3.connect(db, timeout=5)
+            try:
+                held = con.execute(
+                    "SELECT COUNT(*) FROM shards WHERE status = 'running' AND lease_owner = ?", (name,)
+                ).fetchone()[0]
+            finally:
+                con.close()
+            if held:
+                return int(pid)
+            os.kill(int(pid), signal.SIGCONT)
+        time.sleep(0.05)
+
+
 def requests(tag: str) -> list[dict[str, object]]:
     reqs = [chat_line(i, x_fake={"delay": 0.05}, user=tag) for i in range(LINES)]
     for r in reqs:
@@ -121,12 +147,9 @@ def test_a_dead_worker_process_is_replaced_while_the_api_keeps_serving(
     reqs = requests("dead")
     fid = upload(client, reqs)
     b = client.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h")
-    deadline = time.monotonic() + 30
-    while client.batches.retrieve(b.id).request_counts.completed < 20:  # type: ignore[union-attr]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
     before = worker_children(srv.proc.pid)
-    subprocess.run(["kill", "-9", str(before[0])], check=True)
+    victim = stopped_while_holding_a_lease(srv, before)
+    subprocess.run(["kill", "-9", str(victim)], check=True)
     killed_at = time.monotonic()
     # the API keeps answering, a new worker process takes the dead one's place, and the batch ends exactly once
     deadline = time.monotonic() + 30
@@ -134,11 +157,11 @@ def test_a_dead_worker_process_is_replaced_while_the_api_keeps_serving(
         assert srv.proc.poll() is None, srv.log()
         client.batches.retrieve(b.id)
         now = worker_children(srv.proc.pid)
-        if len(now) == 2 and before[0] not in now:
+        if len(now) == 2 and victim not in now:
             break
         assert time.monotonic() < deadline, now
         time.sleep(0.1)
-    assert before[1] in now
+    assert next(p for p in before if p != victim) in now
     assert_exactly_once(client, b.id, reqs)
     assert time.monotonic() - killed_at < 30, "the dead process's shards waited for their 60 s lease"
     assert "starting a new one" in srv.log()

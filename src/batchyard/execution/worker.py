@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable
 
@@ -276,7 +277,7 @@ class Worker:
     async def run(self) -> None:
         """Run every loop until cancelled; an exception in one loop cancels the others and propagates."""
         self._event_loop = asyncio.get_running_loop()
-        log.info("worker %s started", self.id)
+        log.info("worker %s started (pid %d)", self.id, os.getpid())
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._loop(self.validate_once, "validation"), name="validator")
             tg.create_task(self._loop(self.finalize_once, "finalization"), name="finalizer")
