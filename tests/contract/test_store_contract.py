@@ -548,6 +548,44 @@ async def test_request_cancel_moves_to_cancelling(
     assert await store.get_batch(ALICE, b.id) == got
 
 
+async def test_postgres_ends_a_transaction_left_idle_so_its_row_locks_do_not_hold_a_cancel(
+    backend: str, pg_dsn: str | None, clock: Clock
+) -> None:
+    # A worker stopped (or cut off) inside a transaction holds its rows' locks; the server ends its session after
+    # the store's idle_tx_timeout, and the cancel waiting behind that lock goes through.
+    if backend != "postgres":
+        pytest.skip("a PostgreSQL session setting")
+    from batchyard.store.postgres import PostgresStore
+
+    assert pg_dsn is not None
+    stuck, other = PostgresStore(pg_dsn, idle_tx_timeout=1.0), PostgresStore(pg_dsn, idle_tx_timeout=1.0)
+    await stuck.open()
+    await other.open()
+    try:
+        _, b = await new_batch(other)
+        locked, release = asyncio.Event(), asyncio.Event()
+
+        async def hold_the_row() -> None:
+            async with stuck._tx() as conn:
+                await conn.execute("SELECT 1 FROM batches WHERE id = $1 FOR UPDATE", b.id)
+                locked.set()
+                await release.wait()  # idle inside the transaction, as a stopped process is
+                await conn.execute("SELECT 1")
+
+        holder = asyncio.create_task(hold_the_row())
+        try:
+            await locked.wait()
+            got = await asyncio.wait_for(other.request_cancel(ALICE, b.id), timeout=20)
+            assert got is not None and got.status == S.CANCELLING
+        finally:
+            release.set()
+        with pytest.raises(StoreError):  # the stuck session's transaction was ended: it cannot commit later
+            await holder
+    finally:
+        await stuck.close()
+        await other.close()
+
+
 @pytest.mark.parametrize(
     "status", [S.CANCELLING, S.FINALIZING, S.COMPLETED, S.FAILED, S.EXPIRED, S.CANCELLED]
 )

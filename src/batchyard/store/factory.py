@@ -36,4 +36,5 @@ def open_store(settings: Settings) -> MetadataStore:
         return SQLiteStore(url.removeprefix("sqlite:///") or settings.database_path)
     from batchyard.store.postgres import PostgresStore
 
-    return PostgresStore(url)
+    # A transaction idle longer than a lease is from a worker the others would take over from anyway.
+    return PostgresStore(url, idle_tx_timeout=max(10.0, settings.lease_seconds))

@@ -190,9 +190,16 @@ def _batch(row: Row) -> BatchRecord:
 
 
 class PostgresStore(MetadataStore):
-    def __init__(self, dsn: str, *, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self, dsn: str, *, clock: Callable[[], float] | None = None, idle_tx_timeout: float = 60.0
+    ) -> None:
+        """`idle_tx_timeout`: the server ends a session of ours left idle inside a transaction for this long (its
+        `idle_in_transaction_session_timeout`). Our transactions hold only statements, so one idle for seconds
+        belongs to a process that is stopped or cut off, and its row locks (a batch's row, a shard's) would
+        otherwise hold every other writer of those rows, a cancel included, until TCP gave up on it (hours)."""
         self._dsn = dsn
         self._clock = clock
+        self._idle_tx_timeout_ms = max(1, round(idle_tx_timeout * 1000))
         self._pool: Any = None
 
     # -- plumbing -------------------------------------------------------------------------------------------
@@ -215,7 +222,12 @@ class PostgresStore(MetadataStore):
 
     async def open(self) -> None:
         with _driver_errors():
-            pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=10)
+            pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=1,
+                max_size=10,
+                server_settings={"idle_in_transaction_session_timeout": str(self._idle_tx_timeout_ms)},
+            )
             try:
                 async with pool.acquire() as conn:
                     await migrate(conn)
