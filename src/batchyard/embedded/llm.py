@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from batchyard.embedded import params
 from batchyard.errors import APIError, InvalidRequest
 
 MAX_N = 128
@@ -131,6 +132,7 @@ class LLMEngine:
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("'messages' must be a non-empty array", param="messages")
         _reject_streaming(body)
+        params.check_chat(body)
         n = _choice_count(body)
         results = await self._run_all(
             self._server_method("handle_chat_completions"), _copies(body, n) if n > 1 else [body]
@@ -143,6 +145,7 @@ class LLMEngine:
         _reject_streaming(body)
         if body.get("echo") is True:
             raise InvalidRequest("'echo' is not supported by the embedded engine", param="echo")
+        params.check_completion(body)
         n = _choice_count(body)
         if len(prompts) * n > MAX_PARTS:
             raise InvalidRequest(f"at most {MAX_PARTS} prompts × n per request", param="prompt")
@@ -204,12 +207,7 @@ def _reject_streaming(body: Json) -> None:
 
 
 def _choice_count(body: Json) -> int:
-    n = body.get("n", 1)
-    if n is None:
-        return 1
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
-        raise InvalidRequest(f"'n' must be an integer from 1 to {MAX_N}", param="n")
-    return n
+    return params.choice_count(body, MAX_N)
 
 
 def _copies(body: Json, n: int) -> list[Json]:
