@@ -49,16 +49,32 @@ def test_equal_keys_keep_file_order() -> None:
 
 def test_content_parts_completions_and_responses_have_keys() -> None:
     parts = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]}
-    assert "hello" in prefix_key(parts)
-    assert "once upon" in prefix_key({"model": "m", "prompt": "once upon"})
-    assert "sys" in prefix_key({"model": "m", "instructions": "sys", "input": "hi"})
-    assert "hi" in prefix_key({"model": "m", "input": [{"role": "user", "content": "hi"}]})
-    assert prefix_key({}) == ""
+    assert prefix_key(parts) == ("m", "user", "hello")
+    assert prefix_key({"model": "m", "prompt": "once upon"}) == ("m", "once upon")
+    assert prefix_key({"model": "m", "instructions": "sys", "input": "hi"}) == ("m", "sys", "hi")
+    assert prefix_key({"model": "m", "input": [{"role": "user", "content": "hi"}]}) == ("m", "user", "hi")
+    assert prefix_key({}) == ("",)
+    hostile = {"model": "m", "messages": [{"role": ["x"], "content": {"a": 1}}, "not a message", {"role": 7}]}
+    assert prefix_key(hostile) == (
+        "m",
+        "['x']",
+        "",
+        "7",
+        "",
+    )  # any JSON: strings only, so keys always compare
 
 
 def test_key_is_bounded() -> None:
     huge = chat("1", "x" * 100_000, "y")
-    assert len(prefix_key(huge["body"])) <= 4096
+    assert sum(map(len, prefix_key(huge["body"]))) <= 4096 + 64
+    many = {"model": "m", "messages": [{"role": "user", "content": "x" * 100}] * 10_000}
+    assert len(prefix_key(many)) < 2 * 4096 // 100 + 4  # the messages past the bound are not looked at
+
+
+def test_a_prompt_within_the_bound_is_not_copied_into_its_key() -> None:
+    req = chat("1", "s" * 3000, "u" * 500)
+    key = prefix_key(req["body"])
+    assert key[2] is req["body"]["messages"][0]["content"] and key[4] is req["body"]["messages"][1]["content"]
 
 
 # -- PrefixScheduler: one first line per group, then the group; lanes keep to their group ------------------------
