@@ -277,3 +277,80 @@ def tcp_listeners() -> set[str]:
                 if fields[3] == "0A":  # LISTEN
                     listening.add(fields[9])
     return mine & listening
+
+
+# -- requests run as streams (stopped when their caller goes away) -------------------------------------------------
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+SAME_ANSWER_CASES = [
+    ("/v1/chat/completions", chat("Hi", max_tokens=12)),
+    ("/v1/chat/completions", chat("Hi", max_tokens=5, logprobs=True, top_logprobs=2)),
+    ("/v1/chat/completions", chat("Hi", max_tokens=6, n=2, seed=7, temperature=0.9)),
+    ("/v1/chat/completions", chat("Hi", max_tokens=40, tools=[WEATHER_TOOL], tool_choice="required")),
+    ("/v1/chat/completions", chat("Write hello world in Python.", max_tokens=12, stop=["print"])),
+    ("/v1/completions", {"model": CHAT_MODEL, "prompt": "Hello", "max_tokens": 6, "temperature": 0}),
+    (
+        "/v1/completions",
+        {"model": CHAT_MODEL, "prompt": "Hello", "max_tokens": 4, "logprobs": 2, "temperature": 0},
+    ),
+    (
+        "/v1/completions",
+        {"model": CHAT_MODEL, "prompt": ["Hello", "Once"], "max_tokens": 3, "temperature": 0},
+    ),
+    ("/v1/chat/completions", chat("hello " * 3000)),  # an error answer (the context is exceeded)
+]
+
+
+def _comparable(value: Any) -> Any:
+    """An answer without what differs between any two calls (id, created), log-probabilities to 4 places."""
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items() if k not in ("id", "created")}
+    if isinstance(value, list):
+        return [_comparable(v) for v in value]
+    return round(value, 4) if isinstance(value, float) else value
+
+
+async def test_a_request_run_as_a_stream_gets_the_answer_it_gets_whole(model_path: Path) -> None:
+    up = EmbeddedUpstream(model_path=model_path, slots=1, context_size=1024, embeddings=False)
+    try:
+        await up.start()
+        llm = up._llm
+        assert llm is not None
+        for endpoint, body in SAME_ANSWER_CASES:
+            got = {}
+            for streamed in (False, True, False, True):  # the last two find the prompt in the cache alike
+                llm.streamed = streamed
+                got[streamed] = await post(up, endpoint, body)
+            assert got[True][0] == got[False][0], (endpoint, body, got)
+            assert _comparable(got[True][1]) == _comparable(got[False][1]), (endpoint, body)
+    finally:
+        await up.close()
+
+
+async def test_a_request_whose_caller_goes_away_stops_the_engine(model_path: Path) -> None:
+    up = EmbeddedUpstream(model_path=model_path, slots=1, embeddings=False)
+    long = chat("Write a long story about a dragon.", max_tokens=1500)
+    try:
+        await up.start()
+        llm = up._llm
+        assert llm is not None
+        first = asyncio.create_task(post(up, "/v1/chat/completions", long))
+        await asyncio.sleep(0.5)  # generating (or still waiting for the engine: then it never starts)
+        first.cancel()
+        # One slot: this answer comes once the engine has let go of the first request.
+        status, body = await post(up, "/v1/chat/completions", chat("Hi"))
+        assert status == 200, body
+        assert len(llm.cuts) == 1 and llm.cuts[0] < 1500, list(llm.cuts)  # stopped at a token, not at its end
+        with pytest.raises(UpstreamError) as e:  # a deadline stops it too
+            await up.call("/v1/chat/completions", orjson.dumps(long), timeout=0.3)
+        assert e.value.kind == "timeout"
+        await post(up, "/v1/chat/completions", chat("Hi"))
+        assert len(llm.cuts) == 2 and llm.cuts[1] < 1500, list(llm.cuts)
+    finally:
+        await up.close()

@@ -2,6 +2,9 @@
 
 One `xllamacpp.Server` holds the model and `slots` parallel sequences with continuous batching; its handle_* methods
 are thread-safe, block, and release the GIL, so each request runs on a thread of a pool sized to the slot count.
+A request whose stream is one answer runs as a stream (the handle_* callback form, the same events as llama.cpp's
+HTTP server) assembled into the whole answer (`upstreams/streamed.py`), so that it stops at its next token once its
+caller goes away: llama.cpp runs a whole request to its end.
 
 What we change on the way out, so that answers look like OpenAI's:
 - `timings` dropped, `model` set to the requested name, completion ids start with `cmpl-`;
@@ -24,12 +27,14 @@ import secrets
 import shutil
 import tempfile
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from batchyard.embedded import params
 from batchyard.errors import APIError, InvalidRequest
+from batchyard.upstreams.streamed import BrokenStream, assembled, streamable
 
 MAX_N = 128
 MAX_PARTS = 2048  # prompts × n in one request
@@ -67,6 +72,12 @@ class LLMEngine:
         self._pool: ThreadPoolExecutor | None = None
         self._socket_dir: str | None = None
         self._lock = threading.Lock()
+        self.streamed = (
+            True  # run what streams as one answer as a stream (`_run_all`); False: whole, as before
+        )
+        self.cuts: deque[int] = deque(
+            maxlen=64
+        )  # the events each of the last requests stopped early had made
 
     @property
     def loaded(self) -> bool:
@@ -94,6 +105,12 @@ class LLMEngine:
             except RuntimeError as e:
                 self._remove_socket_dir()
                 raise RuntimeError(f"xllamacpp could not load {self.model_path}: {e}") from e
+            # One request through the engine's loop before anyone may close it: xllamacpp's Server tells its
+            # constructor it is ready just before its loop starts, and the loop's start clears a stop asked
+            # before it, so a server closed at once (a model loaded for one bad request) could wait for ever in
+            # its destructor (seen under load: `~Server` joining its loop thread). Once this answer came back,
+            # the loop runs and a stop reaches it.
+            server.handle_completions({"prompt": "a", "max_tokens": 1, "temperature": 0})
             self._server = server
             self._pool = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="batchyard-llm")
 
@@ -135,7 +152,9 @@ class LLMEngine:
         params.check_chat(body)
         n = _choice_count(body)
         results = await self._run_all(
-            self._server_method("handle_chat_completions"), _copies(body, n) if n > 1 else [body]
+            self._server_method("handle_chat_completions"),
+            _copies(body, n) if n > 1 else [body],
+            "/v1/chat/completions",
         )
         return _merge(results, n, _model_name(body, self.name), _chat_choice)
 
@@ -150,7 +169,7 @@ class LLMEngine:
         if len(prompts) * n > MAX_PARTS:
             raise InvalidRequest(f"at most {MAX_PARTS} prompts × n per request", param="prompt")
         parts = [part for p in prompts for part in _copies({**body, "prompt": p}, n)]
-        results = await self._run_all(self._server_method("handle_completions"), parts)
+        results = await self._run_all(self._server_method("handle_completions"), parts, "/v1/completions")
         merged = _merge(results, n, _model_name(body, self.name), _completion_choice_converter(prompts, n))
         merged["id"] = "cmpl-" + str(merged.get("id", "")).removeprefix("chatcmpl-")
         return merged
@@ -160,25 +179,67 @@ class LLMEngine:
             raise APIError("the embedded chat engine is not loaded")
         return getattr(self._server, name)
 
-    async def _run_all(self, method: Any, parts: list[Json]) -> list[Json]:
+    async def _run_all(self, method: Any, parts: list[Json], endpoint: str) -> list[Json]:
+        """Each part on a thread of the pool. Parts whose stream is one answer (`streamed.streamable`) are run
+        as streams and assembled, so that a caller that goes away (a cancel, a deadline) stops them at their next
+        token; the others run to their end in the background."""
         pool = self._pool
         if pool is None:
             raise APIError("the embedded chat engine is not loaded")
         loop = asyncio.get_running_loop()
-        futures = [loop.run_in_executor(pool, _call, method, part) for part in parts]
+        stop = threading.Event()
+        futures = [
+            loop.run_in_executor(
+                pool,
+                self._run_part,
+                method,
+                part,
+                endpoint if self.streamed and streamable(endpoint, part) else None,
+                stop,
+            )
+            for part in parts
+        ]
         try:
             return list(await asyncio.gather(*futures))
         except BaseException:
-            for f in futures:  # requests not started yet never start; running ones finish in the background
+            stop.set()
+            for f in futures:  # requests not started yet never start
                 f.cancel()
             raise
 
+    def _run_part(self, method: Any, part: Json, endpoint: str | None, stop: threading.Event) -> Json:
+        """One request on this thread; `endpoint` set: as a stream, stopped once `stop` is set."""
+        if endpoint is None:
+            return _call(method, part)
+        events: list[Any] = []
 
-def _call(method: Any, part: Json) -> Json:
+        def on_event(event: Any) -> bool:
+            events.append(event)
+            return stop.is_set()  # True: llama.cpp ends the generation here
+
+        _call(method, {**part, "stream": True, "stream_options": {"include_usage": True}}, on_event)
+        if stop.is_set():
+            self.cuts.append(len(events))  # nobody waits for this answer any more
+            raise APIError("the request was stopped")
+        try:
+            answer, _ = assembled(
+                endpoint, events
+            )  # an error event is the answer, as a whole request's error
+        except BrokenStream as e:
+            raise APIError(f"the embedded chat engine's stream could not be read: {e}") from e
+        return _checked(answer)
+
+
+def _call(method: Any, part: Json, *callback: Any) -> Json:
+    """`method(part)`, or with `callback` given `method(part, callback)` (a stream: its answer is {})."""
     try:
-        result = method(part)
+        result = method(part, *callback)
     except (ValueError, RuntimeError) as e:  # xllamacpp's way of rejecting a request it cannot parse
         raise InvalidRequest(str(e)) from e
+    return {} if callback else _checked(result)
+
+
+def _checked(result: Any) -> Json:
     if not isinstance(result, dict):
         raise APIError(f"the embedded chat engine answered {type(result).__name__}")
     error = result.get("error")

@@ -3,7 +3,8 @@
 Model names (exact): `smollm2-135m-instruct` answers /v1/chat/completions and /v1/completions,
 `multilingual-e5-small` answers /v1/embeddings. Bad requests get an OpenAI error body with a 4xx status, as an HTTP
 upstream would answer them; `UpstreamError` is raised only when there is no answer at all: the attempt's deadline
-passed ("timeout", the engine finishes the request in the background) or a model could not be loaded or was closed
+passed ("timeout": the engine stops a chat or text completion at its next token, `LLMEngine._run_all`, and finishes a
+JSON-constrained one in the background) or a model could not be loaded or was closed
 ("connect").
 
 Online requests (the front door) get the same answers; `"stream": true` is answered 400 (the engine answers

@@ -82,16 +82,22 @@ def is_event_stream(raw: bytes) -> bool:
 def assemble(endpoint: str, raw: bytes) -> tuple[bytes, bool]:
     """The answer the request would have had without streaming, and whether it is an error: (the error event's
     own object, True) when the engine ended the stream with `{"error": ...}`."""
+    answer, failed = assembled(endpoint, _events(raw))
+    return wire.dumps(answer), failed
+
+
+def assembled(endpoint: str, events: list[Any]) -> tuple[dict[str, Any], bool]:
+    """`assemble` from the events' payloads, already parsed (the embedded engine hands them over as objects)."""
     top: dict[str, Any] = {}
     choices: dict[int, dict[str, Any]] = {}
-    events = [e for e in _events(raw) if e is not None]  # llama.cpp may open with `data: null`
+    events = [e for e in events if e is not None]  # llama.cpp may open with `data: null`
     if not events:
         raise BrokenStream("the stream ended before any event")
     for event in events:
         if not isinstance(event, dict):
             raise BrokenStream("an event of the stream is not a JSON object")
         if "error" in event:
-            return wire.dumps(event), True
+            return event, True
         for key, value in event.items():
             if key != "choices" and (value is not None or key not in top):
                 top[key] = value
@@ -101,8 +107,7 @@ def assemble(endpoint: str, raw: bytes) -> tuple[bytes, bool]:
                 choice = choices.setdefault(index if isinstance(index, int) else 0, {})
                 _merge(choice, {("message" if k == "delta" else k): v for k, v in piece.items()})
     top["object"] = _OBJECT[endpoint]
-    answer = {"choices": [_finish_choice(choices[i], endpoint, i) for i in sorted(choices)], **top}
-    return wire.dumps(answer), False
+    return {"choices": [_finish_choice(choices[i], endpoint, i) for i in sorted(choices)], **top}, False
 
 
 # Kept from the last piece, never joined: what a stream repeats rather than splits.
