@@ -354,3 +354,69 @@ async def test_a_request_whose_caller_goes_away_stops_the_engine(model_path: Pat
         assert len(llm.cuts) == 2 and llm.cuts[1] < 1500, list(llm.cuts)
     finally:
         await up.close()
+
+
+async def read_stream(up: EmbeddedUpstream, body: dict[str, Any]) -> tuple[int, list[Any]]:
+    stream = await up.stream("/v1/chat/completions", orjson.dumps(body), timeout=120)
+    raw = b"".join([chunk async for chunk in stream.chunks])
+    if stream.status != 200:
+        return stream.status, [orjson.loads(raw)]
+    assert stream.headers["content-type"] == "text/event-stream"
+    events = [e.removeprefix(b"data: ") for e in raw.split(b"\n\n") if e]
+    assert events[-1] == b"[DONE]"
+    return 200, [orjson.loads(e) for e in events[:-1]]
+
+
+async def test_an_online_chat_stream_comes_as_the_engine_makes_it_with_the_whole_answers_text(
+    model_path: Path,
+) -> None:
+    up = EmbeddedUpstream(model_path=model_path, slots=1, embeddings=False)
+    body = chat("Write a haiku about the sea.", max_tokens=24, logprobs=True, top_logprobs=1)
+    try:
+        _, whole = await post(up, "/v1/chat/completions", body)
+        status, events = await read_stream(
+            up, {**body, "stream": True, "stream_options": {"include_usage": True}}
+        )
+        _, without_usage = await read_stream(up, {**body, "stream": True})
+        refused = await read_stream(up, {**body, "stream": True, "max_tokens": 0})
+    finally:
+        await up.close()
+    assert status == 200
+    assert len(events) > 3  # token by token, not one chunk holding the answer
+    assert all(e["object"] == "chat.completion.chunk" and e["model"] == CHAT_MODEL for e in events)
+    assert (
+        "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+        == whole["choices"][0]["message"]["content"]
+    )
+    assert [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]] == [
+        whole["choices"][0]["finish_reason"]
+    ]
+    tokens = [t for e in events for c in e["choices"] if c.get("logprobs") for t in c["logprobs"]["content"]]
+    assert [t["token"] for t in tokens] == [t["token"] for t in whole["choices"][0]["logprobs"]["content"]]
+    assert all("id" not in t for t in tokens)
+    assert (
+        events[-1]["choices"] == []
+        and events[-1]["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
+    )
+    assert all("timings" not in e for e in events)
+    assert all("usage" not in e for e in without_usage) and all(e["choices"] for e in without_usage)
+    assert refused[0] == 400 and refused[1][0]["error"]["param"] == "max_tokens"
+
+
+async def test_an_online_stream_closed_early_stops_the_engine(model_path: Path) -> None:
+    up = EmbeddedUpstream(model_path=model_path, slots=1, embeddings=False)
+    long = chat("Write a long story about a dragon.", max_tokens=1500, stream=True)
+    try:
+        stream = await up.stream("/v1/chat/completions", orjson.dumps(long), timeout=120)
+        assert stream.status == 200
+        seen = 0
+        async for _ in stream.chunks:
+            seen += 1
+            if seen == 3:
+                break
+        await stream.aclose()  # the client went away
+        status, _ = await post(up, "/v1/chat/completions", chat("Hi"))  # one slot: free again
+        assert status == 200
+        assert up._llm is not None and len(up._llm.cuts) == 1 and up._llm.cuts[0] < 1500, up._llm.cuts
+    finally:
+        await up.close()

@@ -28,6 +28,7 @@ import shutil
 import tempfile
 import threading
 from collections import deque
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -145,11 +146,7 @@ class LLMEngine:
 
     async def chat(self, body: Json) -> Json:
         """An OpenAI chat.completion for `body` (already parsed); raises APIError for bad requests."""
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequest("'messages' must be a non-empty array", param="messages")
-        _reject_streaming(body)
-        params.check_chat(body)
+        _check_chat(body)
         n = _choice_count(body)
         results = await self._run_all(
             self._server_method("handle_chat_completions"),
@@ -173,6 +170,53 @@ class LLMEngine:
         merged = _merge(results, n, _model_name(body, self.name), _completion_choice_converter(prompts, n))
         merged["id"] = "cmpl-" + str(merged.get("id", "")).removeprefix("chatcmpl-")
         return merged
+
+    async def stream_chat(self, body: Json, include_usage: bool) -> AsyncGenerator[Json, None]:
+        """The chunks (`chat.completion.chunk`) of a one-choice chat completion as the engine makes them, in
+        OpenAI's shape; the usage comes in a last chunk with no choices when `include_usage`. Raises APIError
+        before the first chunk for a request the engine refuses. Closing the iterator (the client went away, the
+        deadline passed) stops the engine at its next token."""
+        _check_chat(body)
+        pool = self._pool
+        if pool is None:
+            raise APIError("the embedded chat engine is not loaded")
+        method = self._server_method("handle_chat_completions")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        stop = threading.Event()
+        made = 0
+
+        def on_event(event: Any) -> bool:  # on the engine's thread
+            nonlocal made
+            made += 1
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the event loop is gone
+                stop.set()
+            return self._stopping(stop, made)
+
+        part = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        done = loop.run_in_executor(pool, _call, method, part, on_event)
+        done.add_done_callback(lambda _: queue.put_nowait(_END))  # after the events: both come by call_soon
+        model, first = _model_name(body, self.name), True
+        try:
+            while (event := await queue.get()) is not _END:
+                if first and isinstance(event, dict) and "error" in event:
+                    raise _engine_error(event["error"])
+                first = False
+                chunk = _chat_chunk(event, model, include_usage)
+                if chunk is not None:
+                    yield chunk
+            done.result()  # a request the engine could not read: InvalidRequest, before any chunk
+        finally:
+            stop.set()  # a stream closed early: the engine stops at its next token
+
+    def _stopping(self, stop: threading.Event, made: int) -> bool:
+        """A stream's callback answer to the engine (on its thread): True ends the generation at this event."""
+        if stop.is_set():
+            self.cuts.append(made)  # once per stopped request, unless the engine went on regardless
+            return True
+        return False
 
     def _server_method(self, name: str) -> Any:
         if self._server is None:
@@ -215,11 +259,10 @@ class LLMEngine:
 
         def on_event(event: Any) -> bool:
             events.append(event)
-            return stop.is_set()  # True: llama.cpp ends the generation here
+            return self._stopping(stop, len(events))
 
         _call(method, {**part, "stream": True, "stream_options": {"include_usage": True}}, on_event)
-        if stop.is_set():
-            self.cuts.append(len(events))  # nobody waits for this answer any more
+        if stop.is_set():  # nobody waits for this answer any more
             raise APIError("the request was stopped")
         try:
             answer, _ = assembled(
@@ -260,6 +303,44 @@ def _engine_error(error: Any) -> APIError:
         exc.status_code = status
         return exc
     return APIError(message)
+
+
+_END = object()  # the stream's end, after its last event
+
+
+def _check_chat(body: Json) -> None:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array", param="messages")
+    _reject_streaming(body)
+    params.check_chat(body)
+
+
+def _chat_chunk(event: Any, model: str, include_usage: bool) -> Json | None:
+    """An engine's stream event as OpenAI's chunk: the requested model's name, no `timings`, no token ids in the
+    log probabilities; the usage only when asked for (None: an event left out)."""
+    if not isinstance(event, dict):
+        return None
+    event.pop("timings", None)
+    if "model" in event:
+        event["model"] = model
+    if not include_usage:
+        event.pop("usage", None)
+        if not event.get("choices"):
+            return None
+    for choice in event.get("choices") or ():
+        logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+        if isinstance(logprobs, dict):
+            _strip_token_ids(logprobs)
+    return event
+
+
+def _strip_token_ids(logprobs: Json) -> None:
+    for entry in logprobs.get("content") or []:
+        entry.pop("id", None)
+        for top in entry.get("top_logprobs") or []:
+            top.pop("id", None)
+    logprobs.setdefault("refusal", None)
 
 
 def _reject_streaming(body: Json) -> None:
@@ -334,11 +415,7 @@ def _merge(results: list[Json], n: int, model: str, convert: Any) -> Json:
 def _chat_choice(choice: Json, _part: int) -> Json:
     logprobs = choice.get("logprobs")
     if isinstance(logprobs, dict):
-        for entry in logprobs.get("content") or []:
-            entry.pop("id", None)
-            for top in entry.get("top_logprobs") or []:
-                top.pop("id", None)
-        logprobs.setdefault("refusal", None)
+        _strip_token_ids(logprobs)
     else:
         choice["logprobs"] = None
     return choice

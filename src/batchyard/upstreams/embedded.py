@@ -7,8 +7,9 @@ passed ("timeout": the engine stops a chat or text completion at its next token,
 JSON-constrained one in the background) or a model could not be loaded or was closed
 ("connect").
 
-Online requests (the front door) get the same answers; `"stream": true` is answered 400 (the engine answers
-whole: xllamacpp's streaming goes through its HTTP listener, which batchyard keeps closed).
+Online requests (the front door) get the same answers. Asked for as a stream, a one-choice chat completion is
+streamed as the engine makes it (`LLMEngine.stream_chat`: a client that goes away stops the engine); other requests
+are made whole and then sent as events.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from batchyard.embedded.llm import LLMEngine, default_threads
 from batchyard.embedded.models import ModelError, Progress, ensure_smollm2, local_gguf
 from batchyard.errors import APIError, InvalidRequest, NotFound
 from batchyard.upstreams.base import Upstream, UpstreamError, UpstreamResponse, UpstreamStream
+from batchyard.upstreams.streamed import streamable
 
 CHAT_MODEL = "smollm2-135m-instruct"
 EMBEDDING_MODEL = "multilingual-e5-small"
@@ -120,6 +122,10 @@ class EmbeddedUpstream(Upstream):
             )
             rid = f"req_{secrets.token_hex(12)}"
             return await _whole(_response(error.status_code, orjson.dumps(error.to_dict()), rid))
+        if endpoint == "/v1/chat/completions":
+            live = await self._live_chat(plain, include_usage, timeout)
+            if live is not None:
+                return live
         resp = await self.call(endpoint, plain, timeout=timeout)
         if resp.status != 200:
             return await _whole(resp)
@@ -128,6 +134,17 @@ class EmbeddedUpstream(Upstream):
         return UpstreamStream(200, headers, _sse(events))
 
     async def _answer(self, endpoint: str, raw: bytes) -> Json:
+        body = await self._prepare(endpoint, raw)
+        if endpoint == "/v1/embeddings":
+            assert self._embedder is not None
+            return await self._embedder.embed(body)
+        assert self._llm is not None
+        if endpoint == "/v1/chat/completions":
+            return await self._llm.chat(body)
+        return await self._llm.complete(body)
+
+    async def _prepare(self, endpoint: str, raw: bytes) -> Json:
+        """The request, read, for a model this engine serves at this endpoint, once that model is loaded."""
         body = _parse(raw)
         model = body.get("model")
         if not isinstance(model, str) or model not in self.model_names:
@@ -144,13 +161,43 @@ class EmbeddedUpstream(Upstream):
                 param="model",
             )
         await self._ensure_loaded(model)
-        if endpoint == "/v1/embeddings":
-            assert self._embedder is not None
-            return await self._embedder.embed(body)
-        assert self._llm is not None
-        if endpoint == "/v1/chat/completions":
-            return await self._llm.chat(body)
-        return await self._llm.complete(body)
+        return body
+
+    async def _live_chat(self, raw: bytes, include_usage: bool, timeout: float) -> UpstreamStream | None:
+        """A one-choice chat completion streamed as the engine makes it (None for one that is not: `n` > 1, a JSON
+        constraint; those are made whole, then sent as events). The first chunk is awaited here, so that a refused
+        request is answered with its status and error body, as whole; closing the stream stops the engine."""
+        rid = f"req_{secrets.token_hex(12)}"
+        try:
+            async with asyncio.timeout(timeout):
+                body = await self._prepare("/v1/chat/completions", raw)
+                if not streamable("/v1/chat/completions", body):
+                    return None
+                assert self._llm is not None
+                chunks = self._llm.stream_chat(body, include_usage)
+                try:
+                    first = await anext(chunks)
+                except BaseException:
+                    await chunks.aclose()
+                    raise
+        except APIError as e:
+            return await _whole(_response(e.status_code, orjson.dumps(e.to_dict()), rid))
+        except TimeoutError as e:
+            raise UpstreamError("timeout", f"embedded engine did not answer within {timeout:g}s") from e
+        except StopAsyncIteration:
+            first = None
+
+        async def sse() -> AsyncIterator[bytes]:
+            try:
+                if first is not None:
+                    yield b"data: " + orjson.dumps(first) + b"\n\n"
+                    async for chunk in chunks:
+                        yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+                yield b"data: [DONE]\n\n"
+            finally:
+                await chunks.aclose()
+
+        return UpstreamStream(200, {"content-type": "text/event-stream", "x-request-id": rid}, sse())
 
     async def _ensure_loaded(self, model: str) -> None:
         if self._closed:
