@@ -17,6 +17,7 @@ import pytest
 from batchyard.embedded.models import ensure_smollm2
 from batchyard.upstreams.base import UpstreamError
 from batchyard.upstreams.embedded import CHAT_MODEL, EMBEDDING_MODEL, EmbeddedUpstream, embedded_routes
+from tests.support.batches import WEATHER_TOOL
 
 pytestmark = pytest.mark.slow
 
@@ -281,13 +282,6 @@ def tcp_listeners() -> set[str]:
 
 # -- requests run as streams (stopped when their caller goes away) -------------------------------------------------
 
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 SAME_ANSWER_CASES = [
     ("/v1/chat/completions", chat("Hi", max_tokens=12)),
     ("/v1/chat/completions", chat("Hi", max_tokens=5, logprobs=True, top_logprobs=2)),
@@ -417,6 +411,8 @@ async def test_an_online_stream_closed_early_stops_the_engine(model_path: Path) 
         await stream.aclose()  # the client went away
         status, _ = await post(up, "/v1/chat/completions", chat("Hi"))  # one slot: free again
         assert status == 200
-        assert up._llm is not None and len(up._llm.cuts) == 1 and up._llm.cuts[0] < 1500, up._llm.cuts
+        llm = up._llm
+        assert llm is not None
+        assert len(llm.cuts) == 1 and llm.cuts[0] < 1500, list(llm.cuts)  # told to stop once: it stopped
     finally:
         await up.close()

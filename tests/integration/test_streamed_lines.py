@@ -17,20 +17,13 @@ import pytest
 from batchyard.embedded.models import ensure_smollm2
 from batchyard.upstreams.http import HTTPUpstream
 from tests.conftest import Server
-from tests.support.batches import read_lines, upload, wait_for
+from tests.support.batches import WEATHER_TOOL, read_lines, upload, wait_for
 from tests.support.llama_server import LlamaServer
 
 pytestmark = pytest.mark.slow
 
 CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
 HI = [{"role": "user", "content": "Hi"}]
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 BODIES = [
     (CHAT, {"max_tokens": 12, "messages": HI}),
     (CHAT, {"max_tokens": 5, "messages": HI, "logprobs": True, "top_logprobs": 2}),

@@ -10,6 +10,13 @@ from openai import OpenAI
 from openai.types import Batch
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
+WEATHER_TOOL = {  # a function tool for chat requests that must call one
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 
 
 def chat_line(

@@ -34,7 +34,7 @@ def refusal(check: Any, body: dict[str, Any]) -> tuple[str, str | None, str | No
         ),
         (
             {"max_tokens": 2.5},
-            "Invalid type for 'max_tokens': expected an integer, but got a decimal number instead.",
+            "Invalid type for 'max_tokens': expected an integer, but got a number instead.",
             "max_tokens",
             "invalid_type",
         ),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from batchyard.domain.limits import json_type
 from batchyard.errors import InvalidRequest
 
 # (name, integer?, minimum, maximum or None): OpenAI's documented ranges; token counts also the engine's.
@@ -88,7 +89,7 @@ def _check_stop(stop: Any) -> None:
 
 def _type_error(name: str, expected: str, value: Any, param: str | None = None) -> InvalidRequest:
     return InvalidRequest(
-        f"Invalid type for '{name}': expected {expected}, but got {_json_kind(value)} instead.",
+        f"Invalid type for '{name}': expected {expected}, but got {json_type(value)} instead.",
         param=param or name,
         code="invalid_type",
     )
@@ -101,22 +102,6 @@ def _range_error(name: str, kind: str, where: str, bound: str, value: float) -> 
         param=name,
         code=f"{kind}_{side}_value",
     )
-
-
-def _json_kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a decimal number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return "null"
 
 
 def _num(value: float) -> str:
