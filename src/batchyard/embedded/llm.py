@@ -210,6 +210,7 @@ class LLMEngine:
             done.result()  # a request the engine could not read: InvalidRequest, before any chunk
         finally:
             stop.set()  # a stream closed early: the engine stops at its next token
+            done.cancel()  # or never starts, if it still waits for a thread
 
     def _stopping(self, stop: threading.Event, made: int) -> bool:
         """A stream's callback answer to the engine (on its thread): True ends the generation at this event."""
