@@ -346,8 +346,14 @@ async def test_a_request_whose_caller_goes_away_stops_the_engine(model_path: Pat
         assert e.value.kind == "timeout"
         await post(up, "/v1/chat/completions", chat("Hi"))
         assert len(llm.cuts) == 2 and llm.cuts[1] < 1500, list(llm.cuts)
+        running = asyncio.create_task(up.call("/v1/chat/completions", orjson.dumps(long), timeout=120))
+        await asyncio.sleep(0.5)
     finally:
-        await up.close()
+        await up.close()  # stops what runs: it does not wait for the 1,500 tokens
+    with pytest.raises(UpstreamError) as e:
+        await running
+    assert e.value.kind == "connect"  # no answer: a batch line is not recorded, but sent again elsewhere
+    assert len(llm.cuts) == 3 and llm.cuts[2] < 1500, list(llm.cuts)
 
 
 async def read_stream(up: EmbeddedUpstream, body: dict[str, Any]) -> tuple[int, list[Any]]:

@@ -73,12 +73,11 @@ class LLMEngine:
         self._pool: ThreadPoolExecutor | None = None
         self._socket_dir: str | None = None
         self._lock = threading.Lock()
-        self.streamed = (
-            True  # run what streams as one answer as a stream (`_run_all`); False: whole, as before
-        )
-        self.cuts: deque[int] = deque(
-            maxlen=64
-        )  # the events each of the last requests stopped early had made
+        # Run what streams as one answer as a stream (`_run_all`); False: whole, as before.
+        self.streamed = True
+        # The events each of the last requests stopped early had made when the engine was told to stop.
+        self.cuts: deque[int] = deque(maxlen=64)
+        self._stops: set[threading.Event] = set()  # of the requests running or waiting for a thread
 
     @property
     def loaded(self) -> bool:
@@ -129,7 +128,10 @@ class LLMEngine:
             params.port = 0
 
     def close(self) -> None:
-        """Wait for running requests, then free the model and its KV cache (blocking)."""
+        """Stop the running requests (those run as streams, at their next token; the others run to their end),
+        then free the model and its KV cache (blocking)."""
+        for stop in list(self._stops):
+            stop.set()
         with self._lock:
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
@@ -183,7 +185,7 @@ class LLMEngine:
         method = self._server_method("handle_chat_completions")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        stop = threading.Event()
+        stop = self._new_stop()
         made = 0
 
         def on_event(event: Any) -> bool:  # on the engine's thread
@@ -211,6 +213,7 @@ class LLMEngine:
         finally:
             stop.set()  # a stream closed early: the engine stops at its next token
             done.cancel()  # or never starts, if it still waits for a thread
+            self._stops.discard(stop)
 
     def _stopping(self, stop: threading.Event, made: int) -> bool:
         """A stream's callback answer to the engine (on its thread): True ends the generation at this event."""
@@ -232,7 +235,7 @@ class LLMEngine:
         if pool is None:
             raise APIError("the embedded chat engine is not loaded")
         loop = asyncio.get_running_loop()
-        stop = threading.Event()
+        stop = self._new_stop()
         futures = [
             loop.run_in_executor(
                 pool,
@@ -251,6 +254,14 @@ class LLMEngine:
             for f in futures:  # requests not started yet never start
                 f.cancel()
             raise
+        finally:
+            self._stops.discard(stop)
+
+    def _new_stop(self) -> threading.Event:
+        """A request's stop, which `close` sets too."""
+        stop = threading.Event()
+        self._stops.add(stop)
+        return stop
 
     def _run_part(self, method: Any, part: Json, endpoint: str | None, stop: threading.Event) -> Json:
         """One request on this thread; `endpoint` set: as a stream, stopped once `stop` is set."""

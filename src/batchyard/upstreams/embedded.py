@@ -96,6 +96,8 @@ class EmbeddedUpstream(Upstream):
                 payload = await self._answer(endpoint, body)
             return _response(200, orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), rid)
         except APIError as e:
+            if self._closed:  # stopped by close (a worker shutting down): no answer, as for a lost connection
+                raise UpstreamError("connect", "the embedded engine was closed") from None
             return _response(e.status_code, orjson.dumps(e.to_dict()), rid)
         except TimeoutError as e:
             raise UpstreamError("timeout", f"embedded engine did not answer within {timeout:g}s") from e
@@ -181,6 +183,8 @@ class EmbeddedUpstream(Upstream):
                     await chunks.aclose()
                     raise
         except APIError as e:
+            if self._closed:
+                raise UpstreamError("connect", "the embedded engine was closed") from None
             return await _whole(_response(e.status_code, orjson.dumps(e.to_dict()), rid))
         except TimeoutError as e:
             raise UpstreamError("timeout", f"embedded engine did not answer within {timeout:g}s") from e
