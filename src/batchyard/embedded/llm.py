@@ -35,7 +35,7 @@ from typing import Any
 
 from batchyard.embedded import params
 from batchyard.errors import APIError, InvalidRequest
-from batchyard.upstreams.streamed import BrokenStream, assembled, streamable
+from batchyard.upstreams.streamed import BrokenStream, assembled, stream_body, streamable
 
 MAX_N = 128
 MAX_PARTS = 2048  # prompts × n in one request
@@ -197,8 +197,7 @@ class LLMEngine:
                 stop.set()
             return self._stopping(stop, made)
 
-        part = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        done = loop.run_in_executor(pool, _call, method, part, on_event)
+        done = loop.run_in_executor(pool, _call, method, stream_body(body), on_event)
         done.add_done_callback(lambda _: queue.put_nowait(_END))  # after the events: both come by call_soon
         model, first = _model_name(body, self.name), True
         try:
@@ -273,13 +272,11 @@ class LLMEngine:
             events.append(event)
             return self._stopping(stop, len(events))
 
-        _call(method, {**part, "stream": True, "stream_options": {"include_usage": True}}, on_event)
+        _call(method, stream_body(part), on_event)
         if stop.is_set():  # nobody waits for this answer any more
             raise APIError("the request was stopped")
-        try:
-            answer, _ = assembled(
-                endpoint, events
-            )  # an error event is the answer, as a whole request's error
+        try:  # an error event is the answer, as a whole request's error is
+            answer, _ = assembled(endpoint, events)
         except BrokenStream as e:
             raise APIError(f"the embedded chat engine's stream could not be read: {e}") from e
         return _checked(answer)

@@ -52,9 +52,14 @@ def _constrained(body: dict[str, Any]) -> bool:
     return "grammar" in body or "json_schema" in body
 
 
-def stream_payload(body: dict[str, Any]) -> bytes:
+def stream_body(body: dict[str, Any]) -> dict[str, Any]:
     """The request as a stream that ends with its usage."""
-    return wire.dumps({**body, "stream": True, "stream_options": {"include_usage": True}})
+    return {**body, "stream": True, "stream_options": {"include_usage": True}}
+
+
+def stream_payload(body: dict[str, Any]) -> bytes:
+    """`stream_body`, written."""
+    return wire.dumps(stream_body(body))
 
 
 def _events(raw: bytes) -> list[Any]:
