@@ -96,11 +96,9 @@ class EmbeddedUpstream(Upstream):
                 payload = await self._answer(endpoint, body)
             return _response(200, orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), rid)
         except APIError as e:
-            if self._closed:  # stopped by close (a worker shutting down): no answer, as for a lost connection
-                raise UpstreamError("connect", "the embedded engine was closed") from None
-            return _response(e.status_code, orjson.dumps(e.to_dict()), rid)
+            return self._refusal(e, rid)
         except TimeoutError as e:
-            raise UpstreamError("timeout", f"embedded engine did not answer within {timeout:g}s") from e
+            raise _timed_out(timeout) from e
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if self._closed and task is not None and not task.cancelling():
@@ -183,11 +181,9 @@ class EmbeddedUpstream(Upstream):
                     await chunks.aclose()
                     raise
         except APIError as e:
-            if self._closed:
-                raise UpstreamError("connect", "the embedded engine was closed") from None
-            return await _whole(_response(e.status_code, orjson.dumps(e.to_dict()), rid))
+            return await _whole(self._refusal(e, rid))
         except TimeoutError as e:
-            raise UpstreamError("timeout", f"embedded engine did not answer within {timeout:g}s") from e
+            raise _timed_out(timeout) from e
         except StopAsyncIteration:
             first = None
 
@@ -202,6 +198,13 @@ class EmbeddedUpstream(Upstream):
                 await chunks.aclose()
 
         return UpstreamStream(200, {"content-type": "text/event-stream", "x-request-id": rid}, sse())
+
+    def _refusal(self, e: APIError, rid: str) -> UpstreamResponse:
+        """The engine's refusal as its answer; once the engine is closed, no answer (a request `close` stopped, a
+        worker shutting down: a batch line is then sent again elsewhere, as after a lost connection)."""
+        if self._closed:
+            raise UpstreamError("connect", "the embedded engine was closed") from None
+        return _response(e.status_code, orjson.dumps(e.to_dict()), rid)
 
     async def _ensure_loaded(self, model: str) -> None:
         if self._closed:
@@ -241,6 +244,10 @@ def embedded_routes(upstream: EmbeddedUpstream | None = None) -> list[tuple[str,
     """Router entries (exact model names) for the embedded engine; a default one is made when none is given."""
     up = upstream if upstream is not None else EmbeddedUpstream()
     return [(name, up) for name in up.model_names]
+
+
+def _timed_out(timeout: float) -> UpstreamError:
+    return UpstreamError("timeout", f"embedded engine did not answer within {timeout:g}s")
 
 
 def _stream_request(raw: bytes) -> tuple[bytes, bool] | None:
