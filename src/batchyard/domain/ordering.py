@@ -48,9 +48,7 @@ def prefix_key(body: dict[str, Any]) -> tuple[str, ...]:
             role = (role if isinstance(role, str) else str(role))[:64]
             text = _text(m.get("content"))[:budget]
             key += (role, text)
-            budget -= (
-                len(role) + len(text) + 16
-            )  # a message counts 16 at least: thousands of empty ones end it
+            budget -= len(role) + len(text) + 16  # 16 at least a message: thousands of empty ones end it
     return tuple(key)
 
 

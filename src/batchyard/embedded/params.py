@@ -14,21 +14,27 @@ from typing import Any
 from batchyard.domain.limits import json_type
 from batchyard.errors import InvalidRequest
 
-# (name, integer?, minimum, maximum or None): OpenAI's documented ranges; token counts also the engine's.
 TOKENS = 2**31 - 1  # the most a token count may be: llama.cpp reads it as a 32-bit integer
-_COMMON: tuple[tuple[str, bool, float, float | None], ...] = (
-    ("max_tokens", True, 1, TOKENS),
+Bounds = tuple[tuple[str, bool, float, float | None], ...]  # (name, integer?, minimum, maximum or None)
+# OpenAI's documented ranges (token counts: also the engine's)
+_SAMPLING: Bounds = (
     ("temperature", False, 0, 2),
     ("top_p", False, 0, 1),
     ("presence_penalty", False, -2, 2),
     ("frequency_penalty", False, -2, 2),
     ("seed", True, -(2**63), 2**63 - 1),
 )
-_CHAT = (*_COMMON, ("max_completion_tokens", True, 1, TOKENS), ("top_logprobs", True, 0, 20))
-_COMPLETIONS = (
-    *(("max_tokens", True, 0, TOKENS) if p[0] == "max_tokens" else p for p in _COMMON),
+_CHAT: Bounds = (
+    ("max_tokens", True, 1, TOKENS),
+    ("max_completion_tokens", True, 1, TOKENS),
+    ("top_logprobs", True, 0, 20),
+    *_SAMPLING,
+)
+_COMPLETIONS: Bounds = (  # a completion may ask for no token at all
+    ("max_tokens", True, 0, TOKENS),
     ("logprobs", True, 0, 5),
     ("best_of", True, 0, 20),
+    *_SAMPLING,
 )
 MAX_STOP = 4
 
@@ -52,7 +58,7 @@ def choice_count(body: dict[str, Any], most: int) -> int:
     return 1 if n is None else int(n)
 
 
-def _check(body: dict[str, Any], table: tuple[tuple[str, bool, float, float | None], ...]) -> None:
+def _check(body: dict[str, Any], table: Bounds) -> None:
     for name, integer, low, high in table:
         value = body.get(name)
         if value is None:

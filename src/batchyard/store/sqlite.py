@@ -185,23 +185,17 @@ class SQLiteStore(MetadataStore):
         if self._pending_migrations(db):
             with self._tx(db):
                 db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
-                pending = self._pending_migrations(
-                    db
-                )  # again, under the lock: another process may have run them
-                for version, sql in pending:
+                # again, under the lock: another process may have run them meanwhile
+                for version, sql in self._pending_migrations(db):
                     for stmt in _statements(sql):
                         db.execute(stmt)
                     db.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
 
     @staticmethod
     def _pending_migrations(db: sqlite3.Connection) -> list[tuple[int, str]]:
-        if (
-            db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_migrations'"
-            ).fetchone()
-            is None
-        ):
-            return list(migrations())
+        found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'")
+        if found.fetchone() is None:
+            return migrations()
         done = {r[0] for r in db.execute("SELECT version FROM schema_migrations")}
         return [(version, sql) for version, sql in migrations() if version not in done]
 
